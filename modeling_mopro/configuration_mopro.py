@@ -1,0 +1,170 @@
+"""MoPro model configuration.
+
+[0] MoPro: Webly Supervised Learning with Momentum Prototypes, Li, Xiong & Hoi, ICLR 2021, arXiv:2009.07995.
+Defaults are those of the official code (salesforce/MoPro `train.py`), which produced the published numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+from transformers import PreTrainedConfig
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+OOD_RULES = ("official", "prototype_distance")
+
+
+class MoProConfig(PreTrainedConfig):
+    r"""Configuration of a MoPro model: a timm backbone, a linear classifier, a 2-layer projection to an
+    L2-normalised embedding, a momentum (EMA) copy of all three, a MoCo queue of keys and one momentum prototype
+    per class.
+
+    Args:
+        backbone (`str`, defaults to `"resnet50"`):
+            Any `timm` model name. It is built with `num_classes=0` so that it returns pooled features.
+        backbone_kwargs (`dict`, *optional*):
+            Extra keyword arguments for `timm.create_model` (e.g. `{"layers": [1, 1, 1, 1], "channels": [8, 16,
+            32, 64]}` for a tiny ResNet). `pretrained` is never passed: weights come from `from_pretrained`.
+        projection_hidden_size (`int`, defaults to 2048):
+            Width of the projection's hidden layer (official `fc1`).
+        embedding_size (`int`, defaults to 128):
+            Size of the L2-normalised embedding (official `low_dim`), shared by queue and prototypes.
+        queue_size (`int`, defaults to 8192):
+            Number of momentum keys kept as negatives (official `moco_queue`). It need not be a multiple of the
+            global batch: the write pointer wraps around.
+        encoder_momentum (`float`, defaults to 0.999):
+            EMA coefficient of the momentum encoder (official `moco_m`), in [0, 1).
+        prototype_momentum (`float`, defaults to 0.999):
+            EMA coefficient of the class prototypes (official `proto_m`), in [0, 1).
+        temperature (`float`, defaults to 0.1):
+            Temperature of the instance and prototypical contrastive logits.
+        alpha (`float`, defaults to 0.5):
+            Weight of the classifier in the soft label `alpha * p_cls + (1 - alpha) * p_proto`, in [0, 1].
+        pseudo_label_threshold (`float`, defaults to 0.8):
+            A sample is relabelled when the largest soft-label score exceeds it (official `pseudo_th`), in (0, 1].
+        instance_loss_weight (`float`, defaults to 1.0):
+            Weight of the instance contrastive loss (official `w_inst`), >= 0.
+        prototype_loss_weight (`float`, defaults to 1.0):
+            Weight of the prototypical contrastive loss (official `w_proto`), >= 0.
+        ood_rule (`str`, defaults to `"official"`):
+            How out-of-distribution samples are found once correction runs. `"official"`: a sample that is not
+            relabelled is OOD when the soft score of its given label is <= 1/K (official code). `"prototype_distance"`:
+            additionally, a sample whose embedding has cosine similarity below `ood_similarity_threshold` to every
+            prototype is OOD (the paper's description: "far from every prototype").
+        ood_similarity_threshold (`float`, defaults to 0.5):
+            Cosine-similarity threshold of the `"prototype_distance"` rule, in [-1, 1].
+        image_size (`int`, defaults to 224):
+            Training and evaluation crop size. The saved image processor resizes the short side to
+            `round(image_size * 256 / 224)` and centre-crops `image_size`.
+        image_mean (`list[float]`, defaults to the ImageNet mean):
+            Per-channel normalisation mean used by the saved image processor and the training transforms.
+        image_std (`list[float]`, defaults to the ImageNet std):
+            Per-channel normalisation std.
+
+    Example:
+    ```python
+    >>> from modeling_mopro import MoProConfig, MoProForPreTraining
+    >>> config = MoProConfig(num_labels=1000)  # WebVision-V1, ResNet-50
+    >>> model = MoProForPreTraining(config)
+    ```
+    """
+
+    model_type = "mopro"
+    # Extra fields of the training output that must not leak into Trainer eval predictions.
+    keys_to_ignore_at_inference: ClassVar[list[str]] = [
+        "embeddings",
+        "prototype_logits",
+        "instance_logits",
+        "corrected_labels",
+        "keep_mask",
+        "relabel_mask",
+        "loss_cls",
+        "loss_instance",
+        "loss_prototype",
+    ]
+
+    backbone: str = "resnet50"
+    backbone_kwargs: dict[str, Any] | None = None
+    projection_hidden_size: int = 2048
+    embedding_size: int = 128
+    queue_size: int = 8192
+    encoder_momentum: float = 0.999
+    prototype_momentum: float = 0.999
+    temperature: float = 0.1
+    alpha: float = 0.5
+    pseudo_label_threshold: float = 0.8
+    instance_loss_weight: float = 1.0
+    prototype_loss_weight: float = 1.0
+    ood_rule: str = "official"
+    ood_similarity_threshold: float = 0.5
+    image_size: int = 224
+    image_mean: list[float] | tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    image_std: list[float] | tuple[float, ...] = IMAGENET_DEFAULT_STD
+
+    def __post_init__(self, **kwargs):
+        self.image_mean = [float(v) for v in self.image_mean]
+        self.image_std = [float(v) for v in self.image_std]
+        self.backbone_kwargs = dict(self.backbone_kwargs or {})
+        self._validate_hyperparameters()
+        super().__post_init__(**kwargs)
+
+    def _validate_hyperparameters(self) -> None:
+        """Raise a `ValueError` naming the first invalid field. Runs before anything is built."""
+        _check_backbone(self.backbone)
+        if "pretrained" in self.backbone_kwargs or "num_classes" in self.backbone_kwargs:
+            raise ValueError("`backbone_kwargs` may not set `pretrained` or `num_classes`: the model controls both.")
+        for name in ("projection_hidden_size", "embedding_size", "queue_size", "image_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name in ("encoder_momentum", "prototype_momentum"):
+            _check_range(name, getattr(self, name), 0.0, 1.0, "[0, 1)", low_open=False, high_open=True)
+        _check_range("temperature", self.temperature, 0.0, float("inf"), "(0, inf)", low_open=True, high_open=True)
+        _check_range("alpha", self.alpha, 0.0, 1.0, "[0, 1]", low_open=False, high_open=False)
+        _check_range(
+            "pseudo_label_threshold", self.pseudo_label_threshold, 0.0, 1.0, "(0, 1]", low_open=True, high_open=False
+        )
+        for name in ("instance_loss_weight", "prototype_loss_weight"):
+            _check_range(name, getattr(self, name), 0.0, float("inf"), "[0, inf)", low_open=False, high_open=True)
+        if self.ood_rule not in OOD_RULES:
+            raise ValueError(f"`ood_rule` must be one of {OOD_RULES}, got {self.ood_rule!r}.")
+        _check_range(
+            "ood_similarity_threshold",
+            self.ood_similarity_threshold,
+            -1.0,
+            1.0,
+            "[-1, 1]",
+            low_open=False,
+            high_open=False,
+        )
+        for name in ("image_mean", "image_std"):
+            if len(getattr(self, name)) != 3:
+                raise ValueError(f"`{name}` must have 3 values (RGB), got {getattr(self, name)!r}.")
+        if any(v <= 0 for v in self.image_std):
+            raise ValueError(f"`image_std` must be positive, got {self.image_std!r}.")
+
+
+def _check_backbone(name: Any) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`backbone` must be a timm model name, got {name!r}.")
+    try:
+        import timm
+    except ImportError:  # validated again when the model is built
+        return
+    if not timm.is_model(name):
+        raise ValueError(f"`backbone`={name!r} is not a known timm model (see `timm.list_models()`).")
+
+
+def _check_range(name: str, value: Any, low: float, high: float, text: str, *, low_open: bool, high_open: bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a number in {text}, got {value!r}.")
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above or math.isnan(value):
+        raise ValueError(f"`{name}` must be in {text}, got {value!r}.")
+
+
+__all__ = ["MoProConfig"]

@@ -1,0 +1,434 @@
+"""MoPro models: a timm backbone with classifier, projection head, momentum encoder, queue and class prototypes.
+
+[0] MoPro: Webly Supervised Learning with Momentum Prototypes, Li, Xiong & Hoi, ICLR 2021, arXiv:2009.07995.
+References read while writing this file: MoCo `builder.py` (queue, shuffle-BN), salesforce/MoPro `model.py`
+(the semantics followed here), transformers `modeling_resnet.py` (the PreTrainedModel conventions).
+
+Three classes share one weight layout (`mopro.backbone.*`, `mopro.projection.*`, `mopro.prototypes`, `classifier.*`):
+- `MoProModel` (AutoModel): pooled features, the L2-normalised embedding and its similarity to every prototype.
+- `MoProForImageClassification` (AutoModelForImageClassification, the pipeline): classifier logits.
+- `MoProForPreTraining` (AutoModelForPreTraining): the training model, which adds the momentum encoder and the queue.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from enum import IntEnum
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import ConvNextImageProcessorPil, PreTrainedModel
+from transformers import initialization as init
+from transformers.image_utils import PILImageResampling
+from transformers.utils import ModelOutput
+
+from .configuration_mopro import MoProConfig
+from .distributed import batch_shuffle, batch_unshuffle, concat_all_gather
+from .losses import instance_contrastive_loss, instance_logits, masked_cross_entropy, prototype_logits
+from .noise_correction import correct_noisy_labels, far_from_prototypes, update_prototypes
+
+
+class MoProPhase(IntEnum):
+    """Training phases of the official schedule (`train.py`: `is_proto=epoch>0`, `is_clean=epoch>=11`)."""
+
+    WARMUP = 0  # CE + instance loss; prototypes follow the given labels
+    PROTOTYPES = 1  # + prototypical loss
+    NOISE_CORRECTION = 2  # + relabelling and OOD removal; prototypes follow the corrected, kept samples
+
+
+@dataclass
+class MoProModelOutput(ModelOutput):
+    """
+    Args:
+        pooler_output: (N, F) pooled backbone features.
+        embeddings: (N, D) L2-normalised projection of the features.
+        prototype_similarities: (N, K) cosine similarity of each embedding to each class prototype (zeros for a
+            model whose prototypes were never trained); `1 - max` is a simple OOD score.
+    """
+
+    pooler_output: torch.FloatTensor | None = None
+    embeddings: torch.FloatTensor | None = None
+    prototype_similarities: torch.FloatTensor | None = None
+
+
+@dataclass
+class MoProImageClassifierOutput(ModelOutput):
+    """
+    Args:
+        loss: cross-entropy, when `labels` are given.
+        logits: (N, K) classifier logits.
+        embeddings: (N, D) L2-normalised embeddings.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    embeddings: torch.FloatTensor | None = None
+
+
+@dataclass
+class MoProForPreTrainingOutput(ModelOutput):
+    """
+    Args:
+        loss: `loss_cls + instance_loss_weight * loss_instance + prototype_loss_weight * loss_prototype`.
+        loss_cls / loss_instance / loss_prototype: the components (the prototype term is 0 during warm-up).
+        logits: (N, K) classifier logits of the query (weak) view.
+        embeddings: (N, D) query embeddings q.
+        instance_logits: (N, 1 + Q) `[q.k, q.queue] / T`, target column 0.
+        prototype_logits: (N, K) `q.prototypes^T / T`.
+        corrected_labels: (N,) labels after noise correction (the given labels before it starts).
+        keep_mask: (N,) False for samples found out-of-distribution (left out of the CE and prototype losses).
+        relabel_mask: (N,) True where the corrected label differs from the given one.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_cls: torch.FloatTensor | None = None
+    loss_instance: torch.FloatTensor | None = None
+    loss_prototype: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    embeddings: torch.FloatTensor | None = None
+    instance_logits: torch.FloatTensor | None = None
+    prototype_logits: torch.FloatTensor | None = None
+    corrected_labels: torch.LongTensor | None = None
+    keep_mask: torch.BoolTensor | None = None
+    relabel_mask: torch.BoolTensor | None = None
+
+
+def build_image_processor(config: MoProConfig) -> ConvNextImageProcessorPil:
+    """A stock transformers image processor reproducing the official test transform at `config.image_size`:
+    resize the short side to `image_size * 256 / 224` (bicubic), centre-crop `image_size`, normalise."""
+    return ConvNextImageProcessorPil(
+        size={"shortest_edge": config.image_size},
+        crop_pct=224 / 256,
+        resample=PILImageResampling.BICUBIC,
+        image_mean=list(config.image_mean),
+        image_std=list(config.image_std),
+    )
+
+
+def create_backbone(config: MoProConfig) -> nn.Module:
+    """The timm backbone, returning pooled features (`num_classes=0`). Never downloads: weights come from
+    `from_pretrained`, or from timm by the caller if they want an ImageNet start."""
+    return timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
+
+
+class MoProProjectionHead(nn.Module):
+    """Linear -> ReLU -> Linear -> L2 normalisation (official `fc1`, `fc2`, `F.normalize`)."""
+
+    def __init__(self, in_features: int, hidden_size: int, embedding_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_size)
+        self.fc2 = nn.Linear(hidden_size, embedding_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.fc2(F.relu(self.fc1(features))), dim=1)
+
+
+class MoProMomentumEncoder(nn.Module):
+    """The key encoder: same modules as the query side (backbone, projection, classifier), updated only by EMA."""
+
+    def __init__(self, config: MoProConfig):
+        super().__init__()
+        self.backbone = create_backbone(config)
+        num_features = self.backbone.num_features
+        self.projection = MoProProjectionHead(num_features, config.projection_hidden_size, config.embedding_size)
+        # Unused by the loss, but EMA'd as in the official code so converted checkpoints keep every tensor.
+        self.classifier = nn.Linear(num_features, config.num_labels)
+        self.requires_grad_(False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.backbone(pixel_values))
+
+
+class MoProPreTrainedModel(PreTrainedModel):
+    config_class = MoProConfig
+    base_model_prefix = "mopro"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    # Trainer would otherwise assume forward(**kwargs) already scales the loss for gradient accumulation.
+    accepts_loss_kwargs = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only our own heads and buffers: the backbone keeps timm's initialisation (e.g. zero-init last BN gamma).
+        if isinstance(module, MoProProjectionHead):
+            _init_linear(module.fc1)
+            _init_linear(module.fc2)
+        elif isinstance(module, MoProModel):
+            init.zeros_(module.prototypes)  # official: prototypes start at zero and fill during the first epoch
+        elif isinstance(module, (MoProForImageClassification, MoProForPreTraining)):
+            _init_linear(module.classifier)
+        if isinstance(module, MoProForPreTraining):
+            init.normal_(module.queue)
+            init.copy_(module.queue, F.normalize(module.queue, dim=0))
+            init.zeros_(module.queue_ptr)
+            init.zeros_(module.phase)
+            # Children are initialised (or loaded) before their parent, so the query side is final here.
+            # Buffers are copied too, so that a momentum encoder missing from a checkpoint starts as the query.
+            for q, k in zip(module._query_state(), module._momentum_state(), strict=True):
+                init.copy_(k, q)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """Save weights (safetensors), config with `auto_map` for every MoPro class, the modeling code when the
+        classes are registered for auto-class export, and the image processor, so `pipeline(model=dir)` works."""
+        if self._auto_class is not None:
+            # transformers writes only the saved class into auto_map; the pipeline and AutoModel need the others.
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoConfig": "configuration_mopro.MoProConfig",
+                "AutoModel": "modeling_mopro.MoProModel",
+                "AutoModelForImageClassification": "modeling_mopro.MoProForImageClassification",
+                "AutoModelForPreTraining": "modeling_mopro.MoProForPreTraining",
+            }
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            build_image_processor(self.config).save_pretrained(save_directory)
+
+
+def _init_linear(linear: nn.Linear) -> None:
+    """PyTorch's default Linear initialisation (what the official heads used)."""
+    init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+    if linear.bias is not None:
+        bound = 1 / math.sqrt(linear.weight.shape[1])
+        init.uniform_(linear.bias, -bound, bound)
+
+
+class MoProModel(MoProPreTrainedModel):
+    """Backbone -> pooled features -> projection -> L2-normalised embedding, plus the class prototypes."""
+
+    def __init__(self, config: MoProConfig):
+        super().__init__(config)
+        self.backbone = create_backbone(config)
+        self.num_features = self.backbone.num_features
+        self.projection = MoProProjectionHead(self.num_features, config.projection_hidden_size, config.embedding_size)
+        self.register_buffer("prototypes", torch.zeros(config.num_labels, config.embedding_size))  # (K, D)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> MoProModelOutput:
+        pooled = self.backbone(pixel_values)  # (N, F)
+        embeddings = self.projection(pooled)  # (N, D)
+        output = MoProModelOutput(
+            pooler_output=pooled,
+            embeddings=embeddings,
+            prototype_similarities=embeddings @ self.prototypes.T,  # (N, K)
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class MoProForImageClassification(MoProPreTrainedModel):
+    """The release model: the query encoder with its classifier (and the prototypes, inside `mopro`)."""
+
+    def __init__(self, config: MoProConfig):
+        super().__init__(config)
+        self.mopro = MoProModel(config)
+        self.classifier = nn.Linear(self.mopro.num_features, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MoProImageClassifierOutput:
+        pooled = self.mopro.backbone(pixel_values)
+        logits = self.classifier(pooled)
+        loss = None
+        if labels is not None:
+            _check_labels(labels, self.config.num_labels)
+            loss = F.cross_entropy(logits, labels)
+        output = MoProImageClassifierOutput(loss=loss, logits=logits, embeddings=self.mopro.projection(pooled))
+        return output if return_dict is not False else output.to_tuple()
+
+
+class MoProForPreTraining(MoProPreTrainedModel):
+    """The MoPro training model: query encoder + classifier, momentum encoder, MoCo queue and momentum prototypes.
+
+    One training step (as official `model.py` + `train.py`):
+        q  = projection(backbone(weak view)),   logits = classifier(...)
+        k  = momentum_encoder(strong view)       (no gradient, shuffle-BN across processes)
+        L_ins: [q.k, q.queue] / T against column 0, over all samples; then k is enqueued
+        noise correction (phase NOISE_CORRECTION): corrected labels and a keep mask from classifier + prototypes
+        prototypes <- EMA of the (kept, gathered) q by (corrected) label, then L2-normalised
+        L = CE(kept) + w_inst L_ins + w_proto L_pro(kept)      (L_pro from phase PROTOTYPES on)
+
+    The phase is model state (`set_phase`), saved with checkpoints; the Trainer sets it from the epoch.
+    Call `update_momentum_encoder()` after every optimizer step (the Trainer's callback does): it is equivalent to
+    the official update at the start of the next forward, and stays right under gradient accumulation.
+    State (queue, prototypes) changes only in training mode.
+    """
+
+    def __init__(self, config: MoProConfig):
+        super().__init__(config)
+        self.mopro = MoProModel(config)
+        self.classifier = nn.Linear(self.mopro.num_features, config.num_labels)
+        self.momentum_encoder = MoProMomentumEncoder(config)
+        self.register_buffer("queue", torch.zeros(config.embedding_size, config.queue_size))  # (D, Q)
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("phase", torch.tensor(int(MoProPhase.WARMUP), dtype=torch.long))
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------- state
+    def _query_modules(self) -> list[nn.Module]:
+        return [self.mopro.backbone, self.mopro.projection, self.classifier]
+
+    def _momentum_modules(self) -> list[nn.Module]:
+        k = self.momentum_encoder
+        return [k.backbone, k.projection, k.classifier]
+
+    def _query_state(self) -> list[torch.Tensor]:
+        return [t for m in self._query_modules() for t in m.state_dict(keep_vars=True).values()]
+
+    def _momentum_state(self) -> list[torch.Tensor]:
+        return [t for m in self._momentum_modules() for t in m.state_dict(keep_vars=True).values()]
+
+    @property
+    def current_phase(self) -> MoProPhase:
+        return MoProPhase(int(self.phase))
+
+    def set_phase(self, phase: MoProPhase | int) -> None:
+        """Switch the training phase (WARMUP -> PROTOTYPES -> NOISE_CORRECTION)."""
+        self.phase.fill_(int(MoProPhase(phase)))
+
+    @torch.no_grad()
+    def update_momentum_encoder(self, momentum: float | None = None) -> None:
+        """EMA of the query *parameters* into the momentum encoder: k <- m k + (1 - m) q (official `moco_m`).
+        BatchNorm buffers are not averaged: the momentum encoder's own forward passes keep them."""
+        m = self.config.encoder_momentum if momentum is None else momentum
+        q = [p for mod in self._query_modules() for p in mod.parameters()]
+        k = [p for mod in self._momentum_modules() for p in mod.parameters()]
+        torch._foreach_mul_(k, m)
+        torch._foreach_add_(k, q, alpha=1 - m)
+
+    @torch.no_grad()
+    def _momentum_keys(self, pixel_values_key: torch.Tensor) -> torch.Tensor:
+        """k for the strong view, with MoCo's shuffle-BN across processes (identity in one process)."""
+        shuffled, inverse, sizes = batch_shuffle(pixel_values_key)
+        k = self.momentum_encoder(shuffled)
+        return batch_unshuffle(k, inverse, sizes)  # (N, D)
+
+    @torch.no_grad()
+    def _enqueue(self, k_all: torch.Tensor) -> None:
+        """Write the global batch of keys at the pointer, wrapping around (no need for Q % batch == 0)."""
+        queue_size = self.queue.shape[1]
+        n = k_all.shape[0]
+        k_all = k_all[-queue_size:]  # a global batch larger than the queue keeps its newest keys
+        ptr = int(self.queue_ptr)
+        idx = (ptr + n - k_all.shape[0] + torch.arange(k_all.shape[0], device=k_all.device)) % queue_size
+        self.queue[:, idx] = k_all.T.to(self.queue.dtype)
+        self.queue_ptr[0] = (ptr + n) % queue_size
+
+    @torch.no_grad()
+    def _update_prototypes(self, q: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> None:
+        """Prototype EMA over the *global* batch of kept samples, so every process holds the same prototypes."""
+        q_all, labels_all, keep_all = concat_all_gather(q), concat_all_gather(labels), concat_all_gather(keep)
+        new = update_prototypes(
+            self.mopro.prototypes, q_all[keep_all], labels_all[keep_all], self.config.prototype_momentum
+        )
+        self.mopro.prototypes.copy_(new)
+
+    # --------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_values_key: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MoProForPreTrainingOutput:
+        """
+        Args:
+            pixel_values: (N, 3, H, W) weak (query) view.
+            pixel_values_key: (N, 3, H, W) strong (key) view. Without it there is no instance loss.
+            labels: (N,) given web labels. Without them: logits and embeddings only.
+        """
+        config = self.config
+        pooled = self.mopro.backbone(pixel_values)  # (N, F)
+        logits = self.classifier(pooled)  # (N, K)
+        q = self.mopro.projection(pooled)  # (N, D)
+        # Snapshots: autograd needs the queue and prototypes as they were, and both are updated in place below.
+        prototypes = self.mopro.prototypes.clone()  # (K, D)
+        proto_logits = prototype_logits(q, prototypes, config.temperature)  # (N, K)
+        if labels is None:
+            output = MoProForPreTrainingOutput(logits=logits, embeddings=q, prototype_logits=proto_logits)
+            return output if return_dict is not False else output.to_tuple()
+        _check_labels(labels, config.num_labels)
+        phase = self.current_phase
+
+        if phase >= MoProPhase.NOISE_CORRECTION:
+            targets, keep = correct_noisy_labels(
+                logits.detach(), proto_logits.detach(), labels, config.alpha, config.pseudo_label_threshold
+            )
+            if config.ood_rule == "prototype_distance":
+                keep &= ~far_from_prototypes(q.detach(), prototypes, config.ood_similarity_threshold)
+        else:
+            targets, keep = labels, torch.ones_like(labels, dtype=torch.bool)
+
+        loss_instance = inst_logits = None
+        if pixel_values_key is not None:
+            k = self._momentum_keys(pixel_values_key)  # (N, D)
+            inst_logits = instance_logits(q, k, self.queue.clone(), config.temperature)  # (N, 1 + Q)
+            loss_instance = instance_contrastive_loss(inst_logits)
+            if self.training:
+                self._enqueue(concat_all_gather(k))  # after the logits: a key is never its own negative
+        if self.training:
+            self._update_prototypes(q.detach(), targets, keep)
+
+        loss_cls = masked_cross_entropy(logits, targets, keep)
+        loss = loss_cls
+        if loss_instance is not None:
+            loss = loss + config.instance_loss_weight * loss_instance
+        loss_prototype = torch.zeros_like(loss_cls)
+        if phase >= MoProPhase.PROTOTYPES:
+            loss_prototype = masked_cross_entropy(proto_logits, targets, keep)
+            loss = loss + config.prototype_loss_weight * loss_prototype
+
+        output = MoProForPreTrainingOutput(
+            loss=loss,
+            loss_cls=loss_cls.detach(),
+            loss_instance=None if loss_instance is None else loss_instance.detach(),
+            loss_prototype=loss_prototype.detach(),
+            logits=logits,
+            embeddings=q,
+            instance_logits=inst_logits,
+            prototype_logits=proto_logits,
+            corrected_labels=targets,
+            keep_mask=keep,
+            relabel_mask=targets != labels,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    # --------------------------------------------------------------------------------------------- release
+    def to_release_model(self) -> MoProForImageClassification:
+        """The release model (backbone, projection, prototypes, classifier) without momentum encoder and queue."""
+        release = MoProForImageClassification(self.config)
+        keys = release.state_dict().keys()
+        release.load_state_dict({k: v for k, v in self.state_dict().items() if k in keys}, strict=True)
+        return release.to(self.device)
+
+    def save_release_model(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """`save_pretrained` of the release model alone: what goes to the Hub."""
+        self.to_release_model().save_pretrained(save_directory, **kwargs)
+
+
+def _check_labels(labels: torch.Tensor, num_labels: int) -> None:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
+        raise ValueError(
+            f"labels must be in [0, {num_labels}), got values in [{int(labels.min())}, {int(labels.max())}]."
+        )
+
+
+__all__ = [
+    "MoProForImageClassification",
+    "MoProForPreTraining",
+    "MoProForPreTrainingOutput",
+    "MoProImageClassifierOutput",
+    "MoProModel",
+    "MoProModelOutput",
+    "MoProPhase",
+    "MoProPreTrainedModel",
+    "build_image_processor",
+]

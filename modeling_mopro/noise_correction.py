@@ -1,0 +1,99 @@
+"""The two MoPro rules, as pure functions: noise correction and the momentum-prototype update.
+
+[0] MoPro, Li et al., ICLR 2021, arXiv:2009.07995, Sec. 3.3: "we combine the prediction from the classifier with
+the prototypical score ... if the highest score is above a threshold, we assign the sample a pseudo-label ...
+otherwise, if the score of the original label is above 1/K we keep it ... otherwise the sample is OOD."
+Semantics follow the official code (salesforce/MoPro `model.py`), which is what the published numbers used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def correct_noisy_labels(
+    class_logits: torch.Tensor,
+    prototype_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correct web labels with the classifier and the prototypes.
+
+    Args:
+        class_logits: (N, K) classifier logits.
+        prototype_logits: (N, K) prototype similarities already divided by the temperature.
+        labels: (N,) given (noisy) labels in [0, K).
+        alpha: weight of the classifier in the soft label.
+        threshold: a sample is relabelled when the largest soft score exceeds it.
+
+    Returns:
+        corrected_labels: (N,) argmax of the soft label where it is confident, else the given label.
+        keep_mask: (N,) bool, False for out-of-distribution samples, which leave the CE and prototype losses.
+    """
+    num_classes = class_logits.shape[1]
+    soft = alpha * F.softmax(class_logits.float(), dim=1) + (1 - alpha) * F.softmax(prototype_logits.float(), dim=1)
+    given_score = soft.gather(1, labels[:, None]).squeeze(1)  # (N,)
+    max_score, soft_argmax = soft.max(dim=1)  # (N,), (N,)
+    relabel = max_score > threshold
+    corrected_labels = torch.where(relabel, soft_argmax, labels)
+    # Official: the given-label test uses the score of the label *before* relabelling.
+    keep_mask = (given_score > 1.0 / num_classes) | relabel
+    return corrected_labels, keep_mask
+
+
+@torch.no_grad()
+def far_from_prototypes(embeddings: torch.Tensor, prototypes: torch.Tensor, min_similarity: float) -> torch.Tensor:
+    """The paper's OOD description as a test: True where an embedding is far from every prototype.
+
+    Args:
+        embeddings: (N, D) L2-normalised embeddings.
+        prototypes: (K, D) L2-normalised prototypes.
+        min_similarity: cosine similarity below which a sample is "far" from a prototype.
+
+    Returns:
+        (N,) bool mask, True for samples whose best cosine similarity to any prototype is below `min_similarity`.
+    """
+    return (embeddings @ prototypes.T).max(dim=1).values < min_similarity
+
+
+@torch.no_grad()
+def update_prototypes(
+    prototypes: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor, momentum: float
+) -> torch.Tensor:
+    """Momentum update of the class prototypes, then one L2 normalisation of every row.
+
+    Equals the official per-sample loop `for z, y in zip(embeddings, labels): p[y] = m * p[y] + (1 - m) * z` run in
+    batch order, in closed form: if class c receives samples z_1..z_n (in order), then
+    p_c <- m^n p_c + sum_j (1 - m) m^(n - j) z_j. Each sample's weight only depends on how many same-class samples
+    come *after* it, so a sort gives all weights at once and `index_add_` does the sums: no Python loop.
+
+    Args:
+        prototypes: (K, D) current prototypes.
+        embeddings: (N, D) embeddings (detached; gathered over processes in distributed runs).
+        labels: (N,) class of each embedding.
+        momentum: the prototype momentum m in [0, 1).
+
+    Returns:
+        (K, D) new, L2-normalised prototypes (a new tensor; the input is not modified).
+    """
+    num_classes = prototypes.shape[0]
+    dtype = torch.float64 if prototypes.dtype == torch.float64 else torch.float32
+    counts = torch.bincount(labels, minlength=num_classes)  # (K,)
+    # Position of each sample among the samples of its class, in batch order (stable sort keeps that order).
+    order = torch.sort(labels, stable=True).indices  # (N,)
+    class_start = torch.cumsum(counts, 0) - counts  # (K,) first sorted index of each class
+    position_sorted = torch.arange(labels.numel(), device=labels.device) - class_start[labels[order]]
+    position = torch.empty_like(position_sorted)
+    position[order] = position_sorted
+    later = counts[labels] - 1 - position  # (N,) same-class samples after this one
+    weights = (1 - momentum) * torch.pow(torch.tensor(momentum, dtype=dtype, device=labels.device), later.to(dtype))
+    decay = torch.pow(torch.tensor(momentum, dtype=dtype, device=labels.device), counts.to(dtype))  # (K,)
+    new = prototypes.to(dtype) * decay[:, None]
+    new.index_add_(0, labels, embeddings.to(dtype) * weights[:, None])
+    return F.normalize(new, dim=1).to(prototypes.dtype)
+
+
+__all__ = ["correct_noisy_labels", "far_from_prototypes", "update_prototypes"]

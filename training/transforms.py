@@ -1,0 +1,214 @@
+"""Image decoding and the MoPro augmentation views.
+
+MoPro trains on two views of every image (official ``DataLoader/dataloader.py``):
+
+* weak / query view: ``RandomResizedCrop(size, scale=(0.2, 1)) -> RandomHorizontalFlip``
+* strong / key view: ``RandomResizedCrop(size, scale=(0.2, 1)) -> RandomGrayscale(0.2)
+  -> ColorJitter(0.4, 0.4, 0.4, 0.4) -> RandomHorizontalFlip``
+* test view: ``Resize(size * 256 / 224) -> CenterCrop(size)``
+
+all followed by ``ToTensor + Normalize``. Each image is decoded once; both training views are cut from the
+same decoded image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from PIL import Image, ImageFile
+from torchvision.transforms import InterpolationMode, v2
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# Everything `decode_image` accepts: encoded bytes, a file path, the dict of `datasets.Image(decode=False)`,
+# or an already decoded PIL image.
+ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike, dict, Image.Image]
+
+
+class BadImageError(Exception):
+    """An image that cannot be read or decoded (missing file, garbage bytes, unsupported format).
+
+    Attributes:
+        source: A human-readable description of the image (its path, or the size of the byte string).
+        reason: Why decoding failed.
+    """
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"cannot decode image {source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+# PIL only has a process-wide switch for truncated files. Web JPEGs are often truncated and the official code
+# sets the switch globally; we turn it on only while one of our decodes runs, so that other code in the process
+# keeps PIL's strict default. A counter protected by a lock keeps concurrent decodes in threads from switching
+# it off under each other's feet.
+_truncated_lock = threading.Lock()
+_truncated_users = 0
+_truncated_saved_value = False
+
+
+@contextlib.contextmanager
+def _allow_truncated_images() -> Iterator[None]:
+    global _truncated_users, _truncated_saved_value
+    with _truncated_lock:
+        if _truncated_users == 0:
+            _truncated_saved_value = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = True
+        _truncated_users += 1
+    try:
+        yield
+    finally:
+        with _truncated_lock:
+            _truncated_users -= 1
+            if _truncated_users == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _truncated_saved_value
+
+
+def describe_image_source(source: Any) -> str:
+    """Returns a short description of an image source for log and error messages (a path when known)."""
+    if isinstance(source, dict):
+        if source.get("path"):
+            return str(source["path"])
+        source = source.get("bytes")
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.mode} {source.size[0]}x{source.size[1]}>"
+    return f"<{type(source).__name__}>"
+
+
+def decode_image(source: ImageSource) -> Image.Image:
+    """Decodes an image into an RGB PIL image, tolerating truncated files like the official code.
+
+    Args:
+        source: Encoded bytes, a file path, a ``{"bytes": ..., "path": ...}`` dict as given by
+            ``datasets.Image(decode=False)`` (bytes win over path, as in ``datasets``), or a PIL image.
+
+    Returns:
+        The fully loaded image in RGB mode.
+
+    Raises:
+        BadImageError: The file is missing or the data is not a decodable image.
+        TypeError: ``source`` is of an unsupported type (a programming error, not a data error).
+    """
+    if isinstance(source, Image.Image):
+        return source if source.mode == "RGB" else source.convert("RGB")
+    description = describe_image_source(source)
+    if isinstance(source, dict):
+        if source.get("bytes") is not None:
+            source = source["bytes"]
+        elif source.get("path"):
+            source = source["path"]
+        else:
+            raise BadImageError(description, "neither bytes nor path given")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        file: Any = io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
+        file = Path(source)
+    else:
+        raise TypeError(f"unsupported image source type {type(source).__name__}")
+    try:
+        with _allow_truncated_images(), Image.open(file) as image:
+            image.load()
+            # `convert` copies; for RGB files `load` already gave a standalone image we can keep.
+            return image.convert("RGB") if image.mode != "RGB" else image.copy()
+    # PIL signals broken data with OSError (incl. UnidentifiedImageError, FileNotFoundError), SyntaxError or
+    # ValueError depending on the plugin; oversized images raise DecompressionBombError.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise BadImageError(description, f"{type(error).__name__}: {error}") from error
+
+
+class MoProViewTransforms:
+    """The official MoPro weak (query), strong (key) and test views.
+
+    The training views run on a uint8 tensor made once per image (torchvision ``transforms.v2`` tensor kernels:
+    the random crop is cut from the shared tensor, and the colour ops work on the small crop). The test view
+    runs on the PIL image, which reproduces the official PIL pipeline (and a PIL-backend image processor) exactly.
+
+    Attributes:
+        image_size: Side of the square output views.
+        weak: Callable mapping a decoded RGB PIL image (or uint8 CHW tensor) to the normalised query view.
+        strong: Same for the strongly augmented key view.
+        test: Callable mapping a decoded RGB PIL image to the deterministic evaluation view.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        test_resize_size: int | None = None,
+        interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+    ) -> None:
+        """Builds the three views.
+
+        Args:
+            image_size: Output side in pixels (224 in the paper).
+            mean: Per-channel normalisation mean (ImageNet by default).
+            std: Per-channel normalisation standard deviation (ImageNet by default).
+            crop_scale: Area range of ``RandomResizedCrop`` (official: 0.2 to 1).
+            test_resize_size: Shorter side before the centre crop; defaults to ``round(image_size * 256 / 224)``
+                (256 for 224, as in the official code).
+            interpolation: Resampling filter of every resize (official: bilinear).
+        """
+        self.image_size = image_size
+        self.test_resize_size = test_resize_size or round(image_size * 256 / 224)
+        finish = [
+            v2.ToImage(),  # no-op for tensors; PIL -> uint8 CHW tensor otherwise
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+            v2.ToPureTensor(),
+        ]
+        self.weak = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.RandomResizedCrop(image_size, scale=crop_scale, interpolation=interpolation, antialias=True),
+                v2.RandomHorizontalFlip(),
+                *finish,
+            ]
+        )
+        # Official order: crop, grayscale, colour jitter, flip.
+        self.strong = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.RandomResizedCrop(image_size, scale=crop_scale, interpolation=interpolation, antialias=True),
+                v2.RandomGrayscale(p=0.2),
+                v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4),
+                v2.RandomHorizontalFlip(),
+                *finish,
+            ]
+        )
+        self.test = v2.Compose(
+            [
+                v2.Resize(self.test_resize_size, interpolation=interpolation, antialias=True),
+                v2.CenterCrop(image_size),
+                *finish,
+            ]
+        )
+
+    def train_views(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the (weak, strong) views of one decoded image, converting it to a tensor only once.
+
+        Args:
+            image: A decoded RGB PIL image.
+
+        Returns:
+            Two float tensors of shape ``(3, image_size, image_size)``.
+        """
+        pixels = v2.functional.pil_to_tensor(image)
+        return self.weak(pixels), self.strong(pixels)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(weak={self.weak}, strong={self.strong}, test={self.test})"
