@@ -19,7 +19,7 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from PIL import Image, ImageFile
@@ -30,7 +30,7 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # Everything `decode_image` accepts: encoded bytes, a file path, the dict of `datasets.Image(decode=False)`,
 # or an already decoded PIL image.
-ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike, dict, Image.Image]
+ImageSource = bytes | bytearray | memoryview | str | os.PathLike | dict | Image.Image
 
 
 class BadImageError(Exception):
@@ -58,6 +58,7 @@ _truncated_saved_value = False
 
 @contextlib.contextmanager
 def _allow_truncated_images() -> Iterator[None]:
+    """Lets PIL load truncated files inside the block (reference-counted across threads)."""
     global _truncated_users, _truncated_saved_value
     with _truncated_lock:
         if _truncated_users == 0:
@@ -78,7 +79,9 @@ def describe_image_source(source: Any) -> str:
     if isinstance(source, dict):
         if source.get("path"):
             return str(source["path"])
-        source = source.get("bytes")
+        if source.get("bytes") is None:
+            return "<empty image entry>"
+        source = source["bytes"]
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -112,17 +115,16 @@ def decode_image(source: ImageSource) -> Image.Image:
             source = source["path"]
         else:
             raise BadImageError(description, "neither bytes nor path given")
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        file: Any = io.BytesIO(source)
-    elif isinstance(source, (str, os.PathLike)):
-        file = Path(source)
-    else:
+    if not isinstance(source, (bytes, bytearray, memoryview, str, os.PathLike)):
         raise TypeError(f"unsupported image source type {type(source).__name__}")
     try:
-        with _allow_truncated_images(), Image.open(file) as image:
+        # Reading the whole file first means no file handle outlives this call (PIL keeps multi-frame files
+        # open until garbage collection) and the returned image needs no defensive copy.
+        data = source if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
+        with _allow_truncated_images():
+            image = Image.open(io.BytesIO(data))
             image.load()
-            # `convert` copies; for RGB files `load` already gave a standalone image we can keep.
-            return image.convert("RGB") if image.mode != "RGB" else image.copy()
+        return image if image.mode == "RGB" else image.convert("RGB")
     # PIL signals broken data with OSError (incl. UnidentifiedImageError, FileNotFoundError), SyntaxError or
     # ValueError depending on the plugin; oversized images raise DecompressionBombError.
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:

@@ -1,0 +1,359 @@
+"""Decoding, the MoPro views, the collator, WebDataset shards and `build_datasets` (tiny, CPU)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, IterableDataset
+from datasets import Image as ImageFeature
+from PIL import Image, ImageFile
+from torchvision import transforms as v1
+from torchvision.transforms import v2
+
+import training.collator as collator_module
+from training.collator import MoProCollator
+from training.data import DataArguments, build_datasets
+from training.make_shards import ShardRecord, load_shards, read_id2label, records_from_dataset, write_shards
+from training.make_shards import main as make_shards_main
+from training.transforms import IMAGENET_MEAN, IMAGENET_STD, BadImageError, MoProViewTransforms, decode_image
+
+SIZE = 32
+
+
+def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (48, 40)) -> bytes:
+    """A noisy (hence large enough to truncate meaningfully) JPEG."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def truncated_jpeg_bytes() -> bytes:
+    data = jpeg_bytes(seed=7, size=(64, 64))
+    return data[: int(len(data) * 0.6)]
+
+
+@pytest.fixture(scope="module")
+def views() -> MoProViewTransforms:
+    return MoProViewTransforms(SIZE)
+
+
+# --- decode_image -------------------------------------------------------------------------------------------
+
+
+def test_decode_image_accepts_every_source_form(tmp_path):
+    data = jpeg_bytes()
+    path = tmp_path / "a.jpg"
+    path.write_bytes(data)
+    reference = np.asarray(decode_image(data))
+    for source in (
+        data,
+        bytearray(data),
+        str(path),
+        path,
+        {"bytes": data, "path": None},
+        {"bytes": None, "path": str(path)},
+    ):
+        image = decode_image(source)
+        assert image.mode == "RGB" and image.size == (48, 40)
+        np.testing.assert_array_equal(np.asarray(image), reference)
+    grayscale = decode_image(Image.new("L", (5, 6), 100))
+    assert grayscale.mode == "RGB" and grayscale.getpixel((0, 0)) == (100, 100, 100)
+
+
+def test_truncated_jpeg_decodes_without_changing_pil_default():
+    data = truncated_jpeg_bytes()
+    with pytest.raises(OSError):  # PIL alone refuses it...
+        Image.open(io.BytesIO(data)).load()
+    image = decode_image(data)  # ...the official code's setting accepts it
+    assert image.size == (64, 64)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # switched on only during our decode
+
+
+@pytest.mark.parametrize("source", [b"not an image", "/nonexistent/dir/x.jpg", {"bytes": None, "path": None}])
+def test_undecodable_images_raise_bad_image_error(source):
+    with pytest.raises(BadImageError):
+        decode_image(source)
+
+
+def test_unsupported_source_type_is_a_type_error():
+    with pytest.raises(TypeError):
+        decode_image(12)
+
+
+# --- views --------------------------------------------------------------------------------------------------
+
+
+def test_view_pipelines_follow_the_official_order(views):
+    def kinds(compose):
+        return [type(t) for t in compose.transforms]
+
+    augment = [v2.RandomResizedCrop, v2.RandomGrayscale, v2.ColorJitter, v2.RandomHorizontalFlip]
+    assert [k for k in kinds(views.strong) if k in augment] == augment
+    assert [k for k in kinds(views.weak) if k in augment] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip]
+    crop = next(t for t in views.weak.transforms if isinstance(t, v2.RandomResizedCrop))
+    assert crop.scale == (0.2, 1.0)
+    jitter = next(t for t in views.strong.transforms if isinstance(t, v2.ColorJitter))
+    assert jitter.brightness == (0.6, 1.4) and jitter.hue == (-0.4, 0.4)
+    assert views.test_resize_size == round(SIZE * 256 / 224) and MoProViewTransforms().test_resize_size == 256
+
+
+def test_train_views_shapes_and_randomness(views):
+    image = decode_image(jpeg_bytes(size=(64, 48)))
+    torch.manual_seed(0)
+    weak, strong = views.train_views(image)
+    weak_again, _ = views.train_views(image)
+    for view in (weak, strong):
+        assert view.shape == (3, SIZE, SIZE) and view.dtype == torch.float32 and type(view) is torch.Tensor
+    assert not torch.equal(weak, strong)
+    assert not torch.equal(weak, weak_again)
+
+
+def test_test_view_is_deterministic_and_matches_official_pil_pipeline(views):
+    image = decode_image(jpeg_bytes(size=(64, 48)))
+    official = v1.Compose(
+        [
+            v1.Resize(round(SIZE * 256 / 224)),
+            v1.CenterCrop(SIZE),
+            v1.ToTensor(),
+            v1.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    first, second = views.test(image), views.test(image)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, official(image), atol=1e-6, rtol=0)
+
+
+# --- collator -----------------------------------------------------------------------------------------------
+
+
+def examples(tmp_path: Path, count: int = 4) -> list[dict]:
+    """Raw examples in the different undecoded forms, plus ground-truth columns that must not leak."""
+    rows = []
+    for index in range(count):
+        data = jpeg_bytes(seed=index)
+        if index % 3 == 0:
+            image = data
+        elif index % 3 == 1:
+            (tmp_path / f"{index}.jpg").write_bytes(data)
+            image = str(tmp_path / f"{index}.jpg")
+        else:
+            image = {"bytes": data, "path": f"{index}.jpg"}
+        rows.append({"image": image, "label": index % 3, "sample_id": 100 + index, "true_label": 0, "is_ood": True})
+    return rows
+
+
+def test_collator_train_batch(tmp_path, views):
+    batch = MoProCollator(views, num_labels=3)(examples(tmp_path))
+    assert set(batch) == {"pixel_values", "pixel_values_key", "labels", "sample_ids", "num_skipped_images"}
+    assert batch["pixel_values"].shape == batch["pixel_values_key"].shape == (4, 3, SIZE, SIZE)
+    assert batch["labels"].dtype == batch["sample_ids"].dtype == torch.long
+    assert batch["labels"].tolist() == [0, 1, 2, 0] and batch["sample_ids"].tolist() == [100, 101, 102, 103]
+    assert batch["num_skipped_images"].ndim == 0 and batch["num_skipped_images"].item() == 0
+
+
+def test_collator_eval_batch_is_deterministic(tmp_path, views):
+    rows = [{key: row[key] for key in ("image", "label")} for row in examples(tmp_path)]
+    collate = MoProCollator(views, train=False)
+    first, second = collate(rows), collate(rows)
+    assert set(first) == {"pixel_values", "labels", "num_skipped_images"}
+    assert torch.equal(first["pixel_values"], second["pixel_values"])
+
+
+def test_collator_decodes_each_image_once(tmp_path, views, monkeypatch):
+    calls = []
+
+    def counting_decode(source):
+        calls.append(source)
+        return decode_image(source)
+
+    monkeypatch.setattr(collator_module, "decode_image", counting_decode)
+    MoProCollator(views)(examples(tmp_path, count=5))
+    assert len(calls) == 5
+
+
+def test_collator_extra_columns_are_opt_in(tmp_path, views):
+    batch = MoProCollator(views, train=False, extra_columns=("is_ood",))(examples(tmp_path, count=2))
+    assert batch["is_ood"].tolist() == [True, True] and "true_label" not in batch
+
+
+def test_collator_skips_and_counts_bad_images(tmp_path, views, caplog):
+    missing = str(tmp_path / "missing.jpg")
+    rows = [
+        {"image": jpeg_bytes(1), "label": 1, "sample_id": 0},
+        {"image": truncated_jpeg_bytes(), "label": 2, "sample_id": 1},  # decodes: not skipped
+        {"image": b"\x00garbage", "label": 0, "sample_id": 2},
+        {"image": missing, "label": 0, "sample_id": 3},
+    ]
+    with caplog.at_level(logging.WARNING, logger="training.collator"):
+        batch = MoProCollator(views, num_labels=3)(rows)
+    assert batch["num_skipped_images"].item() == 2
+    assert batch["sample_ids"].tolist() == [0, 1] and batch["labels"].tolist() == [1, 2]
+    assert batch["pixel_values"].shape[0] == batch["pixel_values_key"].shape[0] == 2
+    assert missing in caplog.text and "sample_id=2" in caplog.text
+
+
+def test_collator_all_bad_gives_an_empty_batch(views):
+    batch = MoProCollator(views)([{"image": b"junk", "label": 0, "sample_id": 5}] * 3)
+    assert batch["pixel_values"].shape == batch["pixel_values_key"].shape == (0, 3, SIZE, SIZE)
+    assert batch["labels"].shape == batch["sample_ids"].shape == (0,)
+    assert batch["num_skipped_images"].item() == 3
+
+
+@pytest.mark.parametrize(("label", "num_labels"), [(3, 3), (-1, None), (None, 3), (1.5, 3)])
+def test_collator_rejects_out_of_range_labels(label, num_labels, views):
+    rows = [
+        {"image": jpeg_bytes(), "label": 0, "sample_id": 1},
+        {"image": jpeg_bytes(), "label": label, "sample_id": 42},
+    ]
+    with pytest.raises(ValueError, match="sample_id=42"):
+        MoProCollator(views, num_labels=num_labels)(rows)
+
+
+def test_skip_counts_travel_from_dataloader_workers(tmp_path, views):
+    rows = [{"image": jpeg_bytes(i), "label": 0, "sample_id": i} for i in range(6)]
+    rows[4]["image"] = str(tmp_path / "gone.jpg")
+    loader = torch.utils.data.DataLoader(rows, batch_size=2, collate_fn=MoProCollator(views), num_workers=2)
+    batches = list(loader)
+    assert sum(batch["num_skipped_images"].item() for batch in batches) == 1
+    assert sorted(torch.cat([batch["sample_ids"] for batch in batches]).tolist()) == [0, 1, 2, 3, 5]
+
+
+# --- shards -------------------------------------------------------------------------------------------------
+
+
+def test_shards_round_trip(tmp_path):
+    (tmp_path / "on_disk.jpg").write_bytes(jpeg_bytes(3))
+    records = [ShardRecord(jpeg_bytes(i), label=i % 4, sample_id=10 + i) for i in range(6)]
+    records.append(
+        ShardRecord(str(tmp_path / "on_disk.jpg"), label=3, sample_id=16, path=str(tmp_path / "on_disk.jpg"))
+    )
+    records.append(ShardRecord(Image.new("L", (9, 9), 50), label=2, sample_id=17))  # re-encoded to JPEG
+    records.append(ShardRecord(str(tmp_path / "missing.jpg"), label=1, sample_id=18))  # skipped
+    summary = write_shards(iter(records), tmp_path / "shards", samples_per_shard=3)
+    assert [path.name for path in summary.shard_paths] == ["shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
+    assert (summary.num_samples, summary.num_skipped) == (8, 1)
+    assert not list((tmp_path / "shards").glob("*.partial"))
+
+    stream = load_shards(tmp_path / "shards")
+    assert isinstance(stream, IterableDataset) and stream.n_shards == 3
+    rows = list(stream)
+    assert sorted(row["sample_id"] for row in rows) == list(range(10, 18))  # every sample exactly once
+    by_id = {row["sample_id"]: row for row in rows}
+    for record in records[:8]:
+        assert by_id[record.sample_id]["label"] == record.label
+    assert by_id[10]["image"]["bytes"] == records[0].image  # JPEG bytes pass through untouched
+    assert by_id[16]["image"]["path"] == str(tmp_path / "on_disk.jpg")  # original path kept for tracing
+    assert decode_image(by_id[17]["image"]).size == (9, 9)
+
+    # What Accelerate does with dispatch_batches=False: whole shards per rank, disjoint and complete.
+    per_rank = [[row["sample_id"] for row in stream.shard(num_shards=2, index=rank)] for rank in range(2)]
+    assert not set(per_rank[0]) & set(per_rank[1]) and len(per_rank[0]) + len(per_rank[1]) == 8
+
+    in_memory = load_shards(summary.shard_paths, streaming=False, cache_dir=str(tmp_path / "cache"))
+    assert sorted(in_memory["sample_id"]) == list(range(10, 18))
+    assert isinstance(in_memory.features["image"], ImageFeature) and not in_memory.features["image"].decode
+
+
+def test_shards_from_a_datasets_dataset(tmp_path):
+    images = [{"bytes": jpeg_bytes(i), "path": None} for i in range(3)] + [Image.new("RGB", (8, 8))]
+    dataset = Dataset.from_dict({"img": images, "fine": [3, 1, 0, 2]}, features=None).cast_column(
+        "img", ImageFeature()
+    )
+    summary = write_shards(
+        records_from_dataset(dataset, "img", "fine"), tmp_path, samples_per_shard=2, image_format="png"
+    )
+    assert summary.num_samples == 4 and [path.name for path in summary.shard_paths] == [
+        "shard-00000.tar",
+        "shard-00001.tar",
+    ]
+    rows = sorted(load_shards(tmp_path), key=lambda row: row["sample_id"])
+    assert [row["label"] for row in rows] == [3, 1, 0, 2]
+    assert all(row["image"]["bytes"].startswith(b"\x89PNG") for row in rows)  # lossless re-encoding
+
+
+def image_folder(root: Path, classes=("cat", "dog", "eel"), per_class: int = 3) -> Path:
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            (root / name / f"{index}.jpg").write_bytes(jpeg_bytes(10 * label + index))
+    return root
+
+
+def test_make_shards_cli_and_build_datasets_from_shards(tmp_path, views):
+    out = tmp_path / "shards"
+    image_folder(tmp_path / "train")
+    image_folder(tmp_path / "val", classes=("cat", "eel"), per_class=1)  # a class missing: labels must still match
+    make_shards_main(["--image_folder", str(tmp_path / "train"), "--output_dir", str(out), "--samples_per_shard", "4"])
+    make_shards_main(["--image_folder", str(tmp_path / "val"), "--split", "validation", "--output_dir", str(out)])
+    assert read_id2label(out) == {0: "cat", 1: "dog", 2: "eel"}
+    assert json.loads((out / "id2label.json").read_text()) == {"0": "cat", "1": "dog", "2": "eel"}
+    assert len(list((out / "train").glob("shard-*.tar"))) == 3
+
+    train, evaluation, id2label = build_datasets(shard_dir=str(out), streaming=True, shuffle_buffer_size=4)
+    assert id2label == {0: "cat", 1: "dog", 2: "eel"}
+    rows = list(train)
+    assert sorted(row["sample_id"] for row in rows) == list(range(9))
+    assert {Path(row["image"]["path"]).parent.name for row in rows if row["label"] == 1} == {"dog"}
+    batch = MoProCollator(views, train=False, num_labels=3)(list(evaluation))
+    assert batch["labels"].tolist() == [0, 2]
+
+
+# --- build_datasets -----------------------------------------------------------------------------------------
+
+
+def test_build_datasets_from_image_folders(tmp_path):
+    image_folder(tmp_path / "train")
+    image_folder(tmp_path / "val", per_class=1)
+    train, evaluation, id2label = build_datasets(
+        train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val")
+    )
+    assert id2label == {0: "cat", 1: "dog", 2: "eel"}
+    assert len(train) == 9 and len(evaluation) == 3
+    assert sorted(train["sample_id"]) == list(range(9))
+    assert not train.features["image"].decode  # decoding is the collator's job
+    assert isinstance(train[0]["image"], dict)
+
+
+def test_build_datasets_renames_to_the_requested_columns(tmp_path):
+    image_folder(tmp_path / "train")
+    train, _, _ = build_datasets(
+        train_dir=str(tmp_path / "train"), image_column_name="img", label_column_name="fine_label", max_train_samples=4
+    )
+    assert {"img", "fine_label", "sample_id"} <= set(train.column_names) and len(train) == 4
+
+
+def test_build_datasets_rejects_ambiguous_or_id_less_sources(tmp_path):
+    image_folder(tmp_path / "train")
+    with pytest.raises(ValueError, match="one data source"):
+        build_datasets(train_dir=str(tmp_path / "train"), webvision_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="sample_id"):  # streamed ids would restart in every shard
+        build_datasets(train_dir=str(tmp_path / "train"), streaming=True)
+    with pytest.raises(TypeError):
+        build_datasets(no_such_option=1)
+
+
+def test_build_datasets_reads_foreign_argument_objects(tmp_path):
+    class ScriptArguments:  # e.g. a training script's own dataclass, with fields unknown here
+        train_dir = str(image_folder(tmp_path / "train"))
+        noise_report = True
+
+    train, evaluation, _ = build_datasets(ScriptArguments(), seed=3)
+    assert len(train) == 9 and evaluation is None
+
+
+def test_build_datasets_demo_streaming(views):
+    args = DataArguments(num_train=200, num_test=50, streaming=True, num_streaming_shards=4, shuffle_buffer_size=32)
+    train, evaluation, id2label = build_datasets(args, max_eval_samples=20)
+    assert isinstance(train, IterableDataset) and train.n_shards == 4 and len(id2label) == 10
+    rows = list(train)
+    assert sorted(row["sample_id"] for row in rows) == list(range(250))  # 200 + 25% OOD
+    assert len(list(evaluation)) == 20
+    batch = MoProCollator(views, num_labels=10)(rows[:8])
+    assert set(batch) == {"pixel_values", "pixel_values_key", "labels", "sample_ids", "num_skipped_images"}

@@ -1,0 +1,150 @@
+"""Batch collation for MoPro: decode each raw example once, build its views, drop undecodable images."""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .transforms import BadImageError, MoProViewTransforms, decode_image, describe_image_source
+
+logger = logging.getLogger(__name__)
+
+
+class MoProCollator:
+    """Turns a list of raw examples into a MoPro batch.
+
+    Raw examples hold an undecoded image (bytes, path, ``datasets.Image(decode=False)`` dict, or PIL image) and
+    an integer label. Decoding happens here, i.e. inside the DataLoader workers, so it runs in parallel and a
+    bad image costs one sample instead of the whole run.
+
+    Output keys:
+        * ``pixel_values``: weak (query) views when training, test views otherwise; ``(B, 3, S, S)`` float.
+        * ``pixel_values_key``: strong (key) views, training only.
+        * ``labels``: ``(B,)`` long, the (possibly noisy) training labels.
+        * ``sample_ids``: ``(B,)`` long, only if the examples have a sample id column.
+        * ``num_skipped_images``: 0-d long, undecodable images dropped from this batch. The count travels with
+          the batch because worker processes cannot update a counter in the trainer process.
+        * one key per name in ``extra_columns`` (opt-in; never pass ground-truth columns to training).
+
+    A batch whose images are all bad has ``B == 0``; the trainer decides what to do with it.
+    """
+
+    def __init__(
+        self,
+        transforms: MoProViewTransforms,
+        image_column: str = "image",
+        label_column: str = "label",
+        train: bool = True,
+        extra_columns: Sequence[str] = (),
+        num_labels: int | None = None,
+        sample_id_column: str = "sample_id",
+        seed: int | None = None,
+    ) -> None:
+        """Configures the collator.
+
+        Args:
+            transforms: The view transforms (their ``image_size`` also shapes empty batches).
+            image_column: Column holding the undecoded image.
+            label_column: Column holding the integer label.
+            train: Build (weak, strong) training views if True, else the deterministic test view.
+            extra_columns: Further numeric columns to pass through as tensors under their own names, e.g.
+                diagnostic flags for evaluation. Keep ground truth of a noisy training set out of training.
+            num_labels: If given, labels outside ``[0, num_labels)`` raise; otherwise only negatives do.
+            sample_id_column: Column with a unique integer per sample, emitted as ``sample_ids`` when present.
+            seed: If given (and samples have ids), the random views of a sample are drawn from a generator seeded
+                by ``(seed, epoch, sample_id)`` instead of the global RNG. Augmentations then depend only on the
+                data position, so a run resumed from a checkpoint sees the very same views as a straight run
+                (the Trainer restores its RNG only after the DataLoader has already prefetched batches), and
+                views do not depend on which worker process decodes the sample. The trainer calls `set_epoch`.
+        """
+        self.transforms = transforms
+        self.image_column = image_column
+        self.label_column = label_column
+        self.train = train
+        self.extra_columns = tuple(extra_columns)
+        self.num_labels = num_labels
+        self.sample_id_column = sample_id_column
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by `MoProTrainer` at the start of each epoch (before the DataLoader workers start)."""
+        self.epoch = int(epoch)
+
+    def _train_views(self, image, example: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.seed is None or self.sample_id_column not in example:
+            return self.transforms.train_views(image)
+        # torchvision's random transforms draw from the global torch RNG: fork it, seed it per sample.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, int(example[self.sample_id_column]))) & 0x7FFF_FFFF_FFFF)
+            return self.transforms.train_views(image)
+
+    def _checked_label(self, example: Mapping[str, Any]) -> int:
+        """Returns the example's label as an int; bad labels are data errors, so they raise instead of skipping."""
+        raw_label = example.get(self.label_column)
+        try:
+            label = operator.index(raw_label)  # ints and numpy/torch integers; not floats or None
+        except TypeError:
+            label = None
+        upper = self.num_labels if self.num_labels is not None else float("inf")
+        if label is None or not 0 <= label < upper:
+            valid = f"[0, {self.num_labels})" if self.num_labels is not None else "a non-negative int"
+            raise ValueError(
+                f"label {raw_label!r} of sample {self._sample_name(example)} is not in {valid}; "
+                "fix the dataset (labels are never silently dropped)"
+            )
+        return label
+
+    def _sample_name(self, example: Mapping[str, Any]) -> str:
+        image_description = describe_image_source(example.get(self.image_column))
+        if self.sample_id_column in example:
+            return f"sample_id={example[self.sample_id_column]} ({image_description})"
+        return image_description
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Collates raw examples into a batch (see the class docstring for the keys)."""
+        has_sample_ids = bool(examples) and all(self.sample_id_column in example for example in examples)
+        query_views: list[torch.Tensor] = []
+        key_views: list[torch.Tensor] = []
+        kept: list[Mapping[str, Any]] = []
+        labels: list[int] = []
+        num_skipped = 0
+        for example in examples:
+            label = self._checked_label(example)
+            try:
+                image = decode_image(example[self.image_column])
+            except BadImageError as error:
+                num_skipped += 1
+                logger.warning("Skipping sample %s: %s", self._sample_name(example), error.reason)
+                continue
+            if self.train:
+                query_view, key_view = self._train_views(image, example)
+                key_views.append(key_view)
+            else:
+                query_view = self.transforms.test(image)
+            query_views.append(query_view)
+            labels.append(label)
+            kept.append(example)
+
+        batch = {
+            "pixel_values": self._stack(query_views),
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
+        if self.train:
+            batch["pixel_values_key"] = self._stack(key_views)
+        if has_sample_ids:
+            batch["sample_ids"] = torch.tensor([int(ex[self.sample_id_column]) for ex in kept], dtype=torch.long)
+        for column in self.extra_columns:
+            batch[column] = torch.tensor([ex[column] for ex in kept])
+        batch["num_skipped_images"] = torch.tensor(num_skipped, dtype=torch.long)
+        return batch
+
+    def _stack(self, views: list[torch.Tensor]) -> torch.Tensor:
+        if views:
+            return torch.stack(views)
+        size = self.transforms.image_size
+        return torch.empty((0, 3, size, size), dtype=torch.float32)

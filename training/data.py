@@ -1,0 +1,232 @@
+"""One entry point for every training data source: `build_datasets`.
+
+Every returned dataset has an image column (undecoded: path string, ``{"bytes", "path"}`` dict or bytes;
+`training.collator.MoProCollator` decodes it in the DataLoader workers), a label column (int), both named as
+``image_column_name`` / ``label_column_name`` say (default "image" / "label", so pass the same names to the
+collator), and a ``sample_id`` column (a unique int per sample; always for training). Sources, one at a time:
+
+* the noisy Fashion-MNIST demo (default, offline),
+* ``dataset_name``: any `datasets` image-classification dataset (``load_dataset``),
+* ``train_dir`` / ``validation_dir``: image folders with one subfolder per class,
+* ``webvision_dir``: WebVision in its native layout (``webvision_version`` "v1" or "v2"),
+* ``shard_dir``: WebDataset shards written by `training.make_shards` (``train/``, ``validation/``).
+
+Streaming and multiple processes: the streaming datasets are *not* split by node here. Train with
+``TrainingArguments(accelerator_config={"dispatch_batches": False})``: Accelerate then gives each rank its own
+whole shards (``IterableDataset.shard``) when ``n_shards >= world_size``, and each rank decodes only its data.
+Splitting here as well would shard twice; splitting here with batch dispatching silently drops data. Choose
+shard counts that are multiples of ``world_size * dataloader_num_workers`` for balanced readers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, DatasetDict, Image, IterableDataset, load_dataset
+
+from .make_shards import load_shards, read_id2label
+from .noisy_fashion_mnist import build_noisy_fashion_mnist
+from .webvision import load_webvision, read_webvision_class_names, webvision_num_classes
+
+logger = logging.getLogger(__name__)
+
+AnyDataset = Dataset | IterableDataset
+EVAL_SPLIT_NAMES = ("validation", "val", "test")
+
+
+@dataclass
+class DataArguments:
+    """Where the training data comes from and how it is read (usable with ``HfArgumentParser``)."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` dataset name or local path."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of `dataset_name`."})
+    train_dir: str | None = field(default=None, metadata={"help": "Image folder (class subfolders) for training."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Image folder for evaluation."})
+    webvision_dir: str | None = field(default=None, metadata={"help": "WebVision root folder (holding info/)."})
+    webvision_version: str = field(default="v1", metadata={"help": "WebVision version: v1 (1000) or v2 (5000)."})
+    shard_dir: str | None = field(default=None, metadata={"help": "Output folder of training.make_shards."})
+    image_column_name: str = field(default="image", metadata={"help": "Image column of `dataset_name`."})
+    label_column_name: str = field(default="label", metadata={"help": "Label column of `dataset_name`."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the data instead of loading it."})
+    shuffle_buffer_size: int = field(default=10000, metadata={"help": "Shuffle buffer when streaming."})
+    num_streaming_shards: int = field(
+        default=64, metadata={"help": "Shards of streamed WebVision/demo data (multiple of ranks x workers)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Random subset of the training set."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Random subset of the evaluation set."})
+    num_train: int = field(default=10000, metadata={"help": "Demo: in-distribution training images."})
+    num_test: int | None = field(default=None, metadata={"help": "Demo: clean test images (default all 10k)."})
+    noise_rate: float = field(default=0.4, metadata={"help": "Demo: fraction of wrong in-distribution labels."})
+    asymmetric_fraction: float = field(default=0.5, metadata={"help": "Demo: share of natural confusions."})
+    ood_fraction: float = field(default=0.2, metadata={"help": "Demo: fraction of out-of-distribution images."})
+    noise_report: bool = field(
+        default=True, metadata={"help": "After training, write the per-sample noise decisions on the train set."}
+    )
+
+
+def _from_demo(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset, dict[int, str]]:
+    splits, id2label = build_noisy_fashion_mnist(
+        num_train=args.num_train,
+        noise_rate=args.noise_rate,
+        asymmetric_fraction=args.asymmetric_fraction,
+        ood_fraction=args.ood_fraction,
+        num_test=args.num_test,
+        seed=seed,
+    )
+    train, test = splits["train"], splits["test"]
+    if args.streaming:  # in memory anyway; streaming here exercises the streaming code path
+        train = train.to_iterable_dataset(num_shards=min(args.num_streaming_shards, len(train)))
+        test = test.to_iterable_dataset(num_shards=min(args.num_streaming_shards, len(test)))
+    return train, test, id2label
+
+
+def _eval_split(splits: DatasetDict, source: str) -> AnyDataset | None:
+    for name in EVAL_SPLIT_NAMES:
+        if name in splits:
+            return splits[name]
+    logger.warning("%s has no %s split: no evaluation dataset", source, "/".join(EVAL_SPLIT_NAMES))
+    return None
+
+
+def _id2label_from_features(dataset: AnyDataset, label_column: str, source: str) -> dict[int, str]:
+    feature = (dataset.features or {}).get(label_column)
+    if hasattr(feature, "names"):
+        return dict(enumerate(feature.names))
+    if isinstance(dataset, Dataset):  # plain ints: name the classes by number
+        return {index: str(index) for index in range(int(np.max(dataset[label_column])) + 1)}
+    raise ValueError(f"column {label_column!r} of {source} is not a ClassLabel; cannot count classes when streaming")
+
+
+def _from_hub(args: DataArguments) -> tuple[AnyDataset, AnyDataset | None, dict[int, str]]:
+    splits = load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming)
+    if "train" not in splits:
+        raise ValueError(f"{args.dataset_name} has no train split (splits: {list(splits)})")
+    id2label = _id2label_from_features(splits["train"], args.label_column_name, args.dataset_name)
+    return splits["train"], _eval_split(splits, args.dataset_name), id2label
+
+
+def _from_image_folders(args: DataArguments) -> tuple[AnyDataset, AnyDataset | None, dict[int, str]]:
+    data_files = {"train": os.path.join(args.train_dir, "**")}
+    if args.validation_dir:
+        data_files["validation"] = os.path.join(args.validation_dir, "**")
+    if args.streaming:
+        logger.warning("a streamed image folder is a single shard (one reader); write shards with make_shards")
+    # One call for both splits, so that both share the same class list.
+    splits = load_dataset("imagefolder", data_files=data_files, streaming=args.streaming)
+    eval_dataset = splits["validation"] if args.validation_dir else None
+    return splits["train"], eval_dataset, _id2label_from_features(splits["train"], "label", args.train_dir)
+
+
+def _from_webvision(args: DataArguments) -> tuple[AnyDataset, AnyDataset, dict[int, str]]:
+    def load(split: str) -> AnyDataset:
+        return load_webvision(
+            args.webvision_dir, args.webvision_version, split, args.streaming, args.num_streaming_shards
+        )
+
+    id2label = read_webvision_class_names(args.webvision_dir, webvision_num_classes(args.webvision_version))
+    return load("train"), load("validation"), id2label
+
+
+def _from_shards(args: DataArguments) -> tuple[AnyDataset, AnyDataset | None, dict[int, str]]:
+    root = Path(args.shard_dir)
+    eval_dirs = [root / name for name in EVAL_SPLIT_NAMES if (root / name).is_dir()]
+    eval_dataset = load_shards(eval_dirs[0], streaming=args.streaming) if eval_dirs else None
+    return load_shards(root / "train", streaming=args.streaming), eval_dataset, read_id2label(root)
+
+
+_SOURCES = {
+    "dataset_name": _from_hub,
+    "train_dir": _from_image_folders,
+    "webvision_dir": _from_webvision,
+    "shard_dir": _from_shards,
+}
+
+
+def _prepare(
+    dataset: AnyDataset, args: DataArguments, max_samples: int | None, is_train: bool, seed: int
+) -> AnyDataset:
+    """Leaves images undecoded, ensures sample ids, subsets and (streaming) shuffles."""
+    features = dataset.features or {}
+    image_feature = features.get(args.image_column_name)
+    if isinstance(image_feature, Image) and image_feature.decode:
+        # Decoding belongs to the collator: in the workers, once per image, skipping bad files.
+        dataset = dataset.cast_column(args.image_column_name, Image(decode=False))
+    if "sample_id" not in features and isinstance(dataset, Dataset):
+        dataset = dataset.add_column("sample_id", np.arange(len(dataset), dtype=np.int64))
+    elif "sample_id" not in features and is_train:
+        # Per-stream indices restart in every shard/worker, so ids cannot be added to a stream afterwards.
+        raise ValueError(
+            "a streamed training set needs a sample_id column; write it as shards with training.make_shards "
+            "(which numbers the samples) or load it without streaming"
+        )
+    if isinstance(dataset, IterableDataset):
+        # Subsets are shuffled too: file lists are sorted by class, so a prefix would hold few classes.
+        if is_train or max_samples is not None:
+            dataset = dataset.shuffle(seed=seed, buffer_size=args.shuffle_buffer_size)
+        return dataset.take(max_samples) if max_samples is not None else dataset
+    if max_samples is not None and max_samples < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(max_samples))
+    return dataset
+
+
+def _as_data_arguments(data_args: object | None, overrides: dict) -> DataArguments:
+    """Reads the `DataArguments` fields from any object that has (some of) them, then applies overrides.
+
+    Duck typing lets a script pass its own arguments dataclass; fields it lacks keep their defaults, fields
+    unknown here are ignored.
+    """
+    names = {data_field.name for data_field in dataclasses.fields(DataArguments)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unknown data arguments {unknown}")
+    values = {name: getattr(data_args, name) for name in names if hasattr(data_args, name)}
+    return DataArguments(**{**values, **overrides})
+
+
+def _rename_columns(dataset: AnyDataset | None, renames: dict[str, str]) -> AnyDataset | None:
+    renames = {old: new for old, new in renames.items() if old != new}
+    return dataset.rename_columns(renames) if dataset is not None and renames else dataset
+
+
+def build_datasets(
+    data_args: object | None = None, seed: int = 42, **overrides
+) -> tuple[AnyDataset, AnyDataset | None, dict[int, str]]:
+    """Builds the training and evaluation datasets from the one source named in the arguments.
+
+    Args:
+        data_args: A `DataArguments`, or any object with attributes of the same names (missing ones take the
+            defaults); None means the defaults, i.e. the noisy Fashion-MNIST demo.
+        **overrides: `DataArguments` fields to replace, e.g. ``build_datasets(args, seed=training_seed)``.
+
+    Returns:
+        ``(train_dataset, eval_dataset, id2label)``. ``eval_dataset`` is None when the source has no evaluation
+        split. Map-style training sets are not shuffled here (the Trainer's sampler does it); streamed ones are
+        shuffled with a buffer and are not split by node (see the module docstring).
+
+    Raises:
+        ValueError: Several sources given, or a streamed training set without sample ids.
+    """
+    args = _as_data_arguments(data_args, overrides)
+    given = [name for name in _SOURCES if getattr(args, name)]
+    if len(given) > 1:
+        raise ValueError(f"give one data source, not {given}")
+    if args.validation_dir and not args.train_dir:
+        raise ValueError("validation_dir needs train_dir")
+    load = _SOURCES[given[0]] if given else functools.partial(_from_demo, seed=seed)
+    train, eval_dataset, id2label = load(args)
+    if not given or given[0] != "dataset_name":  # the other sources name their columns "image" and "label"
+        renames = {"image": args.image_column_name, "label": args.label_column_name}
+        train, eval_dataset = _rename_columns(train, renames), _rename_columns(eval_dataset, renames)
+    train = _prepare(train, args, args.max_train_samples, is_train=True, seed=seed)
+    if eval_dataset is not None:
+        eval_dataset = _prepare(eval_dataset, args, args.max_eval_samples, is_train=False, seed=seed)
+    logger.info(
+        "data source %s: %d classes, streaming=%s", given[0] if given else "demo", len(id2label), args.streaming
+    )
+    return train, eval_dataset, id2label
