@@ -1,0 +1,60 @@
+"""Run by tests/test_trainer.py under `accelerate launch --multi_gpu --num_processes 2` on CPU (gloo).
+
+Each rank records which sample ids its batches held per epoch, and saves its final model state."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import set_seed
+
+from training.collator import MoProCollator
+from training.transforms import MoProViewTransforms
+from tests.trainer_fixtures import IMAGE_SIZE, NUM_LABELS, tiny_image_dataset, tiny_trainer
+
+NUM_SAMPLES, BATCH, EPOCHS = 48, 6, 3  # 48 / (6 x 2 ranks) = 4 steps per epoch
+
+
+class RecordingCollator(MoProCollator):
+    """Records the sample ids of every batch this rank collates (workers = 0, so in this process)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[int] = []
+
+    def __call__(self, examples):
+        batch = super().__call__(examples)
+        self.seen.extend(batch["sample_ids"].tolist())
+        return batch
+
+
+def main(output_dir: str) -> None:
+    set_seed(0)
+    collator = RecordingCollator(MoProViewTransforms(IMAGE_SIZE), train=True, num_labels=NUM_LABELS, seed=0)
+    trainer = tiny_trainer(
+        output_dir, tiny_image_dataset(NUM_SAMPLES), collator=collator, max_steps=-1, num_train_epochs=EPOCHS,
+        per_device_train_batch_size=BATCH, prototype_start_epoch=1, noise_correction_start_epoch=2,
+        # DDP would otherwise copy rank 0's buffers (queue, prototypes) to every rank at each forward, hiding a
+        # broken gather: without it, identical state proves the gathers.
+        ddp_broadcast_buffers=False,
+    )
+    trainer.train()
+    rank, world = trainer.args.process_index, trainer.args.world_size
+    steps_per_epoch = NUM_SAMPLES // (BATCH * world)
+    seen = [collator.seen[e * steps_per_epoch * BATCH : (e + 1) * steps_per_epoch * BATCH] for e in range(EPOCHS)]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(output_dir) / f"rank{rank}_state.pt")
+    record = {"world_size": world, "num_samples": NUM_SAMPLES, "epochs": EPOCHS, "seen": seen,
+              "steps": trainer.state.global_step}
+    (Path(output_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

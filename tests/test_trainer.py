@@ -1,0 +1,160 @@
+"""MoProTrainer: phase schedule, logging, momentum update under gradient accumulation, exact resume, and a real
+2-process `accelerate launch` run on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import set_seed
+
+from modeling_mopro import MoProForPreTraining, MoProPhase
+from training.trainer import phase_for_epoch, step_schedule
+from tests.trainer_fixtures import tiny_config, tiny_image_dataset, tiny_trainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_phase_for_epoch_follows_official_schedule():
+    # official: is_proto = epoch > 0, is_clean = epoch >= start_clean_epoch (11), epochs 0-indexed
+    assert phase_for_epoch(0.0, 1, 11) == MoProPhase.WARMUP
+    assert phase_for_epoch(0.99, 1, 11) == MoProPhase.WARMUP
+    assert phase_for_epoch(1.0, 1, 11) == MoProPhase.PROTOTYPES
+    assert phase_for_epoch(10.99, 1, 11) == MoProPhase.PROTOTYPES
+    assert phase_for_epoch(11 - 1e-12, 1, 11) == MoProPhase.NOISE_CORRECTION  # float step accumulation
+    assert phase_for_epoch(11.0, 1, 11) == MoProPhase.NOISE_CORRECTION
+    assert phase_for_epoch(89.9, 1, 11) == MoProPhase.NOISE_CORRECTION
+
+
+def test_step_schedule():
+    f = step_schedule([40, 80], 0.1)
+    assert [f(0), f(39), f(40), f(79), f(80), f(1000)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_training_walks_through_the_phases_and_logs_components(tmp_path):
+    # 48 samples / batch 6 = 8 steps per epoch; proto from epoch 1 (step 8), correction from epoch 2 (step 16).
+    set_seed(0)
+    trainer = tiny_trainer(str(tmp_path), tiny_image_dataset(48), max_steps=20)
+    phases = []
+    model = trainer.model
+    original_forward = model.forward
+
+    def spy(*args, **kwargs):
+        phases.append(model.current_phase)
+        return original_forward(*args, **kwargs)
+
+    model.forward = spy
+    trainer.train()
+    assert phases[:8] == [MoProPhase.WARMUP] * 8
+    assert phases[8:16] == [MoProPhase.PROTOTYPES] * 8
+    assert phases[16:] == [MoProPhase.NOISE_CORRECTION] * 4
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 20
+    for entry in logs:
+        for key in ("loss_cls", "loss_instance", "loss_prototype", "fraction_kept", "fraction_relabeled",
+                    "fraction_ood", "skipped_images", "phase"):
+            assert key in entry, key
+        assert 0.0 <= entry["fraction_kept"] <= 1.0
+        assert entry["fraction_ood"] == pytest.approx(1.0 - entry["fraction_kept"])
+    assert all(entry["loss_prototype"] == 0.0 for entry in logs[:8])
+    assert all(entry["loss_prototype"] > 0.0 for entry in logs[8:])
+    assert all(entry["fraction_kept"] == 1.0 and entry["fraction_relabeled"] == 0.0 for entry in logs[:16])
+    # the total is the weighted sum of its components (weights 1) averaged over the logging window
+    for entry in logs:
+        expected = entry["loss_cls"] + entry["loss_instance"] + entry["loss_prototype"]
+        assert entry["loss"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+
+
+def test_momentum_update_once_per_optimizer_step_under_gradient_accumulation(tmp_path):
+    set_seed(0)
+    model = MoProForPreTraining(tiny_config())
+    calls = []
+    original = model.update_momentum_encoder
+    model.update_momentum_encoder = lambda *a, **k: (calls.append(1), original(*a, **k))
+    trainer = tiny_trainer(str(tmp_path), tiny_image_dataset(48), model=model, max_steps=3,
+                           gradient_accumulation_steps=2)
+    trainer.train()
+    assert len(calls) == 3
+    # the momentum encoder moved (EMA) but is not the query encoder
+    q = dict(model.mopro.backbone.named_parameters())
+    k = dict(model.momentum_encoder.backbone.named_parameters())
+    assert any(not torch.equal(q[n], k[n]) for n in q)
+
+
+def test_bad_images_are_skipped_and_counted(tmp_path):
+    dataset = tiny_image_dataset(48)
+    images = list(dataset["image"])
+    for i in (3, 17, 30):
+        images[i] = b"not an image"
+    dataset = dataset.remove_columns("image").add_column("image", images)
+    set_seed(0)
+    trainer = tiny_trainer(str(tmp_path), dataset, max_steps=8)
+    trainer.train()
+    assert trainer.skipped_images == 3
+    assert trainer.state.log_history[-2]["skipped_images"] == 3
+
+
+def _state(model: MoProForPreTraining) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_is_equivalent_to_a_straight_run(tmp_path):
+    """Train 8 steps straight vs 4 steps, stop, resume from checkpoint-4 to 8: same weights, momentum copy,
+    queue, pointer, prototypes and phase (the phase changes at step 8 = epoch 1)."""
+    dataset = tiny_image_dataset(48)
+    set_seed(0)
+    straight = tiny_trainer(str(tmp_path / "straight"), dataset, max_steps=10)
+    straight.train()
+    reference = _state(straight.model)
+
+    set_seed(0)
+    first = tiny_trainer(str(tmp_path / "resumed"), dataset, max_steps=10, save_strategy="steps", save_steps=4)
+    first.train()
+    checkpoint = tmp_path / "resumed" / "checkpoint-4"
+    assert (checkpoint / "model.safetensors").exists()
+
+    set_seed(123)  # a different seed must not matter: RNG state is restored from the checkpoint
+    resumed = tiny_trainer(str(tmp_path / "resumed2"), dataset, max_steps=10)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    state = _state(resumed.model)
+    assert state.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert int(state["phase"]) == int(MoProPhase.PROTOTYPES)
+    assert not torch.equal(reference["mopro.prototypes"], torch.zeros_like(reference["mopro.prototypes"]))
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_run_keeps_state_identical(tmp_path):
+    """`accelerate launch` with 2 gloo processes: every sample seen exactly once per epoch across ranks, and both
+    ranks end with identical queue, prototypes and weights."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--num_cpu_threads_per_process", "1", "--main_process_port", "29517",
+           str(REPO / "tests" / "distributed_train.py"), str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    num_samples, epochs = ranks[0]["num_samples"], ranks[0]["epochs"]
+    for epoch in range(epochs):
+        seen = ranks[0]["seen"][epoch] + ranks[1]["seen"][epoch]
+        assert sorted(seen) == list(range(num_samples)), f"epoch {epoch}"
+        assert not set(ranks[0]["seen"][epoch]) & set(ranks[1]["seen"][epoch])
+    states = [torch.load(tmp_path / f"rank{r}_state.pt", weights_only=True) for r in (0, 1)]
+    # BatchNorm running statistics are per process in DDP (as officially); everything else must be identical.
+    per_process = ("running_mean", "running_var", "num_batches_tracked")
+    compared = [name for name in states[0] if not name.endswith(per_process)]
+    assert {"queue", "queue_ptr", "mopro.prototypes", "phase", "classifier.weight"} <= set(compared)
+    for name in compared:
+        torch.testing.assert_close(states[0][name], states[1][name], rtol=0, atol=0, msg=name)
+    assert not torch.equal(states[0]["mopro.prototypes"], torch.zeros_like(states[0]["mopro.prototypes"]))
+    assert int(states[0]["phase"]) == int(MoProPhase.NOISE_CORRECTION)
+    assert int(states[0]["queue_ptr"]) == (ranks[0]["steps"] * 12) % 20

@@ -1,0 +1,82 @@
+"""Tiny model, tiny in-memory image dataset and trainer factory shared by the trainer tests and the
+2-process script (`tests/distributed_train.py`)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from datasets import Dataset
+from PIL import Image
+
+from modeling_mopro import MoProConfig, MoProForPreTraining
+from training.arguments import MoProTrainingArguments
+from training.collator import MoProCollator
+from training.trainer import MoProTrainer
+from training.transforms import MoProViewTransforms
+
+NUM_LABELS = 4
+IMAGE_SIZE = 32
+
+
+def tiny_config(**overrides) -> MoProConfig:
+    values = dict(
+        backbone="resnet18",
+        backbone_kwargs={"layers": [1, 1, 1, 1], "channels": [4, 8, 16, 32], "stem_width": 4},
+        num_labels=NUM_LABELS,
+        projection_hidden_size=16,
+        embedding_size=8,
+        queue_size=20,  # not a multiple of the batch: the pointer must wrap
+        image_size=IMAGE_SIZE,
+        encoder_momentum=0.9,
+        prototype_momentum=0.9,
+    )
+    values.update(overrides)
+    return MoProConfig(**values)
+
+
+def tiny_image_dataset(num_samples: int = 48, seed: int = 0) -> Dataset:
+    """Random 40x40 PNGs whose mean colour depends on the label, with a unique `sample_id`."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for i in range(num_samples):
+        label = i % NUM_LABELS
+        pixels = rng.integers(0, 80, size=(40, 40, 3)) + 40 * label
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+        labels.append(label)
+    return Dataset.from_dict({"image": images, "label": labels, "sample_id": list(range(num_samples))})
+
+
+def tiny_trainer(output_dir: str, dataset: Dataset, model=None, collator=None, **training_overrides) -> MoProTrainer:
+    values = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=6,
+        max_steps=6,
+        learning_rate=0.05,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        weight_decay=1e-4,
+        prototype_start_epoch=1,
+        noise_correction_start_epoch=2,
+        dataloader_drop_last=True,
+        dataloader_num_workers=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(training_overrides)
+    args = MoProTrainingArguments(**values)
+    model = model if model is not None else MoProForPreTraining(tiny_config())
+    transforms = MoProViewTransforms(IMAGE_SIZE)
+    return MoProTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator or MoProCollator(transforms, train=True, num_labels=NUM_LABELS, seed=args.seed),
+        eval_data_collator=MoProCollator(transforms, train=False, num_labels=NUM_LABELS),
+    )

@@ -1,0 +1,199 @@
+"""`MoProTrainer`: the transformers Trainer with MoPro's phase schedule, momentum update and loss logging.
+
+Subclassed narrowly (as TRL does): `compute_loss` sets the phase from the epoch and records the loss components and
+the noise decisions; `log` adds their averages; `create_scheduler` adds the official step schedule; the eval
+dataloader uses the test-view collator. The momentum encoder is updated by a callback after every optimizer step.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import Trainer, TrainerCallback
+
+from modeling_mopro import MoProForPreTraining, MoProPhase
+
+# Order of the per-step statistics vector gathered across processes.
+_STATS = ("loss_cls", "loss_instance", "loss_prototype", "samples", "kept", "relabeled", "skipped_images")
+
+
+class MomentumEncoderCallback(TrainerCallback):
+    """EMA of the query parameters into the momentum encoder, once per optimizer step.
+
+    The official code updates at the start of each forward; updating right after each optimizer step gives the
+    same key encoder for every forward (the very first official update is a no-op, since both encoders are
+    equal), and unlike an update in `forward` it happens once per step under gradient accumulation.
+    """
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if isinstance(model, MoProForPreTraining):
+            model.update_momentum_encoder()
+
+
+class CollatorEpochCallback(TrainerCallback):
+    """Tell the training collator the epoch, so per-sample augmentation seeds are (seed, epoch, sample id)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.set_epoch(int(state.epoch + 1e-9))
+
+
+def phase_for_epoch(epoch: float, prototype_start_epoch: float, noise_correction_start_epoch: float) -> MoProPhase:
+    """The official schedule: `is_proto = epoch >= 1`, `is_clean = epoch >= start_clean_epoch` (0-indexed)."""
+    epoch += 1e-9  # epoch counts accumulate float steps; 10.999999 must count as 11
+    if epoch >= noise_correction_start_epoch:
+        return MoProPhase.NOISE_CORRECTION
+    if epoch >= prototype_start_epoch:
+        return MoProPhase.PROTOTYPES
+    return MoProPhase.WARMUP
+
+
+def step_schedule(milestones: list[int], gamma: float) -> Callable[[int], float]:
+    """Learning-rate factor `gamma ** (number of milestones passed)`, milestones in optimizer steps."""
+    milestones = sorted(milestones)
+    return lambda step: gamma ** bisect.bisect_right(milestones, step)
+
+
+def accuracy_metrics(eval_pred) -> dict[str, float]:
+    """Top-1 accuracy of the classifier (`eval_accuracy`)."""
+    logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+    return {"accuracy": float((np.argmax(logits, axis=-1) == eval_pred.label_ids).mean())}
+
+
+class MoProTrainer(Trainer):
+    """Trainer for `MoProForPreTraining` (or, with `args.baseline == "ce"`, for a plain CE classifier).
+
+    Args:
+        eval_data_collator: collator of the evaluation set (test view). Training batches use `data_collator`.
+        Everything else as `transformers.Trainer`; `args` is a `MoProTrainingArguments`.
+    """
+
+    def __init__(self, *args, eval_data_collator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+        self.add_callback(MomentumEncoderCallback())
+        if hasattr(self.data_collator, "set_epoch"):
+            self.add_callback(CollatorEpochCallback(self.data_collator))
+        self._stats_sum: torch.Tensor | None = None
+        self._stats_steps = 0
+        self._skipped_total = 0
+
+    # ------------------------------------------------------------------------------------------- schedule
+    def steps_per_epoch(self) -> float:
+        """Optimizer steps in one epoch; for streaming data, from `args.samples_per_epoch`."""
+        args = self.args
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        if args.samples_per_epoch:
+            return args.samples_per_epoch / per_step
+        batches_per_rank = len(self.train_dataset) // (args.per_device_train_batch_size * args.world_size)
+        return max(batches_per_rank // args.gradient_accumulation_steps, 1)
+
+    def current_epoch(self) -> float:
+        return self.state.global_step / self.steps_per_epoch()
+
+    def current_phase(self) -> MoProPhase:
+        return phase_for_epoch(
+            self.current_epoch(), self.args.prototype_start_epoch, self.args.noise_correction_start_epoch
+        )
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if not self.args.lr_milestones:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            steps = [round(epoch * self.steps_per_epoch()) for epoch in self.args.lr_milestones]
+            optimizer = self.optimizer if optimizer is None else optimizer
+            self.lr_scheduler = LambdaLR(optimizer, step_schedule(steps, self.args.lr_gamma))
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        # Official MoPro: SGD weight decay on every parameter, BatchNorm and biases included.
+        return [name for name, _ in model.named_parameters()]
+
+    # ----------------------------------------------------------------------------------------------- data
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_data_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
+    # ----------------------------------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        num_skipped = inputs.pop("num_skipped_images", None)
+        inputs.pop("sample_ids", None)  # per-sample bookkeeping, not a model input
+        unwrapped = self.accelerator.unwrap_model(model)
+        if not isinstance(unwrapped, MoProForPreTraining):
+            inputs.pop("pixel_values_key", None)  # the CE baseline sees the weak view only
+        elif model.training:
+            phase = self.current_phase()
+            if unwrapped.current_phase != phase:
+                unwrapped.set_phase(phase)
+        outputs = model(**inputs)
+        if model.training:
+            self._record(outputs, inputs["labels"], num_skipped)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    @torch.no_grad()
+    def _record(self, outputs, labels: torch.Tensor, num_skipped: torch.Tensor | None) -> None:
+        """Accumulate this step's statistics over all processes (one small all-gather, no host sync)."""
+        device = labels.device
+        zero = torch.zeros((), device=device)
+
+        def value(name):
+            v = outputs.get(name) if hasattr(outputs, "get") else None
+            return zero if v is None else v.detach().float().reshape(())
+
+        keep = outputs.get("keep_mask")
+        relabel = outputs.get("relabel_mask")
+        n = torch.tensor(float(labels.numel()), device=device)
+        stats = torch.stack(
+            [
+                value("loss_cls") * n,
+                value("loss_instance") * n,
+                value("loss_prototype") * n,
+                n,
+                n if keep is None else keep.sum().float(),
+                zero if relabel is None else relabel.sum().float(),
+                zero if num_skipped is None else num_skipped.to(device).float().reshape(()),
+            ]
+        )
+        stats = self.accelerator.gather(stats[None]).sum(0)  # (len(_STATS),) summed over processes
+        self._stats_sum = stats if self._stats_sum is None else self._stats_sum + stats
+        self._stats_steps += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._stats_sum is not None and "loss" in logs:  # training logs only
+            s = dict(zip(_STATS, self._stats_sum.tolist(), strict=True))
+            samples = max(s["samples"], 1.0)
+            self._skipped_total += int(s["skipped_images"])
+            logs.update(
+                {
+                    "loss_cls": s["loss_cls"] / samples,
+                    "fraction_kept": s["kept"] / samples,
+                    "fraction_relabeled": s["relabeled"] / samples,
+                    "fraction_ood": 1.0 - s["kept"] / samples,
+                    "skipped_images": self._skipped_total,
+                }
+            )
+            model = self.accelerator.unwrap_model(self.model)
+            if isinstance(model, MoProForPreTraining):
+                logs["loss_instance"] = s["loss_instance"] / samples
+                logs["loss_prototype"] = s["loss_prototype"] / samples
+                logs["phase"] = int(model.current_phase)  # the phase of the last step logged
+            self._stats_sum, self._stats_steps = None, 0
+        super().log(logs, start_time)
+
+    @property
+    def skipped_images(self) -> int:
+        """Undecodable images skipped so far in this run, over all processes."""
+        pending = 0 if self._stats_sum is None else int(self._stats_sum[_STATS.index("skipped_images")])
+        return self._skipped_total + pending
