@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         release = model.to_release_model() if isinstance(model, MoProForPreTraining) else model
         release.save_pretrained(training_args.output_dir)
     if data_args.noise_report and isinstance(model, MoProForPreTraining) and trainer.is_world_process_zero():
-        metrics.update(write_noise_report(model, train_dataset, data_args, training_args.output_dir))
+        metrics.update(noise_report(model, train_dataset, data_args, training_args))
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", metrics, combined=False)
         logger.info("results: %s", json.dumps(metrics, indent=2))
@@ -126,18 +126,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return metrics
 
 
-def write_noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArguments, output_dir: str):
+def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArguments, training_args) -> dict:
     """Per-sample noise decisions of the trained model on the training set, scored against the ground truth
     when the dataset keeps it (the demo does; the columns never reach training)."""
-    from evaluation.noise_report import build_noise_report
+    from evaluation.noise_report import write_noise_report
 
     if isinstance(train_dataset, torch.utils.data.IterableDataset) or not hasattr(train_dataset, "column_names"):
         logger.info("noise report skipped: it needs a map-style training set")
         return {}
-    summary = build_noise_report(
+    summary = write_noise_report(
         model,
         train_dataset,
-        output_dir=os.path.join(output_dir, "noise_report"),
+        output_dir=os.path.join(training_args.output_dir, "noise_report"),
+        batch_size=training_args.per_device_eval_batch_size,
+        num_workers=training_args.dataloader_num_workers,
         image_column=data_args.image_column_name,
         label_column=data_args.label_column_name,
     )

@@ -1,0 +1,374 @@
+"""Small dataset loaders for the evaluation protocols: every layout becomes an `ImageLabelDataset`.
+
+An `ImageLabelDataset` yields `{"pixel_values": (3, S, S), "labels": () long or (C,) float, "index": ()}` and keeps
+one string id per sample (a path relative to the data root, or a `datasets` id column), so protocols can report
+per-sample results. Images are decoded lazily (in DataLoader workers) with the project's tolerant decoder, and go
+through the official test view by default: resize the short side to `image_size * 256 / 224`, centre-crop
+`image_size` (bilinear, as torchvision in the official scripts).
+
+Layouts:
+- image folder `root/<class>/<image>` (ImageNet val, ImageNet-R/-A). Classes sorted by name, as torchvision's
+  `ImageFolder`; that order is the ImageNet class index, which WebVision 1.0 shares. Folders named by integers
+  (the official `imagenet/val/<c>/` layout) use the integer as label instead of the lexicographic position.
+- WebVision val: `root/info/val_filelist.txt` ("val000001.jpg 0") and `root/val_images_256/`.
+- a list of relative paths and labels (`pseudo_label.json`, Places205 csv files, subsets).
+- PASCAL VOC2007: `root/VOCdevkit/VOC2007/{ImageSets/Main/<class>_<split>.txt, JPEGImages/}`; labels (20,) in
+  {1 positive, 0 difficult, -1 negative}, as the devkit writes them.
+- Places205: `root/trainvalsplit_places205/{train,val}_places205.csv` ("path label", space separated) and the
+  images under `root/data/vision/torralba/deeplearning/images256/` (the official `Places_dataset.py` layout).
+- a `datasets` dataset (or a folder written by `save_to_disk`) with an image and a label column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from training.transforms import MoProViewTransforms, decode_image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+VOC07_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+DATA_FORMATS = ("auto", "imagefolder", "webvision_val", "hf")
+
+Transform = Callable[[Any], torch.Tensor]
+
+
+def eval_transform(image_size: int = 224, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    """The official evaluation view: resize the short side to `image_size * 256 / 224`, centre-crop, normalise."""
+    return _views(image_size, mean, std).test
+
+
+def train_transform(
+    image_size: int = 224,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+):
+    """RandomResizedCrop(scale=crop_scale) + horizontal flip + normalise: the fine-tuning (scale 0.08-1, torchvision
+    default) and classifier-retraining (scale 0.2-1) augmentation of the official scripts."""
+    return _views(image_size, mean, std, crop_scale).weak
+
+
+def _views(image_size, mean, std, crop_scale=(0.2, 1.0)) -> MoProViewTransforms:
+    kwargs = {"mean": mean, "std": std}
+    return MoProViewTransforms(image_size, crop_scale=crop_scale, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def transforms_from_config(config, train: bool = False, crop_scale: tuple[float, float] = (0.08, 1.0)):
+    """`eval_transform` (or `train_transform`) at the model's `image_size`, `image_mean` and `image_std`."""
+    if train:
+        return train_transform(config.image_size, config.image_mean, config.image_std, crop_scale)
+    return eval_transform(config.image_size, config.image_mean, config.image_std)
+
+
+class ImageLabelDataset(Dataset):
+    """Images with single labels (long) or multi-label targets (float rows), decoded lazily.
+
+    Args:
+        images: Indexable sequence of image sources: paths, encoded bytes, `datasets.Image(decode=False)` dicts
+            or PIL images (anything `training.transforms.decode_image` accepts).
+        labels: (N,) integer labels, or (N, C) multi-label targets.
+        ids: N string ids (relative paths by default). Defaults to the sample positions.
+        transform: Maps a decoded RGB PIL image to a tensor; `eval_transform()` when None.
+        classes: Optional class names, in label order.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[Any],
+        labels: np.ndarray | Sequence[int],
+        ids: Sequence[str] | None = None,
+        transform: Transform | None = None,
+        classes: Sequence[str] | None = None,
+    ) -> None:
+        self.images = images
+        self.labels = np.asarray(labels)
+        if self.labels.ndim == 1:
+            self.labels = self.labels.astype(np.int64)
+        self.ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(self.labels))]
+        if not (len(images) == len(self.labels) == len(self.ids)):
+            raise ValueError(f"images ({len(images)}), labels ({len(self.labels)}) and ids ({len(self.ids)}) differ")
+        self.transform = transform or eval_transform()
+        self.classes = list(classes) if classes is not None else None
+
+    @property
+    def is_multilabel(self) -> bool:
+        return self.labels.ndim == 2
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image = decode_image(self.images[index])
+        label = torch.as_tensor(self.labels[index], dtype=torch.float32 if self.is_multilabel else torch.long)
+        return {"pixel_values": self.transform(image), "labels": label, "index": torch.tensor(index)}
+
+    def subset(self, indices: Sequence[int] | np.ndarray, labels: np.ndarray | None = None) -> ImageLabelDataset:
+        """A dataset of the given rows (repeats allowed), optionally with new labels for them."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return ImageLabelDataset(
+            _Rows(self.images, indices),
+            self.labels[indices] if labels is None else labels,
+            [self.ids[i] for i in indices],
+            self.transform,
+            self.classes,
+        )
+
+    def with_transform(self, transform: Transform) -> ImageLabelDataset:
+        return ImageLabelDataset(self.images, self.labels, self.ids, transform, self.classes)
+
+
+class _Rows:
+    """A lazy row selection of an indexable sequence (keeps a `datasets` column undecoded until read)."""
+
+    def __init__(self, base: Sequence[Any], indices: np.ndarray) -> None:
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.base[int(self.indices[i])]
+
+
+class _HFColumn:
+    """Row access `ds[i][column]` to a `datasets.Dataset`: one image decoded at a time, in the worker."""
+
+    def __init__(self, dataset, column: str) -> None:
+        self.dataset, self.column = dataset, column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[int(i)][self.column]
+
+
+def collate_without_index(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Trainer collator: stacks pixel values and labels and drops the sample index (not a model input)."""
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.stack([e["labels"] for e in examples]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- layouts
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def image_folder_dataset(
+    root: str | os.PathLike,
+    transform: Transform | None = None,
+    class_to_idx: Mapping[str, int] | None = None,
+) -> ImageLabelDataset:
+    """`root/<class>/<image>` with labels from the sorted class folder names (integer folder names: their value).
+
+    Args:
+        root: Folder with one sub-folder per class.
+        transform: Image transform (test view by default).
+        class_to_idx: Explicit label of each class folder; folders missing from it are skipped.
+    """
+    root = Path(root)
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise FileNotFoundError(f"no class folders in {root}")
+    if class_to_idx is None:
+        numeric = all(name.isdigit() for name in folders)
+        class_to_idx = {name: int(name) if numeric else i for i, name in enumerate(folders)}
+    paths, labels = [], []
+    for name in folders:
+        if name not in class_to_idx:
+            continue
+        for dirpath, _, files in sorted(os.walk(root / name)):
+            for file in sorted(files):
+                if _is_image(file):
+                    paths.append(os.path.join(dirpath, file))
+                    labels.append(class_to_idx[name])
+    if not paths:
+        raise FileNotFoundError(f"no images under {root}")
+    ids = [os.path.relpath(p, root) for p in paths]
+    classes = sorted(class_to_idx, key=class_to_idx.__getitem__)
+    return ImageLabelDataset(paths, labels, ids, transform, classes)
+
+
+def file_list_dataset(
+    root: str | os.PathLike,
+    relative_paths: Sequence[str],
+    labels: Sequence[int] | np.ndarray,
+    transform: Transform | None = None,
+) -> ImageLabelDataset:
+    """Images `root/<relative path>` with the given labels; ids are the relative paths."""
+    paths = [os.path.join(root, p) for p in relative_paths]
+    return ImageLabelDataset(paths, labels, list(relative_paths), transform)
+
+
+def read_pseudo_labels(path: str | os.PathLike) -> tuple[list[str], list[int]]:
+    """Reads the official `pseudo_label.json`: `{"images": [relative path, ...], "labels": [int, ...]}`."""
+    data = json.loads(Path(path).read_text())
+    images, labels = list(data["images"]), [int(v) for v in data["labels"]]
+    if len(images) != len(labels):
+        raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def pseudo_label_dataset(
+    root: str | os.PathLike, annotation: str | os.PathLike, transform: Transform | None = None
+) -> ImageLabelDataset:
+    """The cleaned training set of classifier retraining: `root/<image>` with the labels of `pseudo_label.json`."""
+    images, labels = read_pseudo_labels(annotation)
+    return file_list_dataset(root, images, labels, transform)
+
+
+def apply_pseudo_labels(dataset: ImageLabelDataset, annotation: str | os.PathLike) -> ImageLabelDataset:
+    """Keeps the samples of `dataset` listed in `pseudo_label.json` (matched on ids) with their new labels."""
+    images, labels = read_pseudo_labels(annotation)
+    position = {sample_id: i for i, sample_id in enumerate(dataset.ids)}
+    missing = [image for image in images if image not in position]
+    if missing:
+        raise KeyError(f"{len(missing)} pseudo-labelled images are not in the dataset, e.g. {missing[:3]}")
+    return dataset.subset([position[image] for image in images], np.asarray(labels, dtype=np.int64))
+
+
+def webvision_val_dataset(
+    root: str | os.PathLike, transform: Transform | None = None, num_classes: int = 1000
+) -> ImageLabelDataset:
+    """WebVision validation set (`info/val_filelist.txt`, images in `val_images_256/`), labels < num_classes."""
+    root = Path(root)
+    relative, labels = [], []
+    for line in (root / "info" / "val_filelist.txt").read_text().splitlines():
+        if line.strip():
+            name, label = line.rsplit(maxsplit=1)
+            if int(label) < num_classes:
+                relative.append(f"val_images_256/{name}")
+                labels.append(int(label))
+    return file_list_dataset(root, relative, labels, transform)
+
+
+def voc07_dataset(root: str | os.PathLike, split: str = "trainval", transform: Transform | None = None):
+    """PASCAL VOC2007 classification: (N, 20) float targets in {1, 0 (difficult), -1}, from the devkit lists."""
+    base = Path(root) / "VOCdevkit" / "VOC2007"
+    targets: dict[str, np.ndarray] = {}
+    for c, name in enumerate(VOC07_CLASSES):
+        for line in (base / "ImageSets" / "Main" / f"{name}_{split}.txt").read_text().splitlines():
+            if line.strip():
+                image, value = line.split()
+                targets.setdefault(image, np.zeros(len(VOC07_CLASSES), dtype=np.float32))[c] = float(value)
+    images = sorted(targets)
+    paths = [str(base / "JPEGImages" / f"{image}.jpg") for image in images]
+    return ImageLabelDataset(paths, np.stack([targets[i] for i in images]), images, transform, VOC07_CLASSES)
+
+
+def places205_dataset(root: str | os.PathLike, split: str = "train", transform: Transform | None = None):
+    """Places205 as laid out for the official `Places_dataset.py` (csv "relative/path.jpg label")."""
+    root = Path(root)
+    relative, labels = [], []
+    for line in (root / "trainvalsplit_places205" / f"{split}_places205.csv").read_text().splitlines():
+        if line.strip():
+            path, label = line.split()[:2]
+            relative.append(path)
+            labels.append(int(label))
+    images_root = root / "data" / "vision" / "torralba" / "deeplearning" / "images256"
+    return file_list_dataset(images_root, relative, labels, transform)
+
+
+def hf_image_dataset(
+    dataset,
+    transform: Transform | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    id_column: str | None = None,
+) -> ImageLabelDataset:
+    """Wraps a `datasets.Dataset` with an image column and an integer label column.
+
+    Ids come from `id_column`, else from a `path` or `sample_id` column when present, else the row positions.
+    """
+    if id_column is None:
+        id_column = next((c for c in ("path", "sample_id") if c in dataset.column_names), None)
+    ids = list(dataset[id_column]) if id_column else None
+    names = getattr(dataset.features.get(label_column), "names", None)
+    labels = np.asarray(list(dataset[label_column]))
+    return ImageLabelDataset(_HFColumn(dataset, image_column), labels, ids, transform, names)
+
+
+def load_hf_dataset(name_or_path: str, split: str = "train"):
+    """A `datasets.Dataset` from a `save_to_disk` folder, or `load_dataset(name_or_path, split=split)` (offline
+    this only works for local files or a filled cache)."""
+    import datasets
+
+    path = Path(name_or_path)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        loaded = datasets.load_from_disk(str(path))
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    return datasets.load_dataset(name_or_path, split=split)
+
+
+# ----------------------------------------------------------------------------------------------- script glue
+def add_dataset_arguments(parser: argparse.ArgumentParser, prefix: str = "", required: bool = True) -> None:
+    """Adds `--{prefix}data_dir`, `--{prefix}data_format`, `--{prefix}split` and the `datasets` column names."""
+    parser.add_argument(f"--{prefix}data_dir", required=required, help="dataset folder or `datasets` name")
+    parser.add_argument(f"--{prefix}data_format", default="auto", choices=DATA_FORMATS)
+    parser.add_argument(f"--{prefix}split", default=None, help="split of a `datasets` dataset")
+    parser.add_argument(f"--{prefix}image_column", default="image")
+    parser.add_argument(f"--{prefix}label_column", default="label")
+    parser.add_argument(f"--{prefix}id_column", default=None)
+
+
+def dataset_from_arguments(
+    args: argparse.Namespace, transform: Transform, prefix: str = "", default_split: str = "validation"
+) -> ImageLabelDataset:
+    """Builds the dataset described by the arguments of `add_dataset_arguments`.
+
+    `auto` picks WebVision val if `info/val_filelist.txt` exists, a `datasets` folder if it has
+    `dataset_info.json` / `dataset_dict.json`, an image folder for any other directory, else `load_dataset`.
+    """
+    get = lambda name: getattr(args, f"{prefix}{name}")  # noqa: E731
+    data_dir, data_format = get("data_dir"), get("data_format")
+    path = Path(data_dir)
+    if data_format == "auto":
+        if (path / "info" / "val_filelist.txt").exists():
+            data_format = "webvision_val"
+        elif (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or not path.is_dir():
+            data_format = "hf"
+        else:
+            data_format = "imagefolder"
+    if data_format == "webvision_val":
+        return webvision_val_dataset(path, transform)
+    if data_format == "imagefolder":
+        return image_folder_dataset(path, transform)
+    hf = load_hf_dataset(data_dir, get("split") or default_split)
+    return hf_image_dataset(hf, transform, get("image_column"), get("label_column"), get("id_column"))
+
+
+__all__ = [
+    "DATA_FORMATS",
+    "ImageLabelDataset",
+    "VOC07_CLASSES",
+    "add_dataset_arguments",
+    "apply_pseudo_labels",
+    "collate_without_index",
+    "dataset_from_arguments",
+    "eval_transform",
+    "file_list_dataset",
+    "hf_image_dataset",
+    "image_folder_dataset",
+    "load_hf_dataset",
+    "places205_dataset",
+    "pseudo_label_dataset",
+    "read_pseudo_labels",
+    "train_transform",
+    "transforms_from_config",
+    "voc07_dataset",
+    "webvision_val_dataset",
+]
