@@ -43,6 +43,7 @@ class MoProCollator:
         num_labels: int | None = None,
         sample_id_column: str = "sample_id",
         seed: int | None = None,
+        key_view: bool = True,
     ) -> None:
         """Configures the collator.
 
@@ -60,6 +61,8 @@ class MoProCollator:
                 data position, so a run resumed from a checkpoint sees the very same views as a straight run
                 (the Trainer restores its RNG only after the DataLoader has already prefetched batches), and
                 views do not depend on which worker process decodes the sample. The trainer calls `set_epoch`.
+            key_view: Build the strong (key) view when training. False for the cross-entropy baseline, which
+                only sees the weak view, so it does not pay for an augmentation it never uses.
         """
         self.transforms = transforms
         self.image_column = image_column
@@ -70,18 +73,24 @@ class MoProCollator:
         self.sample_id_column = sample_id_column
         self.seed = seed
         self.epoch = 0
+        self.key_view = key_view
 
     def set_epoch(self, epoch: int) -> None:
         """Called by `MoProTrainer` at the start of each epoch (before the DataLoader workers start)."""
         self.epoch = int(epoch)
 
-    def _train_views(self, image, example: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_views(self, image, example: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        def views():
+            if self.key_view:
+                return self.transforms.train_views(image)
+            return self.transforms.weak(image), None
+
         if self.seed is None or self.sample_id_column not in example:
-            return self.transforms.train_views(image)
+            return views()
         # torchvision's random transforms draw from the global torch RNG: fork it, seed it per sample.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, self.epoch, int(example[self.sample_id_column]))) & 0x7FFF_FFFF_FFFF)
-            return self.transforms.train_views(image)
+            return views()
 
     def _checked_label(self, example: Mapping[str, Any]) -> int:
         """Returns the example's label as an int; bad labels are data errors, so they raise instead of skipping."""
@@ -134,7 +143,7 @@ class MoProCollator:
             "pixel_values": self._stack(query_views),
             "labels": torch.tensor(labels, dtype=torch.long),
         }
-        if self.train:
+        if self.train and self.key_view:
             batch["pixel_values_key"] = self._stack(key_views)
         if has_sample_ids:
             batch["sample_ids"] = torch.tensor([int(ex[self.sample_id_column]) for ex in kept], dtype=torch.long)

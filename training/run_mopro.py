@@ -78,7 +78,9 @@ def build_model(model_args: ModelArguments, training_args: MoProTrainingArgument
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    for name in (__name__, "training"):
+        logging.getLogger(name).setLevel(logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
 
@@ -96,7 +98,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=MoProCollator(transforms, train=True, seed=training_args.seed, **collator_kwargs),
+        data_collator=MoProCollator(
+            transforms,
+            train=True,
+            seed=training_args.seed,
+            key_view=training_args.baseline == "mopro",
+            **collator_kwargs,
+        ),
         eval_data_collator=MoProCollator(transforms, train=False, **collator_kwargs),
         compute_metrics=accuracy_metrics,
     )
@@ -143,7 +151,8 @@ def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArgum
         image_column=data_args.image_column_name,
         label_column=data_args.label_column_name,
     )
-    return {f"noise_{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+    # None (e.g. relabel precision with nothing relabelled) is kept: undefined, not zero.
+    return {f"noise_{k}": v for k, v in summary.items() if v is None or isinstance(v, (int, float))}
 
 
 if __name__ == "__main__":

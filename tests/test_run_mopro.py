@@ -1,0 +1,72 @@
+"""End to end: `training/run_mopro.py` on the real noisy Fashion-MNIST demo data (tiny sizes), MoPro and the CE
+baseline, YAML + flag parsing, and the outputs a user is promised."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+from modeling_mopro import MoProForImageClassification
+from training.noisy_fashion_mnist import FASHION_MNIST_DIR
+from training.run_mopro import DEMO_CONFIG, main, parse_args
+
+TINY = [
+    "--backbone", "resnet18", "--backbone_kwargs", '{"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}',
+    "--projection_hidden_size", "32", "--embedding_size", "16", "--queue_size", "64",
+    "--num_train", "160", "--num_test", "64", "--per_device_train_batch_size", "16",
+    "--per_device_eval_batch_size", "64", "--num_train_epochs", "3", "--dataloader_num_workers", "0",
+    "--prototype_start_epoch", "1", "--noise_correction_start_epoch", "2", "--lr_milestones", "2",
+    "--eval_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "5",
+]  # fmt: skip
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist (CI installs it)"
+)
+
+
+def test_no_arguments_means_the_demo_config():
+    model_args, data_args, training_args = parse_args([])
+    assert str(DEMO_CONFIG).endswith("training/configs/demo.yaml")
+    assert data_args.dataset_name is None and data_args.webvision_dir is None  # the offline demo source
+    assert model_args.image_size == 32 and training_args.use_cpu
+    assert training_args.lr_milestones == [12, 17] and training_args.noise_correction_start_epoch == 10
+
+
+def test_flags_override_the_yaml():
+    _, data_args, training_args = parse_args([str(DEMO_CONFIG), "--num_train_epochs", "2", "--noise_rate", "0.6"])
+    assert training_args.num_train_epochs == 2 and data_args.noise_rate == 0.6
+    assert training_args.optim_args == "momentum=0.9" and training_args.learning_rate == 0.1
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("baseline", ["mopro", "ce"])
+def test_demo_run_writes_model_results_and_noise_report(tmp_path, baseline):
+    out = tmp_path / baseline
+    metrics = main([str(DEMO_CONFIG), *TINY, "--output_dir", str(out), "--baseline", baseline])
+    results = json.loads((out / "all_results.json").read_text())
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    assert results == pytest.approx(metrics)
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    assert (out / "preprocessor_config.json").exists()
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert isinstance(model, MoProForImageClassification)
+    assert model.config.image_size == 32 and model.config.id2label[0] == "T-shirt/top"
+    if baseline == "mopro":
+        for key in ("noise_ood_precision", "noise_ood_recall", "noise_relabel_precision", "noise_relabel_recall"):
+            assert key in results, key
+        report = out / "noise_report"
+        for name in ("noise_report.parquet", "pseudo_label.json", "noise_report_summary.json", "noise_report.png"):
+            assert (report / name).exists(), name
+        # the release model carries the trained prototypes (unit rows for the classes seen)
+        norms = model.mopro.prototypes.norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-4)
+        # the true labels were used for scoring only: the training columns never included them
+        state = json.loads((out / "trainer_state.json").read_text())
+        assert any("loss_prototype" in entry for entry in state["log_history"])
+    else:
+        assert not (out / "noise_report").exists()
+        assert not model.mopro.prototypes.any()  # CE never trains prototypes
