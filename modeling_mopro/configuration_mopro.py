@@ -58,7 +58,7 @@ class MoProConfig(PreTrainedConfig):
             Cosine-similarity threshold of the `"prototype_distance"` rule, in [-1, 1].
         image_size (`int`, defaults to 224):
             Training and evaluation crop size. The saved image processor resizes the short side to
-            `round(image_size * 256 / 224)` and centre-crops `image_size`.
+            `int(image_size / (224 / 256))` (256 for 224) and centre-crops `image_size`.
         image_mean (`list[float]`, defaults to the ImageNet mean):
             Per-channel normalisation mean used by the saved image processor and the training transforms.
         image_std (`list[float]`, defaults to the ImageNet std):

@@ -99,11 +99,12 @@ class MoProForPreTrainingOutput(ModelOutput):
 
 def build_image_processor(config: MoProConfig) -> ConvNextImageProcessorPil:
     """A stock transformers image processor reproducing the official test transform at `config.image_size`:
-    resize the short side to `image_size * 256 / 224` (bicubic), centre-crop `image_size`, normalise."""
+    resize the short side to `int(image_size / (224 / 256))` (bilinear, as torchvision's `Resize(256)`),
+    centre-crop `image_size`, normalise."""
     return ConvNextImageProcessorPil(
         size={"shortest_edge": config.image_size},
         crop_pct=224 / 256,
-        resample=PILImageResampling.BICUBIC,
+        resample=PILImageResampling.BILINEAR,
         image_mean=list(config.image_mean),
         image_std=list(config.image_std),
     )

@@ -101,7 +101,7 @@ def test_view_pipelines_follow_the_official_order(views):
     assert crop.scale == (0.2, 1.0)
     jitter = next(t for t in views.strong.transforms if isinstance(t, v2.ColorJitter))
     assert jitter.brightness == (0.6, 1.4) and jitter.hue == (-0.4, 0.4)
-    assert views.test_resize_size == round(SIZE * 256 / 224) and MoProViewTransforms().test_resize_size == 256
+    assert views.test_resize_size == int(SIZE / (224 / 256)) and MoProViewTransforms().test_resize_size == 256
 
 
 def test_train_views_shapes_and_randomness(views):
@@ -119,7 +119,7 @@ def test_test_view_is_deterministic_and_matches_official_pil_pipeline(views):
     image = decode_image(jpeg_bytes(size=(64, 48)))
     official = v1.Compose(
         [
-            v1.Resize(round(SIZE * 256 / 224)),
+            v1.Resize(int(SIZE / (224 / 256))),
             v1.CenterCrop(SIZE),
             v1.ToTensor(),
             v1.Normalize(IMAGENET_MEAN, IMAGENET_STD),

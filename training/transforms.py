@@ -161,12 +161,13 @@ class MoProViewTransforms:
             mean: Per-channel normalisation mean (ImageNet by default).
             std: Per-channel normalisation standard deviation (ImageNet by default).
             crop_scale: Area range of ``RandomResizedCrop`` (official: 0.2 to 1).
-            test_resize_size: Shorter side before the centre crop; defaults to ``round(image_size * 256 / 224)``
+            test_resize_size: Shorter side before the centre crop; defaults to ``int(image_size / (224 / 256))``
+                (256 for 224; the same expression as the saved image processor, so both crop alike at any size)
                 (256 for 224, as in the official code).
             interpolation: Resampling filter of every resize (official: bilinear).
         """
         self.image_size = image_size
-        self.test_resize_size = test_resize_size or round(image_size * 256 / 224)
+        self.test_resize_size = test_resize_size or int(image_size / (224 / 256))
         finish = [
             v2.ToImage(),  # no-op for tensors; PIL -> uint8 CHW tensor otherwise
             v2.ToDtype(torch.float32, scale=True),
