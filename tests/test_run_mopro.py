@@ -36,6 +36,11 @@ def test_no_arguments_means_the_demo_config():
     assert training_args.lr_milestones == [12, 17] and training_args.noise_correction_start_epoch == 10
 
 
+def test_flags_alone_keep_the_demo_config():
+    _, data_args, training_args = parse_args(["--num_train_epochs", "2"])
+    assert training_args.num_train_epochs == 2 and training_args.do_train and data_args.num_train == 6000
+
+
 def test_flags_override_the_yaml():
     _, data_args, training_args = parse_args([str(DEMO_CONFIG), "--num_train_epochs", "2", "--noise_rate", "0.6"])
     assert training_args.num_train_epochs == 2 and data_args.noise_rate == 0.6

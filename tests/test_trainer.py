@@ -14,8 +14,8 @@ import torch
 from transformers import set_seed
 
 from modeling_mopro import MoProForPreTraining, MoProPhase
-from training.trainer import phase_for_epoch, step_schedule
 from tests.trainer_fixtures import tiny_config, tiny_image_dataset, tiny_trainer
+from training.trainer import phase_for_epoch, step_schedule
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -158,3 +158,20 @@ def test_two_process_accelerate_run_keeps_state_identical(tmp_path):
     assert not torch.equal(states[0]["mopro.prototypes"], torch.zeros_like(states[0]["mopro.prototypes"]))
     assert int(states[0]["phase"]) == int(MoProPhase.NOISE_CORRECTION)
     assert int(states[0]["queue_ptr"]) == (ranks[0]["steps"] * 12) % 20
+
+
+def test_evaluation_sees_every_sample_despite_drop_last(tmp_path):
+    # 50 test samples, eval batch 16: drop_last would score 48 of them.
+    trainer = tiny_trainer(str(tmp_path), tiny_image_dataset(48), per_device_eval_batch_size=16)
+    seen = []
+    collate = trainer.eval_data_collator
+
+    def counting(examples):
+        batch = collate(examples)
+        seen.append(len(batch["labels"]))
+        return batch
+
+    trainer.eval_data_collator = counting
+    metrics = trainer.evaluate(tiny_image_dataset(50, seed=1))
+    assert sum(seen) == 50 and "eval_loss" in metrics
+    assert trainer.args.dataloader_drop_last  # training batches still drop the remainder

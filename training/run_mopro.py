@@ -4,7 +4,8 @@
     accelerate launch training/run_mopro.py training/configs/webvision_v1_r50.yaml --webvision_dir /data/webvision
     python training/run_mopro.py training/configs/demo.yaml --baseline ce   # same data, plain CE
 
-A YAML file (first argument) gives defaults; command-line flags override it. Every `TrainingArguments` flag works.
+A YAML file (first argument) gives defaults, `training/configs/demo.yaml` when none is given; command-line flags
+override it. Every `TrainingArguments` flag works.
 """
 
 from __future__ import annotations
@@ -36,14 +37,12 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTrainingArguments]:
-    """`[config.yaml] [--flag value ...]`; with no arguments at all, the demo config."""
-    if not argv:
-        argv = [str(DEMO_CONFIG)]
+    """`[config.yaml] [--flag value ...]`; without a YAML file the demo config gives the defaults."""
     cli = list(argv)
-    if cli and cli[0].endswith((".yaml", ".yml")):
-        with open(cli.pop(0)) as f:
-            defaults = yaml.safe_load(f) or {}
-        cli = _yaml_to_flags(defaults) + cli  # later flags win in argparse
+    config_file = cli.pop(0) if cli and cli[0].endswith((".yaml", ".yml")) else DEMO_CONFIG
+    with open(config_file) as f:
+        defaults = yaml.safe_load(f) or {}
+    cli = _yaml_to_flags(defaults) + cli  # later flags win in argparse
     parser = HfArgumentParser((ModelArguments, DataArguments, MoProTrainingArguments))
     return parser.parse_args_into_dataclasses(args=cli)
 

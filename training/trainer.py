@@ -118,13 +118,15 @@ class MoProTrainer(Trainer):
 
     # ----------------------------------------------------------------------------------------------- data
     def get_eval_dataloader(self, eval_dataset=None):
-        if self.eval_data_collator is None:
-            return super().get_eval_dataloader(eval_dataset)
-        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        # Evaluation sees every sample: `dataloader_drop_last` (needed for equal training batches across
+        # processes) would otherwise silently drop the test set's last partial batch.
+        train_collator, drop_last = self.data_collator, self.args.dataloader_drop_last
+        self.data_collator = self.eval_data_collator or train_collator
+        self.args.dataloader_drop_last = False
         try:
             return super().get_eval_dataloader(eval_dataset)
         finally:
-            self.data_collator = train_collator
+            self.data_collator, self.args.dataloader_drop_last = train_collator, drop_last
 
     # ----------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
