@@ -32,7 +32,7 @@ from torch.utils.data import Sampler
 
 from .classification import DATASET_CARDS, evaluate_classification
 from .features import save_eval_results
-from .finetune import StepDecayTrainer, load_for_training, training_arguments
+from .finetune import StepDecayTrainer, add_schedule_arguments, load_for_training, training_arguments
 from .image_datasets import (
     ImageLabelDataset,
     apply_pseudo_labels,
@@ -170,17 +170,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--imagenet_dir", default=None, help="ImageNet val image folder")
     parser.add_argument("--finetune", action="store_true", help="also train the backbone")
     parser.add_argument("--reinit_classifier", action="store_true")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--learning_rate", type=float, default=0.01)
-    parser.add_argument("--milestones", type=int, nargs="*", default=[5, 10])
-    parser.add_argument("--gamma", type=float, default=0.1)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--batch_size", type=int, default=256, help="global batch size")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_workers", type=int, default=8)
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--logging_steps", type=int, default=50)
+    add_schedule_arguments(parser, epochs=15, learning_rate=0.01, milestones=[5, 10], gamma=0.1)
     args = parser.parse_args(argv)
 
     from transformers import AutoConfig

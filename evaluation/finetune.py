@@ -232,6 +232,23 @@ def finetune(
     return {**metrics, "train_samples": len(labelled), "train_epochs": epochs}
 
 
+def add_schedule_arguments(
+    parser: argparse.ArgumentParser, epochs: int, learning_rate: float, milestones: list[int], gamma: float
+) -> None:
+    """The SGD step-schedule flags shared by fine-tuning and classifier retraining, with each recipe's defaults."""
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--learning_rate", type=float, default=learning_rate)
+    parser.add_argument("--milestones", type=int, nargs="*", default=milestones)
+    parser.add_argument("--gamma", type=float, default=gamma)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--batch_size", type=int, default=256, help="global batch size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_workers", type=int, default=8)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--logging_steps", type=int, default=50)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="saved MoPro folder")
@@ -242,17 +259,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--dataset", default="imagenet", help="result key prefix")
     parser.add_argument("--label_fraction", type=float, default=0.01)
     parser.add_argument("--subset_file", default=None, help="file names of the labelled images (overrides fraction)")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--learning_rate", type=float, default=0.005)
-    parser.add_argument("--milestones", type=int, nargs="*", default=[20, 30])
-    parser.add_argument("--gamma", type=float, default=0.2)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--batch_size", type=int, default=256, help="global batch size")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_workers", type=int, default=8)
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--logging_steps", type=int, default=50)
+    add_schedule_arguments(parser, epochs=40, learning_rate=0.005, milestones=[20, 30], gamma=0.2)
     args = parser.parse_args(argv)
 
     from transformers import AutoConfig

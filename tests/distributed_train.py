@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 from transformers import set_seed
 
+from tests.trainer_fixtures import IMAGE_SIZE, NUM_LABELS, tiny_image_dataset, tiny_trainer
 from training.collator import MoProCollator
 from training.transforms import MoProViewTransforms
-from tests.trainer_fixtures import IMAGE_SIZE, NUM_LABELS, tiny_image_dataset, tiny_trainer
 
 NUM_SAMPLES, BATCH, EPOCHS = 48, 6, 3  # 48 / (6 x 2 ranks) = 4 steps per epoch
 
@@ -36,8 +36,14 @@ def main(output_dir: str) -> None:
     set_seed(0)
     collator = RecordingCollator(MoProViewTransforms(IMAGE_SIZE), train=True, num_labels=NUM_LABELS, seed=0)
     trainer = tiny_trainer(
-        output_dir, tiny_image_dataset(NUM_SAMPLES), collator=collator, max_steps=-1, num_train_epochs=EPOCHS,
-        per_device_train_batch_size=BATCH, prototype_start_epoch=1, noise_correction_start_epoch=2,
+        output_dir,
+        tiny_image_dataset(NUM_SAMPLES),
+        collator=collator,
+        max_steps=-1,
+        num_train_epochs=EPOCHS,
+        per_device_train_batch_size=BATCH,
+        prototype_start_epoch=1,
+        noise_correction_start_epoch=2,
         # DDP would otherwise copy rank 0's buffers (queue, prototypes) to every rank at each forward, hiding a
         # broken gather: without it, identical state proves the gathers.
         ddp_broadcast_buffers=False,
@@ -48,8 +54,13 @@ def main(output_dir: str) -> None:
     seen = [collator.seen[e * steps_per_epoch * BATCH : (e + 1) * steps_per_epoch * BATCH] for e in range(EPOCHS)]
     model = trainer.accelerator.unwrap_model(trainer.model)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(output_dir) / f"rank{rank}_state.pt")
-    record = {"world_size": world, "num_samples": NUM_SAMPLES, "epochs": EPOCHS, "seen": seen,
-              "steps": trainer.state.global_step}
+    record = {
+        "world_size": world,
+        "num_samples": NUM_SAMPLES,
+        "epochs": EPOCHS,
+        "seen": seen,
+        "steps": trainer.state.global_step,
+    }
     (Path(output_dir) / f"rank{rank}.json").write_text(json.dumps(record))
     if dist.is_initialized():
         dist.barrier()
