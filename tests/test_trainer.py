@@ -56,8 +56,16 @@ def test_training_walks_through_the_phases_and_logs_components(tmp_path):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 20
     for entry in logs:
-        for key in ("loss_cls", "loss_instance", "loss_prototype", "fraction_kept", "fraction_relabeled",
-                    "fraction_ood", "skipped_images", "phase"):
+        for key in (
+            "loss_cls",
+            "loss_instance",
+            "loss_prototype",
+            "fraction_kept",
+            "fraction_relabeled",
+            "fraction_ood",
+            "skipped_images",
+            "phase",
+        ):
             assert key in entry, key
         assert 0.0 <= entry["fraction_kept"] <= 1.0
         assert entry["fraction_ood"] == pytest.approx(1.0 - entry["fraction_kept"])
@@ -76,8 +84,9 @@ def test_momentum_update_once_per_optimizer_step_under_gradient_accumulation(tmp
     calls = []
     original = model.update_momentum_encoder
     model.update_momentum_encoder = lambda *a, **k: (calls.append(1), original(*a, **k))
-    trainer = tiny_trainer(str(tmp_path), tiny_image_dataset(48), model=model, max_steps=3,
-                           gradient_accumulation_steps=2)
+    trainer = tiny_trainer(
+        str(tmp_path), tiny_image_dataset(48), model=model, max_steps=3, gradient_accumulation_steps=2
+    )
     trainer.train()
     assert len(calls) == 3
     # the momentum encoder moved (EMA) but is not the query encoder
@@ -133,12 +142,33 @@ def test_resume_is_equivalent_to_a_straight_run(tmp_path):
 def test_two_process_accelerate_run_keeps_state_identical(tmp_path):
     """`accelerate launch` with 2 gloo processes: every sample seen exactly once per epoch across ranks, and both
     ranks end with identical queue, prototypes and weights."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--num_cpu_threads_per_process", "1", "--main_process_port", "29517",
-           str(REPO / "tests" / "distributed_train.py"), str(tmp_path)]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        "1",
+        "--main_process_port",
+        "29517",
+        str(REPO / "tests" / "distributed_train.py"),
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
