@@ -81,7 +81,6 @@ class MoProTrainer(Trainer):
         if hasattr(self.data_collator, "set_epoch"):
             self.add_callback(CollatorEpochCallback(self.data_collator))
         self._stats_sum: torch.Tensor | None = None
-        self._stats_steps = 0
         self._skipped_total = 0
 
     # ------------------------------------------------------------------------------------------- schedule
@@ -170,7 +169,6 @@ class MoProTrainer(Trainer):
         )
         stats = self.accelerator.gather(stats[None]).sum(0)  # (len(_STATS),) summed over processes
         self._stats_sum = stats if self._stats_sum is None else self._stats_sum + stats
-        self._stats_steps += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._stats_sum is not None and "loss" in logs:  # training logs only
@@ -191,7 +189,7 @@ class MoProTrainer(Trainer):
                 logs["loss_instance"] = s["loss_instance"] / samples
                 logs["loss_prototype"] = s["loss_prototype"] / samples
                 logs["phase"] = int(model.current_phase)  # the phase of the last step logged
-            self._stats_sum, self._stats_steps = None, 0
+            self._stats_sum = None
         super().log(logs, start_time)
 
     @property
