@@ -89,7 +89,10 @@ class MoProCollator:
             return views()
         # torchvision's random transforms draw from the global torch RNG: fork it, seed it per sample.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, int(example[self.sample_id_column]))) & 0x7FFF_FFFF_FFFF)
+            # default_generator only: torch.manual_seed would also re-seed every CUDA generator, per sample.
+            torch.default_generator.manual_seed(
+                hash((self.seed, self.epoch, int(example[self.sample_id_column]))) & 0x7FFF_FFFF_FFFF
+            )
             return views()
 
     def _checked_label(self, example: Mapping[str, Any]) -> int:

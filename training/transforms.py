@@ -25,6 +25,8 @@ import torch
 from PIL import Image, ImageFile
 from torchvision.transforms import InterpolationMode, v2
 
+from .color_jitter import FastColorJitter
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -188,7 +190,8 @@ class MoProViewTransforms:
                 v2.ToImage(),
                 v2.RandomResizedCrop(image_size, scale=crop_scale, interpolation=interpolation, antialias=True),
                 v2.RandomGrayscale(p=0.2),
-                v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4),
+                # v2.ColorJitter's random draws, ~2.5x faster on uint8 crops (training/color_jitter.py)
+                FastColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4),
                 v2.RandomHorizontalFlip(),
                 *finish,
             ]
