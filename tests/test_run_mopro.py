@@ -75,3 +75,18 @@ def test_demo_run_writes_model_results_and_noise_report(tmp_path, baseline):
     else:
         assert not (out / "noise_report").exists()
         assert not model.mopro.prototypes.any()  # CE never trains prototypes
+
+
+@needs_fashion_mnist
+def test_streaming_demo_run(tmp_path):
+    """The streaming path end to end: an IterableDataset, a step budget, and epochs counted in samples."""
+    args = [*TINY, "--streaming", "true", "--max_steps", "12", "--samples_per_epoch", "64", "--noise_report", "false"]
+    metrics = main([str(DEMO_CONFIG), *args, "--output_dir", str(tmp_path)])
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    phases = [entry["phase"] for entry in state["log_history"] if "phase" in entry]
+    assert state["global_step"] == 12 and 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert phases[-1] == 2  # 12 steps x 16 = 192 samples = epoch 3 of 64 samples: correction (from epoch 2) is on
+    with pytest.raises(ValueError, match="max_steps"):
+        main([str(DEMO_CONFIG), *TINY, "--streaming", "true", "--output_dir", str(tmp_path / "no_steps")])
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        main([str(DEMO_CONFIG), *TINY, "--streaming", "true", "--max_steps", "2", "--output_dir", str(tmp_path / "x")])

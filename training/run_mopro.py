@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
 
+    if data_args.streaming:
+        # One sharding mechanism only: each process reads its own shards of the IterableDataset (stack notes:
+        # a manual split with batch dispatching silently dropped half the data).
+        training_args.accelerator_config.dispatch_batches = False
+        if training_args.max_steps <= 0:
+            raise ValueError("--streaming needs --max_steps (and --samples_per_epoch for the epoch-based schedule)")
     train_dataset, eval_dataset, id2label = build_datasets(data_args, seed=training_args.seed)
     model = build_model(model_args, training_args, id2label)
     config = model.config

@@ -90,6 +90,8 @@ class MoProTrainer(Trainer):
         per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         if args.samples_per_epoch:
             return args.samples_per_epoch / per_step
+        if not hasattr(self.train_dataset, "__len__"):
+            raise ValueError("a streamed training set has no length: set `samples_per_epoch` for the epoch schedule")
         batches_per_rank = len(self.train_dataset) // (args.per_device_train_batch_size * args.world_size)
         return max(batches_per_rank // args.gradient_accumulation_steps, 1)
 
