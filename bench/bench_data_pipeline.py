@@ -35,7 +35,6 @@ import io
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -45,9 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL
 import torch
-import torchvision
 from PIL import Image
 from torch.utils.data import default_collate
 from torchvision import transforms as v1
@@ -56,6 +53,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
+
+from environment import machine_info  # noqa: E402
 
 from training.collator import MoProCollator  # noqa: E402
 from training.color_jitter import FastColorJitter, rotate_hue  # noqa: E402
@@ -479,19 +478,6 @@ def time_strong_jitter(paths: Sequence[Path], size: int, repetitions: int) -> di
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def machine_info() -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
-        "pillow_version": PIL.__version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_1m": os.getloadavg()[0],
-    }
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=200, help="generated JPEGs")

@@ -29,7 +29,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,11 +40,10 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-import torchvision
-import transformers
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
+from environment import machine_info  # noqa: E402
 
 from modeling_mopro import MoProConfig, MoProForPreTraining, MoProPhase  # noqa: E402
 from modeling_mopro.distributed import concat_all_gather  # noqa: E402
@@ -269,25 +267,6 @@ def step_breakdown(
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info = {
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
-        "timm_version": timm.__version__,
-        "transformers_version": transformers.__version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "load_average": os.getloadavg(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda_version"] = torch.version.cuda
-    return info
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(

@@ -25,7 +25,6 @@ import datetime
 import io
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -41,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
+from environment import machine_info  # noqa: E402
 
 TARGET_RATIO = 1.10
 SAMPLES_PER_SHARD = 1000
@@ -152,22 +152,6 @@ def run_child(shard_dir: Path, num_shards: int, args: argparse.Namespace) -> dic
     if completed.returncode != 0 or not lines:
         raise RuntimeError(f"child failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
-
-
-def machine_info() -> dict[str, Any]:
-    import datasets
-    import torch
-    import torchvision
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
-        "datasets_version": datasets.__version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average": os.getloadavg(),
-    }
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,0 +1,36 @@
+"""The machine description every benchmark JSON records (versions, cores, load), so figures can be compared."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+
+def machine_info(device: Any = None) -> dict[str, Any]:
+    """CPU count, torch threads, library versions, platform and load average; GPU name and CUDA for a CUDA device."""
+    import datasets
+    import PIL
+    import timm
+    import torch
+    import torchvision
+    import transformers
+
+    info = {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "timm_version": timm.__version__,
+        "transformers_version": transformers.__version__,
+        "datasets_version": datasets.__version__,
+        "pillow_version": PIL.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "load_average": os.getloadavg(),
+    }
+    if device is not None and torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda_version"] = torch.version.cuda
+    return info
