@@ -10,29 +10,17 @@ from datasets import Dataset
 from PIL import Image
 
 from modeling_mopro import MoProConfig, MoProForPreTraining
+from tests.fixtures_eval import IMAGE_SIZE, NUM_LABELS
+from tests.fixtures_eval import tiny_config as eval_tiny_config
 from training.arguments import MoProTrainingArguments
 from training.collator import MoProCollator
 from training.trainer import MoProTrainer
 from training.transforms import MoProViewTransforms
 
-NUM_LABELS = 4
-IMAGE_SIZE = 32
-
 
 def tiny_config(**overrides) -> MoProConfig:
-    values = dict(
-        backbone="resnet18",
-        backbone_kwargs={"layers": [1, 1, 1, 1], "channels": [4, 8, 16, 32], "stem_width": 4},
-        num_labels=NUM_LABELS,
-        projection_hidden_size=16,
-        embedding_size=8,
-        queue_size=20,  # not a multiple of the batch: the pointer must wrap
-        image_size=IMAGE_SIZE,
-        encoder_momentum=0.9,
-        prototype_momentum=0.9,
-    )
-    values.update(overrides)
-    return MoProConfig(**values)
+    """The evaluation tests' tiny config, with faster EMAs so a few steps move the momentum encoder and prototypes."""
+    return eval_tiny_config(**{"encoder_momentum": 0.9, "prototype_momentum": 0.9, **overrides})
 
 
 def tiny_image_dataset(num_samples: int = 48, seed: int = 0) -> Dataset:
