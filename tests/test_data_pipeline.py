@@ -21,7 +21,15 @@ from training.collator import MoProCollator
 from training.data import DataArguments, build_datasets
 from training.make_shards import ShardRecord, load_shards, read_id2label, records_from_dataset, write_shards
 from training.make_shards import main as make_shards_main
-from training.transforms import IMAGENET_MEAN, IMAGENET_STD, BadImageError, MoProViewTransforms, decode_image
+from training.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BadImageError,
+    MoProViewTransforms,
+    decode_image,
+    decode_image_tensor,
+    normalize_pixels,
+)
 
 SIZE = 32
 
@@ -77,9 +85,48 @@ def test_truncated_jpeg_decodes_without_changing_pil_default():
 
 
 @pytest.mark.parametrize("source", [b"not an image", "/nonexistent/dir/x.jpg", {"bytes": None, "path": None}])
-def test_undecodable_images_raise_bad_image_error(source):
+@pytest.mark.parametrize("decode", [decode_image, decode_image_tensor])
+def test_undecodable_images_raise_bad_image_error(source, decode):
     with pytest.raises(BadImageError):
-        decode_image(source)
+        decode(source)
+
+
+def png_bytes(mode: str = "RGB") -> bytes:
+    pixels = np.random.default_rng(1).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def grey_jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpeg_bytes())).convert("L").save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [jpeg_bytes(), grey_jpeg_bytes(), truncated_jpeg_bytes(), png_bytes(), png_bytes("L"), png_bytes("RGBA")],
+    ids=["jpeg", "grey-jpeg", "truncated-jpeg", "png", "grey-png", "rgba-png"],
+)
+def test_decode_image_tensor_gives_the_pil_pixels(data, tmp_path):
+    # decode_jpeg (libjpeg-turbo) must give PIL's pixels exactly, so a JPEG decodes alike in training and in the
+    # image processor; truncated JPEGs and other formats go through PIL.
+    reference = torch.from_numpy(np.array(decode_image(data))).permute(2, 0, 1)
+    path = tmp_path / "image"
+    path.write_bytes(data)
+    for source in (data, str(path), {"bytes": None, "path": str(path)}, decode_image(data)):
+        pixels = decode_image_tensor(source)
+        assert pixels.dtype == torch.uint8 and pixels.shape == reference.shape
+        assert torch.equal(pixels, reference)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_decode_image_tensor_error_names_the_file(tmp_path):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)  # a JPEG marker, then garbage
+    with pytest.raises(BadImageError, match="broken.jpg"):
+        decode_image_tensor(str(path))
 
 
 def test_unsupported_source_type_is_a_type_error():
@@ -111,9 +158,30 @@ def test_train_views_shapes_and_randomness(views):
     weak, strong = views.train_views(image)
     weak_again, _ = views.train_views(image)
     for view in (weak, strong):
-        assert view.shape == (3, SIZE, SIZE) and view.dtype == torch.float32 and type(view) is torch.Tensor
+        assert view.shape == (3, SIZE, SIZE) and view.dtype == torch.uint8 and type(view) is torch.Tensor
     assert not torch.equal(weak, strong)
     assert not torch.equal(weak, weak_again)
+
+
+@pytest.mark.parametrize("kind", ["weak", "strong"])
+def test_uint8_views_normalised_as_a_batch_equal_the_per_image_views(kind):
+    views = MoProViewTransforms(SIZE, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    pixels = decode_image_tensor(jpeg_bytes(size=(64, 48)))
+    per_image, uint8 = [], []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        per_image.append(getattr(views, kind)(pixels))
+        torch.manual_seed(seed)
+        uint8.append(getattr(views, f"{kind}_augment")(pixels))
+    batch = torch.stack(uint8)
+    assert batch.dtype == torch.uint8
+    normalised = views.normalize(batch)
+    assert normalised.dtype == torch.float32
+    assert torch.equal(normalised, torch.stack(per_image))  # the same kernels: bit-identical
+    manual = (batch.float() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(
+        3, 1, 1
+    )
+    torch.testing.assert_close(normalize_pixels(batch, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)), manual)
 
 
 def test_test_view_is_deterministic_and_matches_official_pil_pipeline(views):
@@ -174,9 +242,32 @@ def test_collator_decodes_each_image_once(tmp_path, views, monkeypatch):
         calls.append(source)
         return decode_image(source)
 
+    def counting_decode_tensor(source):
+        calls.append(source)
+        return decode_image_tensor(source)
+
     monkeypatch.setattr(collator_module, "decode_image", counting_decode)
+    monkeypatch.setattr(collator_module, "decode_image_tensor", counting_decode_tensor)
     MoProCollator(views)(examples(tmp_path, count=5))
     assert len(calls) == 5
+    MoProCollator(views, train=False)(examples(tmp_path, count=3))
+    assert len(calls) == 8
+
+
+def test_collator_uint8_training_views_are_the_float_batch_before_normalisation(tmp_path, views):
+    rows = examples(tmp_path)
+    floats = MoProCollator(views, num_labels=3, seed=0)(rows)
+    uint8 = MoProCollator(views, num_labels=3, seed=0, uint8_training_views=True)(rows)
+    for name in ("pixel_values", "pixel_values_key"):
+        assert floats[name].dtype == torch.float32 and uint8[name].dtype == torch.uint8
+        assert torch.equal(views.normalize(uint8[name]), floats[name])
+    assert torch.equal(floats["labels"], uint8["labels"])
+    # The eval view is unaffected: float, from PIL, as the saved image processor computes it.
+    test_batch = MoProCollator(views, train=False, uint8_training_views=True)(rows)
+    assert test_batch["pixel_values"].dtype == torch.float32
+    # An all-bad batch keeps the dtype of a good one.
+    empty = MoProCollator(views, uint8_training_views=True)([{"image": b"junk", "label": 0, "sample_id": 5}])
+    assert empty["pixel_values"].dtype == torch.uint8 and empty["pixel_values"].shape == (0, 3, SIZE, SIZE)
 
 
 def test_collator_extra_columns_are_opt_in(tmp_path, views):

@@ -14,8 +14,11 @@ import torch
 from transformers import set_seed
 
 from modeling_mopro import MoProForPreTraining, MoProPhase
+from tests.fixtures_eval import IMAGE_SIZE, NUM_LABELS
 from tests.trainer_fixtures import tiny_config, tiny_image_dataset, tiny_trainer
+from training.collator import MoProCollator
 from training.trainer import phase_for_epoch, step_schedule
+from training.transforms import MoProViewTransforms
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,6 +109,34 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
     trainer.train()
     assert trainer.skipped_images == 3
     assert trainer.state.log_history[-2]["skipped_images"] == 3
+
+
+def test_uint8_batches_normalised_by_the_trainer_train_like_float_batches(tmp_path):
+    """`MoProTrainer._prepare_inputs` normalises uint8 views with the model config's mean and std: the same
+    training as float batches normalised in the collator (here with a non-ImageNet mean and std, to catch a
+    trainer that would use the wrong ones)."""
+    dataset = tiny_image_dataset(48)
+    mean, std = (0.3, 0.5, 0.6), (0.2, 0.3, 0.25)
+    transforms = MoProViewTransforms(IMAGE_SIZE, mean=mean, std=std)
+    states = {}
+    for uint8 in (False, True):
+        set_seed(0)
+        model = MoProForPreTraining(tiny_config(image_mean=list(mean), image_std=list(std)))
+        collator = MoProCollator(transforms, num_labels=NUM_LABELS, seed=0, uint8_training_views=uint8)
+        trainer = tiny_trainer(str(tmp_path / str(uint8)), dataset, model=model, collator=collator, max_steps=4)
+        trainer.train()
+        states[uint8] = _state(trainer.model)
+    for name, tensor in states[False].items():
+        torch.testing.assert_close(states[True][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    # and the batch the model sees is the collator's float batch
+    batch = MoProCollator(transforms, num_labels=NUM_LABELS, seed=0, uint8_training_views=True)(
+        [dataset[i] for i in range(4)]
+    )
+    prepared = trainer._prepare_inputs(dict(batch))
+    float_batch = MoProCollator(transforms, num_labels=NUM_LABELS, seed=0)([dataset[i] for i in range(4)])
+    for name in ("pixel_values", "pixel_values_key"):
+        assert prepared[name].dtype == torch.float32
+        assert torch.equal(prepared[name], float_batch[name])
 
 
 def _state(model: MoProForPreTraining) -> dict[str, torch.Tensor]:

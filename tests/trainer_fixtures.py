@@ -65,6 +65,8 @@ def tiny_trainer(output_dir: str, dataset: Dataset, model=None, collator=None, *
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=collator or MoProCollator(transforms, train=True, num_labels=NUM_LABELS, seed=args.seed),
+        # uint8 training batches, normalised by the trainer on the device: the path `run_mopro.py` ships
+        data_collator=collator
+        or MoProCollator(transforms, train=True, num_labels=NUM_LABELS, seed=args.seed, uint8_training_views=True),
         eval_data_collator=MoProCollator(transforms, train=False, num_labels=NUM_LABELS),
     )

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .transforms import BadImageError, MoProViewTransforms, decode_image, describe_image_source
+from .transforms import BadImageError, MoProViewTransforms, decode_image, decode_image_tensor, describe_image_source
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +22,9 @@ class MoProCollator:
     bad image costs one sample instead of the whole run.
 
     Output keys:
-        * ``pixel_values``: weak (query) views when training, test views otherwise; ``(B, 3, S, S)`` float.
-        * ``pixel_values_key``: strong (key) views, training only.
+        * ``pixel_values``: weak (query) views when training, test views otherwise; ``(B, 3, S, S)`` float32,
+          or uint8 training views with ``uint8_training_views=True`` (normalised later, where the model runs).
+        * ``pixel_values_key``: strong (key) views, training only (same dtype as the query views).
         * ``labels``: ``(B,)`` long, the (possibly noisy) training labels.
         * ``sample_ids``: ``(B,)`` long, only if the examples have a sample id column.
         * ``num_skipped_images``: 0-d long, undecodable images dropped from this batch. The count travels with
@@ -44,6 +45,7 @@ class MoProCollator:
         sample_id_column: str = "sample_id",
         seed: int | None = None,
         key_view: bool = True,
+        uint8_training_views: bool = False,
     ) -> None:
         """Configures the collator.
 
@@ -63,6 +65,10 @@ class MoProCollator:
                 views do not depend on which worker process decodes the sample. The trainer calls `set_epoch`.
             key_view: Build the strong (key) view when training. False for the cross-entropy baseline, which
                 only sees the weak view, so it does not pay for an augmentation it never uses.
+            uint8_training_views: Emit training views as uint8 instead of normalising them here. A float32 batch is
+                4x larger, and a worker spends much of its time writing it into the shared memory that carries it
+                to the main process; `MoProTrainer` normalises uint8 batches on the model's device
+                (`normalize_pixels`, with the model config's mean and std). Leave False for any other consumer.
         """
         self.transforms = transforms
         self.image_column = image_column
@@ -74,6 +80,7 @@ class MoProCollator:
         self.seed = seed
         self.epoch = 0
         self.key_view = key_view
+        self.uint8_training_views = uint8_training_views
 
     def set_epoch(self, epoch: int) -> None:
         """Called by `MoProTrainer` at the start of each epoch (before the DataLoader workers start)."""
@@ -83,7 +90,7 @@ class MoProCollator:
         def views():
             if self.key_view:
                 return self.transforms.train_views(image)
-            return self.transforms.weak(image), None
+            return self.transforms.weak_augment(image), None
 
         if self.seed is None or self.sample_id_column not in example:
             return views()
@@ -128,7 +135,8 @@ class MoProCollator:
         for example in examples:
             label = self._checked_label(example)
             try:
-                image = decode_image(example[self.image_column])
+                # Training views start from a uint8 tensor; the test view from PIL, like the image processor.
+                image = (decode_image_tensor if self.train else decode_image)(example[self.image_column])
             except BadImageError as error:
                 num_skipped += 1
                 logger.warning("Skipping sample %s: %s", self._sample_name(example), error.reason)
@@ -148,6 +156,10 @@ class MoProCollator:
         }
         if self.train and self.key_view:
             batch["pixel_values_key"] = self._stack(key_views)
+        if self.train and not self.uint8_training_views:
+            for name in ("pixel_values", "pixel_values_key"):
+                if name in batch:
+                    batch[name] = self.transforms.normalize(batch[name])
         if has_sample_ids:
             batch["sample_ids"] = torch.tensor([int(ex[self.sample_id_column]) for ex in kept], dtype=torch.long)
         for column in self.extra_columns:
@@ -159,4 +171,4 @@ class MoProCollator:
         if views:
             return torch.stack(views)
         size = self.transforms.image_size
-        return torch.empty((0, 3, size, size), dtype=torch.float32)
+        return torch.empty((0, 3, size, size), dtype=torch.uint8 if self.train else torch.float32)

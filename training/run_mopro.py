@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             train=True,
             seed=training_args.seed,
             key_view=training_args.baseline == "mopro",
+            uint8_training_views=True,  # normalised on the model's device by MoProTrainer
             **collator_kwargs,
         ),
         eval_data_collator=MoProCollator(transforms, train=False, **collator_kwargs),

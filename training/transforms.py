@@ -7,8 +7,9 @@ MoPro trains on two views of every image (official ``DataLoader/dataloader.py``)
   -> ColorJitter(0.4, 0.4, 0.4, 0.4) -> RandomHorizontalFlip``
 * test view: ``Resize(size * 256 / 224) -> CenterCrop(size)``
 
-all followed by ``ToTensor + Normalize``. Each image is decoded once; both training views are cut from the
-same decoded image.
+all followed by ``ToTensor + Normalize``. Each image is decoded once (JPEGs straight into a uint8 tensor) and both
+training views are cut from it; training views stay uint8 through the DataLoader and are normalised a batch at a
+time, where the model runs (`normalize_pixels`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageFile
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, v2
 
 from .color_jitter import FastColorJitter
@@ -93,6 +95,28 @@ def describe_image_source(source: Any) -> str:
     return f"<{type(source).__name__}>"
 
 
+def _read_encoded(source: ImageSource) -> tuple[bytes | bytearray | memoryview, str]:
+    """The encoded bytes of a non-PIL image source, and its description for messages."""
+    description = describe_image_source(source)
+    if isinstance(source, dict):
+        if source.get("bytes") is not None:
+            source = source["bytes"]
+        elif source.get("path"):
+            source = source["path"]
+        else:
+            raise BadImageError(description, "neither bytes nor path given")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return source, description
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"unsupported image source type {type(source).__name__}")
+    try:
+        # Reading the whole file first means no file handle outlives the decode (PIL keeps multi-frame files
+        # open until garbage collection) and the decoded image needs no defensive copy.
+        return Path(source).read_bytes(), description
+    except OSError as error:
+        raise BadImageError(description, f"{type(error).__name__}: {error}") from error
+
+
 def decode_image(source: ImageSource) -> Image.Image:
     """Decodes an image into an RGB PIL image, tolerating truncated files like the official code.
 
@@ -109,20 +133,11 @@ def decode_image(source: ImageSource) -> Image.Image:
     """
     if isinstance(source, Image.Image):
         return source if source.mode == "RGB" else source.convert("RGB")
-    description = describe_image_source(source)
-    if isinstance(source, dict):
-        if source.get("bytes") is not None:
-            source = source["bytes"]
-        elif source.get("path"):
-            source = source["path"]
-        else:
-            raise BadImageError(description, "neither bytes nor path given")
-    if not isinstance(source, (bytes, bytearray, memoryview, str, os.PathLike)):
-        raise TypeError(f"unsupported image source type {type(source).__name__}")
+    return _decode_with_pil(*_read_encoded(source))
+
+
+def _decode_with_pil(data: bytes | bytearray | memoryview, description: str) -> Image.Image:
     try:
-        # Reading the whole file first means no file handle outlives this call (PIL keeps multi-frame files
-        # open until garbage collection) and the returned image needs no defensive copy.
-        data = source if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
         with _allow_truncated_images():
             image = Image.open(io.BytesIO(data))
             image.load()
@@ -131,6 +146,36 @@ def decode_image(source: ImageSource) -> Image.Image:
     # ValueError depending on the plugin; oversized images raise DecompressionBombError.
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise BadImageError(description, f"{type(error).__name__}: {error}") from error
+
+
+def decode_image_tensor(source: ImageSource) -> torch.Tensor:
+    """Decodes an image into an RGB uint8 ``(3, H, W)`` tensor: the input of the training views.
+
+    JPEGs (nearly all web images) go straight to a tensor through torchvision's libjpeg-turbo ``decode_jpeg``:
+    the same pixels as PIL, without PIL's image object and its copy into a tensor. Everything else, and the JPEGs
+    ``decode_jpeg`` refuses (truncated files, which PIL still decodes as the official code does), goes through
+    `decode_image`. Same arguments and errors as `decode_image`.
+    """
+    if isinstance(source, Image.Image):
+        return v2.functional.pil_to_tensor(decode_image(source))
+    data, description = _read_encoded(source)
+    if bytes(data[:3]) == b"\xff\xd8\xff":  # JPEG start-of-image marker
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass  # truncated or unusual: PIL is more tolerant, and raises BadImageError if it cannot decode either
+    return v2.functional.pil_to_tensor(_decode_with_pil(data, description))
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 images ``(..., 3, H, W)`` -> float32 in [0, 1], normalised by ``mean`` / ``std``, on their device.
+
+    The same kernels (``ToDtype(scale=True)`` then ``Normalize``) as the per-image views, applied to a whole batch
+    at once: training batches travel from the DataLoader workers as uint8 (4x less shared memory to fill and
+    copy) and are normalised where the model runs.
+    """
+    pixels = v2.functional.to_dtype(pixels, torch.float32, scale=True)
+    return v2.functional.normalize(pixels, list(mean), list(std), inplace=True)
 
 
 class MoProViewTransforms:
@@ -144,6 +189,8 @@ class MoProViewTransforms:
         image_size: Side of the square output views.
         weak: Callable mapping a decoded RGB PIL image (or uint8 CHW tensor) to the normalised query view.
         strong: Same for the strongly augmented key view.
+        weak_augment, strong_augment: The same augmentations without the normalisation (uint8 out), for
+            `train_views`, whose uint8 views are normalised a batch at a time.
         test: Callable mapping a decoded RGB PIL image to the deterministic evaluation view.
     """
 
@@ -169,6 +216,7 @@ class MoProViewTransforms:
             interpolation: Resampling filter of every resize (official: bilinear).
         """
         self.image_size = image_size
+        self.mean, self.std = tuple(mean), tuple(std)
         self.test_resize_size = test_resize_size or int(image_size / (224 / 256))
         finish = [
             v2.ToImage(),  # no-op for tensors; PIL -> uint8 CHW tensor otherwise
@@ -176,16 +224,17 @@ class MoProViewTransforms:
             v2.Normalize(mean=list(mean), std=list(std)),
             v2.ToPureTensor(),
         ]
-        self.weak = v2.Compose(
+        # The augmentations proper, uint8 in and out: training batches stay uint8 until `normalize`.
+        self.weak_augment = v2.Compose(
             [
                 v2.ToImage(),
                 v2.RandomResizedCrop(image_size, scale=crop_scale, interpolation=interpolation, antialias=True),
                 v2.RandomHorizontalFlip(),
-                *finish,
+                v2.ToPureTensor(),
             ]
         )
         # Official order: crop, grayscale, colour jitter, flip.
-        self.strong = v2.Compose(
+        self.strong_augment = v2.Compose(
             [
                 v2.ToImage(),
                 v2.RandomResizedCrop(image_size, scale=crop_scale, interpolation=interpolation, antialias=True),
@@ -193,9 +242,11 @@ class MoProViewTransforms:
                 # v2.ColorJitter's random draws, ~2.5x faster on uint8 crops (training/color_jitter.py)
                 FastColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4),
                 v2.RandomHorizontalFlip(),
-                *finish,
+                v2.ToPureTensor(),
             ]
         )
+        self.weak = v2.Compose([*self.weak_augment.transforms, *finish])
+        self.strong = v2.Compose([*self.strong_augment.transforms, *finish])
         self.test = v2.Compose(
             [
                 v2.Resize(self.test_resize_size, interpolation=interpolation, antialias=True),
@@ -204,17 +255,22 @@ class MoProViewTransforms:
             ]
         )
 
-    def train_views(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the (weak, strong) views of one decoded image, converting it to a tensor only once.
+    def train_views(self, image: Image.Image | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the (weak, strong) uint8 views of one decoded image, converting it to a tensor only once.
 
         Args:
-            image: A decoded RGB PIL image.
+            image: A decoded RGB PIL image, or a uint8 ``(3, H, W)`` tensor (`decode_image_tensor`).
 
         Returns:
-            Two float tensors of shape ``(3, image_size, image_size)``.
+            Two uint8 tensors of shape ``(3, image_size, image_size)``; `normalize` turns batches of them into
+            model inputs (equal to what `weak` and `strong` give image by image).
         """
-        pixels = v2.functional.pil_to_tensor(image)
-        return self.weak(pixels), self.strong(pixels)
+        pixels = image if isinstance(image, torch.Tensor) else v2.functional.pil_to_tensor(image)
+        return self.weak_augment(pixels), self.strong_augment(pixels)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 views (one or a batch) -> normalised float32 model inputs (`normalize_pixels`)."""
+        return normalize_pixels(pixels, self.mean, self.std)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weak={self.weak}, strong={self.strong}, test={self.test})"
