@@ -10,7 +10,13 @@ rule of `correct_noisy_labels`, with both OOD rules side by side: the official o
     python bench/noisy_benchmark.py --setting sym40 --method ce --epochs 100 --seed 0
     python bench/noisy_benchmark.py --report          # table + plots from every run in bench/results/noisy/
 
-Each run writes `bench/results/noisy/<setting>_<method>_s<seed>/history.json` (one entry per epoch).
+Each run writes `bench/results/noisy/<run>/history.json` (one entry per epoch) and `summary.json`, where `<run>` is
+`<setting>_wd<weight decay>[_crop<min area>]_<method>[_distance]_s<seed>` (`run_name`).
+
+Defaults are the official hyperparameters (weight decay 1e-4, RandomResizedCrop area 0.2-1, OOD rule, alpha 0.5,
+threshold 0.8, phase starts at 1/90 and 11/90 of the schedule, lr milestones at 40/90 and 80/90) except where they do
+not transfer to 5,000 images: batch 128 with the learning rate scaled to 0.05, encoder momentum 0.99 (0.999 would
+lag ~14 epochs at 48 steps per epoch) and a queue of 4,096.
 """
 
 from __future__ import annotations
@@ -141,16 +147,22 @@ def auroc(score: torch.Tensor, positive: torch.Tensor) -> float:
     return float(roc_auc_score(positive.numpy(), score.numpy()))
 
 
+def run_name(setting: str, method: str, seed: int, args) -> str:
+    crop = "" if args.crop_min == 0.2 else f"_crop{args.crop_min:g}"  # official RandomResizedCrop area range: 0.2-1
+    rule = "" if args.ood_rule == "official" or method == "ce" else "_distance"
+    return f"{setting}_wd{args.weight_decay:g}{crop}_{method}{rule}_s{seed}"
+
+
 def run(setting: str, method: str, epochs: int, seed: int, args) -> Path:
     noise_rate, asymmetric = SETTINGS[setting]
-    out_dir = RESULTS / f"{setting}_{method}_s{seed}"
+    out_dir = args.results_dir / run_name(setting, method, seed, args)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits, id2label = build_noisy_fashion_mnist(
         num_train=args.num_train, noise_rate=noise_rate, asymmetric_fraction=asymmetric, ood_fraction=0.2,
         num_test=args.num_test, seed=seed,
     )  # fmt: skip
     train, test = splits["train"], splits["test"]
-    transforms = MoProViewTransforms(32)
+    transforms = MoProViewTransforms(32, crop_scale=(args.crop_min, 1.0))
     meta = {
         "label": torch.tensor(train["label"]),
         "true_label": torch.tensor(train["true_label"]),
@@ -160,21 +172,23 @@ def run(setting: str, method: str, epochs: int, seed: int, args) -> Path:
         backbone="resnet18", backbone_kwargs=BACKBONE_KWARGS, image_size=32, num_labels=10, id2label=id2label,
         label2id={v: k for k, v in id2label.items()}, projection_hidden_size=512, queue_size=args.queue_size,
         encoder_momentum=args.encoder_momentum, alpha=args.alpha, pseudo_label_threshold=args.threshold,
-        ood_similarity_threshold=args.ood_similarity_threshold,
+        ood_rule=args.ood_rule, ood_similarity_threshold=args.ood_similarity_threshold,
     )  # fmt: skip
     set_seed(seed)
     model = MoProForPreTraining(config) if method == "mopro" else MoProForImageClassification(config)
     steps_per_epoch = len(train) // args.batch_size
     training_args = MoProTrainingArguments(
         output_dir=str(out_dir / "trainer"), num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
-        optim="sgd", optim_args="momentum=0.9", learning_rate=args.lr, weight_decay=5e-4,
+        optim="sgd", optim_args="momentum=0.9", learning_rate=args.lr, weight_decay=args.weight_decay,
         lr_milestones=[round(epochs * 40 / 90), round(epochs * 80 / 90)], lr_gamma=0.1,
-        prototype_start_epoch=1, noise_correction_start_epoch=args.correction_start or round(epochs * 11 / 90),
+        prototype_start_epoch=1, noise_correction_start_epoch=args.correction_start or max(round(epochs * 11 / 90), 1),
         baseline="mopro" if method == "mopro" else "ce", dataloader_num_workers=args.workers,
         logging_steps=steps_per_epoch, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True,
         seed=seed, disable_tqdm=True,
     )  # fmt: skip
-    collator = MoProCollator(transforms, train=True, num_labels=10, seed=seed, key_view=method == "mopro")
+    collator = MoProCollator(
+        transforms, train=True, num_labels=10, seed=seed, key_view=method == "mopro", uint8_training_views=True
+    )
     trainer = MoProTrainer(model=model, args=training_args, train_dataset=train, data_collator=collator)
     started = time.time()
     scores = EpochScores(
@@ -189,7 +203,7 @@ def run(setting: str, method: str, epochs: int, seed: int, args) -> Path:
         "best_test_accuracy": max(h["test_accuracy"] for h in scores.history),
         "best_epoch": max(scores.history, key=lambda h: h["test_accuracy"])["epoch"],
         "train_seconds": round(time.time() - started, 1),
-        "arguments": vars(args), "noise_correction_start_epoch": training_args.noise_correction_start_epoch,
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "noise_correction_start_epoch": training_args.noise_correction_start_epoch,
         "lr_milestones": training_args.lr_milestones,
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -230,18 +244,37 @@ def per_class_decisions(model, scores: EpochScores, meta, out_dir: Path) -> None
     (out_dir / "per_class_decisions.json").write_text(json.dumps(rows, indent=1))
 
 
-def report() -> None:
-    """Aggregate every finished run: a markdown table and per-epoch plots."""
+def regime(summary: dict) -> str:
+    """What makes runs comparable: setting, epochs, weight decay and crop (older runs used 5e-4 and 0.2)."""
+    arguments = summary["arguments"]
+    return (
+        f"{summary['setting']}, {summary['epochs']} epochs, wd {arguments.get('weight_decay', 5e-4):g}, "
+        f"crop {arguments.get('crop_min', 0.2):g}-1"
+    )
+
+
+def method_name(summary: dict) -> str:
+    rule = summary["arguments"].get("ood_rule", "official")
+    return summary["method"] + (" (distance rule)" if summary["method"] == "mopro" and rule != "official" else "")
+
+
+def report(results_dir: Path = RESULTS) -> str:
+    """Aggregate every finished run: a table per run, a table per regime (mean over seeds), per-epoch plots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*/summary.json"))]
-    histories = {p.parent.name: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*/history.json"))}
-    lines = ["| setting | method | seed | epochs | final acc | best acc (epoch) | relabel right | clean relabelled "
-             "wrong | OOD P / R (official) | OOD P / R (distance) | OOD AUROC (distance) | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    runs = []
+    for path in sorted(results_dir.glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        summary["history"] = json.loads((path.parent / "history.json").read_text())
+        runs.append(summary)
+    runs.sort(key=lambda r: (regime(r), method_name(r), r["seed"]))
+
+    lines = ["| regime | method | seed | final acc | best acc (epoch) | relabel right | clean relabelled wrong | "
+             "OOD P / R (official) | OOD P / R (distance) | OOD AUROC (distance) | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in runs:
         d = r.get("final_noise_decisions", {})
 
@@ -249,7 +282,7 @@ def report() -> None:
             return f"{100 * d[key]:.1f}" if key in d else "–"
 
         cells = [
-            r["setting"], r["method"], str(r["seed"]), str(r["epochs"]), f"{100 * r['final_test_accuracy']:.2f}",
+            regime(r), method_name(r), str(r["seed"]), f"{100 * r['final_test_accuracy']:.2f}",
             f"{100 * r['best_test_accuracy']:.2f} ({r['best_epoch']})", pct("official_noisy_relabelled_right"),
             pct("official_clean_relabelled_wrong"),
             f"{pct('official_ood_precision')} / {pct('official_ood_recall')}",
@@ -257,40 +290,67 @@ def report() -> None:
             f"{d['distance_auroc']:.3f}" if "distance_auroc" in d else "–", f"{r['train_seconds'] / 60:.0f}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+
+    # Mean over seeds, and MoPro - CE paired by seed (same data, noise and augmentation seeds).
+    lines += ["", "| regime | method | seeds | final acc, mean ± sd | best acc, mean | final - CE final (paired), "
+              "mean ± sd |", "|---|---|---|---|---|---|"]  # fmt: skip
+    groups: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in runs:
+        groups.setdefault((regime(r), method_name(r)), {})[r["seed"]] = r
+    for (name, method), by_seed in groups.items():
+        finals = [100 * r["final_test_accuracy"] for r in by_seed.values()]
+        bests = [100 * r["best_test_accuracy"] for r in by_seed.values()]
+        ce = groups.get((name, "ce"), {})
+        paired = [
+            100 * (r["final_test_accuracy"] - ce[s]["final_test_accuracy"]) for s, r in by_seed.items() if s in ce
+        ]
+        difference = "–" if method == "ce" or not paired else f"{mean_sd(paired)} (n={len(paired)})"
+        lines.append(
+            f"| {name} | {method} | {', '.join(map(str, sorted(by_seed)))} | {mean_sd(finals)} | "
+            f"{sum(bests) / len(bests):.2f} | {difference} |"
+        )
     table = "\n".join(lines)
-    (RESULTS / "table.md").write_text(table + "\n")
+    (results_dir / "table.md").write_text(table + "\n")
     print(table)
 
-    settings = sorted({name.split("_")[0] for name in histories})
-    fig, axes = plt.subplots(len(settings), 3, figsize=(15, 4 * len(settings)), squeeze=False)
-    for row, setting in enumerate(settings):
-        for name, history in histories.items():
-            if not name.startswith(setting + "_"):
-                continue
+    regimes = sorted({regime(r) for r in runs})
+    fig, axes = plt.subplots(len(regimes), 3, figsize=(15, 4 * len(regimes)), squeeze=False)
+    for row, name in enumerate(regimes):
+        for r in (r for r in runs if regime(r) == name):
+            history, label = r["history"], f"{method_name(r)} s{r['seed']}"
             epochs = [h["epoch"] for h in history]
-            axes[row][0].plot(epochs, [100 * h["test_accuracy"] for h in history], label=name)
+            axes[row][0].plot(epochs, [100 * h["test_accuracy"] for h in history], label=label)
             if "official_ood_recall" in history[0]:
                 for rule, style in (("official", "-"), ("distance", "--")):
                     axes[row][1].plot(epochs, [100 * h[f"{rule}_ood_precision"] for h in history], style,
-                                      label=f"{name} {rule} precision")  # fmt: skip
+                                      label=f"{label} {rule} precision")  # fmt: skip
                     axes[row][1].plot(epochs, [100 * h[f"{rule}_ood_recall"] for h in history], style,
-                                      label=f"{name} {rule} recall")  # fmt: skip
+                                      label=f"{label} {rule} recall")  # fmt: skip
                 axes[row][2].plot(epochs, [100 * h["official_noisy_relabelled_right"] for h in history],
-                                  label=f"{name} noisy relabelled right")  # fmt: skip
-                axes[row][2].plot(epochs, [100 * h["official_clean_relabelled_wrong"] for h in history],
-                                  label=f"{name} clean relabelled wrong")  # fmt: skip
+                                  label=f"{label} noisy relabelled right")  # fmt: skip
+                axes[row][2].plot(epochs, [100 * h["official_clean_relabelled_wrong"] for h in history], "--",
+                                  label=f"{label} clean relabelled wrong")  # fmt: skip
         titles = ("clean test accuracy (%)", "OOD precision / recall (%)", "relabelling (%)")
         for col, title in enumerate(titles):
-            axes[row][col].set_title(f"{setting}: {title}")
+            axes[row][col].set_title(f"{name}: {title}", fontsize=9)
             axes[row][col].set_xlabel("epoch")
-            axes[row][col].legend(fontsize=6)
+            axes[row][col].legend(fontsize=5)
             axes[row][col].grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(RESULTS / "noisy_benchmark.png", dpi=110)
-    print(f"wrote {RESULTS / 'table.md'} and {RESULTS / 'noisy_benchmark.png'}")
+    fig.savefig(results_dir / "noisy_benchmark.png", dpi=110)
+    print(f"wrote {results_dir / 'table.md'} and {results_dir / 'noisy_benchmark.png'}")
+    return table
 
 
-def main() -> None:
+def mean_sd(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.2f}"
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.2f} ± {sd:.2f}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="sym40")
     parser.add_argument("--method", choices=("mopro", "ce"), default="mopro")
@@ -300,17 +360,28 @@ def main() -> None:
     parser.add_argument("--num_test", type=int, default=None, help="clean test images (default: all 10,000)")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.05, help="0.1 at the official global batch 256, scaled")
+    parser.add_argument("--weight_decay", type=float, default=1e-4,
+                        help="official 1e-4; CE memorises the noise sooner with less weight decay")  # fmt: skip
+    parser.add_argument("--crop_min", type=float, default=0.2,
+                        help="smallest RandomResizedCrop area (official 0.2) of both views, for both methods")  # fmt: skip
     parser.add_argument("--queue_size", type=int, default=4096)
     parser.add_argument("--encoder_momentum", type=float, default=0.99)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--threshold", type=float, default=0.8)
+    parser.add_argument("--ood_rule", choices=("official", "prototype_distance"), default="official",
+                        help="the rule MoPro trains with (both rules are scored every epoch either way)")  # fmt: skip
     parser.add_argument("--ood_similarity_threshold", type=float, default=0.5)
     parser.add_argument("--correction_start", type=int, default=None, help="default: 11/90 of the epochs")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="only aggregate finished runs")
-    args = parser.parse_args()
+    parser.add_argument("--results_dir", type=Path, default=RESULTS)
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if args.report:
-        report()
+        report(args.results_dir)
         return
     run(args.setting, args.method, args.epochs, args.seed, args)
 

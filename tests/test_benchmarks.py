@@ -1,0 +1,68 @@
+"""The benchmark scripts run end to end at toy sizes and write what BENCHMARKS.md reads (not their figures: those come
+from full runs, never from tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.noisy_fashion_mnist import FASHION_MNIST_APT_PACKAGE, FASHION_MNIST_DIR
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import noisy_benchmark  # noqa: E402
+
+
+@pytest.mark.skipif(
+    not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason=f"needs the Debian package {FASHION_MNIST_APT_PACKAGE}",
+)
+def test_noisy_benchmark_runs_both_methods_and_reports_paired_differences(tmp_path):
+    def run(method, seed):
+        args = noisy_benchmark.parse_args(
+            ["--num_train", "200", "--num_test", "100", "--batch_size", "32", "--queue_size", "64",
+             "--workers", "0", "--results_dir", str(tmp_path)]
+        )  # fmt: skip
+        return noisy_benchmark.run("sym40", method, 2, seed, args)
+
+    runs = [run(method, seed) for method in ("ce", "mopro") for seed in (0, 1)]
+    assert [path.name for path in runs] == ["sym40_wd0.0001_ce_s0", "sym40_wd0.0001_ce_s1",
+                                            "sym40_wd0.0001_mopro_s0", "sym40_wd0.0001_mopro_s1"]  # fmt: skip
+    history = json.loads((runs[2] / "history.json").read_text())
+    assert [entry["epoch"] for entry in history] == [1, 2]
+    for key in ("test_accuracy", "official_ood_recall", "distance_ood_precision", "distance_auroc"):
+        assert 0.0 <= history[-1][key] <= 1.0, key
+    summary = json.loads((runs[2] / "summary.json").read_text())
+    assert summary["final_test_accuracy"] == history[-1]["test_accuracy"]
+    assert summary["arguments"]["weight_decay"] == 1e-4 and summary["lr_milestones"] == [1, 2]
+    decisions = json.loads((runs[2] / "per_class_decisions.json").read_text())
+    assert sum(row["given"] for row in decisions) == summary["num_train"]
+
+    table = noisy_benchmark.report(tmp_path)
+    assert (tmp_path / "noisy_benchmark.png").stat().st_size > 0
+    ce = {s: json.loads((runs[s] / "summary.json").read_text())["final_test_accuracy"] for s in (0, 1)}
+    mopro = {s: json.loads((runs[2 + s] / "summary.json").read_text())["final_test_accuracy"] for s in (0, 1)}
+    differences = [100 * (mopro[s] - ce[s]) for s in (0, 1)]
+    mean = sum(differences) / 2
+    sd = (sum((d - mean) ** 2 for d in differences)) ** 0.5  # n - 1 = 1
+    row = next(line for line in table.splitlines() if "| mopro | 0, 1 |" in line)
+    assert row.endswith(f"| {mean:.2f} ± {sd:.2f} (n=2) |")
+
+
+def test_data_pipeline_benchmark_quick_run(tmp_path):
+    output = tmp_path / "data_pipeline.json"
+    subprocess.run(
+        [sys.executable, str(BENCH / "bench_data_pipeline.py"), "--images", "8", "--repetitions", "1",
+         "--image_size", "64", "--output", str(output)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    result = json.loads(output.read_text())
+    names = [row["pipeline"] for row in result["pipelines"]]
+    assert names[0].startswith("official") and any("shipped" in name for name in names)
+    assert result["agreement_uint8_levels"]["uint8_batch_normalised_equals_float_batch"] is True
+    assert result["agreement_uint8_levels"]["decode_jpeg_vs_pil_max_abs_diff"] == 0
