@@ -312,6 +312,7 @@ def report(results_dir: Path = RESULTS) -> str:
     table = "\n".join(lines)
     (results_dir / "table.md").write_text(table + "\n")
     print(table)
+    (results_dir / "per_class.md").write_text(per_class_tables(runs, results_dir))
 
     regimes = sorted({regime(r) for r in runs})
     fig, axes = plt.subplots(len(regimes), 3, figsize=(15, 4 * len(regimes)), squeeze=False)
@@ -334,12 +335,33 @@ def report(results_dir: Path = RESULTS) -> str:
         for col, title in enumerate(titles):
             axes[row][col].set_title(f"{name}: {title}", fontsize=9)
             axes[row][col].set_xlabel("epoch")
-            axes[row][col].legend(fontsize=5)
+            if axes[row][col].get_legend_handles_labels()[0]:
+                axes[row][col].legend(fontsize=5)
             axes[row][col].grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(results_dir / "noisy_benchmark.png", dpi=110)
     print(f"wrote {results_dir / 'table.md'} and {results_dir / 'noisy_benchmark.png'}")
     return table
+
+
+def per_class_tables(runs: list[dict], results_dir: Path) -> str:
+    """Markdown: the final per-class decisions (official rule) of every MoPro run, by given label."""
+    parts = []
+    for r in runs:
+        path = results_dir / run_name(r["setting"], r["method"], r["seed"], argparse.Namespace(**{
+            "crop_min": 0.2, "ood_rule": "official", "weight_decay": 5e-4, **r["arguments"]}))  # fmt: skip
+        if not (path / "per_class_decisions.json").is_file():
+            continue
+        rows = json.loads((path / "per_class_decisions.json").read_text())
+        parts += [f"{regime(r)}, {method_name(r)}, seed {r['seed']}", "",
+                  "| given class | samples | kept as given | relabelled | dropped as OOD | truly noisy | truly OOD |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for row in rows:
+            cells = (row["class"], row["given"], row["clean"], row["relabelled"], row["ood"], row["truly_noisy"],
+                     row["truly_ood"])  # fmt: skip
+            parts.append("| " + " | ".join(map(str, cells)) + " |")
+        parts.append("")
+    return "\n".join(parts)
 
 
 def mean_sd(values: list[float]) -> str:
