@@ -314,34 +314,60 @@ def report(results_dir: Path = RESULTS) -> str:
     print(table)
     (results_dir / "per_class.md").write_text(per_class_tables(runs, results_dir))
 
-    regimes = sorted({regime(r) for r in runs})
-    fig, axes = plt.subplots(len(regimes), 3, figsize=(15, 4 * len(regimes)), squeeze=False)
-    for row, name in enumerate(regimes):
-        for r in (r for r in runs if regime(r) == name):
-            history, label = r["history"], f"{method_name(r)} s{r['seed']}"
-            epochs = [h["epoch"] for h in history]
-            axes[row][0].plot(epochs, [100 * h["test_accuracy"] for h in history], label=label)
-            if "official_ood_recall" in history[0]:
-                for rule, style in (("official", "-"), ("distance", "--")):
-                    axes[row][1].plot(epochs, [100 * h[f"{rule}_ood_precision"] for h in history], style,
-                                      label=f"{label} {rule} precision")  # fmt: skip
-                    axes[row][1].plot(epochs, [100 * h[f"{rule}_ood_recall"] for h in history], style,
-                                      label=f"{label} {rule} recall")  # fmt: skip
-                axes[row][2].plot(epochs, [100 * h["official_noisy_relabelled_right"] for h in history],
-                                  label=f"{label} noisy relabelled right")  # fmt: skip
-                axes[row][2].plot(epochs, [100 * h["official_clean_relabelled_wrong"] for h in history], "--",
-                                  label=f"{label} clean relabelled wrong")  # fmt: skip
-        titles = ("clean test accuracy (%)", "OOD precision / recall (%)", "relabelling (%)")
-        for col, title in enumerate(titles):
-            axes[row][col].set_title(f"{name}: {title}", fontsize=9)
-            axes[row][col].set_xlabel("epoch")
-            if axes[row][col].get_legend_handles_labels()[0]:
-                axes[row][col].legend(fontsize=5)
-            axes[row][col].grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(results_dir / "noisy_benchmark.png", dpi=110)
-    print(f"wrote {results_dir / 'table.md'} and {results_dir / 'noisy_benchmark.png'}")
+    figures = [plot_regime([r for r in runs if regime(r) == name], name, results_dir, plt)
+               for name in sorted({regime(r) for r in runs})]  # fmt: skip
+    print(f"wrote {results_dir / 'table.md'}, {results_dir / 'per_class.md'} and", ", ".join(map(str, figures)))
     return table
+
+
+def plot_regime(runs: list[dict], name: str, results_dir: Path, plt) -> Path:
+    """One figure per regime: clean test accuracy of every run; MoPro's OOD and relabelling metrics, seed mean."""
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    colours = {"ce": "tab:blue", "mopro": "tab:orange", "mopro (distance rule)": "tab:green"}
+    for r in runs:
+        epochs = [h["epoch"] for h in r["history"]]
+        axes[0].plot(epochs, [100 * h["test_accuracy"] for h in r["history"]], lw=1,
+                     color=colours.get(method_name(r)), label=f"{method_name(r)}, seed {r['seed']}")  # fmt: skip
+    scored = [r for r in runs if "official_ood_recall" in r["history"][0]]
+    if scored:
+        length = min(len(r["history"]) for r in scored)
+        epochs = [h["epoch"] for h in scored[0]["history"][:length]]
+
+        def mean_curve(key):
+            return [100 * sum(r["history"][i][key] for r in scored) / len(scored) for i in range(length)]
+
+        for rule, style in (("official", "-"), ("distance", "--")):
+            axes[1].plot(epochs, mean_curve(f"{rule}_ood_precision"), style, color="tab:red",
+                         label=f"precision, {rule} rule")  # fmt: skip
+            axes[1].plot(epochs, mean_curve(f"{rule}_ood_recall"), style, color="tab:purple",
+                         label=f"recall, {rule} rule")  # fmt: skip
+        axes[1].plot(epochs, mean_curve("distance_auroc"), ":", color="k",
+                     label="AUROC of 1 - max prototype similarity (x100)")  # fmt: skip
+        axes[2].plot(epochs, mean_curve("official_noisy_relabelled_right"), color="tab:green",
+                     label="noisy ID samples relabelled to the true class")  # fmt: skip
+        axes[2].plot(epochs, mean_curve("official_clean_relabelled_wrong"), color="tab:red",
+                     label="clean samples relabelled (wrongly)")  # fmt: skip
+        axes[2].plot(epochs, mean_curve("official_kept_label_accuracy"), color="tab:gray",
+                     label="kept ID labels that are right")  # fmt: skip
+    seeds = f"{len(scored)} MoPro seed{'s' if len(scored) != 1 else ''}"
+    titles = (
+        "clean test accuracy (%)",
+        f"OOD detection (%), mean of {seeds}",
+        f"label correction (%), mean of {seeds}",
+    )
+    for axis, title in zip(axes, titles, strict=True):
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
+    fig.suptitle(name)
+    fig.tight_layout()
+    slug = name.replace(", ", "_").replace(" ", "").replace("-1", "")
+    path = results_dir / f"noisy_{slug}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def per_class_tables(runs: list[dict], results_dir: Path) -> str:

@@ -44,7 +44,7 @@ def test_noisy_benchmark_runs_both_methods_and_reports_paired_differences(tmp_pa
     assert sum(row["given"] for row in decisions) == summary["num_train"]
 
     table = noisy_benchmark.report(tmp_path)
-    assert (tmp_path / "noisy_benchmark.png").stat().st_size > 0
+    assert (tmp_path / "noisy_sym40_2epochs_wd0.0001_crop0.2.png").stat().st_size > 0
     ce = {s: json.loads((runs[s] / "summary.json").read_text())["final_test_accuracy"] for s in (0, 1)}
     mopro = {s: json.loads((runs[2 + s] / "summary.json").read_text())["final_test_accuracy"] for s in (0, 1)}
     differences = [100 * (mopro[s] - ce[s]) for s in (0, 1)]
