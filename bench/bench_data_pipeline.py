@@ -34,9 +34,7 @@ Writes `bench/results/data_pipeline.json` (git-ignored).
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
-import json
 import os
 import statistics
 import sys
@@ -56,7 +54,7 @@ from torchvision.transforms.v2 import functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
 
-from environment import machine_info  # noqa: E402
+from environment import write_result  # noqa: E402
 
 from training.collator import MoProCollator  # noqa: E402
 from training.color_jitter import FastColorJitter, rotate_hue  # noqa: E402
@@ -439,8 +437,6 @@ def main() -> None:
 
     result = {
         "benchmark": "data_pipeline",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "setup": {
             "images": num_images,
             "mean_file_kb": file_kb,
@@ -458,11 +454,8 @@ def main() -> None:
         "agreement_uint8_levels": agreement,
         "draft": draft,
         "load_average": {"before": load_before, "after": load_after},
-        "machine": machine_info(),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_result(args.output, result)
 
 
 if __name__ == "__main__":

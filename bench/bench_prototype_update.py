@@ -16,10 +16,6 @@ Writes `bench/results/prototype_update.json` (git-ignored).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from environment import write_result
 
 from modeling_mopro import update_prototypes
 
@@ -114,7 +111,6 @@ def main() -> None:
 
     result = {
         "benchmark": "prototype_update",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "shape": {"samples": args.samples, "classes": args.classes, "dim": args.dim, "dtype": "float32"},
         "momentum": args.momentum,
         "repetitions": repetitions,
@@ -125,19 +121,8 @@ def main() -> None:
         "speedup_median": speedup,
         "speedup_median_warm": loop_median / warm_median,
         "target_speedup": TARGET_SPEEDUP,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__,
-            "python_version": platform.python_version(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        },
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_result(args.output, result)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -43,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
-from environment import machine_info  # noqa: E402
+from environment import machine_info, write_result  # noqa: E402
 
 from modeling_mopro import MoProConfig, MoProForPreTraining, MoProPhase  # noqa: E402
 from modeling_mopro.distributed import concat_all_gather  # noqa: E402
@@ -390,8 +388,6 @@ def main() -> None:
 
     output = {
         "benchmark": "step_time",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {
             "device": args.device,
             "bf16": args.bf16,
@@ -409,11 +405,8 @@ def main() -> None:
         "target_ratio": TARGET_RATIO,
         "results": results,
         "load_average": {"before": load_before, "after": load_after},
-        "machine": machine_info(device),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(output, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_result(args.output, output, machine_info(device))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Writes `bench/results/streaming_memory.json` (git-ignored).
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import json
 import os
@@ -40,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
-from environment import machine_info  # noqa: E402
+from environment import write_result  # noqa: E402
 
 TARGET_RATIO = 1.10
 SAMPLES_PER_SHARD = 1000
@@ -243,8 +242,6 @@ def main() -> None:
 
     result = {
         "benchmark": "streaming_memory",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "setup": {
             "sizes": [small, large],
             "samples_per_shard": SAMPLES_PER_SHARD,
@@ -263,11 +260,8 @@ def main() -> None:
         "runs": {str(size): value for size, value in runs.items()},
         "target_ratio": TARGET_RATIO,
         "load_average": {"before": load_before, "after": load_after},
-        "machine": machine_info(),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_result(args.output, result)
 
 
 if __name__ == "__main__":

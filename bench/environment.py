@@ -1,9 +1,13 @@
-"""The machine description every benchmark JSON records (versions, cores, load), so figures can be compared."""
+"""What every benchmark JSON records besides its figures (date, command, versions, cores, load), so runs compare."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
+import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -34,3 +38,16 @@ def machine_info(device: Any = None) -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda_version"] = torch.version.cuda
     return info
+
+
+def write_result(path: Path, result: dict[str, Any], machine: dict[str, Any] | None = None) -> None:
+    """Writes a benchmark's JSON with when, how (the command line) and where (`machine_info` unless given) it ran."""
+    stamped = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **result,
+        "machine": machine if machine is not None else machine_info(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stamped, indent=2) + "\n")
+    print(f"wrote {path}")

@@ -22,7 +22,6 @@ Writes `bench/results/gpu_benchmark.json` (git-ignored).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import statistics
@@ -44,7 +43,6 @@ from bench_step_time import (  # noqa: E402
     alternate,
     build_ce,
     build_mopro,
-    machine_info,
     make_batch,
     make_ce_step,
     make_key_forward,
@@ -53,6 +51,7 @@ from bench_step_time import (  # noqa: E402
     synchronize,
     time_call,
 )
+from environment import machine_info, write_result  # noqa: E402
 
 
 @dataclass
@@ -235,8 +234,6 @@ def main() -> None:
         )
     output = {
         "benchmark": "gpu_benchmark",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {
             "device": args.device,
             "backbone": args.backbone,
@@ -252,11 +249,8 @@ def main() -> None:
         },
         "results": results,
         "total_seconds": total_seconds,
-        "machine": environment,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(output, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_result(args.output, output, environment)
 
 
 if __name__ == "__main__":
