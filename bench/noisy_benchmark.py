@@ -269,6 +269,7 @@ def report(results_dir: Path = RESULTS) -> str:
     for path in sorted(results_dir.glob("*/summary.json")):
         summary = json.loads(path.read_text())
         summary["history"] = json.loads((path.parent / "history.json").read_text())
+        summary["directory"] = path.parent
         runs.append(summary)
     runs.sort(key=lambda r: (regime(r), method_name(r), r["seed"]))
 
@@ -312,7 +313,7 @@ def report(results_dir: Path = RESULTS) -> str:
     table = "\n".join(lines)
     (results_dir / "table.md").write_text(table + "\n")
     print(table)
-    (results_dir / "per_class.md").write_text(per_class_tables(runs, results_dir))
+    (results_dir / "per_class.md").write_text(per_class_tables(runs))
 
     figures = [plot_regime([r for r in runs if regime(r) == name], name, results_dir, plt)
                for name in sorted({regime(r) for r in runs})]  # fmt: skip
@@ -370,15 +371,14 @@ def plot_regime(runs: list[dict], name: str, results_dir: Path, plt) -> Path:
     return path
 
 
-def per_class_tables(runs: list[dict], results_dir: Path) -> str:
+def per_class_tables(runs: list[dict]) -> str:
     """Markdown: the final per-class decisions (official rule) of every MoPro run, by given label."""
     parts = []
     for r in runs:
-        path = results_dir / run_name(r["setting"], r["method"], r["seed"], argparse.Namespace(**{
-            "crop_min": 0.2, "ood_rule": "official", "weight_decay": 5e-4, **r["arguments"]}))  # fmt: skip
-        if not (path / "per_class_decisions.json").is_file():
+        path = r["directory"] / "per_class_decisions.json"
+        if not path.is_file():
             continue
-        rows = json.loads((path / "per_class_decisions.json").read_text())
+        rows = json.loads(path.read_text())
         parts += [f"{regime(r)}, {method_name(r)}, seed {r['seed']}", "",
                   "| given class | samples | kept as given | relabelled | dropped as OOD | truly noisy | truly OOD |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -2,7 +2,8 @@
 
 Subclassed narrowly (as TRL does): `compute_loss` sets the phase from the epoch and records the loss components and
 the noise decisions; `log` adds their averages; `create_scheduler` adds the official step schedule; the eval
-dataloader uses the test-view collator; `_prepare_inputs` normalises uint8 batches on the device. The momentum encoder is updated by a callback after every optimizer step.
+dataloader uses the test-view collator; `_prepare_inputs` normalises uint8 batches on the device. The momentum
+encoder is updated by a callback after every optimizer step.
 """
 
 from __future__ import annotations
