@@ -56,6 +56,16 @@ class MoProConfig(PreTrainedConfig):
             prototype is OOD (the paper's description: "far from every prototype").
         ood_similarity_threshold (`float`, defaults to 0.5):
             Cosine-similarity threshold of the `"prototype_distance"` rule, in [-1, 1].
+        backbone_zero_init_last (`bool`, defaults to `False`):
+            Whether the backbone zero-initialises the last BatchNorm gamma of each residual block (timm's default
+            for ResNets). The official ResNet sets every gamma to 1, hence `False`. Passed to timm as
+            `zero_init_last` for the backbones that take it.
+        momentum_encoder_bn_groups (`int`, defaults to 8):
+            With a single process, MoCo's cross-process shuffle-BN is the identity and the momentum encoder's
+            BatchNorm would see the whole batch the query saw, letting the instance task cheat through batch
+            statistics. Then the shuffled key batch is normalised in this many virtual groups (8: the official
+            8-GPU split of the global batch of 256). `1` turns this off. Ignored with several processes, where
+            the cross-process shuffle-BN runs.
         image_size (`int`, defaults to 224):
             Training and evaluation crop size. The saved image processor resizes the short side to
             `int(image_size / (224 / 256))` (256 for 224) and centre-crops `image_size`.
@@ -100,6 +110,8 @@ class MoProConfig(PreTrainedConfig):
     prototype_loss_weight: float = 1.0
     ood_rule: str = "official"
     ood_similarity_threshold: float = 0.5
+    backbone_zero_init_last: bool = False
+    momentum_encoder_bn_groups: int = 8
     image_size: int = 224
     image_mean: list[float] | tuple[float, ...] = IMAGENET_DEFAULT_MEAN
     image_std: list[float] | tuple[float, ...] = IMAGENET_DEFAULT_STD
@@ -116,7 +128,9 @@ class MoProConfig(PreTrainedConfig):
         _check_backbone(self.backbone)
         if "pretrained" in self.backbone_kwargs or "num_classes" in self.backbone_kwargs:
             raise ValueError("`backbone_kwargs` may not set `pretrained` or `num_classes`: the model controls both.")
-        for name in ("projection_hidden_size", "embedding_size", "queue_size", "image_size"):
+        if not isinstance(self.backbone_zero_init_last, bool):
+            raise ValueError(f"`backbone_zero_init_last` must be a bool, got {self.backbone_zero_init_last!r}.")
+        for name in ("projection_hidden_size", "embedding_size", "queue_size", "image_size", "momentum_encoder_bn_groups"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
