@@ -295,7 +295,7 @@ class MoProForPreTraining(MoProPreTrainedModel):
 
     One training step (as official `model.py` + `train.py`):
         q  = projection(backbone(weak view)),   logits = classifier(...)
-        k  = momentum_encoder(strong view)       (no gradient, shuffle-BN across processes)
+        k  = momentum_encoder(strong view)       (no gradient; shuffle-BN across processes, BatchNorm groups in one)
         L_ins: [q.k, q.queue] / T against column 0, over all samples; then k is enqueued
         noise correction (phase NOISE_CORRECTION): corrected labels and a keep mask from classifier + prototypes
         prototypes <- EMA of the (kept, gathered) q by (corrected) label, then L2-normalised
