@@ -110,8 +110,11 @@ def build_mopro(
     queue_size: int = 8192,
     official_style: bool = False,
     backbone_kwargs: dict | None = None,
+    momentum_encoder_bn_groups: int | None = None,
 ) -> MoProForPreTraining:
-    """A MoPro training model in phase NOISE_CORRECTION with unit-norm random prototypes (as after warm-up)."""
+    """A MoPro training model in phase NOISE_CORRECTION with unit-norm random prototypes (as after warm-up).
+    `momentum_encoder_bn_groups=None` keeps the config default (8 virtual BatchNorm groups in one process)."""
+    groups = {} if momentum_encoder_bn_groups is None else {"momentum_encoder_bn_groups": momentum_encoder_bn_groups}
     config = MoProConfig(
         backbone=backbone,
         backbone_kwargs=backbone_kwargs,
@@ -119,6 +122,7 @@ def build_mopro(
         embedding_size=embedding_size,
         queue_size=queue_size,
         image_size=image_size,
+        **groups,
     )
     model = (OfficialStyleMoPro if official_style else MoProForPreTraining)(config)
     model.set_phase(MoProPhase.NOISE_CORRECTION)
@@ -273,6 +277,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num_labels", type=int, default=1000)
     parser.add_argument("--embedding_size", type=int, default=128)
     parser.add_argument("--queue_size", type=int, default=8192)
+    parser.add_argument(
+        "--momentum_encoder_bn_groups", type=int, default=None, help="BatchNorm groups of the key forward (default 8)"
+    )
     parser.add_argument("--repetitions", type=int, default=7)
     parser.add_argument("--steps_per_repetition", type=int, default=2)
     parser.add_argument("--warmup_steps", type=int, default=2)
@@ -291,10 +298,17 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def mopro_groups(args: argparse.Namespace) -> int:
+    if args.momentum_encoder_bn_groups is not None:
+        return args.momentum_encoder_bn_groups
+    return MoProConfig.momentum_encoder_bn_groups
+
+
 def run_config(config: StepConfig, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Builds the three models for one configuration, times their steps alternately, returns the figures."""
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     sizes = {"num_labels": args.num_labels, "embedding_size": args.embedding_size, "queue_size": args.queue_size}
+    sizes["momentum_encoder_bn_groups"] = args.momentum_encoder_bn_groups
     torch.manual_seed(0)
     mopro = build_mopro(config.backbone, config.image_size, **sizes).to(device, memory_format=memory_format)
     official = build_mopro(config.backbone, config.image_size, official_style=True, **sizes)
@@ -356,6 +370,7 @@ def main() -> None:
     load_after = os.getloadavg()
 
     precision = ("bf16 autocast" if args.bf16 else "fp32") + (", channels_last" if args.channels_last else "")
+    precision += f", {mopro_groups(args)} key BatchNorm group(s)"
     print(
         f"\n{args.device}, {precision}, {torch.get_num_threads()} thread(s), {args.num_labels} classes, "
         f"embedding {args.embedding_size}, queue {args.queue_size}, {args.repetitions} reps x "
@@ -395,6 +410,7 @@ def main() -> None:
             "num_labels": args.num_labels,
             "embedding_size": args.embedding_size,
             "queue_size": args.queue_size,
+            "momentum_encoder_bn_groups": mopro_groups(args),
             "repetitions": args.repetitions,
             "steps_per_repetition": args.steps_per_repetition,
             "warmup_steps": args.warmup_steps,

@@ -150,8 +150,10 @@ def extract_features(
                 (pixel_values, batch_labels), batch_index = batch[:2], None
             with autocast:
                 pooled = base.backbone(pixel_values.to(device, non_blocking=True))  # (B, F)
-                embeddings = base.projection(pooled)  # (B, D), L2-normalised
-                logits = classifier(pooled) if "logits" in kinds else None  # (B, K)
+            # The heads in their own (fp32) dtype, as in training: bf16 logits would move the soft scores that the
+            # noise report compares with 1/K. The projection head leaves autocast by itself.
+            embeddings = base.projection(pooled)  # (B, D), L2-normalised
+            logits = classifier(pooled.to(classifier.weight.dtype)) if "logits" in kinds else None  # (B, K)
             computed = {"pooled": pooled, "embeddings": embeddings, "logits": logits}
             if "prototype_similarities" in kinds:
                 computed["prototype_similarities"] = embeddings.float() @ base.prototypes.float().T  # (B, K)

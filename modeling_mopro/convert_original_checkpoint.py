@@ -15,7 +15,12 @@ timm's `resnet*` names, so the backbone maps one to one:
     module.queue (D, Q) / module.queue_ptr    -> queue / queue_ptr
 
 The release model (`MoProForImageClassification`, the default) keeps the query side; `full_training_state=True`
-gives `MoProForPreTraining` with the momentum encoder, queue and prototypes, to resume training. Every tensor of the
+gives `MoProForPreTraining` with the momentum encoder, queue and prototypes, to resume training. An official
+checkpoint carries one pending momentum update: the official forward updates `encoder_k` *first*
+(`_momentum_update_key_encoder`), so the saved `encoder_k` has not yet seen the last optimizer step of `encoder_q`,
+while our models update after every optimizer step and save the result. The full-state conversion applies that
+update once (parameters only, with `encoder_momentum`, the official `--moco_m`, 0.999 by default, which the
+checkpoint does not store), so that training resumed from it runs the steps the official run would have. Every tensor of the
 checkpoint must be recognised and every tensor of the model must be provided: a mismatch raises a `ValueError` that
 lists the offending (official) key names, never a silent partial load. The optimizer state is not converted (the
 Trainer's optimizer has its own parameter order) and may be absent.
@@ -298,10 +303,12 @@ def convert_original_checkpoint(
             official `train.py` (the dict wrapper or a bare state dict; with or without the `module.` prefix).
         output_dir: where to write safetensors weights, config (with `auto_map`), modeling code and image processor.
         full_training_state: return `MoProForPreTraining` (momentum encoder, queue, prototypes, phase from the
-            checkpoint's epoch: NOISE_CORRECTION at epoch 90) instead of the release `MoProForImageClassification`.
+            checkpoint's epoch: NOISE_CORRECTION at epoch 90) instead of the release `MoProForImageClassification`,
+            with the pending momentum update applied (see the module docstring).
         num_labels: expected number of classes (checked against the classifier; inferred when None).
         id2label: class names (WebVision's are not shipped with the checkpoint); `LABEL_i` when None.
-        config_kwargs: further `MoProConfig` fields, e.g. `image_size`.
+        config_kwargs: further `MoProConfig` fields, e.g. `image_size`, or `encoder_momentum` when the run used
+            another `--moco_m` than 0.999.
 
     Returns:
         The converted model, in eval mode.
@@ -313,6 +320,8 @@ def convert_original_checkpoint(
     model.load_state_dict(convert_state_dict(original, model), strict=True)
     if isinstance(model, MoProForPreTraining):
         model.set_phase(phase_from_epoch(metadata.get("epoch")))
+        # The update the official forward would run first on resume; ours runs after the optimizer step instead.
+        model.update_momentum_encoder()
     model.eval()
     logger.info(
         "Converted %s (arch=%s, epoch=%s) to %s: backbone %s %s, %d classes, embedding %d, queue %d.",
@@ -344,6 +353,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--id2label_file", help="json list of class names, or {index: name}.")
     parser.add_argument("--num_labels", type=int, help="Expected number of classes (checked).")
     parser.add_argument("--image_size", type=int, default=224, help="Crop size of the saved image processor.")
+    parser.add_argument(
+        "--encoder_momentum",
+        type=float,
+        default=0.999,
+        help="The run's official --moco_m; with --full_training_state it applies the pending momentum update.",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     convert_original_checkpoint(
@@ -353,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_labels=args.num_labels,
         id2label=load_id2label_file(args.id2label_file) if args.id2label_file else None,
         image_size=args.image_size,
+        encoder_momentum=args.encoder_momentum,
     )
 
 

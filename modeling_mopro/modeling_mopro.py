@@ -27,7 +27,7 @@ from transformers.image_utils import PILImageResampling
 from transformers.utils import ModelOutput
 
 from .configuration_mopro import MoProConfig
-from .distributed import batch_shuffle, batch_unshuffle, concat_all_gather
+from .distributed import batch_shuffle, batch_unshuffle, concat_all_gather, is_distributed
 from .losses import instance_contrastive_loss, instance_logits, masked_cross_entropy, prototype_logits
 from .noise_correction import correct_noisy_labels, far_from_prototypes, update_prototypes
 
@@ -117,7 +117,11 @@ def create_backbone(config: MoProConfig) -> nn.Module:
 
 
 class MoProProjectionHead(nn.Module):
-    """Linear -> ReLU -> Linear -> L2 normalisation (official `fc1`, `fc2`, `F.normalize`)."""
+    """Linear -> ReLU -> Linear -> L2 normalisation (official `fc1`, `fc2`, `F.normalize`).
+
+    Runs in the dtype of its own weights (float32 for a model trained with autocast), never in autocast's: the
+    embeddings feed the instance and prototype similarities, which the official fp32 run computes in full precision.
+    """
 
     def __init__(self, in_features: int, hidden_size: int, embedding_size: int):
         super().__init__()
@@ -125,7 +129,9 @@ class MoProProjectionHead(nn.Module):
         self.fc2 = nn.Linear(hidden_size, embedding_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.fc2(F.relu(self.fc1(features))), dim=1)
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            features = features.to(self.fc1.weight.dtype)  # differentiable: gradients reach a bf16 backbone
+            return F.normalize(self.fc2(F.relu(self.fc1(features))), dim=1)
 
 
 class MoProMomentumEncoder(nn.Module):
@@ -140,8 +146,47 @@ class MoProMomentumEncoder(nn.Module):
         self.classifier = nn.Linear(num_features, config.num_labels)
         self.requires_grad_(False)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.backbone(pixel_values))
+    def forward(self, pixel_values: torch.Tensor, bn_groups: int = 1) -> torch.Tensor:
+        """Keys (N, D) of `pixel_values` (N, 3, H, W).
+
+        With `bn_groups` > 1 in training mode, the batch is cut into `bn_groups` consecutive groups (sizes differ by
+        at most one) and BatchNorm normalises each group with that group's statistics alone: exactly as if every
+        group went through its own copy of the encoder, like the per-GPU key batches of the official 8-GPU run.
+        """
+        if bn_groups == 1 or not self.training:
+            return self.projection(self.backbone(pixel_values))
+        return self.projection(_forward_in_groups(self.backbone, pixel_values.tensor_split(bn_groups)))
+
+
+@torch.no_grad()
+def _forward_in_groups(module: nn.Module, groups: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """`module` on each group separately, concatenated; its BatchNorm running statistics take *one* step per call.
+
+    One forward per group is exact whatever the layer (timm's fused BatchNormAct too), works for any batch size and
+    keeps channels_last inputs as they are; MoCo's single-GPU SplitBatchNorm does the same in one pass, but needs a
+    batch divisible by the groups and its own BatchNorm class. Run naively, the loop would move the running
+    statistics once per group (and count `bn_groups` batches per step); here every group starts from the same
+    statistics and the result is their mean over groups, `(1 - momentum) * old + momentum * mean_g(batch stat_g)`:
+    the update SplitBatchNorm makes, one step per training step as the official run counts them.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    norms = [m for m in norms if m.running_mean is not None]
+    stats = [t for m in norms for t in (m.running_mean, m.running_var)]
+    counters = [m.num_batches_tracked for m in norms]
+    start_stats, start_counters = [t.clone() for t in stats], [t.clone() for t in counters]
+    sums = [torch.zeros_like(t) for t in stats]
+    outputs = []
+    for group in groups:
+        if stats:
+            torch._foreach_copy_(stats, start_stats)
+            torch._foreach_copy_(counters, start_counters)  # ends at start + 1, as after one batch
+        outputs.append(module(group))
+        if stats:
+            torch._foreach_add_(sums, stats)
+    if stats:
+        torch._foreach_div_(sums, len(groups))
+        torch._foreach_copy_(stats, sums)
+    return torch.cat(outputs)
 
 
 class MoProPreTrainedModel(PreTrainedModel):
@@ -250,7 +295,7 @@ class MoProForPreTraining(MoProPreTrainedModel):
 
     One training step (as official `model.py` + `train.py`):
         q  = projection(backbone(weak view)),   logits = classifier(...)
-        k  = momentum_encoder(strong view)       (no gradient, shuffle-BN across processes)
+        k  = momentum_encoder(strong view)       (no gradient; shuffle-BN across processes, BatchNorm groups in one)
         L_ins: [q.k, q.queue] / T against column 0, over all samples; then k is enqueued
         noise correction (phase NOISE_CORRECTION): corrected labels and a keep mask from classifier + prototypes
         prototypes <- EMA of the (kept, gathered) q by (corrected) label, then L2-normalised
@@ -260,6 +305,13 @@ class MoProForPreTraining(MoProPreTrainedModel):
     Call `update_momentum_encoder()` after every optimizer step (the Trainer's callback does): it is equivalent to
     the official update at the start of the next forward, and stays right under gradient accumulation.
     State (queue, prototypes) changes only in training mode.
+
+    Precision: under a caller's bf16/fp16 autocast (the Trainer's `bf16=True`) only the two backbones run in reduced
+    precision. Everything after pooling (classifier, projections, instance and prototype logits, soft labels,
+    prototype update, losses) runs in float32, as in the official fp32 run: the keep test compares a soft score with
+    1/K (0.001 at 1,000 classes), and bf16 logits move such scores by percents. Parameters and buffers follow
+    `.to(dtype)` like any module's, but training a model cast to 16 bits is refused: a 0.999 EMA step is below
+    bf16's resolution, so the prototypes and the momentum encoder would stop moving.
     """
 
     def __init__(self, config: MoProConfig):
@@ -294,6 +346,16 @@ class MoProForPreTraining(MoProPreTrainedModel):
         """Switch the training phase (WARMUP -> PROTOTYPES -> NOISE_CORRECTION)."""
         self.phase.fill_(int(MoProPhase(phase)))
 
+    def _check_training_precision(self) -> None:
+        """Training needs float32 state (see the class docstring); autocast is the way to train in bf16/fp16."""
+        dtypes = {self.classifier.weight.dtype, self.mopro.prototypes.dtype, self.queue.dtype}
+        half = dtypes & {torch.float16, torch.bfloat16}
+        if half:
+            raise ValueError(
+                f"MoProForPreTraining cannot train in {half.pop()}: its 0.999 EMAs (prototypes, momentum encoder) "
+                "are below 16-bit resolution. Keep the model in float32 and use autocast (Trainer `bf16=True`)."
+            )
+
     @torch.no_grad()
     def update_momentum_encoder(self, momentum: float | None = None) -> None:
         """EMA of the query *parameters* into the momentum encoder: k <- m k + (1 - m) q (official `moco_m`).
@@ -306,10 +368,27 @@ class MoProForPreTraining(MoProPreTrainedModel):
 
     @torch.no_grad()
     def _momentum_keys(self, pixel_values_key: torch.Tensor) -> torch.Tensor:
-        """k for the strong view, with MoCo's shuffle-BN across processes (identity in one process)."""
-        shuffled, inverse, sizes = batch_shuffle(pixel_values_key)
-        k = self.momentum_encoder(shuffled)
-        return batch_unshuffle(k, inverse, sizes)  # (N, D)
+        """k (N, D, float32) for the strong view, never normalised with the statistics of the batch the query saw.
+
+        Several processes: MoCo's shuffle-BN, each process normalises a random slice of the global batch. One process
+        (where that shuffle is the identity): a random permutation of the batch is normalised in
+        `config.momentum_encoder_bn_groups` virtual groups, then un-permuted. The permutation comes from torch's
+        global RNG, which Trainer checkpoints save, so a resumed run draws the same one.
+        """
+        groups = self.config.momentum_encoder_bn_groups
+        if is_distributed() or groups == 1 or not self.training:  # eval: BatchNorm uses running statistics
+            shuffled, inverse, sizes = batch_shuffle(pixel_values_key)
+            k = self.momentum_encoder(shuffled)
+            return batch_unshuffle(k, inverse, sizes)  # (N, D)
+        n = pixel_values_key.shape[0]
+        if n < 2 * groups:
+            raise ValueError(
+                f"`momentum_encoder_bn_groups`={groups} needs at least 2 keys per group, but the batch has {n}: "
+                "lower it or raise the per-device batch size (1 turns the groups off)."
+            )
+        perm = torch.randperm(n, device=pixel_values_key.device)
+        k = self.momentum_encoder(pixel_values_key[perm], bn_groups=groups)
+        return k[torch.argsort(perm)]  # (N, D)
 
     @torch.no_grad()
     def _enqueue(self, k_all: torch.Tensor) -> None:
@@ -347,59 +426,70 @@ class MoProForPreTraining(MoProPreTrainedModel):
             labels: (N,) given web labels. Without them: logits and embeddings only.
         """
         config = self.config
-        pooled = self.mopro.backbone(pixel_values)  # (N, F)
-        logits = self.classifier(pooled)  # (N, K)
-        q = self.mopro.projection(pooled)  # (N, D)
-        # Snapshots: autograd needs the queue and prototypes as they were, and both are updated in place below.
-        prototypes = self.mopro.prototypes.clone()  # (K, D)
-        proto_logits = prototype_logits(q, prototypes, config.temperature)  # (N, K)
-        if labels is None:
-            output = MoProForPreTrainingOutput(logits=logits, embeddings=q, prototype_logits=proto_logits)
-            return output if return_dict is not False else output.to_tuple()
-        _check_labels(labels, config.num_labels)
-        phase = self.current_phase
-
-        if phase >= MoProPhase.NOISE_CORRECTION:
-            targets, keep = correct_noisy_labels(
-                logits.detach(), proto_logits.detach(), labels, config.alpha, config.pseudo_label_threshold
-            )
-            if config.ood_rule == "prototype_distance":
-                keep &= ~far_from_prototypes(q.detach(), prototypes, config.ood_similarity_threshold)
-        else:
-            targets, keep = labels, torch.ones_like(labels, dtype=torch.bool)
-
-        loss_instance = inst_logits = None
-        if pixel_values_key is not None:
-            k = self._momentum_keys(pixel_values_key)  # (N, D)
-            inst_logits = instance_logits(q, k, self.queue.clone(), config.temperature)  # (N, 1 + Q)
-            loss_instance = instance_contrastive_loss(inst_logits)
+        if labels is not None:
+            _check_labels(labels, config.num_labels)
             if self.training:
-                self._enqueue(concat_all_gather(k))  # after the logits: a key is never its own negative
-        if self.training:
-            self._update_prototypes(q.detach(), targets, keep)
+                self._check_training_precision()
+        # Keys first: nothing else depends on the order, and a key batch too small for the BatchNorm groups fails
+        # before any state moves. Both backbones run in the caller's autocast dtype; the keys come back in float32.
+        k = None
+        if labels is not None and pixel_values_key is not None:
+            k = self._momentum_keys(pixel_values_key)  # (N, D)
+        pooled = self.mopro.backbone(pixel_values)  # (N, F)
 
-        loss_cls = masked_cross_entropy(logits, targets, keep)
-        loss = loss_cls
-        if loss_instance is not None:
-            loss = loss + config.instance_loss_weight * loss_instance
-        loss_prototype = torch.zeros_like(loss_cls)
-        if phase >= MoProPhase.PROTOTYPES:
-            loss_prototype = masked_cross_entropy(proto_logits, targets, keep)
-            loss = loss + config.prototype_loss_weight * loss_prototype
+        # From here on float32 whatever the caller's autocast (see the class docstring); `.to` keeps the gradient.
+        with torch.autocast(device_type=pooled.device.type, enabled=False):
+            pooled = pooled.to(self.classifier.weight.dtype)
+            logits = self.classifier(pooled)  # (N, K)
+            q = self.mopro.projection(pooled)  # (N, D)
+            # Snapshots: autograd needs the queue and prototypes as they were, and both are updated in place below.
+            prototypes = self.mopro.prototypes.clone()  # (K, D)
+            proto_logits = prototype_logits(q, prototypes, config.temperature)  # (N, K)
+            if labels is None:
+                output = MoProForPreTrainingOutput(logits=logits, embeddings=q, prototype_logits=proto_logits)
+                return output if return_dict is not False else output.to_tuple()
+            phase = self.current_phase
 
-        output = MoProForPreTrainingOutput(
-            loss=loss,
-            loss_cls=loss_cls.detach(),
-            loss_instance=None if loss_instance is None else loss_instance.detach(),
-            loss_prototype=loss_prototype.detach(),
-            logits=logits,
-            embeddings=q,
-            instance_logits=inst_logits,
-            prototype_logits=proto_logits,
-            corrected_labels=targets,
-            keep_mask=keep,
-            relabel_mask=targets != labels,
-        )
+            if phase >= MoProPhase.NOISE_CORRECTION:
+                targets, keep = correct_noisy_labels(
+                    logits.detach(), proto_logits.detach(), labels, config.alpha, config.pseudo_label_threshold
+                )
+                if config.ood_rule == "prototype_distance":
+                    keep &= ~far_from_prototypes(q.detach(), prototypes, config.ood_similarity_threshold)
+            else:
+                targets, keep = labels, torch.ones_like(labels, dtype=torch.bool)
+
+            loss_instance = inst_logits = None
+            if k is not None:
+                inst_logits = instance_logits(q, k, self.queue.clone(), config.temperature)  # (N, 1 + Q)
+                loss_instance = instance_contrastive_loss(inst_logits)
+                if self.training:
+                    self._enqueue(concat_all_gather(k))  # after the logits: a key is never its own negative
+            if self.training:
+                self._update_prototypes(q.detach(), targets, keep)
+
+            loss_cls = masked_cross_entropy(logits, targets, keep)
+            loss = loss_cls
+            if loss_instance is not None:
+                loss = loss + config.instance_loss_weight * loss_instance
+            loss_prototype = torch.zeros_like(loss_cls)
+            if phase >= MoProPhase.PROTOTYPES:
+                loss_prototype = masked_cross_entropy(proto_logits, targets, keep)
+                loss = loss + config.prototype_loss_weight * loss_prototype
+
+            output = MoProForPreTrainingOutput(
+                loss=loss,
+                loss_cls=loss_cls.detach(),
+                loss_instance=None if loss_instance is None else loss_instance.detach(),
+                loss_prototype=loss_prototype.detach(),
+                logits=logits,
+                embeddings=q,
+                instance_logits=inst_logits,
+                prototype_logits=proto_logits,
+                corrected_labels=targets,
+                keep_mask=keep,
+                relabel_mask=targets != labels,
+            )
         return output if return_dict is not False else output.to_tuple()
 
     # --------------------------------------------------------------------------------------------- release

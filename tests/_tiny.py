@@ -47,6 +47,9 @@ class MoProModelTester:
             embedding_size=8,
             queue_size=self.queue_size,
             image_size=self.image_size,
+            # One process: the key batch is normalised in virtual groups; the default 8 needs 16 keys, batch 6 has
+            # two groups of 3. The official-reference tests set 1, the reference having no groups.
+            momentum_encoder_bn_groups=2,
         )
         values.update(overrides)
         return MoProConfig(**values)

@@ -14,6 +14,7 @@ from transformers import AutoModelForImageClassification
 
 from modeling_mopro import MoProForImageClassification, MoProForPreTraining, MoProPhase
 from modeling_mopro.convert_original_checkpoint import convert_original_checkpoint, infer_config, main
+from tests._tiny import query_momentum_pairs
 
 NUM_CLASSES, HIDDEN, EMBEDDING, QUEUE = 10, 64, 16, 32
 
@@ -154,23 +155,50 @@ def test_full_training_state_carries_every_tensor(official):
         "queue_ptr": "module.queue_ptr",
         "mopro.prototypes": "module.prototypes",
         "classifier.weight": "module.encoder_q.classifier.weight",
-        "momentum_encoder.classifier.bias": "module.encoder_k.classifier.bias",
-        "momentum_encoder.projection.fc1.weight": "module.encoder_k.fc1.weight",
-        "momentum_encoder.projection.fc2.bias": "module.encoder_k.fc2.bias",
         "momentum_encoder.backbone.layer4.2.bn3.running_var": "module.encoder_k.layer4.2.bn3.running_var",
-        "momentum_encoder.backbone.conv1.weight": "module.encoder_k.conv1.weight",
         "mopro.backbone.layer3.5.conv2.weight": "module.encoder_q.layer3.5.conv2.weight",
     }
     for ours_key, official_key in pairs.items():
         assert torch.equal(ours[ours_key], state[official_key]), ours_key
-    # Every momentum-encoder tensor, not only the sampled ones, equals its `encoder_k` original.
+    # Every momentum-encoder buffer, not only the sampled ones, equals its `encoder_k` original; the parameters got
+    # the pending update (test_full_training_state_applies_the_pending_momentum_update).
     momentum = {k: v for k, v in ours.items() if k.startswith("momentum_encoder.")}
     assert len(momentum) == sum(k.startswith("module.encoder_k.") for k in state)
+    parameters = dict(model.named_parameters())
     for key, value in momentum.items():
-        official_key = "module.encoder_k." + key.removeprefix("momentum_encoder.").removeprefix("backbone.")
-        official_key = official_key.replace("projection.", "")
-        assert torch.equal(value, state[official_key]), key
+        if key not in parameters:
+            assert torch.equal(value, state[_official_momentum_key(key)]), key
     assert model.queue_ptr.dtype == torch.long and int(model.queue_ptr) == 8
+
+
+def _official_momentum_key(key: str) -> str:
+    """`momentum_encoder.backbone.layer1.0.bn1.weight` -> `module.encoder_k.layer1.0.bn1.weight` (and the heads)."""
+    official_key = "module.encoder_k." + key.removeprefix("momentum_encoder.").removeprefix("backbone.")
+    return official_key.replace("projection.", "")
+
+
+@pytest.mark.parametrize("encoder_momentum", [None, 0.5])  # None: the official default moco_m = 0.999
+def test_full_training_state_applies_the_pending_momentum_update(official, encoder_momentum):
+    """The official forward runs `encoder_k <- m encoder_k + (1 - m) encoder_q` before anything else, so the
+    checkpoint's encoder_k is one update behind; ours updates after the optimizer step, so the conversion applies
+    it: the converted momentum parameters are what the official run's next forward would use."""
+    state = official["state"]
+    kwargs = {} if encoder_momentum is None else {"encoder_momentum": encoder_momentum}
+    model = convert_original_checkpoint(official["path"], full_training_state=True, **kwargs)
+    m = 0.999 if encoder_momentum is None else encoder_momentum
+    assert model.config.encoder_momentum == m
+    count = 0
+    for name, _, momentum_param in query_momentum_pairs(model):
+        k = state[_official_momentum_key(name)]
+        q = state[_official_momentum_key(name).replace("encoder_k", "encoder_q")]
+        expected = torch.add(m * k, q, alpha=1 - m)  # as torch evaluates the update (see test_modeling_mopro.ema)
+        assert torch.equal(momentum_param.detach(), expected), name
+        assert not torch.equal(momentum_param.detach(), k), f"{name}: the pending update was not applied"
+        count += 1
+    assert count == len(list(model.momentum_encoder.parameters())) > 0
+    # Only parameters, as the official update: BatchNorm running statistics stay the checkpoint's.
+    bn = "momentum_encoder.backbone.layer1.0.bn1.running_mean"
+    assert torch.equal(model.state_dict()[bn], state["module.encoder_k.layer1.0.bn1.running_mean"])
 
 
 def _save_bare(state: dict, path) -> str:

@@ -128,6 +128,9 @@ def engineered_step_setup() -> tuple[MoProForPreTraining, torch.Tensor, torch.Te
     2nd and 3rd largest score, and each remaining sample gets its best class (kept) or its worst one (OOD).
     """
     config = tester.get_config(
+        # The reference's momentum encoder sees the whole key batch, like one official GPU with its local batch;
+        # the single-process BatchNorm groups are checked against their own reference in test_precision_and_bn_groups.py.
+        momentum_encoder_bn_groups=1,
         alpha=0.4,
         temperature=0.2,
         prototype_momentum=0.7,  # a visible prototype move: q and k lead to clearly different prototypes
@@ -349,7 +352,8 @@ def test_step_matches_official_reference(phase):
 @pytest.mark.parametrize(("batch_size", "steps"), [(6, 5), (26, 2)])
 def test_queue_wraps_around(batch_size, steps):
     """Queue 20 with batch 6 (not a divisor) and with a batch of 26 (larger than the queue)."""
-    model = tester.create_pretraining_model()
+    # No BatchNorm groups: the reference keys below come from one pass of the momentum encoder over the batch.
+    model = tester.create_pretraining_model(tester.get_config(momentum_encoder_bn_groups=1))
     random_state(model, seed=0, queue_ptr=7)
     momentum_encoder = copy.deepcopy(model.momentum_encoder)  # no EMA between steps: the same keys
     queue, pointer = model.queue.clone(), 7
