@@ -27,7 +27,10 @@ PROCESSES = 8  # the paper's 8 GPUs; the global batch is the same on any count (
 # name -> (official value, how the run reads it from (model_args, training_args, config)).
 OFFICIAL = {
     # train.py L45: -b 256, "the total batch size of all GPUs on the current node"; L187 splits it per GPU
-    "global_batch_size": (256, lambda m, t, c: t.per_device_train_batch_size * PROCESSES * t.gradient_accumulation_steps),
+    "global_batch_size": (
+        256,
+        lambda m, t, c: t.per_device_train_batch_size * PROCESSES * t.gradient_accumulation_steps,
+    ),
     # train.py L49: --lr 0.1
     "learning_rate": (0.1, lambda m, t, c: t.learning_rate),
     # train.py L53: --cos default False -> step schedule; L396-405 adjust_learning_rate, no warm-up

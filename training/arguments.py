@@ -83,7 +83,9 @@ class MoProTrainingArguments(TrainingArguments):
     # `None` means "not given": derived from `global_batch_size`, else the Trainer's default of 8.
     per_device_train_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Per-process batch. Leave unset with `global_batch_size` (it is derived), or make it agree."},
+        metadata={
+            "help": "Per-process batch. Leave unset with `global_batch_size` (it is derived), or make it agree."
+        },
     )
     scale_lr_with_global_batch: bool = field(
         default=False,

@@ -87,11 +87,10 @@ def _precision(training_args) -> str:
 
 def _first_step(phase: MoProPhase, spe: int, training_args) -> int:
     """The first optimizer step (0-indexed) that runs in `phase`, by the trainer's own `phase_for_epoch`."""
-    start = training_args.prototype_start_epoch if phase == MoProPhase.PROTOTYPES else None
-    start = training_args.noise_correction_start_epoch if start is None else start
+    starts = (training_args.prototype_start_epoch, training_args.noise_correction_start_epoch)
+    start = starts[1] if phase == MoProPhase.NOISE_CORRECTION else starts[0]
     step = max(math.floor(start * spe) - 1, 0)
-    epochs = (training_args.prototype_start_epoch, training_args.noise_correction_start_epoch)
-    while phase_for_epoch(step / spe, *epochs) < phase:
+    while phase_for_epoch(step / spe, *starts) < phase:
         step += 1
     return step
 
@@ -132,6 +131,29 @@ def _differs(value: Any, official: Any) -> bool:
     return value != official
 
 
+def _departure(name: str, value: Any, official: Any, source: str, note: str | None = None) -> dict[str, Any]:
+    return {"name": name, "value": value, "official": official, "source": source, **({"note": note} if note else {})}
+
+
+def _shuffle_bn(num_processes: int, groups: int) -> str:
+    if num_processes > 1:
+        return f"cross-process shuffle-BN over {num_processes} processes (official)"
+    if groups > 1:
+        return f"one process: the momentum encoder's BatchNorm in {groups} virtual groups (shuffle-BN stand-in)"
+    return "none: one process, the momentum encoder's BatchNorm sees the whole batch"
+
+
+def _backbone_precision(precision: str, tf32: bool | None) -> str:
+    if precision in ("bf16", "fp16"):
+        return f"{precision} autocast"
+    if precision == "tf32":
+        return "fp32 with TF32 matmuls and convolutions (--tf32 true)"
+    if tf32 is False:
+        return "fp32 (IEEE, --tf32 false)"
+    # PyTorch's default `torch.backends.cudnn.conv.fp32_precision` is "tf32": so it is for the official code there.
+    return "fp32 (cuDNN convolutions in TF32 on Ampere or newer GPUs, PyTorch's default; --tf32 false for IEEE)"
+
+
 def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None = None) -> dict[str, Any]:
     """The plan of `run_mopro.py argv` on `num_processes` processes, as a JSON-ready dict."""
     # `use_cpu` only keeps TrainingArguments from asking this machine for the GPU features (bf16) the run will use.
@@ -155,7 +177,6 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
             num_samples, per_device, num_processes, accumulation,
             streamed=streamed, drop_last=training_args.dataloader_drop_last,
         )  # fmt: skip
-
     values = recipe_values(model_args, training_args, config, num_processes)
     total_steps = None
     if training_args.max_steps > 0:
@@ -166,39 +187,25 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
 
     departures = []
     for name, (official, source) in OFFICIAL_RECIPE.items():
-        value = values[name]
-        if value is None and name == "num_train_epochs":
-            departures.append({"name": name, "value": None, "official": official, "source": source,
-                               "note": "max_steps is set: give --num_train_samples to check the epochs"})  # fmt: skip
-        elif _differs(value, official):
-            departures.append({"name": name, "value": value, "official": official, "source": source})
-    if spe and global_batch and spe != num_samples // global_batch:
-        departures.append({
-            "name": "steps_per_epoch", "value": spe, "official": num_samples // global_batch,
-            "source": "DataLoader/dataloader.py L125: drop_last over the global batch",
-            "note": f"the last step of each epoch accumulates fewer than {accumulation} micro-batches",
-        })  # fmt: skip
-    groups = config.momentum_encoder_bn_groups
-    if num_processes > 1:
-        shuffle_bn = f"cross-process shuffle-BN over {num_processes} processes (official)"
-    elif groups > 1:
-        shuffle_bn = f"one process: the momentum encoder's BatchNorm in {groups} virtual groups (shuffle-BN stand-in)"
-    else:
-        shuffle_bn = "none: one process, the momentum encoder's BatchNorm sees the whole batch"
+        if values[name] is None and name == "num_train_epochs":
+            note = "max_steps is set: give --num_train_samples to check the epochs"
+            departures.append(_departure(name, None, official, source, note))
+        elif _differs(values[name], official):
+            departures.append(_departure(name, values[name], official, source))
+    if spe and spe != num_samples // global_batch:
+        note = f"the last step of each epoch accumulates fewer than {accumulation} micro-batches"
+        source = "DataLoader/dataloader.py L125: drop_last over the global batch"
+        departures.append(_departure("steps_per_epoch", spe, num_samples // global_batch, source, note))
+    shuffle_bn = _shuffle_bn(num_processes, config.momentum_encoder_bn_groups)
     if num_processes == 1:
-        departures.append({
-            "name": "shuffle_bn", "value": shuffle_bn, "official": "cross-process shuffle-BN",
-            "source": "model.py L113-116: _batch_shuffle_ddp / _batch_unshuffle_ddp",
-        })  # fmt: skip
+        source = "model.py L113-116: _batch_shuffle_ddp / _batch_unshuffle_ddp"
+        departures.append(_departure("shuffle_bn", shuffle_bn, "cross-process shuffle-BN", source))
 
     lr_schedule = [{"epoch": 0, "step": 0, "learning_rate": training_args.learning_rate}]
     for i, epoch in enumerate(sorted(values["lr_milestones"])):
-        lr_schedule.append({
-            "epoch": epoch, "step": round(epoch * spe) if spe else None,  # as MoProTrainer.create_scheduler
-            "learning_rate": float(f"{training_args.learning_rate * training_args.lr_gamma ** (i + 1):.12g}"),
-        })  # fmt: skip
-    precision = values["precision"]
-    backbone_precision = {"bf16": "bf16 autocast", "fp16": "fp16 autocast", "tf32": "fp32 with TF32 matmuls"}
+        lr = training_args.learning_rate * training_args.lr_gamma ** (i + 1)
+        step = round(epoch * spe) if spe else None  # as MoProTrainer.create_scheduler
+        lr_schedule.append({"epoch": epoch, "step": step, "learning_rate": float(f"{lr:.12g}")})
     if model_args.model_name_or_path:
         initialisation = f"weights from {model_args.model_name_or_path}"
     elif config.backbone_zero_init_last:
@@ -217,15 +224,18 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
         "num_train_epochs": values["num_train_epochs"],
         "total_steps": total_steps,
         "learning_rate": training_args.learning_rate,
-        "lr_schedule": lr_schedule if training_args.lr_milestones else str(training_args.lr_scheduler_type.value),
+        "lr_schedule": lr_schedule if training_args.lr_milestones else values["lr_schedule"],
         "prototype_loss_start_step": _first_step(MoProPhase.PROTOTYPES, spe, training_args) if spe else None,
         "noise_correction_start_step": _first_step(MoProPhase.NOISE_CORRECTION, spe, training_args) if spe else None,
-        "precision": {"backbone": backbone_precision.get(precision, "fp32"), _HEADS: "fp32"},
+        "precision": {"backbone": _backbone_precision(values["precision"], training_args.tf32), _HEADS: "fp32"},
         "max_grad_norm": training_args.max_grad_norm or None,
         "backbone_initialisation": initialisation,
         "shuffle_bn": shuffle_bn,
-        "optimizer": {"name": values["optimizer"], "momentum": values["momentum"],
-                      "weight_decay": training_args.weight_decay},  # fmt: skip
+        "optimizer": {
+            "name": values["optimizer"],
+            "momentum": values["momentum"],
+            "weight_decay": values["weight_decay"],
+        },
         "departures_from_official": departures,
     }
 
@@ -256,15 +266,21 @@ def format_plan(result: dict[str, Any]) -> str:
     ]
     if isinstance(result["lr_schedule"], list):
         for entry in result["lr_schedule"]:
-            rows.append((f"lr from epoch {entry['epoch']:g}", f"{entry['learning_rate']:.6g} (step {_number(entry['step'])})"))
+            rows.append(
+                (f"lr from epoch {entry['epoch']:g}", f"{entry['learning_rate']:.6g} (step {_number(entry['step'])})")
+            )
     else:
         rows.append(("lr schedule", f"Trainer '{result['lr_schedule']}' from {result['learning_rate']:.6g}"))
     optimizer = result["optimizer"]
     rows += [
-        ("optimizer", f"{optimizer['name']}, momentum {optimizer['momentum']}, weight decay {optimizer['weight_decay']}"),
+        (
+            "optimizer",
+            f"{optimizer['name']}, momentum {optimizer['momentum']}, weight decay {optimizer['weight_decay']}",
+        ),
         ("prototype loss from", f"step {_number(result['prototype_loss_start_step'])}"),
         ("noise correction from", f"step {_number(result['noise_correction_start_step'])}"),
-        ("precision", "; ".join(f"{part}: {kind}" for part, kind in result["precision"].items())),
+        ("precision, backbone", result["precision"]["backbone"]),
+        ("precision, the rest", f"{result['precision'][_HEADS]}: {_HEADS}"),
         ("gradient clipping", "off" if result["max_grad_norm"] is None else f"max norm {result['max_grad_norm']}"),
         ("backbone initialisation", result["backbone_initialisation"]),
         ("shuffle-BN", result["shuffle_bn"]),
