@@ -68,7 +68,7 @@ class MoProTrainingArguments(TrainingArguments):
     # all_gather of keys and embeddings expects equal per-process batches, as in the official code.
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Drop the last incomplete batch."})
     # The official step is zero_grad, backward, SGD step (train.py L307-309): no clipping. Trainer's default of 1.0
-    # would shrink the early ResNet-50 updates several-fold (gradient norm ~6 in warm-up, ~15 with prototypes).
+    # would rescale every update whose gradient norm exceeds 1, as the early MoPro updates' norms do.
     max_grad_norm: float = field(
         default=0.0,
         metadata={"help": "Clip the gradient norm to this value; 0 = off (official). A value > 0 is a departure."},
