@@ -3,7 +3,10 @@
 Recipe (official defaults, all configurable): the whole `MoProForImageClassification` (backbone + the MoPro
 classifier, whose 1000 WebVision classes are ImageNet's) is trained for 40 epochs with SGD (momentum 0.9, weight
 decay 0), learning rate 0.005 multiplied by 0.2 at epochs 20 and 30, global batch 256, RandomResizedCrop(224)
-(scale 0.08-1) + horizontal flip; evaluation on ImageNet val with the test view.
+(scale 0.08-1) + horizontal flip; evaluation on ImageNet val with the test view after every epoch. As officially
+(`finetune_imagenet.py` keeps `best_acc1` and `model_best.pth.tar`), the reported top-1/top-5 and the saved model are
+those of the best epoch by validation top-1; the last epoch's are reported beside them (`final_top1`, `final_top5`).
+`--no-select_best_epoch` evaluates once, after the last epoch (cheaper; a departure).
 
 The labelled subset is either read from a file list (one image file name per line, e.g. SimCLR's
 `1percent.txt`; matched on file names) or sampled *per class* (`max(1, round(fraction * n_c))` images of each
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import Sampler
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .classification import DATASET_CARDS, evaluate_classification
 from .features import resolve_device, save_eval_results
@@ -103,6 +106,37 @@ class StepDecayTrainer(Trainer):
         if self.frozen_backbone:  # the Trainer calls model.train() before every step
             self.accelerator.unwrap_model(model).mopro.backbone.eval()
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+class BestEpochCallback(TrainerCallback):
+    """Evaluates after every epoch on the main process and keeps the best epoch by top-1 (official
+    `finetune_imagenet.py`: `is_best = acc1 > best_acc1`, so the first of equal epochs wins), with a CPU copy of its
+    weights. The other processes wait at a barrier meanwhile, instead of inside the next step's all-reduce.
+
+    Args:
+        eval_dataset: Evaluation set with the test view.
+        batch_size / num_workers: For `evaluate_classification`.
+        wait_for_everyone: The trainer's `accelerator.wait_for_everyone`.
+    """
+
+    def __init__(self, eval_dataset, batch_size: int, num_workers: int, wait_for_everyone: Callable[[], None]):
+        self.eval_dataset, self.batch_size, self.num_workers = eval_dataset, batch_size, num_workers
+        self.wait_for_everyone = wait_for_everyone
+        self.history: list[dict[str, float]] = []
+        self.best: dict[str, float] | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            metrics = evaluate_classification(
+                model, self.eval_dataset, batch_size=self.batch_size, num_workers=self.num_workers
+            )
+            metrics["epoch"] = round(state.epoch)
+            self.history.append(metrics)
+            if self.best is None or metrics["top1"] > self.best["top1"]:
+                self.best = metrics
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self.wait_for_everyone()
 
 
 def load_for_training(model_name_or_path: str | os.PathLike, num_labels: int):
@@ -192,6 +226,7 @@ def finetune(
     bf16: bool = False,
     save_model: bool = True,
     logging_steps: int = 50,
+    select_best_epoch: bool = True,
 ) -> dict[str, float]:
     """Fine-tunes on the labelled subset; returns top-1/top-5 (%) on `eval_dataset`, `train_samples`, `train_epochs`
     (an empty dict off the main process).
@@ -201,6 +236,8 @@ def finetune(
         eval_dataset: Evaluation set with the test view.
         label_fraction / subset_file: How to pick the labelled subset (the file wins when given).
         save_model: Save the fine-tuned model (and image processor) to `output_dir`.
+        select_best_epoch: Evaluate after every epoch; report and save the best epoch by top-1 (official), with
+            `best_epoch` (1-based) and the last epoch's `final_top1` / `final_top5`. Else evaluate the last epoch.
     """
     if subset_file is not None:
         indices = subset_from_file(train_dataset.ids, subset_file)
@@ -223,13 +260,29 @@ def finetune(
         gamma=gamma,
         momentum=momentum,
     )
+    best_epoch = None
+    if select_best_epoch:
+        best_epoch = BestEpochCallback(eval_dataset, batch_size, num_workers, trainer.accelerator.wait_for_everyone)
+        trainer.add_callback(best_epoch)
     trainer.train()
+    if best_epoch is not None and best_epoch.best_state is not None:
+        trainer.model.load_state_dict(best_epoch.best_state)  # main process only, which alone saves
     if save_model:
         trainer.save_model(str(output_dir))
     if not trainer.is_world_process_zero():  # evaluation runs in one process; the others return nothing
         return {}
-    metrics = evaluate_classification(trainer.model, eval_dataset, batch_size=batch_size, num_workers=num_workers)
-    return {**metrics, "train_samples": len(labelled), "train_epochs": epochs}
+    summary = {"train_samples": len(labelled), "train_epochs": epochs}
+    if best_epoch is None:
+        metrics = evaluate_classification(trainer.model, eval_dataset, batch_size=batch_size, num_workers=num_workers)
+        return {**metrics, **summary}
+    best, final = best_epoch.best, best_epoch.history[-1]
+    return {
+        **{k: v for k, v in best.items() if k != "epoch"},
+        "best_epoch": best["epoch"],
+        "final_top1": final["top1"],
+        "final_top5": final["top5"],
+        **summary,
+    }
 
 
 def add_schedule_arguments(
@@ -259,6 +312,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--dataset", default="imagenet", help="result key prefix")
     parser.add_argument("--label_fraction", type=float, default=0.01)
     parser.add_argument("--subset_file", default=None, help="file names of the labelled images (overrides fraction)")
+    parser.add_argument(
+        "--select_best_epoch",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate every epoch and report/save the best by top-1 (official); --no-select_best_epoch: last epoch",
+    )
     add_schedule_arguments(parser, epochs=40, learning_rate=0.005, milestones=[20, 30], gamma=0.2)
     args = parser.parse_args(argv)
 
@@ -273,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         args.model_name_or_path, train, val, args.output_dir, args.label_fraction, args.subset_file, args.epochs,
         args.learning_rate, args.milestones, args.gamma, args.momentum, args.weight_decay, args.batch_size,
         args.seed, args.num_workers, args.bf16, logging_steps=args.logging_steps,
+        select_best_epoch=args.select_best_epoch,
     )  # fmt: skip
     if not metrics:  # not the main process
         return metrics
@@ -287,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 __all__ = [
+    "BestEpochCallback",
     "StepDecayTrainer",
     "finetune",
     "load_for_training",

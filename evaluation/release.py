@@ -290,10 +290,11 @@ def export_timm(
         "paper_name": "MoPro: Webly Supervised Learning with Momentum Prototypes",
         "paper_ids": "arXiv:2009.07995",
     }
-    # The saved transformers image processor's view: the official resize 256 / centre-crop 224, scaled.
+    # The saved transformers image processor's view (`build_image_processor`): the official resize 256 / centre-crop
+    # 224, scaled, bilinear as torchvision's `Resize` in the official test transform.
     data_config = {
         "input_size": (3, config.image_size, config.image_size),
-        "interpolation": "bicubic",
+        "interpolation": "bilinear",
         "crop_pct": 224 / 256,
         "crop_mode": "center",
         "mean": tuple(config.image_mean),

@@ -445,6 +445,48 @@ def test_finetune_script_runs(workspace, tmp_path):
     assert (tmp_path / "ft" / "model.safetensors").exists()
 
 
+def test_finetune_reports_and_saves_the_best_epoch(workspace, tmp_path, monkeypatch):
+    """Official `finetune_imagenet.py` keeps the best top-1 over the epochs (and `model_best`): so do we, with the
+    last epoch beside it."""
+    scripted_top1 = iter([30.0, 70.0, 70.0, 50.0])  # epoch 2 is best; epoch 3 only ties it (first one wins)
+    weights = []
+
+    def fake_evaluate(model, dataset, **kwargs):
+        weights.append(model.classifier.weight.detach().clone())
+        top1 = next(scripted_top1)
+        return {"top1": top1, "top5": top1 + 1, "num_samples": len(dataset)}
+
+    monkeypatch.setattr(finetune, "evaluate_classification", fake_evaluate)
+    metrics = finetune.main(
+        ["--model_name_or_path", str(workspace["model"]), "--output_dir", str(tmp_path / "ft"),
+         "--results_dir", str(tmp_path), "--train_data_dir", str(workspace["train"]), "--data_dir", str(workspace["val"]),
+         "--label_fraction", "0.5", "--epochs", "4", "--learning_rate", "0.5", "--batch_size", "8",
+         "--num_workers", "0"]
+    )  # fmt: skip
+    assert len(weights) == 4  # evaluated after every epoch
+    assert (metrics["top1"], metrics["top5"], metrics["best_epoch"]) == (70.0, 71.0, 2)
+    assert (metrics["final_top1"], metrics["final_top5"]) == (50.0, 51.0)
+    assert read_result(tmp_path, "eval_finetune_imagenet_50pct.json")["best_epoch"] == 2
+    saved = load_model(tmp_path / "ft").classifier.weight
+    assert not torch.equal(weights[1], weights[3])  # the weights moved after the best epoch...
+    torch.testing.assert_close(saved, weights[1], rtol=0, atol=0)  # ...and the saved model is the best epoch's
+
+
+def test_finetune_last_epoch_only_is_a_flag(workspace, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        finetune, "evaluate_classification",
+        lambda model, dataset, **kwargs: calls.append(1) or {"top1": 1.0, "top5": 2.0, "num_samples": len(dataset)},
+    )  # fmt: skip
+    metrics = finetune.main(
+        ["--model_name_or_path", str(workspace["model"]), "--output_dir", str(tmp_path / "ft"),
+         "--results_dir", str(tmp_path), "--train_data_dir", str(workspace["train"]), "--data_dir", str(workspace["val"]),
+         "--label_fraction", "0.5", "--epochs", "2", "--batch_size", "8", "--num_workers", "0",
+         "--no-select_best_epoch"]
+    )  # fmt: skip
+    assert len(calls) == 1 and "best_epoch" not in metrics and metrics["top1"] == 1.0
+
+
 def test_class_balanced_weights_and_sampler():
     labels = np.array([0] * 64 + [1] * 16 + [2] * 4)
     weights = classifier_retrain.class_balanced_weights(labels, num_classes=4)

@@ -191,6 +191,24 @@ def test_timm_export_loads_offline_with_identical_logits(trained, release):
     assert pretrained_cfg["tag"] == "mopro" and "test_input_size" not in pretrained_cfg  # not timm's a1_in1k cfg
 
 
+def test_timm_export_preprocesses_like_the_saved_image_processor(trained, release):
+    """timm's eval transform from the export resizes bilinearly, as `build_image_processor` (and the official test
+    transform) does: same pixels."""
+    from modeling_mopro import MoProConfig, build_image_processor
+
+    timm_dir = release["dir"] / "timm"
+    model = timm.create_model(f"local-dir:{timm_dir}", pretrained=True)
+    data_config = timm.data.resolve_data_config({}, model=model)
+    assert data_config["interpolation"] == "bilinear"
+    timm_transform = timm.data.create_transform(**data_config)
+    processor = build_image_processor(MoProConfig.from_pretrained(release["dir"]))
+    image = Image.fromarray(
+        torch.randint(0, 256, (45, 61, 3), generator=torch.Generator().manual_seed(0)).byte().numpy()
+    )
+    expected = processor(image, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(timm_transform(image), expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("subfolder", [None, "timm"])
 def test_transformers_timm_wrapper_loads_the_timm_export(trained, release, subfolder):
     """`AutoModelForImageClassification` on the timm export: the folder itself, or the release with `subfolder`."""

@@ -6,6 +6,7 @@ the schedule (phase starts, learning-rate milestones), which belongs to training
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -39,13 +40,21 @@ class ModelArguments:
     prototype_loss_weight: float | None = field(default=None, metadata={"help": "w_proto (official 1.0)."})
     ood_rule: str | None = field(default=None, metadata={"help": "'official' or 'prototype_distance'."})
     ood_similarity_threshold: float | None = field(default=None, metadata={"help": "For 'prototype_distance'."})
+    backbone_zero_init_last: bool | None = field(
+        default=None,
+        metadata={"help": "Zero-init the last BN gamma of each residual block (timm's habit; official False)."},
+    )
+    momentum_encoder_bn_groups: int | None = field(
+        default=None,
+        metadata={"help": "One process only: virtual BN groups of the momentum encoder, stand-in for shuffle-BN (8)."},
+    )
 
     def config_overrides(self) -> dict:
         """The MoProConfig fields that were set explicitly."""
         names = (
             "embedding_size", "projection_hidden_size", "queue_size", "encoder_momentum", "prototype_momentum",
             "temperature", "alpha", "pseudo_label_threshold", "instance_loss_weight", "prototype_loss_weight",
-            "ood_rule", "ood_similarity_threshold",
+            "ood_rule", "ood_similarity_threshold", "backbone_zero_init_last", "momentum_encoder_bn_groups",
         )  # fmt: skip
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
@@ -58,6 +67,33 @@ class MoProTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep raw columns for the collator."})
     # all_gather of keys and embeddings expects equal per-process batches, as in the official code.
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Drop the last incomplete batch."})
+    # The official step is zero_grad, backward, SGD step (train.py L307-309): no clipping. Trainer's default of 1.0
+    # would rescale every update whose gradient norm exceeds 1, as the early MoPro updates' norms do.
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata={"help": "Clip the gradient norm to this value; 0 = off (official). A value > 0 is a departure."},
+    )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Samples per optimizer step over all processes (official 256). The per-device batch is derived: "
+            "global / (processes x gradient_accumulation_steps), which must divide exactly."
+        },
+    )
+    # `None` means "not given": derived from `global_batch_size`, else the Trainer's default of 8.
+    per_device_train_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Per-process batch. Leave unset with `global_batch_size` (it is derived), or make it agree."
+        },
+    )
+    scale_lr_with_global_batch: bool = field(
+        default=False,
+        metadata={
+            "help": "Linear scaling: multiply `learning_rate` (the rate for a global batch of 256) by "
+            "global_batch_size / 256. Off in the official recipe."
+        },
+    )
     baseline: str = field(
         default="mopro",
         metadata={"help": "'mopro', or 'ce' for the vanilla cross-entropy baseline (same data and backbone)."},
@@ -79,7 +115,20 @@ class MoProTrainingArguments(TrainingArguments):
     lr_gamma: float = field(default=0.1, metadata={"help": "Step-schedule factor."})
 
     def __post_init__(self):
+        # Kept apart: an explicit per-device batch must agree with `global_batch_size` (checked in
+        # `resolve_batch_size`, once the number of processes is known).
+        self.requested_per_device_train_batch_size = self.per_device_train_batch_size
+        if self.per_device_train_batch_size is None:
+            self.per_device_train_batch_size = 8  # Trainer's default; replaced when a global batch is derived
         super().__post_init__()
+        if self.global_batch_size is not None and self.global_batch_size <= 0:
+            raise ValueError(f"`global_batch_size` must be positive, got {self.global_batch_size}.")
+        if self.scale_lr_with_global_batch:
+            if self.global_batch_size is None:
+                raise ValueError("`scale_lr_with_global_batch` needs `global_batch_size`: set both, or neither.")
+            self.learning_rate *= self.global_batch_size / OFFICIAL_GLOBAL_BATCH_SIZE
+        if self.max_grad_norm is None or self.max_grad_norm < 0:
+            raise ValueError(f"`max_grad_norm` must be >= 0 (0 = no clipping, official), got {self.max_grad_norm}.")
         if self.baseline not in ("mopro", "ce"):
             raise ValueError(f"`baseline` must be 'mopro' or 'ce', got {self.baseline!r}.")
         if self.noise_correction_start_epoch < self.prototype_start_epoch:
@@ -88,3 +137,84 @@ class MoProTrainingArguments(TrainingArguments):
             raise ValueError(f"`samples_per_epoch` must be positive, got {self.samples_per_epoch}.")
         if not 0 < self.lr_gamma <= 1:
             raise ValueError(f"`lr_gamma` must be in (0, 1], got {self.lr_gamma}.")
+
+    def resolve_batch_size(self, num_processes: int) -> int:
+        """Set (and return) `per_device_train_batch_size` for `num_processes` processes.
+
+        With `global_batch_size`, the per-device batch is derived (`per_device_batch_size`); without it, the given
+        per-device batch stands. `MoProTrainer` calls this with the real world size, `training.plan` with
+        `--num_processes`. Calling it again with the same number is a no-op.
+        """
+        if self.global_batch_size is not None:
+            self.per_device_train_batch_size = per_device_batch_size(
+                self.global_batch_size,
+                num_processes,
+                self.gradient_accumulation_steps,
+                self.requested_per_device_train_batch_size,
+            )
+            self.requested_per_device_train_batch_size = self.per_device_train_batch_size
+        return self.per_device_train_batch_size
+
+
+# The official recipe's global batch, for which its learning rate 0.1 is set (train.py L45, L49).
+OFFICIAL_GLOBAL_BATCH_SIZE = 256
+
+
+def per_device_batch_size(
+    global_batch_size: int,
+    num_processes: int,
+    gradient_accumulation_steps: int = 1,
+    requested: int | None = None,
+) -> int:
+    """`global_batch_size / (num_processes * gradient_accumulation_steps)`, which must be a whole number.
+
+    The official code states the global batch and splits it over the GPUs (train.py L187). `requested` is a
+    per-device batch the user also gave: it must agree, else a `ValueError` says what to change.
+    """
+    if num_processes <= 0 or gradient_accumulation_steps <= 0:
+        raise ValueError(
+            f"processes ({num_processes}) and gradient_accumulation_steps ({gradient_accumulation_steps}) must be >= 1."
+        )
+    slots = num_processes * gradient_accumulation_steps
+    if global_batch_size % slots:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} does not split into {num_processes} processes x "
+            f"{gradient_accumulation_steps} accumulation steps: choose a global batch divisible by {slots}, or "
+            f"another number of processes / --gradient_accumulation_steps."
+        )
+    derived = global_batch_size // slots
+    if requested is not None and requested != derived:
+        raise ValueError(
+            f"per_device_train_batch_size {requested} disagrees with global_batch_size {global_batch_size} over "
+            f"{num_processes} processes x {gradient_accumulation_steps} accumulation steps ({derived}): drop "
+            f"--per_device_train_batch_size (it is derived), or pass --global_batch_size {requested * slots}."
+        )
+    return derived
+
+
+def steps_per_epoch(
+    num_samples: int,
+    per_device_batch_size: int,
+    num_processes: int,
+    gradient_accumulation_steps: int = 1,
+    *,
+    streamed: bool = False,
+    drop_last: bool = True,
+) -> int:
+    """Optimizer steps in one epoch of `num_samples` training samples, as the run takes them.
+
+    Map-style data (the Trainer's DataLoader, sharded by Accelerate): each process gets `N // (b * P)` whole
+    batches with `drop_last` (else `ceil(ceil(N / b) / P)`), and the Trainer makes one optimizer step per
+    `gradient_accumulation_steps` of them, the last step of an epoch taking what is left. Streamed data has no
+    epoch boundary: an epoch is the whole steps of the official `drop_last` epoch, `N // global batch`.
+    With one accumulation step and `drop_last`, both are the official `N // global batch` (train.py with
+    DistributedSampler + drop_last: 2,439,574 // 256 = 9,529 for WebVision V1).
+    """
+    global_batch = per_device_batch_size * num_processes * gradient_accumulation_steps
+    if streamed:
+        return max(num_samples // global_batch, 1)
+    if drop_last:
+        batches = num_samples // (per_device_batch_size * num_processes)
+    else:
+        batches = math.ceil(math.ceil(num_samples / per_device_batch_size) / num_processes)
+    return max(math.ceil(batches / gradient_accumulation_steps), 1)

@@ -59,11 +59,9 @@ def _yaml_to_flags(values: dict) -> list[str]:
     return flags
 
 
-def build_model(model_args: ModelArguments, training_args: MoProTrainingArguments, id2label: dict[int, str]):
-    model_class = MoProForImageClassification if training_args.baseline == "ce" else MoProForPreTraining
-    if model_args.model_name_or_path:
-        return model_class.from_pretrained(model_args.model_name_or_path)
-    config = MoProConfig(
+def build_config(model_args: ModelArguments, id2label: dict[int, str]) -> MoProConfig:
+    """The model configuration of a new run (`training.plan` reads the same one)."""
+    return MoProConfig(
         backbone=model_args.backbone,
         backbone_kwargs=json.loads(model_args.backbone_kwargs) if model_args.backbone_kwargs else None,
         image_size=model_args.image_size,
@@ -72,7 +70,13 @@ def build_model(model_args: ModelArguments, training_args: MoProTrainingArgument
         label2id={name: i for i, name in id2label.items()},
         **model_args.config_overrides(),
     )
-    return model_class(config)
+
+
+def build_model(model_args: ModelArguments, training_args: MoProTrainingArguments, id2label: dict[int, str]):
+    model_class = MoProForImageClassification if training_args.baseline == "ce" else MoProForPreTraining
+    if model_args.model_name_or_path:
+        return model_class.from_pretrained(model_args.model_name_or_path)
+    return model_class(build_config(model_args, id2label))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -18,6 +18,7 @@ from transformers import Trainer, TrainerCallback
 
 from modeling_mopro import MoProForPreTraining, MoProPhase
 
+from .arguments import steps_per_epoch
 from .transforms import normalize_pixels
 
 # Order of the per-step statistics vector gathered across processes.
@@ -78,6 +79,10 @@ class MoProTrainer(Trainer):
     """
 
     def __init__(self, *args, eval_data_collator=None, **kwargs):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if hasattr(training_args, "resolve_batch_size"):
+            # `global_batch_size` -> per-device batch for the real number of processes, before Trainer reads it.
+            training_args.resolve_batch_size(training_args.world_size)
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator
         self.add_callback(MomentumEncoderCallback())
@@ -87,16 +92,24 @@ class MoProTrainer(Trainer):
         self._skipped_total = 0
 
     # ------------------------------------------------------------------------------------------- schedule
-    def steps_per_epoch(self) -> float:
-        """Optimizer steps in one epoch; for streaming data, from `args.samples_per_epoch`."""
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch (`training.arguments.steps_per_epoch`, shared with `training.plan`); for
+        streaming data, an epoch is `args.samples_per_epoch` samples."""
         args = self.args
-        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         if args.samples_per_epoch:
-            return args.samples_per_epoch / per_step
-        if not hasattr(self.train_dataset, "__len__"):
+            num_samples, streamed = args.samples_per_epoch, True
+        elif hasattr(self.train_dataset, "__len__"):
+            num_samples, streamed = len(self.train_dataset), False
+        else:
             raise ValueError("a streamed training set has no length: set `samples_per_epoch` for the epoch schedule")
-        batches_per_rank = len(self.train_dataset) // (args.per_device_train_batch_size * args.world_size)
-        return max(batches_per_rank // args.gradient_accumulation_steps, 1)
+        return steps_per_epoch(
+            num_samples,
+            args.per_device_train_batch_size,
+            args.world_size,
+            args.gradient_accumulation_steps,
+            streamed=streamed,
+            drop_last=args.dataloader_drop_last,
+        )
 
     def current_epoch(self) -> float:
         return self.state.global_step / self.steps_per_epoch()
