@@ -381,11 +381,11 @@ class MoProForPreTraining(MoProPreTrainedModel):
             k = self.momentum_encoder(shuffled)
             return batch_unshuffle(k, inverse, sizes)  # (N, D)
         n = pixel_values_key.shape[0]
-        if n < 2 * groups:
-            raise ValueError(
-                f"`momentum_encoder_bn_groups`={groups} needs at least 2 keys per group, but the batch has {n}: "
-                "lower it or raise the per-device batch size (1 turns the groups off)."
-            )
+        # A batch that lost undecodable images may be short: fewer groups then, never fewer than 2 keys in one
+        # (BatchNorm needs 2). A per-device batch too small for the groups is refused up front by MoProTrainer.
+        groups = min(groups, n // 2)
+        if groups <= 1:
+            return self.momentum_encoder(pixel_values_key)
         perm = torch.randperm(n, device=pixel_values_key.device)
         k = self.momentum_encoder(pixel_values_key[perm], bn_groups=groups)
         return k[torch.argsort(perm)]  # (N, D)

@@ -236,3 +236,9 @@ def test_evaluation_sees_every_sample_despite_drop_last(tmp_path):
     metrics = trainer.evaluate(tiny_image_dataset(50, seed=1))
     assert sum(seen) == 50 and "eval_loss" in metrics
     assert trainer.args.dataloader_drop_last  # training batches still drop the remainder
+
+
+def test_a_per_device_batch_too_small_for_the_key_bn_groups_is_refused_up_front(tmp_path):
+    model = MoProForPreTraining(tiny_config(momentum_encoder_bn_groups=4))  # 4 groups need 8 keys; the batch is 6
+    with pytest.raises(ValueError, match=r"momentum_encoder_bn_groups 3"):
+        tiny_trainer(str(tmp_path), tiny_image_dataset(12), model=model)

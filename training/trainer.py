@@ -70,6 +70,20 @@ def accuracy_metrics(eval_pred) -> dict[str, float]:
     return {"accuracy": float((np.argmax(logits, axis=-1) == eval_pred.label_ids).mean())}
 
 
+def _check_momentum_bn_groups(model, args) -> None:
+    """One process: each virtual BatchNorm group of the key encoder needs 2 keys (a short batch uses fewer groups,
+    but a per-device batch that can never fill them is a configuration error)."""
+    if not isinstance(model, MoProForPreTraining) or args.world_size > 1:
+        return
+    groups = model.config.momentum_encoder_bn_groups
+    if groups > 1 and args.per_device_train_batch_size < 2 * groups:
+        raise ValueError(
+            f"per-device batch {args.per_device_train_batch_size} is too small for `momentum_encoder_bn_groups`="
+            f"{groups} (2 keys per group): raise the batch or pass --momentum_encoder_bn_groups "
+            f"{max(args.per_device_train_batch_size // 2, 1)}."
+        )
+
+
 class MoProTrainer(Trainer):
     """Trainer for `MoProForPreTraining` (or, with `args.baseline == "ce"`, for a plain CE classifier).
 
@@ -84,6 +98,7 @@ class MoProTrainer(Trainer):
             # `global_batch_size` -> per-device batch for the real number of processes, before Trainer reads it.
             training_args.resolve_batch_size(training_args.world_size)
         super().__init__(*args, **kwargs)
+        _check_momentum_bn_groups(self.accelerator.unwrap_model(self.model), self.args)
         self.eval_data_collator = eval_data_collator
         self.add_callback(MomentumEncoderCallback())
         if hasattr(self.data_collator, "set_epoch"):
