@@ -320,7 +320,9 @@ class MoProModel(MoProPreTrainedModel):
                 by default).
             return_dict: a `MoProModelOutput` (default, `config.return_dict`) or a tuple of its non-None fields.
         """
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         last_hidden_state, pooled, hidden_states = self.encode(pixel_values, output_hidden_states)  # pooled: (N, F)
         embeddings = self.projection(pooled)  # (N, D)
@@ -366,7 +368,9 @@ class MoProForImageClassification(MoProPreTrainedModel):
             output_hidden_states: also return the backbone's per-stage feature maps.
             return_dict: a `MoProImageClassifierOutput` (default, `config.return_dict`) or a tuple.
         """
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         _, pooled, hidden_states = self.mopro.encode(pixel_values, output_hidden_states)  # pooled: (N, F)
         logits = self.classifier(pooled)  # (N, K)
@@ -406,7 +410,9 @@ class MoProBackbone(MoProPreTrainedModel):
         r"phase",
     ]
 
-    def __init__(self, config: MoProConfig, out_indices: list[int] | None = None, out_features: list[str] | None = None):
+    def __init__(
+        self, config: MoProConfig, out_indices: list[int] | None = None, out_features: list[str] | None = None
+    ):
         super().__init__(config)
         self.mopro = nn.Module()  # keeps the `mopro.backbone.*` keys of every MoPro folder
         self.mopro.backbone = create_backbone(config)
@@ -432,7 +438,9 @@ class MoProBackbone(MoProPreTrainedModel):
                 raise ValueError(f"`out_features` {unknown} are not stages of {self.config.backbone}: {names}.")
             indices = [names.index(name) for name in out_features]
             if out_indices is not None and [i % len(names) for i in out_indices] != indices:
-                raise ValueError(f"`out_indices` {out_indices} and `out_features` {out_features} name different stages.")
+                raise ValueError(
+                    f"`out_indices` {out_indices} and `out_features` {out_features} name different stages."
+                )
         else:
             indices = list(out_indices) if out_indices is not None else [-1]
             if any(not -len(names) <= i < len(names) for i in indices):
@@ -470,7 +478,9 @@ class MoProBackbone(MoProPreTrainedModel):
             `BackboneOutput` with `feature_maps`, one (N, C_i, H / r_i, W / r_i) map per selected stage, and with
             `output_hidden_states=True` every stage's map in `hidden_states`.
         """
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         indices = None if output_hidden_states else self.out_indices
         stages = self.backbone.forward_intermediates(pixel_values, indices=indices, intermediates_only=True)
