@@ -148,7 +148,7 @@ def image_processor_for(config: MoProConfig) -> ConvNextImageProcessorPil:
     return build_image_processor(config.image_size)
 
 
-def create_backbone(config: MoProConfig, **timm_kwargs) -> nn.Module:
+def create_backbone(config: MoProConfig) -> nn.Module:
     """The timm backbone, returning pooled features (`num_classes=0`). Never downloads: weights come from
     `from_pretrained`, or from timm by the caller if they want an ImageNet start.
 
@@ -156,7 +156,7 @@ def create_backbone(config: MoProConfig, **timm_kwargs) -> nn.Module:
     (ResNets, RegNets, CSPNets, ...). A constructor without it rejects the keyword before building anything, and is
     then called without it: those backbones have no last-BN-of-a-block choice to make.
     """
-    kwargs = {"pretrained": False, "num_classes": 0, **config.backbone_kwargs, **timm_kwargs}
+    kwargs = {"pretrained": False, "num_classes": 0, **config.backbone_kwargs}
     try:
         return timm.create_model(config.backbone, zero_init_last=config.backbone_zero_init_last, **kwargs)
     except TypeError as error:
