@@ -66,10 +66,14 @@ def _views(image_size, mean, std, crop_scale=(0.2, 1.0)) -> MoProViewTransforms:
 
 
 def transforms_from_config(config, train: bool = False, crop_scale: tuple[float, float] = (0.08, 1.0)):
-    """`eval_transform` (or `train_transform`) at the model's `image_size`, `image_mean` and `image_std`."""
+    """`eval_transform` (or `train_transform`) at the model's `image_size`, normalised as by the image processor
+    saved with the model (`image_processor_for`: the one the pipeline uses; ImageNet's for a model in memory)."""
+    from modeling_mopro import image_processor_for
+
+    processor = image_processor_for(config)
     if train:
-        return train_transform(config.image_size, config.image_mean, config.image_std, crop_scale)
-    return eval_transform(config.image_size, config.image_mean, config.image_std)
+        return train_transform(config.image_size, processor.image_mean, processor.image_std, crop_scale)
+    return eval_transform(config.image_size, processor.image_mean, processor.image_std)
 
 
 class ImageLabelDataset(Dataset):

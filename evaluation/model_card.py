@@ -42,6 +42,8 @@ def build_model_card(
     training_state: Mapping[str, Any] | None = None,
     description: str | None = None,
     timm_repo_id: str | None = None,
+    image_mean: Sequence[float] = (0.485, 0.456, 0.406),
+    image_std: Sequence[float] = (0.229, 0.224, 0.225),
 ) -> ModelCard:
     """The model card of a release.
 
@@ -57,6 +59,7 @@ def build_model_card(
         training_state: `trainer_state.json` facts (`epoch`, `global_step`) if the model was trained here.
         description: an extra paragraph for the description (e.g. "Converted from the official MoPro-V1 checkpoint").
         timm_repo_id: Hub repo of the timm export (None: no timm export).
+        image_mean / image_std: the normalisation of the saved image processor (ImageNet's by default).
     """
     model_name = model_name or repo_id.split("/")[-1]
     tags = ["image-classification", "mopro", "webly-supervised-learning", "noisy-labels", "pytorch"]
@@ -74,7 +77,7 @@ def build_model_card(
     )
     sections = [
         f"# {model_name}",
-        _description(config, num_parameters, description),
+        _description(config, num_parameters, description, image_mean, image_std),
         _intended_use(),
         _how_to_use(config, repo_id, timm_repo_id),
         _training(config, noise_summary, training_state),
@@ -90,7 +93,9 @@ def _backbone_text(config: MoProConfig) -> str:
     return f"`{config.backbone}`" + (f" ({kwargs})" if kwargs else "")
 
 
-def _description(config: MoProConfig, num_parameters: int | None, extra: str | None) -> str:
+def _description(
+    config: MoProConfig, num_parameters: int | None, extra: str | None, mean: Sequence[float], std: Sequence[float]
+) -> str:
     size = ""
     if num_parameters:
         size = (
@@ -110,7 +115,7 @@ wrong labels and discard out-of-distribution images during training.
 - Projection: {config.projection_hidden_size}-d hidden layer, ReLU, {config.embedding_size}-d L2-normalised embedding.
 - Class prototypes: {config.num_labels} x {config.embedding_size}, stored with the weights (`mopro.prototypes`).
 - Input: RGB, resize the short side to {int(config.image_size / (224 / 256))} px, centre-crop {config.image_size} px
-  (bicubic), normalise with mean {list(config.image_mean)} and std {list(config.image_std)}. The saved image
+  (bicubic), normalise with mean {list(mean)} and std {list(std)}. The saved image
   processor does this."""
     return text + (f"\n\n{extra}" if extra else "")
 

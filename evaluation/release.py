@@ -272,7 +272,10 @@ def export_timm(
     import timm
     from timm.models import save_for_hf
 
+    from modeling_mopro import image_processor_for
+
     config = model.config
+    processor = image_processor_for(config)
     timm_model = timm.create_model(
         config.backbone, pretrained=False, num_classes=config.num_labels, **config.backbone_kwargs
     )
@@ -297,8 +300,8 @@ def export_timm(
         "interpolation": "bilinear",
         "crop_pct": 224 / 256,
         "crop_mode": "center",
-        "mean": tuple(config.image_mean),
-        "std": tuple(config.image_std),
+        "mean": tuple(processor.image_mean),
+        "std": tuple(processor.image_std),
     }
     label_names = [config.id2label[i] for i in range(config.num_labels)]
     output_dir = Path(output_dir)
@@ -444,9 +447,13 @@ def make_release(
     if push:
         check_hub_reachable()
     model_dir, release_dir = Path(model_dir), Path(release_dir)
+    from modeling_mopro import image_processor_for
+
     model = load_release_model(model_dir)
+    processor = image_processor_for(model.config)  # model_dir's own, so the release normalises as it was trained
     _prepare_release_dir(model_dir, release_dir, overwrite)
     model.save_pretrained(release_dir)
+    processor.save_pretrained(release_dir)
 
     timm_dir = export_timm(model, release_dir / TIMM_SUBFOLDER, license=license) if timm_export else None
     timm_repo_id = (timm_repo_id or f"{repo_id}-timm") if timm_export else None
@@ -469,6 +476,8 @@ def make_release(
         training_state=read_training_state(model_dir),
         description=description,
         timm_repo_id=timm_repo_id,
+        image_mean=processor.image_mean,
+        image_std=processor.image_std,
     )
     card.save(release_dir / "README.md")
     logger.info("Release in %s: %d results from %s", release_dir, len(eval_results), [s.name for s in sources])

@@ -6,6 +6,7 @@ without `trust_remote_code`, and marks them for auto-class export, so a saved fo
 """
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoModel,
     AutoModelForImageClassification,
@@ -16,6 +17,7 @@ from .configuration_mopro import MoProConfig
 from .distributed import concat_all_gather
 from .losses import instance_contrastive_loss, instance_logits, masked_cross_entropy, prototype_logits
 from .modeling_mopro import (
+    MoProBackbone,
     MoProForImageClassification,
     MoProForPreTraining,
     MoProForPreTrainingOutput,
@@ -25,6 +27,7 @@ from .modeling_mopro import (
     MoProPhase,
     MoProPreTrainedModel,
     build_image_processor,
+    image_processor_for,
 )
 from .noise_correction import correct_noisy_labels, far_from_prototypes, update_prototypes
 
@@ -32,13 +35,16 @@ AutoConfig.register("mopro", MoProConfig, exist_ok=True)
 AutoModel.register(MoProConfig, MoProModel, exist_ok=True)
 AutoModelForImageClassification.register(MoProConfig, MoProForImageClassification, exist_ok=True)
 AutoModelForPreTraining.register(MoProConfig, MoProForPreTraining, exist_ok=True)
+AutoBackbone.register(MoProConfig, MoProBackbone, exist_ok=True)
 
 MoProConfig.register_for_auto_class()
 MoProModel.register_for_auto_class("AutoModel")
 MoProForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 MoProForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+MoProBackbone.register_for_auto_class("AutoBackbone")
 
 __all__ = [
+    "MoProBackbone",
     "MoProConfig",
     "MoProForImageClassification",
     "MoProForPreTraining",
@@ -52,6 +58,7 @@ __all__ = [
     "concat_all_gather",
     "correct_noisy_labels",
     "far_from_prototypes",
+    "image_processor_for",
     "instance_contrastive_loss",
     "instance_logits",
     "masked_cross_entropy",

@@ -10,9 +10,9 @@ import math
 from typing import Any, ClassVar
 
 from transformers import PreTrainedConfig
+from transformers.utils import logging
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+logger = logging.get_logger(__name__)
 
 OOD_RULES = ("official", "prototype_distance")
 
@@ -59,7 +59,8 @@ class MoProConfig(PreTrainedConfig):
         backbone_zero_init_last (`bool`, defaults to `False`):
             Whether the backbone zero-initialises the last BatchNorm gamma of each residual block (timm's default
             for ResNets). The official ResNet sets every gamma to 1, hence `False`. Passed to timm as
-            `zero_init_last` for the backbones that take it.
+            `zero_init_last` for the backbones that take it (older configs that set `"zero_init_last"` in
+            `backbone_kwargs` load with it moved here).
         momentum_encoder_bn_groups (`int`, defaults to 8):
             With a single process, MoCo's cross-process shuffle-BN is the identity and the momentum encoder's
             BatchNorm would see the whole batch the query saw, letting the instance task cheat through batch
@@ -67,12 +68,9 @@ class MoProConfig(PreTrainedConfig):
             8-GPU split of the global batch of 256). `1` turns this off. Ignored with several processes, where
             the cross-process shuffle-BN runs.
         image_size (`int`, defaults to 224):
-            Training and evaluation crop size. The saved image processor resizes the short side to
-            `int(image_size / (224 / 256))` (256 for 224) and centre-crops `image_size`.
-        image_mean (`list[float]`, defaults to the ImageNet mean):
-            Per-channel normalisation mean used by the saved image processor and the training transforms.
-        image_std (`list[float]`, defaults to the ImageNet std):
-            Per-channel normalisation std.
+            Input resolution the model is trained and evaluated at (as `image_size` in transformers' ViT and ConvNeXt
+            configs); `build_image_processor` crops to it by default. The normalisation mean and std are not model
+            fields: they live in the image processor saved beside the model (`preprocessor_config.json`).
 
     Example:
     ```python
@@ -113,13 +111,26 @@ class MoProConfig(PreTrainedConfig):
     backbone_zero_init_last: bool = False
     momentum_encoder_bn_groups: int = 8
     image_size: int = 224
-    image_mean: list[float] | tuple[float, ...] = IMAGENET_DEFAULT_MEAN
-    image_std: list[float] | tuple[float, ...] = IMAGENET_DEFAULT_STD
 
     def __post_init__(self, **kwargs):
-        self.image_mean = [float(v) for v in self.image_mean]
-        self.image_std = [float(v) for v in self.image_std]
+        # Folders saved before the normalisation moved to the image processor carry it in config.json too; their
+        # preprocessor_config.json holds the same values, and that file is what the pipeline and evaluation read.
+        for name in ("image_mean", "image_std"):
+            if kwargs.pop(name, None) is not None:
+                logger.warning_once(
+                    f"`{name}` in a MoPro config is ignored: the normalisation belongs to the image processor "
+                    "(`build_image_processor(image_mean=..., image_std=...)`, saved as preprocessor_config.json)."
+                )
         self.backbone_kwargs = dict(self.backbone_kwargs or {})
+        if "zero_init_last" in self.backbone_kwargs:  # configs written before `backbone_zero_init_last` existed
+            # The field's default (False) cannot be told from an explicit False, so only True vs False conflicts.
+            legacy = self.backbone_kwargs.pop("zero_init_last")
+            if self.backbone_zero_init_last is True and legacy is False:
+                raise ValueError(
+                    "`backbone_kwargs['zero_init_last']=False` contradicts `backbone_zero_init_last=True`: "
+                    "set only `backbone_zero_init_last`."
+                )
+            self.backbone_zero_init_last = legacy
         self._validate_hyperparameters()
         super().__post_init__(**kwargs)
 
@@ -154,11 +165,6 @@ class MoProConfig(PreTrainedConfig):
             low_open=False,
             high_open=False,
         )
-        for name in ("image_mean", "image_std"):
-            if len(getattr(self, name)) != 3:
-                raise ValueError(f"`{name}` must have 3 values (RGB), got {getattr(self, name)!r}.")
-        if any(v <= 0 for v in self.image_std):
-            raise ValueError(f"`image_std` must be positive, got {self.image_std!r}.")
 
 
 def _check_backbone(name: Any) -> None:

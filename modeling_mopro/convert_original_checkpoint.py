@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .configuration_mopro import MoProConfig
-from .modeling_mopro import MoProForImageClassification, MoProForPreTraining, MoProPhase
+from .modeling_mopro import MoProForImageClassification, MoProForPreTraining, MoProPhase, build_image_processor
 
 logger = logging.getLogger(__name__)
 
@@ -337,6 +337,8 @@ def convert_original_checkpoint(
     )
     if output_dir is not None:
         model.save_pretrained(output_dir)
+        # The official test transform (ImageNet mean and std), for the pipeline.
+        build_image_processor(config.image_size).save_pretrained(output_dir)
         logger.info("Saved to %s", output_dir)
     return model
 

@@ -8,6 +8,7 @@ Three classes share one weight layout (`mopro.backbone.*`, `mopro.projection.*`,
 - `MoProModel` (AutoModel): pooled features, the L2-normalised embedding and its similarity to every prototype.
 - `MoProForImageClassification` (AutoModelForImageClassification, the pipeline): classifier logits.
 - `MoProForPreTraining` (AutoModelForPreTraining): the training model, which adds the momentum encoder and the queue.
+`MoProBackbone` (AutoBackbone) loads the backbone of any of them and returns multi-scale feature maps.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import ConvNextImageProcessorPil, PreTrainedModel
 from transformers import initialization as init
-from transformers.image_utils import PILImageResampling
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.modeling_outputs import BackboneOutput
 from transformers.utils import ModelOutput
 
 from .configuration_mopro import MoProConfig
@@ -44,29 +46,38 @@ class MoProPhase(IntEnum):
 class MoProModelOutput(ModelOutput):
     """
     Args:
+        last_hidden_state: the backbone's last feature map before pooling, (N, F, h, w) for a CNN (timm
+            `forward_features`).
         pooler_output: (N, F) pooled backbone features.
         embeddings: (N, D) L2-normalised projection of the features.
         prototype_similarities: (N, K) cosine similarity of each embedding to each class prototype (zeros for a
             model whose prototypes were never trained); `1 - max` is a simple OOD score.
+        hidden_states: with `output_hidden_states=True`, one feature map per stage of the backbone's
+            `feature_info` (timm `forward_intermediates`), e.g. 5 for a ResNet (stem and 4 stages).
     """
 
+    last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     embeddings: torch.FloatTensor | None = None
     prototype_similarities: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
 class MoProImageClassifierOutput(ModelOutput):
     """
     Args:
-        loss: cross-entropy, when `labels` are given.
+        loss: when `labels` are given, the loss `config.problem_type` selects (cross-entropy for single-label
+            classification, BCE-with-logits for multi-label, MSE for regression), as in transformers' classifiers.
         logits: (N, K) classifier logits.
         embeddings: (N, D) L2-normalised embeddings.
+        hidden_states: with `output_hidden_states=True`, the backbone's per-stage feature maps.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     embeddings: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -97,23 +108,61 @@ class MoProForPreTrainingOutput(ModelOutput):
     relabel_mask: torch.BoolTensor | None = None
 
 
-def build_image_processor(config: MoProConfig) -> ConvNextImageProcessorPil:
-    """A stock transformers image processor reproducing the official test transform at `config.image_size`:
-    resize the short side to `int(image_size / (224 / 256))` (bilinear, as torchvision's `Resize(256)`),
-    centre-crop `image_size`, normalise."""
+def build_image_processor(
+    image_size: int = 224,
+    image_mean: list[float] | tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+    image_std: list[float] | tuple[float, ...] = IMAGENET_DEFAULT_STD,
+) -> ConvNextImageProcessorPil:
+    """A stock transformers image processor reproducing the official test transform at `image_size` (a MoPro
+    model's `config.image_size`): resize the short side to `int(image_size / (224 / 256))` (bilinear, as
+    torchvision's `Resize(256)`), centre-crop `image_size`, normalise with `image_mean` / `image_std`.
+
+    Greyscale, palette and RGBA images are converted to RGB first (`do_convert_rgb`), as the evaluation and training
+    loaders do; without it the 3-value mean does not broadcast over their 1 or 4 channels. Save it beside the model
+    (`processor.save_pretrained(dir)`) so that `pipeline("image-classification", model=dir)` works.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+        raise ValueError(f"`image_size` must be a positive integer, got {image_size!r}.")
+    for name, values in (("image_mean", image_mean), ("image_std", image_std)):
+        if len(values) != 3:
+            raise ValueError(f"`{name}` must have 3 values (RGB), got {values!r}.")
+    if any(v <= 0 for v in image_std):
+        raise ValueError(f"`image_std` must be positive, got {image_std!r}.")
     return ConvNextImageProcessorPil(
-        size={"shortest_edge": config.image_size},
+        size={"shortest_edge": image_size},
         crop_pct=224 / 256,
         resample=PILImageResampling.BILINEAR,
-        image_mean=list(config.image_mean),
-        image_std=list(config.image_std),
+        image_mean=[float(v) for v in image_mean],
+        image_std=[float(v) for v in image_std],
+        do_convert_rgb=True,
     )
+
+
+def image_processor_for(config: MoProConfig) -> ConvNextImageProcessorPil:
+    """The image processor saved beside the model that `config` was loaded from (`config.name_or_path`), or, for a
+    model built in memory or a folder without one, `build_image_processor(config.image_size)` (ImageNet mean and
+    std). Evaluation, training restarts and releases read the normalisation from here, as the pipeline does."""
+    folder = config.name_or_path
+    if folder and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+        return ConvNextImageProcessorPil.from_pretrained(folder)
+    return build_image_processor(config.image_size)
 
 
 def create_backbone(config: MoProConfig) -> nn.Module:
     """The timm backbone, returning pooled features (`num_classes=0`). Never downloads: weights come from
-    `from_pretrained`, or from timm by the caller if they want an ImageNet start."""
-    return timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
+    `from_pretrained`, or from timm by the caller if they want an ImageNet start.
+
+    `config.backbone_zero_init_last` goes to timm as `zero_init_last` when the backbone's constructor takes it
+    (ResNets, RegNets, CSPNets, ...). A constructor without it rejects the keyword before building anything, and is
+    then called without it: those backbones have no last-BN-of-a-block choice to make.
+    """
+    kwargs = {"pretrained": False, "num_classes": 0, **config.backbone_kwargs}
+    try:
+        return timm.create_model(config.backbone, zero_init_last=config.backbone_zero_init_last, **kwargs)
+    except TypeError as error:
+        if "zero_init_last" not in str(error):
+            raise
+    return timm.create_model(config.backbone, **kwargs)
 
 
 class MoProProjectionHead(nn.Module):
@@ -199,27 +248,45 @@ class MoProPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # Only our own heads and buffers: the backbone keeps timm's initialisation (e.g. zero-init last BN gamma).
-        if isinstance(module, MoProProjectionHead):
-            _init_linear(module.fc1)
-            _init_linear(module.fc2)
+        # transformers calls this only for modules that own tensors directly, and only for tensors a checkpoint did
+        # not fill (the `init.*` functions skip loaded ones). So heads are initialised at their `nn.Linear`
+        # leaves: a wrapper such as the projection head or the classification model is never visited.
+        # The query backbone is done before this runs (`initialize_weights`), with timm's own initialisation.
+        if isinstance(module, nn.Linear):
+            _init_linear(module)  # classifier and projection layers (the momentum copies are overwritten below)
         elif isinstance(module, MoProModel):
             init.zeros_(module.prototypes)  # official: prototypes start at zero and fill during the first epoch
-        elif isinstance(module, (MoProForImageClassification, MoProForPreTraining)):
-            _init_linear(module.classifier)
-        if isinstance(module, MoProForPreTraining):
+        elif isinstance(module, MoProForPreTraining):
             init.normal_(module.queue)
             init.copy_(module.queue, F.normalize(module.queue, dim=0))
             init.zeros_(module.queue_ptr)
             init.zeros_(module.phase)
-            # Children are initialised (or loaded) before their parent, so the query side is final here.
-            # Buffers are copied too, so that a momentum encoder missing from a checkpoint starts as the query.
-            for q, k in zip(module._query_state(), module._momentum_state(), strict=True):
-                init.copy_(k, q)
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """transformers' initialisation of whatever a checkpoint lacked, after giving every query-side timm
+        backbone tensor that holds no value yet (missing from the checkpoint, or built on the meta device) the
+        value of a freshly built backbone: timm's own initialisation, BatchNorm statistics reset,
+        `backbone_zero_init_last` honoured. transformers' generic init would give convolutions N(0, 0.02) instead,
+        and it never visits timm's container modules."""
+        for module in self.modules():
+            if isinstance(module, (MoProModel, MoProBackbone)):
+                _init_backbone_like_timm(module.backbone, module.config)
+        super().initialize_weights()
+
+    def _keep_constructor_init(self, module: nn.Module) -> None:
+        """A module built with real tensors already holds its constructor's initialisation: timm's for a backbone,
+        PyTorch's default for a Linear head (what `_init_weights` would draw again). Flag it, so that transformers'
+        init keeps it and draws no random numbers for it. Built on the meta device it holds nothing yet, and
+        `initialize_weights` fills it."""
+        if not any(t.is_meta for t in module.state_dict().values()):
+            _mark_initialised(module)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """Save weights (safetensors), config with `auto_map` for every MoPro class, the modeling code when the
-        classes are registered for auto-class export, and the image processor, so `pipeline(model=dir)` works."""
+        """Save weights (safetensors), config with `auto_map` for every MoPro class, and the modeling code when the
+        classes are registered for auto-class export. As for any transformers model, the image processor is saved
+        by whoever built it (`build_image_processor(...).save_pretrained(dir)`; `run_mopro.py`, the converter and
+        `evaluation.release` do), so that `pipeline(model=dir)` works."""
         if self._auto_class is not None:
             # transformers writes only the saved class into auto_map; the pipeline and AutoModel need the others.
             self.config.auto_map = {
@@ -228,10 +295,27 @@ class MoProPreTrainedModel(PreTrainedModel):
                 "AutoModel": "modeling_mopro.MoProModel",
                 "AutoModelForImageClassification": "modeling_mopro.MoProForImageClassification",
                 "AutoModelForPreTraining": "modeling_mopro.MoProForPreTraining",
+                "AutoBackbone": "modeling_mopro.MoProBackbone",
             }
         super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            build_image_processor(self.config).save_pretrained(save_directory)
+
+
+def _mark_initialised(module: nn.Module) -> None:
+    """Flag every tensor of `module` as holding its final initial value, so that transformers' init skips it."""
+    for tensor in module.state_dict(keep_vars=True).values():
+        tensor._is_hf_initialized = True
+
+
+@torch.no_grad()
+def _init_backbone_like_timm(backbone: nn.Module, config: MoProConfig) -> None:
+    """Copy a freshly built backbone's values into the tensors of `backbone` that transformers has not flagged
+    as initialised (loaded or built with real values), then flag them all."""
+    missing = {n: t for n, t in backbone.state_dict(keep_vars=True).items() if not getattr(t, "_is_hf_initialized", 0)}
+    if missing:
+        fresh = create_backbone(config).state_dict()
+        for name, tensor in missing.items():
+            tensor.copy_(fresh[name])
+    _mark_initialised(backbone)
 
 
 def _init_linear(linear: nn.Linear) -> None:
@@ -251,43 +335,207 @@ class MoProModel(MoProPreTrainedModel):
         self.num_features = self.backbone.num_features
         self.projection = MoProProjectionHead(self.num_features, config.projection_hidden_size, config.embedding_size)
         self.register_buffer("prototypes", torch.zeros(config.num_labels, config.embedding_size))  # (K, D)
+        self._keep_constructor_init(self.backbone)
+        self._keep_constructor_init(self.projection)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> MoProModelOutput:
-        pooled = self.backbone(pixel_values)  # (N, F)
+    def encode(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """(last feature map, pooled features (N, F), per-stage feature maps or None) of the backbone.
+        timm's `forward_head(forward_features(x))` is its `forward(x)`; `forward_intermediates` gives the stages."""
+        if output_hidden_states:
+            last_hidden_state, hidden_states = self.backbone.forward_intermediates(pixel_values)
+            hidden_states = tuple(hidden_states)
+        else:
+            last_hidden_state, hidden_states = self.backbone.forward_features(pixel_values), None
+        return last_hidden_state, self.backbone.forward_head(last_hidden_state), hidden_states
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MoProModelOutput | tuple[torch.Tensor, ...]:
+        """
+        Args:
+            pixel_values: (N, 3, H, W) images normalised by the model's image processor.
+            output_hidden_states: also return the backbone's per-stage feature maps (`config.output_hidden_states`
+                by default).
+            return_dict: a `MoProModelOutput` (default, `config.return_dict`) or a tuple of its non-None fields.
+        """
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        last_hidden_state, pooled, hidden_states = self.encode(pixel_values, output_hidden_states)  # pooled: (N, F)
         embeddings = self.projection(pooled)  # (N, D)
         output = MoProModelOutput(
+            last_hidden_state=last_hidden_state,
             pooler_output=pooled,
             embeddings=embeddings,
             prototype_similarities=embeddings @ self.prototypes.T,  # (N, K)
+            hidden_states=hidden_states,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if return_dict else output.to_tuple()
 
 
 class MoProForImageClassification(MoProPreTrainedModel):
-    """The release model: the query encoder with its classifier (and the prototypes, inside `mopro`)."""
+    """The release model: the query encoder with its classifier (and the prototypes, inside `mopro`).
+
+    Fine-tune it like any transformers image classifier: `from_pretrained(dir, num_labels=N,
+    ignore_mismatched_sizes=True)` gives a new classifier (and new prototypes) with PyTorch's default Linear
+    initialisation, and `config.problem_type` chooses the loss.
+    """
 
     def __init__(self, config: MoProConfig):
         super().__init__(config)
         self.mopro = MoProModel(config)
         self.classifier = nn.Linear(self.mopro.num_features, config.num_labels)
+        self._keep_constructor_init(self.classifier)
         self.post_init()
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> MoProImageClassifierOutput:
-        pooled = self.mopro.backbone(pixel_values)
-        logits = self.classifier(pooled)
+    ) -> MoProImageClassifierOutput | tuple[torch.Tensor, ...]:
+        """
+        Args:
+            pixel_values: (N, 3, H, W) images normalised by the model's image processor.
+            labels: (N,) class indices for single-label classification, (N, K) floats for multi-label
+                classification or regression. The loss is transformers' image-classification loss: it follows
+                `config.problem_type`, inferred from `num_labels` and the label dtype when unset (as ResNet's).
+            output_hidden_states: also return the backbone's per-stage feature maps.
+            return_dict: a `MoProImageClassifierOutput` (default, `config.return_dict`) or a tuple.
+        """
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        _, pooled, hidden_states = self.mopro.encode(pixel_values, output_hidden_states)  # pooled: (N, F)
+        logits = self.classifier(pooled)  # (N, K)
         loss = None
         if labels is not None:
-            _check_labels(labels, self.config.num_labels)
-            loss = F.cross_entropy(logits, labels)
-        output = MoProImageClassifierOutput(loss=loss, logits=logits, embeddings=self.mopro.projection(pooled))
-        return output if return_dict is not False else output.to_tuple()
+            if self.config.num_labels > 1 and labels.dtype in (torch.long, torch.int):  # class indices
+                _check_labels(labels, self.config.num_labels)
+            loss = self.loss_function(labels, logits, self.config)
+        output = MoProImageClassifierOutput(
+            loss=loss, logits=logits, embeddings=self.mopro.projection(pooled), hidden_states=hidden_states
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class MoProBackbone(MoProPreTrainedModel):
+    """Multi-scale feature maps of a MoPro backbone, for detection and segmentation heads, in the style of
+    transformers' `AutoBackbone` (`TimmBackbone`, `ResNetBackbone`).
+
+    It loads from any MoPro folder (release, base or training model): its weights are the query backbone,
+    `mopro.backbone.*`; the heads, prototypes, momentum encoder and queue of the folder are left out.
+    Stages are the backbone's timm `feature_info` entries (a ResNet: `act1`, `layer1` ... `layer4`); choose them with
+    `out_indices` (positions, negative from the end) or `out_features` (names), e.g.
+    `AutoBackbone.from_pretrained(dir, out_indices=[1, 2, 3, 4])`. The default is the last stage, as in transformers.
+    Feature maps come from timm's `forward_intermediates`, which keeps the weight layout of the plain backbone (a
+    `features_only` timm model renames modules for some architectures).
+    """
+
+    base_model_prefix = "mopro"
+    # A MoPro folder holds more than the backbone; these are expected to be left out.
+    _keys_to_ignore_on_load_unexpected = [
+        r"projection\.",
+        r"prototypes",
+        r"classifier\.",
+        r"momentum_encoder\.",
+        r"queue",
+        r"queue_ptr",
+        r"phase",
+    ]
+
+    def __init__(
+        self, config: MoProConfig, out_indices: list[int] | None = None, out_features: list[str] | None = None
+    ):
+        super().__init__(config)
+        self.mopro = nn.Module()  # keeps the `mopro.backbone.*` keys of every MoPro folder
+        self.mopro.backbone = create_backbone(config)
+        self._keep_constructor_init(self.mopro.backbone)
+        info = self.mopro.backbone.feature_info
+        self.stage_names = [stage["module"] for stage in info]
+        self.num_features = [stage["num_chs"] for stage in info]
+        if out_indices is None and out_features is None:  # a saved MoProBackbone keeps its choice in its config
+            out_indices, out_features = getattr(config, "out_indices", None), getattr(config, "out_features", None)
+        self._out_indices, self._out_features = self._resolve_outputs(out_indices, out_features)
+        config.out_indices, config.out_features = self._out_indices, self._out_features
+        self.post_init()
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.mopro.backbone
+
+    def _resolve_outputs(self, out_indices, out_features) -> tuple[list[int], list[str]]:
+        names = self.stage_names
+        if out_features is not None:
+            unknown = [name for name in out_features if name not in names]
+            if unknown:
+                raise ValueError(f"`out_features` {unknown} are not stages of {self.config.backbone}: {names}.")
+            indices = [names.index(name) for name in out_features]
+            if out_indices is not None and [i % len(names) for i in out_indices] != indices:
+                raise ValueError(
+                    f"`out_indices` {out_indices} and `out_features` {out_features} name different stages."
+                )
+        else:
+            indices = list(out_indices) if out_indices is not None else [-1]
+            if any(not -len(names) <= i < len(names) for i in indices):
+                raise ValueError(f"`out_indices` {indices} must index the {len(names)} stages {names}.")
+            indices = [i % len(names) for i in indices]
+        if indices != sorted(set(indices)):
+            raise ValueError(f"`out_indices` must be increasing and without repeats, got {indices}.")
+        return indices, [names[i] for i in indices]
+
+    @property
+    def out_indices(self) -> list[int]:
+        return self._out_indices
+
+    @property
+    def out_features(self) -> list[str]:
+        return self._out_features
+
+    @property
+    def out_feature_channels(self) -> dict[str, int]:
+        return dict(zip(self.stage_names, self.num_features, strict=True))
+
+    @property
+    def channels(self) -> list[int]:
+        return [self.out_feature_channels[name] for name in self.out_features]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        """
+        Returns:
+            `BackboneOutput` with `feature_maps`, one (N, C_i, H / r_i, W / r_i) map per selected stage, and with
+            `output_hidden_states=True` every stage's map in `hidden_states`.
+        """
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        indices = None if output_hidden_states else self.out_indices
+        stages = self.backbone.forward_intermediates(pixel_values, indices=indices, intermediates_only=True)
+        if output_hidden_states:
+            hidden_states = tuple(stages)
+            feature_maps = tuple(hidden_states[i] for i in self.out_indices)
+        else:
+            hidden_states, feature_maps = None, tuple(stages)
+        output = BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)
+        return output if return_dict else output.to_tuple()
 
 
 class MoProForPreTraining(MoProPreTrainedModel):
@@ -318,11 +566,31 @@ class MoProForPreTraining(MoProPreTrainedModel):
         super().__init__(config)
         self.mopro = MoProModel(config)
         self.classifier = nn.Linear(self.mopro.num_features, config.num_labels)
+        self._keep_constructor_init(self.classifier)
         self.momentum_encoder = MoProMomentumEncoder(config)
         self.register_buffer("queue", torch.zeros(config.embedding_size, config.queue_size))  # (D, Q)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.register_buffer("phase", torch.tensor(int(MoProPhase.WARMUP), dtype=torch.long))
         self.post_init()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        # A momentum tensor (parameter or buffer) with no value yet (just built, or missing from a checkpoint)
+        # starts as a copy of its query tensor; a loaded one is kept. Those whose query tensor is final are copied
+        # first, so that the generic init does not draw random values for them only to overwrite them; the others
+        # once the query side is initialised.
+        self._copy_query_into_momentum(final_query_only=True)
+        super().initialize_weights()
+        self._copy_query_into_momentum(final_query_only=False)
+
+    def _copy_query_into_momentum(self, final_query_only: bool) -> None:
+        for q, k in zip(self._query_state(), self._momentum_state(), strict=True):
+            if getattr(k, "_is_hf_initialized", False):
+                continue
+            if final_query_only and not getattr(q, "_is_hf_initialized", False):
+                continue
+            k.copy_(q)
+            k._is_hf_initialized = True
 
     # ----------------------------------------------------------------------------------------------- state
     def _query_modules(self) -> list[nn.Module]:
@@ -513,6 +781,7 @@ def _check_labels(labels: torch.Tensor, num_labels: int) -> None:
 
 
 __all__ = [
+    "MoProBackbone",
     "MoProForImageClassification",
     "MoProForPreTraining",
     "MoProForPreTrainingOutput",
@@ -522,4 +791,5 @@ __all__ = [
     "MoProPhase",
     "MoProPreTrainedModel",
     "build_image_processor",
+    "image_processor_for",
 ]

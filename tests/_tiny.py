@@ -34,14 +34,10 @@ class MoProModelTester:
     def get_config(self, **overrides) -> MoProConfig:
         values = dict(
             backbone="resnet18",
-            # zero_init_last=False: timm zero-inits the last BN gamma of each block, which would give the convs
+            backbone_kwargs={"layers": [1, 1, 1, 1], "channels": [4, 8, 16, 32], "stem_width": 4},
+            # Official init (every BN gamma 1). timm's zero-init of the last gamma of each block would give the convs
             # before it an exactly-zero gradient and hide a missing gradient behind a legitimate zero.
-            backbone_kwargs={
-                "layers": [1, 1, 1, 1],
-                "channels": [4, 8, 16, 32],
-                "stem_width": 4,
-                "zero_init_last": False,
-            },
+            backbone_zero_init_last=False,
             num_labels=self.num_labels,
             projection_hidden_size=16,
             embedding_size=8,

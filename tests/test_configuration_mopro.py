@@ -98,8 +98,7 @@ def test_round_trip_keeps_every_field(tmp_path):
         ood_rule="prototype_distance",
         ood_similarity_threshold=-0.2,
         image_size=48,
-        image_mean=[0.1, 0.2, 0.3],
-        image_std=[0.4, 0.5, 0.6],
+        backbone_zero_init_last=True,
         id2label={0: "cat", 1: "dog", 2: "bird"},
     )
     config = MoProConfig(**fields)

@@ -25,7 +25,6 @@ from transformers import (
 )
 
 from modeling_mopro import (
-    MoProConfig,
     MoProForImageClassification,
     MoProForPreTraining,
     MoProModel,
@@ -64,7 +63,7 @@ def assert_only_safetensors_weights(folder: Path) -> None:
     names = sorted(p.name for p in folder.iterdir())
     assert [n for n in names if n.endswith(".safetensors")] == ["model.safetensors"], names
     assert not [n for n in names if Path(n).suffix in PICKLE_SUFFIXES], names
-    assert {"config.json", "preprocessor_config.json", "modeling_mopro.py", "configuration_mopro.py"} <= set(names)
+    assert {"config.json", "modeling_mopro.py", "configuration_mopro.py"} <= set(names)
 
 
 def assert_same_state(loaded: torch.nn.Module, original: torch.nn.Module) -> None:
@@ -217,6 +216,7 @@ def test_pipeline_returns_label_names(trained_model, tmp_path):
     release = trained_model.to_release_model().eval()
     release.classifier.weight.mul_(20)  # well-separated scores, so the ranking is not decided by rounding
     release.save_pretrained(tmp_path)
+    build_image_processor(release.config.image_size).save_pretrained(tmp_path)  # as run_mopro and release do
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
 
     classify = pipeline("image-classification", model=str(tmp_path), top_k=len(ID2LABEL))
@@ -235,15 +235,14 @@ def test_pipeline_returns_label_names(trained_model, tmp_path):
 
 
 def test_saved_processor_is_the_official_test_transform():
-    config = MoProConfig(image_size=224)
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8))
     official = transforms.Compose(  # salesforce/MoPro DataLoader/dataloader.py, transform_test
         [
             transforms.Resize(256),
             transforms.CenterCrop(224),
             transforms.ToTensor(),
-            transforms.Normalize(config.image_mean, config.image_std),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
         ]
     )
-    pixel_values = build_image_processor(config)(image, return_tensors="pt")["pixel_values"][0]
+    pixel_values = build_image_processor(224)(image, return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(pixel_values, official(image), rtol=0, atol=1e-4)

@@ -112,7 +112,7 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
 
 
 def test_uint8_batches_normalised_by_the_trainer_train_like_float_batches(tmp_path):
-    """`MoProTrainer._prepare_inputs` normalises uint8 views with the model config's mean and std: the same
+    """`MoProTrainer._prepare_inputs` normalises uint8 views with the collator's mean and std: the same
     training as float batches normalised in the collator (here with a non-ImageNet mean and std, to catch a
     trainer that would use the wrong ones)."""
     dataset = tiny_image_dataset(48)
@@ -121,7 +121,7 @@ def test_uint8_batches_normalised_by_the_trainer_train_like_float_batches(tmp_pa
     states = {}
     for uint8 in (False, True):
         set_seed(0)
-        model = MoProForPreTraining(tiny_config(image_mean=list(mean), image_std=list(std)))
+        model = MoProForPreTraining(tiny_config())
         collator = MoProCollator(transforms, num_labels=NUM_LABELS, seed=0, uint8_training_views=uint8)
         trainer = tiny_trainer(str(tmp_path / str(uint8)), dataset, model=model, collator=collator, max_steps=4)
         trainer.train()

@@ -28,6 +28,14 @@ class ModelArguments:
     image_size: int = field(
         default=224, metadata={"help": "Crop size for training and for the image processor saved with the model."}
     )
+    image_mean: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Normalisation mean of the training views and of the image processor saved with the model. "
+            "Default: the processor of --model_name_or_path, else ImageNet's."
+        },
+    )
+    image_std: list[float] | None = field(default=None, metadata={"help": "Normalisation std, as --image_mean."})
     embedding_size: int | None = field(default=None, metadata={"help": "Embedding size (official 128)."})
     projection_hidden_size: int | None = field(default=None, metadata={"help": "Projection width (official 2048)."})
     queue_size: int | None = field(default=None, metadata={"help": "MoCo queue length (official 8192)."})

@@ -68,7 +68,7 @@ class MoProCollator:
             uint8_training_views: Emit training views as uint8 instead of normalising them here. A float32 batch is
                 4x larger, and a worker spends much of its time writing it into the shared memory that carries it
                 to the main process; `MoProTrainer` normalises uint8 batches on the model's device
-                (`normalize_pixels`, with the model config's mean and std). Leave False for any other consumer.
+                (`normalize_pixels`, with these transforms' mean and std). Leave False for any other consumer.
         """
         self.transforms = transforms
         self.image_column = image_column

@@ -25,7 +25,13 @@ from transformers import HfArgumentParser, set_seed
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a clone, uninstalled
 
 import modeling_mopro  # noqa: E402,F401  (registers the Auto classes)
-from modeling_mopro import MoProConfig, MoProForImageClassification, MoProForPreTraining  # noqa: E402
+from modeling_mopro import (  # noqa: E402
+    MoProConfig,
+    MoProForImageClassification,
+    MoProForPreTraining,
+    build_image_processor,
+    image_processor_for,
+)
 from training.arguments import DataArguments, ModelArguments, MoProTrainingArguments  # noqa: E402
 from training.collator import MoProCollator  # noqa: E402
 from training.data import build_datasets  # noqa: E402
@@ -79,6 +85,17 @@ def build_model(model_args: ModelArguments, training_args: MoProTrainingArgument
     return model_class(build_config(model_args, id2label))
 
 
+def build_processor(model_args: ModelArguments, config: MoProConfig):
+    """The image processor saved with the model; its mean and std also normalise the training views. Without
+    --image_mean/--image_std it is the starting folder's (ImageNet's for a new model)."""
+    default = image_processor_for(config)
+    if model_args.image_mean is None and model_args.image_std is None:
+        return default
+    return build_image_processor(
+        config.image_size, model_args.image_mean or default.image_mean, model_args.image_std or default.image_std
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
@@ -96,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_dataset, eval_dataset, id2label = build_datasets(data_args, seed=training_args.seed)
     model = build_model(model_args, training_args, id2label)
     config = model.config
-    transforms = MoProViewTransforms(config.image_size, mean=config.image_mean, std=config.image_std)
+    processor = build_processor(model_args, config)
+    transforms = MoProViewTransforms(config.image_size, mean=processor.image_mean, std=processor.image_std)
     collator_kwargs = {
         "image_column": data_args.image_column_name,
         "label_column": data_args.label_column_name,
@@ -117,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ),
         eval_data_collator=MoProCollator(transforms, train=False, **collator_kwargs),
         compute_metrics=accuracy_metrics,
+        processing_class=processor,  # saved with every checkpoint, so each one works with the pipeline
     )
 
     metrics: dict[str, float] = {}
@@ -131,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if trainer.is_world_process_zero():
         release = model.to_release_model() if isinstance(model, MoProForPreTraining) else model
         release.save_pretrained(training_args.output_dir)
+        processor.save_pretrained(training_args.output_dir)
     if data_args.noise_report and isinstance(model, MoProForPreTraining) and trainer.is_world_process_zero():
         metrics.update(noise_report(model, train_dataset, data_args, training_args))
     if trainer.is_world_process_zero():

@@ -153,10 +153,13 @@ class MoProTrainer(Trainer):
         inputs = super()._prepare_inputs(inputs)  # on the model's device now
         # uint8 views (`MoProCollator(uint8_training_views=True)`) are normalised here, on the device, a batch at a
         # time: cheaper than in the workers, and 4x less data through shared memory and host-to-device copies.
-        config = self.accelerator.unwrap_model(self.model).config
+        # The mean and std are those of the collator's own transforms, which made the views.
         for name in ("pixel_values", "pixel_values_key"):
             if name in inputs and inputs[name].dtype == torch.uint8:
-                inputs[name] = normalize_pixels(inputs[name], config.image_mean, config.image_std)
+                transforms = getattr(self.data_collator, "transforms", None)
+                if transforms is None:
+                    raise ValueError("uint8 pixel batches need a `MoProCollator` (its transforms hold mean and std).")
+                inputs[name] = normalize_pixels(inputs[name], transforms.mean, transforms.std)
         return inputs
 
     def get_eval_dataloader(self, eval_dataset=None):
