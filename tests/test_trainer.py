@@ -169,6 +169,27 @@ def test_resume_is_equivalent_to_a_straight_run(tmp_path):
     assert not torch.equal(reference["mopro.prototypes"], torch.zeros_like(reference["mopro.prototypes"]))
 
 
+@pytest.mark.parametrize("start_epoch", [5, 0], ids=["warmup", "noise_correction"])
+def test_a_batch_of_only_bad_images_gives_a_zero_loss(tmp_path, start_epoch):
+    """Every image of every batch undecodable: the batches are empty, the loss is a finite 0 (not NaN), and
+    the weights, queue and prototypes stay finite."""
+    dataset = tiny_image_dataset(12).map(lambda row: {"image": b"not an image"})
+    trainer = tiny_trainer(
+        str(tmp_path),
+        dataset,
+        max_steps=2,
+        prototype_start_epoch=start_epoch,
+        noise_correction_start_epoch=start_epoch,
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["loss"] for entry in logs] == [0.0, 0.0]
+    assert all(entry["loss_instance"] == 0.0 and entry["loss_prototype"] == 0.0 for entry in logs)
+    assert trainer.skipped_images == 12
+    assert trainer.model.current_phase == (MoProPhase.WARMUP if start_epoch else MoProPhase.NOISE_CORRECTION)
+    assert all(tensor.float().isfinite().all() for tensor in trainer.model.state_dict().values())
+
+
 @pytest.mark.slow
 def test_two_process_accelerate_run_keeps_state_identical(tmp_path):
     """`accelerate launch` with 2 gloo processes: every sample seen exactly once per epoch across ranks, and both
