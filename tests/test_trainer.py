@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import set_seed
@@ -192,8 +194,9 @@ def test_a_batch_of_only_bad_images_gives_a_zero_loss(tmp_path, start_epoch):
 
 @pytest.mark.slow
 def test_two_process_accelerate_run_keeps_state_identical(tmp_path):
-    """`accelerate launch` with 2 gloo processes: every sample seen exactly once per epoch across ranks, and both
-    ranks end with identical queue, prototypes and weights."""
+    """`accelerate launch` with 2 gloo processes: every sample seen exactly once per epoch across ranks; a step
+    where one rank's batch is empty neither hangs nor gives NaN; both ranks end with identical queue, prototypes
+    and weights; and the noise report, computed in shares, holds every training sample exactly once."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -239,7 +242,15 @@ def test_two_process_accelerate_run_keeps_state_identical(tmp_path):
         torch.testing.assert_close(states[0][name], states[1][name], rtol=0, atol=0, msg=name)
     assert not torch.equal(states[0]["mopro.prototypes"], torch.zeros_like(states[0]["mopro.prototypes"]))
     assert int(states[0]["phase"]) == int(MoProPhase.NOISE_CORRECTION)
-    assert int(states[0]["queue_ptr"]) == (ranks[0]["steps"] * 12) % 20
+    keys_enqueued = ranks[0]["steps"] * 12 + sum(ranks[0]["empty_step_batches"])
+    assert int(states[0]["queue_ptr"]) == keys_enqueued % 20
+    assert ranks[1]["empty_step_loss"] == 0.0 and math.isfinite(ranks[0]["empty_step_loss"])
+
+    report = pq.read_table(tmp_path / "noise_report" / "noise_report.parquet").to_pydict()
+    assert report["sample_id"] == list(range(num_samples))  # every sample once, in dataset order
+    assert sorted(report["id"]) == sorted(str(i) for i in range(num_samples))
+    assert ranks[0]["noise_report_summary"] == ranks[1]["noise_report_summary"]
+    assert ranks[0]["noise_report_summary"]["noise_num_samples"] == num_samples
 
 
 def test_evaluation_sees_every_sample_despite_drop_last(tmp_path):
