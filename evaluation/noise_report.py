@@ -20,7 +20,12 @@ Outputs (in `output_dir`):
   precision / recall (null when undefined).
 - `noise_report.png`: per-class (given label) stacked bars of clean / relabelled / OOD counts.
 
+Several processes (``accelerate launch``, or the end of `training/run_mopro.py`): each one scores its own
+contiguous share of the dataset, the shares are gathered to the main process in dataset order and the main
+process writes the files. No process waits on another for more than the imbalance of one sample.
+
     python -m evaluation.noise_report --model_name_or_path DIR --data_dir WEBVISION_DATASET --split train
+    accelerate launch -m evaluation.noise_report --model_name_or_path DIR --data_dir WEBVISION_DATASET
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from accelerate import PartialState
 
 from modeling_mopro import correct_noisy_labels, far_from_prototypes
+from modeling_mopro.distributed import is_distributed, rank, world_size
 
 from .features import extract_features, load_model, mopro_parts
 from .image_datasets import (
@@ -98,6 +106,31 @@ def noise_decisions(
     }
 
 
+def process_share(num_samples: int) -> range:
+    """The contiguous rows of a `num_samples`-row dataset that this process scores (all of them in one process).
+
+    Contiguous, disjoint shares that cover the dataset: no sampler padding, so every sample is scored exactly
+    once, and concatenating the shares in rank order gives the dataset order.
+    """
+    return range(rank() * num_samples // world_size(), (rank() + 1) * num_samples // world_size())
+
+
+def _gather_columns(columns: dict[str, list | np.ndarray]) -> dict[str, list | np.ndarray] | None:
+    """Every process's report columns, concatenated in rank order on the main process (None elsewhere)."""
+    if not is_distributed():
+        return columns
+    shares = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(columns, shares, dst=0)
+    if rank() != 0:
+        return None
+    return {
+        name: np.concatenate([share[name] for share in shares])
+        if isinstance(columns[name], np.ndarray)
+        else [value for share in shares for value in share[name]]
+        for name in columns
+    }
+
+
 def build_noise_report(
     model,
     dataset,
@@ -110,6 +143,9 @@ def build_noise_report(
 ):
     """Runs the model over `dataset` and returns the per-sample report as a `datasets.Dataset`.
 
+    In several processes (a `torch.distributed` group), each one scores `process_share` of the rows and the main
+    process returns the whole report, in dataset order; the others return None.
+
     Args:
         model: A MoPro model with classifier (or its folder).
         dataset: An `ImageLabelDataset`, or a `datasets.Dataset` with image and label columns and optional
@@ -120,12 +156,14 @@ def build_noise_report(
     model = load_model(model, device)
     base, _ = mopro_parts(model)
     extra: dict[str, list] = {}
+    share = process_share(len(dataset))
     if isinstance(dataset, datasets.Dataset):
         hf = dataset
-        for column in ("sample_id", *GROUND_TRUTH_COLUMNS):
-            if column in hf.column_names:
-                extra[column] = list(hf[column])
+        rows = hf.select_columns([c for c in ("sample_id", *GROUND_TRUTH_COLUMNS) if c in hf.column_names])
+        extra = rows[share.start : share.stop] if rows.column_names else {}
         dataset = hf_image_dataset(hf, transforms_from_config(model.config), image_column, label_column)
+    if len(share) < len(dataset):
+        dataset = dataset.subset(np.arange(share.start, share.stop))  # keeps the dataset-wide ids
     features = extract_features(
         model, dataset, ("embeddings", "logits"), batch_size, num_workers, device, amp, desc="noise report"
     )
@@ -143,7 +181,8 @@ def build_noise_report(
         **{k: decisions[k].astype(np.float32) for k in ("soft_score_given_label", "max_soft_score")},
     )
     columns.update(extra)
-    return datasets.Dataset.from_dict(columns)
+    columns = _gather_columns(columns)
+    return None if columns is None else datasets.Dataset.from_dict(columns)
 
 
 def _ratio(numerator: int, denominator: int) -> float | None:
@@ -245,20 +284,28 @@ def write_noise_report(
 ) -> dict[str, float | int | str | None]:
     """Builds the report and writes the parquet file, `pseudo_label.json`, the summary JSON and the plot.
 
+    In several processes, each scores its share (see `build_noise_report`) and the main process writes the files.
+
     Returns:
-        The summary.
+        The summary (in every process).
     """
     model = load_model(model, device)
     report = build_noise_report(model, dataset, batch_size, num_workers, device, amp, image_column, label_column)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    report.to_parquet(str(output_dir / "noise_report.parquet"))
-    (output_dir / "pseudo_label.json").write_text(json.dumps(pseudo_labels(report)))
-    summary = summarize_noise_report(report, model.config)
-    (output_dir / "noise_report_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    id2label = getattr(model.config, "id2label", None) or {}
-    names = [id2label.get(i, str(i)) for i in range(model.config.num_labels)]
-    plot_noise_report(report, output_dir / "noise_report.png", model.config.num_labels, names)
+    summary = None
+    if report is not None:  # the main process
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        report.to_parquet(str(output_dir / "noise_report.parquet"))
+        (output_dir / "pseudo_label.json").write_text(json.dumps(pseudo_labels(report)))
+        summary = summarize_noise_report(report, model.config)
+        (output_dir / "noise_report_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        id2label = getattr(model.config, "id2label", None) or {}
+        names = [id2label.get(i, str(i)) for i in range(model.config.num_labels)]
+        plot_noise_report(report, output_dir / "noise_report.png", model.config.num_labels, names)
+    if is_distributed():
+        shared = [summary]
+        dist.broadcast_object_list(shared, src=0)  # waits only for the main process's writing
+        summary = shared[0]
     return summary
 
 
@@ -273,7 +320,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     add_dataset_arguments(parser)
     args = parser.parse_args(argv)
 
-    model = load_model(args.model_name_or_path, args.device)
+    # Under `accelerate launch`, this joins the process group (one device per process); alone, it does nothing.
+    state = PartialState()
+    device = args.device or (state.device if state.num_processes > 1 else None)
+    model = load_model(args.model_name_or_path, device)
     path = Path(args.data_dir)
     is_hf = args.data_format == "hf" or (
         args.data_format == "auto"
@@ -287,10 +337,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         dataset = dataset_from_arguments(args, transforms_from_config(model.config), default_split="train")
     summary = write_noise_report(
-        model, dataset, args.output_dir or args.model_name_or_path, args.batch_size, args.num_workers, args.device,
-        args.amp,
+        model, dataset, args.output_dir or args.model_name_or_path, args.batch_size, args.num_workers,
+        device, args.amp,
     )  # fmt: skip
-    print(json.dumps(summary, indent=2))
+    if state.is_main_process:
+        print(json.dumps(summary, indent=2))
     return summary
 
 
@@ -299,6 +350,7 @@ __all__ = [
     "build_noise_report",
     "noise_decisions",
     "plot_noise_report",
+    "process_share",
     "pseudo_labels",
     "summarize_noise_report",
     "write_noise_report",

@@ -28,7 +28,13 @@ def instance_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempe
 
 
 def instance_contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
-    """InfoNCE over `instance_logits`: every row's positive is column 0."""
+    """InfoNCE over `instance_logits`: every row's positive is column 0.
+
+    An empty batch (every image of this process's batch undecodable) gives 0, connected to the graph, as
+    `masked_cross_entropy` does with nothing kept; a plain mean over no rows would be NaN.
+    """
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
     return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
 
 
@@ -43,10 +49,10 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch
     A batch with no kept sample gives 0 (connected to the graph, so every parameter still gets a gradient of
     zero and DDP's gradient all-reduce stays in step across processes), where a plain mean would give NaN.
     """
+    if not mask.any():  # also an empty batch, for which `mask.all()` is True
+        return logits.sum() * 0.0
     if mask.all():
         return F.cross_entropy(logits, labels)
-    if not mask.any():
-        return logits.sum() * 0.0
     return F.cross_entropy(logits[mask], labels[mask])
 
 

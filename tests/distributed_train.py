@@ -1,6 +1,8 @@
 """Run by tests/test_trainer.py under `accelerate launch --multi_gpu --num_processes 2` on CPU (gloo).
 
-Each rank records which sample ids its batches held per epoch, and saves its final model state."""
+Each rank records which sample ids its batches held per epoch. After training, one more training step in which
+rank 1's batch holds only undecodable images (0 rows through every gather), then the noise report as
+`training/run_mopro.py` ends (every rank scores its share). Each rank saves its final model state."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import torch.distributed as dist
 from transformers import set_seed
 
 from tests.trainer_fixtures import IMAGE_SIZE, NUM_LABELS, tiny_image_dataset, tiny_trainer
+from training.arguments import DataArguments
 from training.collator import MoProCollator
+from training.run_mopro import noise_report
 from training.transforms import MoProViewTransforms
 
 NUM_SAMPLES, BATCH, EPOCHS = 48, 6, 3  # 48 / (6 x 2 ranks) = 4 steps per epoch
@@ -35,9 +39,10 @@ class RecordingCollator(MoProCollator):
 def main(output_dir: str) -> None:
     set_seed(0)
     collator = RecordingCollator(MoProViewTransforms(IMAGE_SIZE), train=True, num_labels=NUM_LABELS, seed=0)
+    dataset = tiny_image_dataset(NUM_SAMPLES)
     trainer = tiny_trainer(
         output_dir,
-        tiny_image_dataset(NUM_SAMPLES),
+        dataset,
         collator=collator,
         max_steps=-1,
         num_train_epochs=EPOCHS,
@@ -47,12 +52,21 @@ def main(output_dir: str) -> None:
         # DDP would otherwise copy rank 0's buffers (queue, prototypes) to every rank at each forward, hiding a
         # broken gather: without it, identical state proves the gathers.
         ddp_broadcast_buffers=False,
+        ddp_timeout=300,  # a collective that hangs (e.g. on an empty rank) fails in minutes, not the default 30
     )
     trainer.train()
     rank, world = trainer.args.process_index, trainer.args.world_size
     steps_per_epoch = NUM_SAMPLES // (BATCH * world)
     seen = [collator.seen[e * steps_per_epoch * BATCH : (e + 1) * steps_per_epoch * BATCH] for e in range(EPOCHS)]
+
+    # One more training step (forward with shuffle-BN and the gathers, DDP backward), rank 1's batch empty.
+    rows = [dataset[i] for i in range(BATCH)]
+    if rank == 1:
+        rows = [{**row, "image": b"not an image"} for row in rows]
+    empty_step_loss = trainer.training_step(trainer.model, trainer._prepare_inputs(collator(rows))).item()
+
     model = trainer.accelerator.unwrap_model(trainer.model)
+    summary = noise_report(model, dataset, DataArguments(), trainer.args)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(output_dir) / f"rank{rank}_state.pt")
     record = {
         "world_size": world,
@@ -60,6 +74,9 @@ def main(output_dir: str) -> None:
         "epochs": EPOCHS,
         "seen": seen,
         "steps": trainer.state.global_step,
+        "empty_step_batches": [BATCH, 0],
+        "empty_step_loss": empty_step_loss,
+        "noise_report_summary": summary,
     }
     (Path(output_dir) / f"rank{rank}.json").write_text(json.dumps(record))
     if dist.is_initialized():

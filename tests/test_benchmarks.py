@@ -15,6 +15,7 @@ from training.noisy_fashion_mnist import FASHION_MNIST_APT_PACKAGE, FASHION_MNIS
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
+import bench_class_diversity  # noqa: E402
 import noisy_benchmark  # noqa: E402
 
 
@@ -66,3 +67,24 @@ def test_data_pipeline_benchmark_quick_run(tmp_path):
     assert names[0].startswith("official") and any("shipped" in name for name in names)
     assert result["agreement_uint8_levels"]["uint8_batch_normalised_equals_float_batch"] is True
     assert result["agreement_uint8_levels"]["decode_jpeg_vs_pil_max_abs_diff"] == 0
+
+
+def test_class_diversity_benchmark_quick_run(tmp_path):
+    output = tmp_path / "class_diversity.json"
+    bench_class_diversity.main(
+        ["--num_samples", "1200", "--num_classes", "40", "--samples_per_shard", "20", "--shuffle_buffer", "20",
+         "--workdir", str(tmp_path), "--output", str(output)]
+    )  # fmt: skip
+    result = json.loads(output.read_text())
+    orders = result["orders"]
+    streams = ["class_sorted_shards", "shuffled_shards", "webvision_stream_in_file_order", "webvision_stream"]
+    assert list(orders) == ["uniform", *streams]
+    assert (result["samples_per_shard"], result["shuffle_buffer"], result["num_classes"]) == (20, 20, 40)
+    for name in streams:
+        assert len(orders[name]["distinct_per_batch"]) == 2 and orders[name]["order_differs_between_epochs"]
+    # the class-sorted list really is the hard case the shuffled shards fix
+    assert orders["class_sorted_shards"]["fraction_of_uniform"] < orders["shuffled_shards"]["fraction_of_uniform"]
+    assert (
+        orders["webvision_stream_in_file_order"]["fraction_of_uniform"]
+        < orders["webvision_stream"]["fraction_of_uniform"]
+    )

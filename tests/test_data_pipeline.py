@@ -19,7 +19,14 @@ from torchvision.transforms import v2
 import training.collator as collator_module
 from training.collator import MoProCollator
 from training.data import DataArguments, build_datasets
-from training.make_shards import ShardRecord, load_shards, read_id2label, records_from_dataset, write_shards
+from training.make_shards import (
+    ShardRecord,
+    load_shards,
+    read_id2label,
+    records_from_dataset,
+    shard_order,
+    write_shards,
+)
 from training.make_shards import main as make_shards_main
 from training.transforms import (
     IMAGENET_MEAN,
@@ -395,6 +402,75 @@ def test_make_shards_cli_and_build_datasets_from_shards(tmp_path, views):
     assert {Path(row["image"]["path"]).parent.name for row in rows if row["label"] == 1} == {"dog"}
     batch = MoProCollator(views, train=False, num_labels=3)(list(evaluation))
     assert batch["labels"].tolist() == [0, 2]
+
+
+def written_order(shard_dir: Path) -> list[dict]:
+    """The samples in the order the shards hold them (shard files sorted, no shuffling)."""
+    return list(load_shards(shard_dir))
+
+
+def test_make_shards_writes_a_seeded_permutation_of_the_whole_split(tmp_path):
+    image_folder(tmp_path / "train", classes=("a", "b", "c", "d"), per_class=6)  # 24 images, sorted by class
+    for name, seed in (("seed0", []), ("seed0_again", ["--shuffle_seed", "0"]), ("seed1", ["--shuffle_seed", "1"])):
+        make_shards_main(
+            ["--image_folder", str(tmp_path / "train"), "--output_dir", str(tmp_path / name), "--samples_per_shard",
+             "8", *seed]
+        )  # fmt: skip
+    orders = {name: written_order(tmp_path / name / "train") for name in ("seed0", "seed0_again", "seed1")}
+    ids = [row["sample_id"] for row in orders["seed0"]]
+    labels = [row["label"] for row in orders["seed0"]]
+    assert sorted(ids) == list(range(24)) and ids != list(range(24))  # a permutation, not the source order
+    assert ids == [row["sample_id"] for row in orders["seed0_again"]]  # reproducible: the default seed is 0
+    assert ids != [row["sample_id"] for row in orders["seed1"]]
+    assert labels != sorted(labels)
+    # every shard of 8 holds several classes (class-sorted shards of 8 would hold at most 2 of the 6-image classes)
+    assert all(len(set(labels[start : start + 8])) >= 3 for start in range(0, 24, 8))
+    for row in orders["seed0"]:  # ids and labels still belong together: ids number the sorted folder
+        assert row["label"] == row["sample_id"] // 6
+        assert Path(row["image"]["path"]).parent.name == "abcd"[row["label"]]
+
+
+def test_records_keep_their_ids_in_shard_order(tmp_path):
+    dataset = Dataset.from_dict({"image": [jpeg_bytes(i) for i in range(10)], "label": [i // 5 for i in range(10)]})
+    shuffled = list(records_from_dataset(dataset, shuffle_seed=3))
+    assert [record.sample_id for record in shuffled] == shard_order(10, 3).tolist()
+    assert all(record.image == dataset[record.sample_id]["image"] for record in shuffled)
+    assert [record.sample_id for record in records_from_dataset(dataset)] == list(range(10))
+    with pytest.raises(ValueError, match="map-style"):
+        list(records_from_dataset(dataset.to_iterable_dataset(), shuffle_seed=0))
+
+
+def test_the_streaming_reader_reshuffles_every_epoch_through_the_trainer_dataloader(tmp_path):
+    """Shards are read in a new order each epoch: the Trainer calls `set_epoch` on its dataloader (accelerate's
+    `DataLoaderShard`), which forwards it to the `datasets` stream (shard order and buffer seeds)."""
+    from tests.trainer_fixtures import tiny_trainer
+
+    image_folder(tmp_path / "train", classes=("a", "b", "c"), per_class=8)
+    make_shards_main(["--image_folder", str(tmp_path / "train"), "--output_dir", str(tmp_path / "shards"),
+                      "--samples_per_shard", "3"])  # fmt: skip
+    train, _, _ = build_datasets(shard_dir=str(tmp_path / "shards"), streaming=True, shuffle_buffer_size=4)
+    assert train.n_shards == 8
+
+    def ids_only(rows):
+        return {"sample_ids": torch.tensor([row["sample_id"] for row in rows])}
+
+    trainer = tiny_trainer(
+        str(tmp_path / "run"),
+        train,
+        collator=ids_only,
+        max_steps=4,
+        dataloader_drop_last=False,
+        accelerator_config={"dispatch_batches": False},  # as run_mopro.py streams
+    )
+    loader = trainer.get_train_dataloader()
+    epochs = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)  # as `Trainer._inner_training_loop` does at the start of every epoch
+        epochs.append(torch.cat([batch["sample_ids"] for batch in loader]).tolist())
+    assert all(sorted(ids) == list(range(24)) for ids in epochs)  # every sample once per epoch
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+    # the shuffle buffer mixes across shards as well (the shards alone, read in order, give the written order)
+    assert epochs[0] != [row["sample_id"] for row in written_order(tmp_path / "shards" / "train")]
 
 
 # --- build_datasets -----------------------------------------------------------------------------------------

@@ -325,7 +325,11 @@ def test_step_matches_official_reference(phase):
     reference_params = dict(reference_model.named_parameters())
     for name, param in model.named_parameters():
         if param.requires_grad:
-            torch.testing.assert_close(param.grad, reference_params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+            # float32 summation-order noise scales with the gradient: atol relative to the tensor's largest entry
+            # (with the official BN init, every gamma 1, the stem's gradients reach ~7).
+            reference_grad = reference_params[name].grad
+            atol = 1e-6 * max(1.0, float(reference_grad.abs().max()))
+            torch.testing.assert_close(param.grad, reference_grad, rtol=1e-4, atol=atol, msg=name)
 
     # What the comparison above rules out, checked to be distinguishable here:
     keep, targets = ref["keep_mask"], ref["corrected_labels"]

@@ -153,3 +153,25 @@ def test_noise_report_script_on_image_folder(tmp_path):
     assert cleaned.labels.tolist() == [report["corrected_label"][i] for i in kept]
     assert report["id"] == image_folder_dataset(data).ids
     assert (tmp_path / "model" / "noise_report.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_each_process_scores_a_contiguous_share_with_dataset_wide_ids(monkeypatch, world):
+    """What one process of an `accelerate launch` run computes before the shares are gathered (the gather itself
+    runs in the 2-process test of tests/test_trainer.py): shares partition the dataset in order, and their rows
+    keep the dataset's ids and ground truth, not positions within the share."""
+    dataset = noisy_hf_dataset(11)
+    model = tiny_model(seed=1)
+    whole = noise_report.build_noise_report(model, dataset, batch_size=4, num_workers=0).to_dict()
+    monkeypatch.setattr(noise_report, "world_size", lambda: world)
+    shares = []
+    for process in range(world):
+        monkeypatch.setattr(noise_report, "rank", lambda process=process: process)
+        shares.append(noise_report.build_noise_report(model, dataset, batch_size=4, num_workers=0).to_dict())
+    assert [len(share["id"]) for share in shares] == [(p + 1) * 11 // world - p * 11 // world for p in range(world)]
+    for column, values in whole.items():
+        joined = [value for share in shares for value in share[column]]
+        if isinstance(values[0], float):
+            assert joined == pytest.approx(values, abs=1e-5), column
+        else:
+            assert joined == values, column

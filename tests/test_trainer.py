@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import set_seed
@@ -169,10 +171,32 @@ def test_resume_is_equivalent_to_a_straight_run(tmp_path):
     assert not torch.equal(reference["mopro.prototypes"], torch.zeros_like(reference["mopro.prototypes"]))
 
 
+@pytest.mark.parametrize("start_epoch", [5, 0], ids=["warmup", "noise_correction"])
+def test_a_batch_of_only_bad_images_gives_a_zero_loss(tmp_path, start_epoch):
+    """Every image of every batch undecodable: the batches are empty, the loss is a finite 0 (not NaN), and
+    the weights, queue and prototypes stay finite."""
+    dataset = tiny_image_dataset(12).map(lambda row: {"image": b"not an image"})
+    trainer = tiny_trainer(
+        str(tmp_path),
+        dataset,
+        max_steps=2,
+        prototype_start_epoch=start_epoch,
+        noise_correction_start_epoch=start_epoch,
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["loss"] for entry in logs] == [0.0, 0.0]
+    assert all(entry["loss_instance"] == 0.0 and entry["loss_prototype"] == 0.0 for entry in logs)
+    assert trainer.skipped_images == 12
+    assert trainer.model.current_phase == (MoProPhase.WARMUP if start_epoch else MoProPhase.NOISE_CORRECTION)
+    assert all(tensor.float().isfinite().all() for tensor in trainer.model.state_dict().values())
+
+
 @pytest.mark.slow
 def test_two_process_accelerate_run_keeps_state_identical(tmp_path):
-    """`accelerate launch` with 2 gloo processes: every sample seen exactly once per epoch across ranks, and both
-    ranks end with identical queue, prototypes and weights."""
+    """`accelerate launch` with 2 gloo processes: every sample seen exactly once per epoch across ranks; a step
+    where one rank's batch is empty neither hangs nor gives NaN; both ranks end with identical queue, prototypes
+    and weights; and the noise report, computed in shares, holds every training sample exactly once."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -218,7 +242,15 @@ def test_two_process_accelerate_run_keeps_state_identical(tmp_path):
         torch.testing.assert_close(states[0][name], states[1][name], rtol=0, atol=0, msg=name)
     assert not torch.equal(states[0]["mopro.prototypes"], torch.zeros_like(states[0]["mopro.prototypes"]))
     assert int(states[0]["phase"]) == int(MoProPhase.NOISE_CORRECTION)
-    assert int(states[0]["queue_ptr"]) == (ranks[0]["steps"] * 12) % 20
+    keys_enqueued = ranks[0]["steps"] * 12 + sum(ranks[0]["empty_step_batches"])
+    assert int(states[0]["queue_ptr"]) == keys_enqueued % 20
+    assert ranks[1]["empty_step_loss"] == 0.0 and math.isfinite(ranks[0]["empty_step_loss"])
+
+    report = pq.read_table(tmp_path / "noise_report" / "noise_report.parquet").to_pydict()
+    assert report["sample_id"] == list(range(num_samples))  # every sample once, in dataset order
+    assert sorted(report["id"]) == sorted(str(i) for i in range(num_samples))
+    assert ranks[0]["noise_report_summary"] == ranks[1]["noise_report_summary"]
+    assert ranks[0]["noise_report_summary"]["noise_num_samples"] == num_samples
 
 
 def test_evaluation_sees_every_sample_despite_drop_last(tmp_path):

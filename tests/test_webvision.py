@@ -111,6 +111,22 @@ def test_streaming_matches_map_style(tmp_path, num_shards):
         assert sorted(row["sample_id"] for row in ranks[0] + ranks[1]) == list(range(len(expected)))
 
 
+def test_streamed_shards_deal_the_class_sorted_lists_in_a_seeded_random_order(tmp_path):
+    google = [(f"g/{i}.jpg", i // 10) for i in range(60)]  # sorted by class, as the real lists
+    flickr = [(f"f/{i}.jpg", 1000 + i // 10) for i in range(20)] + [(f"f/x{i}.jpg", 6 + i // 10) for i in range(20)]
+    write_filelist(tmp_path / "info" / "train_filelist_google.txt", google)
+    write_filelist(tmp_path / "info" / "train_filelist_flickr.txt", flickr)
+    expected = load_webvision(tmp_path, "v1", "train").to_list()  # 80 kept lines, 8 classes of 10
+    stream = load_webvision(tmp_path, "v1", "train", streaming=True, num_shards=4, shuffle_seed=0)
+    rows = list(stream)
+    assert sorted(rows, key=lambda row: row["sample_id"]) == expected  # same samples, same ids and paths
+    assert rows != expected
+    assert rows == list(load_webvision(tmp_path, "v1", "train", streaming=True, num_shards=4, shuffle_seed=0))
+    # every shard of 20 spans many classes (in file order, a shard holds 2 classes)
+    for rank in range(4):
+        assert len({row["label"] for row in stream.shard(num_shards=4, index=rank)}) >= 5
+
+
 def test_class_names(webvision_root):
     assert read_webvision_class_names(webvision_root, 3) == {0: "class_0", 1: "class_1", 2: "class_2"}
     (webvision_root / "info" / "synsets.txt").write_text("n01 tench\nn02 goldfish\nn03 shark\n")

@@ -16,12 +16,18 @@ Streaming and multiple processes: the streaming datasets are *not* split by node
 whole shards (``IterableDataset.shard``) when ``n_shards >= world_size``, and each rank decodes only its data.
 Splitting here as well would shard twice; splitting here with batch dispatching silently drops data. Choose
 shard counts that are multiples of ``world_size * dataloader_num_workers`` for balanced readers.
+
+Streaming order: a streamed training set goes through a shuffle buffer (``shuffle_buffer_size``), and the Trainer's
+``set_epoch`` gives every epoch a new shard order and buffer seed. A buffer only mixes what is near in the
+stream: write shards with `training.make_shards`, whose random sample order puts every class in every shard.
+A streamed WebVision file list is dealt to its shards in a seeded random order for the same reason. Class-sorted
+streams (a streamed image folder, shards written in class order) give batches of few classes (BENCHMARKS.md,
+"Class diversity of streaming batches").
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -103,7 +109,7 @@ def _id2label_from_features(dataset: AnyDataset, label_column: str, source: str)
     raise ValueError(f"column {label_column!r} of {source} is not a ClassLabel; cannot count classes when streaming")
 
 
-def _from_hub(args: DataArguments) -> tuple[AnyDataset, AnyDataset | None, dict[int, str]]:
+def _from_hub(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset | None, dict[int, str]]:
     splits = load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming)
     if "train" not in splits:
         raise ValueError(f"{args.dataset_name} has no train split (splits: {list(splits)})")
@@ -111,7 +117,7 @@ def _from_hub(args: DataArguments) -> tuple[AnyDataset, AnyDataset | None, dict[
     return splits["train"], _eval_split(splits, args.dataset_name), id2label
 
 
-def _from_image_folders(args: DataArguments) -> tuple[AnyDataset, AnyDataset | None, dict[int, str]]:
+def _from_image_folders(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset | None, dict[int, str]]:
     data_files = {"train": os.path.join(args.train_dir, "**")}
     if args.validation_dir:
         data_files["validation"] = os.path.join(args.validation_dir, "**")
@@ -123,17 +129,18 @@ def _from_image_folders(args: DataArguments) -> tuple[AnyDataset, AnyDataset | N
     return splits["train"], eval_dataset, _id2label_from_features(splits["train"], "label", args.train_dir)
 
 
-def _from_webvision(args: DataArguments) -> tuple[AnyDataset, AnyDataset, dict[int, str]]:
+def _from_webvision(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset, dict[int, str]]:
     def load(split: str) -> AnyDataset:
+        # Streamed, the lines are dealt to the shards in a seeded random order: the file lists are sorted by class.
         return load_webvision(
-            args.webvision_dir, args.webvision_version, split, args.streaming, args.num_streaming_shards
+            args.webvision_dir, args.webvision_version, split, args.streaming, args.num_streaming_shards, seed
         )
 
     id2label = read_webvision_class_names(args.webvision_dir, webvision_num_classes(args.webvision_version))
     return load("train"), load("validation"), id2label
 
 
-def _from_shards(args: DataArguments) -> tuple[AnyDataset, AnyDataset | None, dict[int, str]]:
+def _from_shards(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset | None, dict[int, str]]:
     root = Path(args.shard_dir)
     eval_dirs = [root / name for name in EVAL_SPLIT_NAMES if (root / name).is_dir()]
     eval_dataset = load_shards(eval_dirs[0], streaming=args.streaming) if eval_dirs else None
@@ -218,8 +225,8 @@ def build_datasets(
         raise ValueError(f"give one data source, not {given}")
     if args.validation_dir and not args.train_dir:
         raise ValueError("validation_dir needs train_dir")
-    load = _SOURCES[given[0]] if given else functools.partial(_from_demo, seed=seed)
-    train, eval_dataset, id2label = load(args)
+    load = _SOURCES[given[0]] if given else _from_demo
+    train, eval_dataset, id2label = load(args, seed)
     if not given or given[0] != "dataset_name":  # the other sources name their columns "image" and "label"
         renames = {"image": args.image_column_name, "label": args.label_column_name}
         train, eval_dataset = _rename_columns(train, renames), _rename_columns(eval_dataset, renames)

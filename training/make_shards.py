@@ -2,7 +2,12 @@
 
 Each shard ``shard-00000.tar`` holds, per sample, ``<key>.jpg`` (encoded image), ``<key>.cls`` (integer label)
 and ``<key>.json`` (``{"sample_id": int, "path": original path}``). Shards are written one at a time from
-iterators, so memory stays flat for any dataset size. Layout written by the CLI::
+iterators, so memory stays flat for any dataset size.
+
+The CLI writes the samples in a seeded random order over the whole split (``--shuffle_seed``, default 0; sample
+ids keep the source order). File lists and image folders are sorted by class, and a streaming reader only mixes
+within its shuffle buffer: class-sorted shards give batches of few classes (see BENCHMARKS.md, "Class diversity
+of streaming batches"). The reader adds a new shard order every epoch. Layout written by the CLI::
 
     output_dir/id2label.json
     output_dir/<split>/shard-00000.tar ...
@@ -26,6 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from datasets import Dataset, Features, Image, IterableDataset, Value, load_dataset
 from PIL import Image as PILImage
 
@@ -163,11 +169,33 @@ def write_shards(
     return summary
 
 
+def shard_order(num_samples: int, seed: int | None) -> np.ndarray:
+    """The order in which `write_shards` should receive ``num_samples`` samples: a permutation seeded by ``seed``
+    over the whole list, or the source order when ``seed`` is None.
+
+    A permutation of the whole list (not per shard) puts every class in every shard, so that a streaming reader's
+    shuffle buffer draws from all classes; the same seed gives the same shards.
+    """
+    if seed is None:
+        return np.arange(num_samples)
+    return np.random.default_rng(seed).permutation(num_samples)
+
+
 def records_from_webvision(
-    root: str | os.PathLike, version: str = "v1", split: str = "train"
+    root: str | os.PathLike, version: str = "v1", split: str = "train", shuffle_seed: int | None = None
 ) -> Iterator[ShardRecord]:
-    """Yields the samples of a WebVision split (ids as in `load_webvision`), reading file lists lazily."""
-    for example in load_webvision(root, version, split, streaming=True, num_shards=1):
+    """Yields the samples of a WebVision split (ids as in `load_webvision`).
+
+    Args:
+        shuffle_seed: Yield in `shard_order` (the file list is held as an Arrow table of paths, ~100 MB for
+            WebVision 1.0); None reads the file lists lazily, in their class-sorted order.
+    """
+    if shuffle_seed is None:
+        examples = load_webvision(root, version, split, streaming=True, num_shards=1)
+    else:
+        examples = load_webvision(root, version, split)
+        examples = examples.select(shard_order(len(examples), shuffle_seed))
+    for example in examples:
         yield ShardRecord(example["image"], example["label"], example["sample_id"], example["image"])
 
 
@@ -181,38 +209,62 @@ def image_folder_class_names(folder: str | os.PathLike) -> list[str]:
 
 
 def records_from_image_folder(
-    folder: str | os.PathLike, class_names: Sequence[str] | None = None
+    folder: str | os.PathLike, class_names: Sequence[str] | None = None, shuffle_seed: int | None = None
 ) -> Iterator[ShardRecord]:
-    """Yields the images of ``folder/<class name>/...`` in sorted order, labelled by class position.
+    """Yields the images of ``folder/<class name>/...``, labelled by class position.
+
+    Sample ids number the images in sorted order (class by class), whatever the order they are yielded in.
 
     Args:
         folder: The split folder holding one subfolder per class.
         class_names: The label order; defaults to `image_folder_class_names(folder)`. Pass the training
             split's names when sharding a validation folder that lacks some classes.
+        shuffle_seed: Yield in `shard_order` (the paths are listed first); None yields in sorted order.
     """
     class_names = list(class_names or image_folder_class_names(folder))
     extensions = {extension.lower() for extension in PILImage.registered_extensions()}
-    sample_id = 0
-    for label, name in enumerate(class_names):
-        class_dir = Path(folder) / name
-        if not class_dir.is_dir():
-            continue
-        for path in sorted(class_dir.rglob("*")):
-            if path.is_file() and path.suffix.lower() in extensions:
-                yield ShardRecord(str(path), label, sample_id, str(path))
-                sample_id += 1
+    records = (
+        (str(path), label)
+        for label, name in enumerate(class_names)
+        if (Path(folder) / name).is_dir()
+        for path in sorted((Path(folder) / name).rglob("*"))
+        if path.is_file() and path.suffix.lower() in extensions
+    )
+    records = (ShardRecord(path, label, sample_id, path) for sample_id, (path, label) in enumerate(records))
+    if shuffle_seed is None:
+        yield from records
+        return
+    records = list(records)
+    for index in shard_order(len(records), shuffle_seed):
+        yield records[index]
 
 
 def records_from_dataset(
-    dataset: Dataset | IterableDataset, image_column: str = "image", label_column: str = "label"
+    dataset: Dataset | IterableDataset,
+    image_column: str = "image",
+    label_column: str = "label",
+    shuffle_seed: int | None = None,
 ) -> Iterator[ShardRecord]:
     """Yields the samples of a `datasets` image-classification dataset without decoding its images.
 
     Sample ids come from a ``sample_id`` column when present, else from the position in the dataset.
+
+    Args:
+        shuffle_seed: Yield in `shard_order` (random access into a map-style `Dataset`); None yields in order.
+
+    Raises:
+        ValueError: ``shuffle_seed`` with an `IterableDataset` (a stream has no random access).
     """
     if isinstance(dataset.features.get(image_column) if dataset.features else None, Image):
         dataset = dataset.cast_column(image_column, Image(decode=False))
-    for index, example in enumerate(dataset):
+    order = None
+    if shuffle_seed is not None:
+        if not isinstance(dataset, Dataset):
+            raise ValueError("shuffle_seed needs a map-style Dataset; load it without streaming=True")
+        order = shard_order(len(dataset), shuffle_seed)
+        dataset = dataset.select(order)
+    for position, example in enumerate(dataset):
+        index = position if order is None else int(order[position])
         image = example[image_column]
         path = (image.get("path") or "") if isinstance(image, dict) else ""
         yield ShardRecord(image, example[label_column], example.get("sample_id", index), path)
@@ -302,6 +354,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--samples_per_shard", type=int, default=1000)
     parser.add_argument("--image_format", default="jpg", choices=sorted(_MAGIC))
+    parser.add_argument(
+        "--shuffle_seed",
+        type=int,
+        default=0,
+        help="seed of the random sample order over the whole split (class-sorted shards stream poorly mixed)",
+    )
     return parser.parse_args(argv)
 
 
@@ -312,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> ShardSummary:
     if args.webvision_dir:
         num_classes = webvision_num_classes(args.webvision_version)
         id2label = read_webvision_class_names(args.webvision_dir, num_classes)
-        records = records_from_webvision(args.webvision_dir, args.webvision_version, args.split)
+        records = records_from_webvision(args.webvision_dir, args.webvision_version, args.split, args.shuffle_seed)
     elif args.image_folder:
         class_names = image_folder_class_names(args.image_folder)
         if (Path(args.output_dir) / ID2LABEL_FILE).is_file():
@@ -325,14 +383,15 @@ def main(argv: Sequence[str] | None = None) -> ShardSummary:
                 )
             class_names = known
         id2label = dict(enumerate(class_names))
-        records = records_from_image_folder(args.image_folder, class_names)
+        records = records_from_image_folder(args.image_folder, class_names, args.shuffle_seed)
     else:
-        dataset = load_dataset(args.dataset_name, args.dataset_config_name, split=args.split, streaming=True)
+        # The random order needs random access: the dataset is downloaded into the `datasets` cache (Arrow).
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name, split=args.split)
         label_feature = dataset.features[args.label_column] if dataset.features else None
         if not hasattr(label_feature, "names"):
             raise ValueError(f"column {args.label_column!r} of {args.dataset_name} is not a ClassLabel")
         id2label = dict(enumerate(label_feature.names))
-        records = records_from_dataset(dataset, args.image_column, args.label_column)
+        records = records_from_dataset(dataset, args.image_column, args.label_column, args.shuffle_seed)
     write_id2label(args.output_dir, id2label)
     return write_shards(records, Path(args.output_dir) / args.split, args.samples_per_shard, args.image_format)
 

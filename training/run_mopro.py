@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         release = model.to_release_model() if isinstance(model, MoProForPreTraining) else model
         release.save_pretrained(training_args.output_dir)
         processor.save_pretrained(training_args.output_dir)
-    if data_args.noise_report and isinstance(model, MoProForPreTraining) and trainer.is_world_process_zero():
+    if data_args.noise_report and isinstance(model, MoProForPreTraining):
+        # Every process scores its share of the training set; the main process writes the report.
         metrics.update(noise_report(model, train_dataset, data_args, training_args))
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", metrics, combined=False)
@@ -166,7 +167,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArguments, training_args) -> dict:
     """Per-sample noise decisions of the trained model on the training set, scored against the ground truth
-    when the dataset keeps it (the demo does; the columns never reach training)."""
+    when the dataset keeps it (the demo does; the columns never reach training).
+
+    Call it in every process: each one scores its own contiguous share (`evaluation.noise_report.process_share`),
+    the main process gathers the rows and writes them, and every process returns the summary. A 2.4M-image
+    training set scored by the main process alone would outlast the other processes' barrier timeout."""
     from evaluation.noise_report import write_noise_report
 
     if isinstance(train_dataset, torch.utils.data.IterableDataset) or not hasattr(train_dataset, "column_names"):
@@ -178,6 +183,7 @@ def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArgum
         output_dir=os.path.join(training_args.output_dir, "noise_report"),
         batch_size=training_args.per_device_eval_batch_size,
         num_workers=training_args.dataloader_num_workers,
+        device=training_args.device,
         image_column=data_args.image_column_name,
         label_column=data_args.label_column_name,
     )

@@ -13,12 +13,13 @@ dropped, as in the official loader. Sample ids are the positions in the kept lis
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
+import numpy as np
 from datasets import Dataset, Features, IterableDataset, Value
 
 WEBVISION_NUM_CLASSES = {"v1": 1000, "v2": 5000}
@@ -54,14 +55,13 @@ def _parse_line(line: bytes, where: str) -> tuple[str, int] | None:
     return parts[0], int(parts[1])
 
 
-def _iter_kept_lines(path: Path, num_classes: int, start_offset: int = 0) -> Iterator[tuple[int, str, int]]:
+def _iter_kept_lines(path: Path, num_classes: int) -> Iterator[tuple[int, str, int]]:
     """Yields (byte offset, relative path, label) of the lines whose label is < num_classes.
 
-    Binary mode gives exact byte offsets, which let streaming shards seek straight to their first line.
+    Binary mode gives exact byte offsets, which let streaming shards seek straight to their lines.
     """
     with open(path, "rb") as file:
-        file.seek(start_offset)
-        offset = start_offset
+        offset = 0
         for line in file:
             parsed = _parse_line(line, f"{path} (byte {offset})")
             if parsed is not None and parsed[1] < num_classes:
@@ -115,66 +115,55 @@ def read_webvision_class_names(root: str | os.PathLike, num_classes: int) -> dic
 
 
 @dataclass(frozen=True)
-class _ShardSegment:
-    """A run of ``count`` kept lines of one file list, starting at byte ``start_offset``."""
-
-    filelist: str
-    image_dir: str
-    start_offset: int
-    count: int
-
-
-@dataclass(frozen=True)
 class _Shard:
-    """A streaming shard: consecutive segments whose samples get ids from ``first_sample_id`` on."""
+    """A streaming shard: the kept lines it reads, in reading order, as rows (sample id, byte offset).
 
-    segments: tuple[_ShardSegment, ...]
-    first_sample_id: int
-
-
-def _plan_shards(sources: list[tuple[Path, Path]], num_classes: int, num_shards: int) -> list[_Shard]:
-    """Splits the kept lines of all file lists into ``num_shards`` nearly equal shards of byte ranges.
-
-    Shards only hold offsets and counts, so they are tiny to pickle into DataLoader workers and ranks, and
-    memory stays flat whatever the size of the file lists.
+    ``first_sample_ids[i]`` is the id of the first kept line of ``filelists[i]``: ids are positions in the kept
+    lists, Google first, whatever order the shard reads them in.
     """
-    counts = [sum(1 for _ in _iter_kept_lines(filelist, num_classes)) for filelist, _ in sources]
+
+    filelists: tuple[str, ...]
+    image_dirs: tuple[str, ...]
+    first_sample_ids: tuple[int, ...]
+    rows: np.ndarray  # (n, 2) int64
+
+
+def _plan_shards(
+    sources: list[tuple[Path, Path]], num_classes: int, num_shards: int, shuffle_seed: int | None
+) -> list[_Shard]:
+    """Splits the kept lines of all file lists into ``num_shards`` nearly equal shards.
+
+    With ``shuffle_seed``, the lines are dealt to the shards in a seeded random order over all file lists: the
+    lists are sorted by class, and a shard of consecutive lines would hold a handful of classes, which no shuffle
+    buffer can mix (BENCHMARKS.md, "Class diversity of streaming batches"). Shards hold byte offsets (16 bytes a
+    line: ~40 MB for WebVision 1.0), not paths, so they stay small to pickle into DataLoader workers and ranks.
+    """
+    offsets = [np.fromiter((o for o, _, _ in _iter_kept_lines(path, num_classes)), np.int64) for path, _ in sources]
+    counts = [len(o) for o in offsets]
     total = sum(counts)
-    if total == 0:
-        return [_Shard(segments=(), first_sample_id=0)]
-    num_shards = min(num_shards, total)
-    boundaries = [shard * total // num_shards for shard in range(num_shards + 1)]
-    shards: list[_Shard] = []
-    segments: list[_ShardSegment] = []
-    next_shard = 1  # index into boundaries of the end of the shard being filled
-    sample_id = 0
-    for (filelist, image_dir), count in zip(sources, counts, strict=True):
-        if count == 0:
-            continue
-        segment_start, segment_count = None, 0
-        for offset, _, _ in _iter_kept_lines(filelist, num_classes):
-            if segment_start is None:
-                segment_start = offset
-            segment_count += 1
-            sample_id += 1
-            if sample_id == boundaries[next_shard]:
-                segments.append(_ShardSegment(str(filelist), str(image_dir), segment_start, segment_count))
-                shards.append(_Shard(tuple(segments), boundaries[next_shard - 1]))
-                segments, segment_start, segment_count = [], None, 0
-                next_shard += 1
-        if segment_count:  # the shard continues in the next file list
-            segments.append(_ShardSegment(str(filelist), str(image_dir), segment_start, segment_count))
-    return shards
+    ids = np.arange(total) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(total)
+    rows = np.stack([ids, np.concatenate(offsets)[ids]], axis=1)  # (total, 2)
+    first_sample_ids = tuple(int(first) for first in np.cumsum([0, *counts[:-1]]))
+    filelists = tuple(str(path) for path, _ in sources)
+    image_dirs = tuple(str(image_dir) for _, image_dir in sources)
+    return [
+        _Shard(filelists, image_dirs, first_sample_ids, chunk)
+        for chunk in np.array_split(rows, max(min(num_shards, total), 1))
+    ]
 
 
 def _generate_from_shards(shards: list[_Shard], num_classes: int) -> Iterator[dict]:
     for shard in shards:
-        sample_id = shard.first_sample_id
-        for segment in shard.segments:
-            lines = _iter_kept_lines(Path(segment.filelist), num_classes, segment.start_offset)
-            for _, rel, label in islice(lines, segment.count):
-                yield {"image": os.path.join(segment.image_dir, rel), "label": label, "sample_id": sample_id}
-                sample_id += 1
+        files = [open(path, "rb") for path in shard.filelists]  # noqa: SIM115 (closed below)
+        try:
+            for sample_id, offset in shard.rows.tolist():
+                source = bisect.bisect_right(shard.first_sample_ids, sample_id) - 1
+                files[source].seek(offset)
+                rel, label = _parse_line(files[source].readline(), f"{shard.filelists[source]} (byte {offset})")
+                yield {"image": os.path.join(shard.image_dirs[source], rel), "label": label, "sample_id": sample_id}
+        finally:
+            for file in files:
+                file.close()
 
 
 def load_webvision(
@@ -183,6 +172,7 @@ def load_webvision(
     split: str = "train",
     streaming: bool = False,
     num_shards: int = 64,
+    shuffle_seed: int | None = None,
 ) -> Dataset | IterableDataset:
     """Loads a WebVision split as a dataset of image paths.
 
@@ -195,6 +185,8 @@ def load_webvision(
             multiple), and DataLoader workers split each rank's shards again: pick a multiple of
             ``world_size * num_workers``.
         num_shards: Shard count when streaming.
+        shuffle_seed: When streaming, deal the lines to the shards in this seeded random order, so that every
+            shard holds every class (the file lists are sorted by class); None keeps the file order.
 
     Returns:
         Columns ``image`` (absolute or root-relative file path string), ``label`` (int), ``sample_id`` (int).
@@ -207,7 +199,7 @@ def load_webvision(
     root = Path(root)
     sources = _split_sources(root, split)
     if streaming:
-        shards = _plan_shards(sources, num_classes, num_shards)
+        shards = _plan_shards(sources, num_classes, num_shards, shuffle_seed)
         return IterableDataset.from_generator(
             _generate_from_shards,
             features=WEBVISION_FEATURES,
