@@ -115,7 +115,7 @@ wrong labels and discard out-of-distribution images during training.
 - Projection: {config.projection_hidden_size}-d hidden layer, ReLU, {config.embedding_size}-d L2-normalised embedding.
 - Class prototypes: {config.num_labels} x {config.embedding_size}, stored with the weights (`mopro.prototypes`).
 - Input: RGB, resize the short side to {int(config.image_size / (224 / 256))} px, centre-crop {config.image_size} px
-  (bicubic), normalise with mean {list(mean)} and std {list(std)}. The saved image
+  (bilinear), normalise with mean {list(mean)} and std {list(std)}. The saved image
   processor does this."""
     return text + (f"\n\n{extra}" if extra else "")
 

@@ -277,6 +277,7 @@ def test_groups_are_ignored_with_several_processes():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    # fork: the children inherit the imported modules (spawn re-imports torch, timm and transformers in each)
-    mp.start_processes(_two_process_keys, args=(2, port, results), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a child forked after earlier tests started the OpenMP thread pool can deadlock in it (seen
+    # in the full suite with default threads).
+    mp.start_processes(_two_process_keys, args=(2, port, results), nprocs=2, join=True, start_method="spawn")
     assert dict(results) == {0: True, 1: True}
