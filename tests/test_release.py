@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import HfApi, ModelCard, constants
 from PIL import Image
-from transformers import AutoModelForImageClassification, pipeline
+from transformers import AutoModelForImageClassification, ConvNextImageProcessorPil, pipeline
 
 import evaluation.release as release_module
 from evaluation.release import HubUnavailableError, make_release, read_noise_summary, read_result_file
@@ -194,14 +194,12 @@ def test_timm_export_loads_offline_with_identical_logits(trained, release):
 def test_timm_export_preprocesses_like_the_saved_image_processor(trained, release):
     """timm's eval transform from the export resizes bilinearly, as `build_image_processor` (and the official test
     transform) does: same pixels."""
-    from modeling_mopro import MoProConfig, build_image_processor
-
     timm_dir = release["dir"] / "timm"
     model = timm.create_model(f"local-dir:{timm_dir}", pretrained=True)
     data_config = timm.data.resolve_data_config({}, model=model)
     assert data_config["interpolation"] == "bilinear"
     timm_transform = timm.data.create_transform(**data_config)
-    processor = build_image_processor(MoProConfig.from_pretrained(release["dir"]))
+    processor = ConvNextImageProcessorPil.from_pretrained(release["dir"])  # the release's processor, PIL backend
     image = Image.fromarray(
         torch.randint(0, 256, (45, 61, 3), generator=torch.Generator().manual_seed(0)).byte().numpy()
     )
