@@ -1,0 +1,32 @@
+"""How every command of the project ends on a user error: one line on stderr naming the problem, exit status 2.
+
+A bad flag, path, file or label set is the user's to fix, and a traceback only hides the one line that says how.
+Errors of the kinds below are reported that way; every other exception is a bug and keeps its traceback.
+`MOPRO_TRACEBACK=1` shows the traceback of a user error too (to report a message that is wrong).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+# ValueError covers the project's own validation (configs, arguments, labels, readers); OSError covers paths
+# that do not exist, are not readable, or are of the wrong kind.
+USER_ERRORS = (ValueError, OSError)
+
+
+def run_command(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+    """Run a command's `main(argv)`; a user error becomes `error: <message>` and exit status 2."""
+    try:
+        main(argv)
+    except USER_ERRORS as error:
+        if os.environ.get("MOPRO_TRACEBACK"):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+__all__ = ["USER_ERRORS", "run_command"]
