@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,9 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-from training.transforms import MoProViewTransforms, decode_image
+from training.transforms import BadImageError, MoProViewTransforms, decode_image
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 VOC07_CLASSES = (
@@ -114,7 +117,13 @@ class ImageLabelDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        image = decode_image(self.images[index])
+        """The sample's views, or only ``{"index"}`` when its image cannot be decoded (a skip, logged with the id;
+        `collate_skipping_bad_images` drops and counts it)."""
+        try:
+            image = decode_image(self.images[index])
+        except BadImageError as error:
+            logger.warning("Skipping image %s: %s", self.ids[index], error.reason)
+            return {"index": torch.tensor(index)}
         label = torch.as_tensor(self.labels[index], dtype=torch.float32 if self.is_multilabel else torch.long)
         return {"pixel_values": self.transform(image), "labels": label, "index": torch.tensor(index)}
 
@@ -159,8 +168,23 @@ class _HFColumn:
         return self.dataset[int(i)][self.column]
 
 
+def collate_skipping_bad_images(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stacks the decodable samples of `ImageLabelDataset`; ``skipped_index`` holds the positions of the others.
+
+    A batch of only bad images has no ``pixel_values`` / ``labels`` keys.
+    """
+    good = [e for e in examples if "pixel_values" in e]
+    batch = default_collate(good) if good else {}
+    batch["skipped_index"] = torch.tensor([int(e["index"]) for e in examples if "pixel_values" not in e])
+    return batch
+
+
 def collate_without_index(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Trainer collator: stacks pixel values and labels and drops the sample index (not a model input)."""
+    """Trainer collator: stacks pixel values and labels, dropping the sample index (not a model input) and the
+    undecodable images (already logged with their ids by `ImageLabelDataset`)."""
+    examples = [e for e in examples if "pixel_values" in e]
+    if not examples:
+        raise ValueError("every image of a batch is undecodable (see the warnings above); fix or remove the files")
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "labels": torch.stack([e["labels"] for e in examples]),
@@ -298,6 +322,12 @@ def hf_image_dataset(
 
     Ids come from `id_column`, else from a `path` or `sample_id` column when present, else the row positions.
     """
+    import datasets
+
+    feature = dataset.features.get(image_column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        # Our decoder, in the workers: a bad file is then a logged skip, not a crash inside `datasets`.
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     if id_column is None:
         id_column = next((c for c in ("path", "sample_id") if c in dataset.column_names), None)
     ids = list(dataset[id_column]) if id_column else None
@@ -361,6 +391,7 @@ __all__ = [
     "VOC07_CLASSES",
     "add_dataset_arguments",
     "apply_pseudo_labels",
+    "collate_skipping_bad_images",
     "collate_without_index",
     "dataset_from_arguments",
     "eval_transform",

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 
+import datasets
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+datasets_image = datasets.Image
 
 from training.collator import MoProCollator
 from training.transforms import BadImageError, MoProViewTransforms, decode_image, decode_image_tensor
@@ -68,3 +72,36 @@ def test_skip_log_names_the_sample_not_the_bytes_buffer(caplog):
     assert len(messages) == 2
     assert "sample_id=7" in messages[0] and "sample_id=8" in messages[1] and "web/cat/001.jpg" in messages[1]
     assert not any("BytesIO" in message for message in messages), messages
+
+
+# --- evaluation readers and the noise report --------------------------------------------------------------------
+def test_noise_report_skips_undecodable_images_and_counts_them(tmp_path):
+    from evaluation import noise_report
+    from tests.fixtures_eval import noisy_hf_dataset, tiny_model
+
+    dataset = noisy_hf_dataset(16).cast_column("image", datasets_image(decode=False))
+    images = list(dataset["image"])
+    images[3] = {"bytes": b"garbage", "path": None}
+    images[10] = {"bytes": b"\xff\xd8\xff truncated jpeg", "path": None}
+    dataset = dataset.remove_columns("image").add_column("image", images).cast_column("image", datasets_image())
+    summary = noise_report.write_noise_report(tiny_model(), dataset, tmp_path, batch_size=4, num_workers=0)
+    assert summary["num_skipped_images"] == 2
+    assert summary["skipped_images"] == ["web/0003.png", "web/0010.png"]  # the dataset's ids (its path column)
+    saved = json.loads((tmp_path / "noise_report_summary.json").read_text())
+    assert saved["num_skipped_images"] == 2 and saved["num_samples"] == 14
+    report = datasets.Dataset.from_parquet(str(tmp_path / "noise_report.parquet"))
+    assert "web/0003.png" not in report["id"] and len(report) == 14
+    # The ground-truth columns stay aligned with their rows once the skipped rows are gone.
+    assert report["sample_id"] == [i for i in range(16) if i not in (3, 10)]
+    assert report["is_ood"] == [i % 8 == 7 for i in range(16) if i not in (3, 10)]
+
+
+def test_extract_features_skips_bad_files_of_an_image_folder(tmp_path):
+    from evaluation.features import extract_features
+    from evaluation.image_datasets import image_folder_dataset
+    from tests.fixtures_eval import tiny_model, write_image_folder
+
+    root = write_image_folder(tmp_path / "data", per_class=3, class_names=["a", "b", "c", "d"])
+    (root / "b" / "b_1.png").write_bytes(b"not a png")
+    features = extract_features(tiny_model(), image_folder_dataset(root), batch_size=4, num_workers=0, progress=False)
+    assert features.skipped_ids == ["b/b_1.png"] and len(features) == 11 and "b/b_1.png" not in features.ids
