@@ -50,6 +50,7 @@ from .features import extract_features, load_model, mopro_parts
 from .image_datasets import (
     ImageLabelDataset,
     add_dataset_arguments,
+    check_class_names,
     dataset_from_arguments,
     hf_image_dataset,
     load_hf_dataset,
@@ -173,6 +174,7 @@ def _build_noise_report(
         extra = rows[share.start : share.stop] if rows.column_names else {}
         extra = {name: np.asarray(values) for name, values in extra.items()}
         dataset = hf_image_dataset(hf, transforms_from_config(model.config), image_column, label_column)
+    check_class_names(dataset, model.config, "the noise report's data")
     if len(share) < len(dataset):
         dataset = dataset.subset(np.arange(share.start, share.stop))  # keeps the dataset-wide ids
     features = extract_features(

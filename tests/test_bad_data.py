@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 
 import datasets
 import numpy as np
@@ -105,3 +106,63 @@ def test_extract_features_skips_bad_files_of_an_image_folder(tmp_path):
     (root / "b" / "b_1.png").write_bytes(b"not a png")
     features = extract_features(tiny_model(), image_folder_dataset(root), batch_size=4, num_workers=0, progress=False)
     assert features.skipped_ids == ["b/b_1.png"] and len(features) == 11 and "b/b_1.png" not in features.ids
+
+
+# --- image folders: one reader, one label rule, checked against the model ------------------------------------------
+def test_empty_class_folder_is_an_error_naming_it_in_training_and_evaluation(tmp_path):
+    from evaluation.image_datasets import image_folder_dataset
+    from tests.fixtures_eval import write_image_folder
+    from training.data import build_datasets
+
+    root = write_image_folder(tmp_path / "data", per_class=2, class_names=["a", "b", "c"])
+    (root / "bb").mkdir()  # sorts between b and c: dropping it would not shift labels, keeping it would
+    (root / "bb" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"class folder.*bb.*no image"):
+        build_datasets(train_dir=str(root))
+    with pytest.raises(ValueError, match=r"class folder.*bb.*no image"):
+        image_folder_dataset(root)
+
+
+def test_training_and_evaluation_read_an_image_folder_with_the_same_labels(tmp_path):
+    from evaluation.image_datasets import image_folder_dataset
+    from tests.fixtures_eval import write_image_folder
+    from training.data import build_datasets
+
+    names = [str(i) for i in range(12)]  # numeric: "10" and "11" after "9", label == folder number
+    root = write_image_folder(tmp_path / "data", per_class=1, class_names=names)
+    train, _, id2label = build_datasets(train_dir=str(root))
+    evaluation = image_folder_dataset(root)
+    assert id2label == dict(enumerate(names)) and evaluation.classes == names
+    train_labels = {os.path.relpath(row["image"]["path"], root): row["label"] for row in train}
+    assert train_labels == dict(zip(evaluation.ids, evaluation.labels.tolist(), strict=True))
+    assert train_labels["10/10_0.png"] == 10
+
+
+def test_classification_refuses_data_whose_classes_are_not_the_models(tmp_path):
+    from evaluation.classification import evaluate_classification
+    from evaluation.image_datasets import image_folder_dataset
+    from tests.fixtures_eval import tiny_model, write_image_folder
+
+    model = tiny_model()
+    model.config.id2label = {0: "a", 1: "b", 2: "c", 3: "d"}
+    model.config.label2id = {"a": 0, "b": 1, "c": 2, "d": 3}
+    good = write_image_folder(tmp_path / "good", per_class=1, class_names=["a", "b", "c", "d"])
+    assert evaluate_classification(model, image_folder_dataset(good), num_workers=0)["num_samples"] == 4
+    renamed = write_image_folder(tmp_path / "renamed", per_class=1, class_names=["a", "b", "cat", "d"])
+    with pytest.raises(ValueError, match=r"not the model's labels.*label 2: 'cat' in the data, 'c' in the model"):
+        evaluate_classification(model, image_folder_dataset(renamed), num_workers=0)
+    fewer = write_image_folder(tmp_path / "fewer", per_class=1, class_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="not the model's labels"):
+        evaluate_classification(model, image_folder_dataset(fewer), num_workers=0)
+
+
+def test_noise_report_refuses_data_whose_classes_are_not_the_models(tmp_path):
+    from evaluation import noise_report
+    from evaluation.image_datasets import image_folder_dataset
+    from tests.fixtures_eval import tiny_model, write_image_folder
+
+    model = tiny_model()
+    model.config.id2label = {0: "a", 1: "b", 2: "c", 3: "d"}
+    data = write_image_folder(tmp_path / "data", per_class=1, class_names=["d", "e", "f", "g"])
+    with pytest.raises(ValueError, match="not the model's labels"):
+        noise_report.build_noise_report(model, image_folder_dataset(data), num_workers=0)
