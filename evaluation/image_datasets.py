@@ -224,7 +224,8 @@ def check_class_names(dataset: Any, config: Any, source: str = "the evaluation d
     """Checks that a dataset's labels mean the model's classes: its class names are ``config.id2label``, in order.
 
     For the protocols that score the model's own classifier (classification, the noise report, the evaluation sets
-    of classifier retraining); kNN, the low-shot SVM and fine-tuning learn their own label space and skip it.
+    of classifier retraining); kNN, the low-shot SVM and fine-tuning learn their own label space and skip it, and
+    robustness maps its folders to the model's logits explicitly (`robustness.subset_logit_indices`).
     Nothing is compared when the data has no class names (file lists, integer label columns), when they are the
     label indices themselves ("0", "1", ...: the official `imagenet/val/<c>/` layout), or when the model's labels are
     the generic "LABEL_<i>"; then only the class count is checked.
