@@ -166,3 +166,25 @@ def test_noise_report_refuses_data_whose_classes_are_not_the_models(tmp_path):
     data = write_image_folder(tmp_path / "data", per_class=1, class_names=["d", "e", "f", "g"])
     with pytest.raises(ValueError, match="not the model's labels"):
         noise_report.build_noise_report(model, image_folder_dataset(data), num_workers=0)
+
+
+# --- shards -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "truncated_on_a_block"])
+def test_damaged_shard_is_an_error_naming_it_before_training(tmp_path, damage):
+    from tests.fixtures_eval import write_image_folder
+    from training.data import build_datasets
+    from training.make_shards import main as make_shards_main
+
+    folder = write_image_folder(tmp_path / "images", per_class=3, class_names=["a", "b"])
+    out = tmp_path / "shards"
+    make_shards_main(["--image_folder", str(folder), "--output_dir", str(out), "--samples_per_shard", "2"])
+    assert len(build_datasets(shard_dir=str(out))[0]) == 6  # whole shards read
+    shard = sorted((out / "train").glob("shard-*.tar"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(
+        {"truncated": data[: len(data) // 2 + 7], "garbage": b"\x00garbage" * 300, "truncated_on_a_block": data[:1536]}[
+            damage
+        ]
+    )
+    with pytest.raises(ValueError, match=rf"shard .*{shard.name} is (not a tar|truncated)"):
+        build_datasets(shard_dir=str(out))
