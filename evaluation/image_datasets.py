@@ -248,7 +248,9 @@ def check_class_names(dataset: Any, config: Any, source: str = "the evaluation d
         return
     differing = [(i, name, model_names[i]) for i, name in enumerate(classes) if name != model_names[i]]
     if differing or len(classes) != num_labels:
-        shown = "; ".join(f"label {i}: {data!r} in the data, {model!r} in the model" for i, data, model in differing[:3])
+        shown = "; ".join(
+            f"label {i}: {data!r} in the data, {model!r} in the model" for i, data, model in differing[:3]
+        )
         raise ValueError(
             f"the class names of {source} are not the model's labels (config.id2label): "
             f"{shown or f'{len(classes)} classes for {num_labels} labels'}"

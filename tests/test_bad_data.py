@@ -10,10 +10,7 @@ import os
 import datasets
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-
-datasets_image = datasets.Image
 
 from training.collator import MoProCollator
 from training.transforms import BadImageError, MoProViewTransforms, decode_image, decode_image_tensor
@@ -80,11 +77,11 @@ def test_noise_report_skips_undecodable_images_and_counts_them(tmp_path):
     from evaluation import noise_report
     from tests.fixtures_eval import noisy_hf_dataset, tiny_model
 
-    dataset = noisy_hf_dataset(16).cast_column("image", datasets_image(decode=False))
+    dataset = noisy_hf_dataset(16).cast_column("image", datasets.Image(decode=False))
     images = list(dataset["image"])
     images[3] = {"bytes": b"garbage", "path": None}
     images[10] = {"bytes": b"\xff\xd8\xff truncated jpeg", "path": None}
-    dataset = dataset.remove_columns("image").add_column("image", images).cast_column("image", datasets_image())
+    dataset = dataset.remove_columns("image").add_column("image", images).cast_column("image", datasets.Image())
     summary = noise_report.write_noise_report(tiny_model(), dataset, tmp_path, batch_size=4, num_workers=0)
     assert summary["num_skipped_images"] == 2
     assert summary["skipped_images"] == ["web/0003.png", "web/0010.png"]  # the dataset's ids (its path column)
@@ -136,6 +133,12 @@ def test_training_and_evaluation_read_an_image_folder_with_the_same_labels(tmp_p
     train_labels = {os.path.relpath(row["image"]["path"], root): row["label"] for row in train}
     assert train_labels == dict(zip(evaluation.ids, evaluation.labels.tolist(), strict=True))
     assert train_labels["10/10_0.png"] == 10
+    # make_shards labels an image folder by the same rule
+    from training.make_shards import main as make_shards_main
+    from training.make_shards import read_id2label
+
+    make_shards_main(["--image_folder", str(root), "--output_dir", str(tmp_path / "shards")])
+    assert read_id2label(tmp_path / "shards") == id2label
 
 
 def test_classification_refuses_data_whose_classes_are_not_the_models(tmp_path):
@@ -182,9 +185,11 @@ def test_damaged_shard_is_an_error_naming_it_before_training(tmp_path, damage):
     shard = sorted((out / "train").glob("shard-*.tar"))[1]
     data = shard.read_bytes()
     shard.write_bytes(
-        {"truncated": data[: len(data) // 2 + 7], "garbage": b"\x00garbage" * 300, "truncated_on_a_block": data[:1536]}[
-            damage
-        ]
+        {
+            "truncated": data[: len(data) // 2 + 7],
+            "garbage": b"\x00garbage" * 300,
+            "truncated_on_a_block": data[:1536],
+        }[damage]
     )
     with pytest.raises(ValueError, match=rf"shard .*{shard.name} is (not a tar|truncated)"):
         build_datasets(shard_dir=str(out))
