@@ -35,6 +35,7 @@ from torch.utils.data import Dataset, default_collate
 
 from training.image_folder import image_folder_classes, read_image_folder
 from training.transforms import BadImageError, MoProViewTransforms, decode_image
+from training.webvision import VAL_FILELIST, VAL_IMAGE_DIR, read_webvision_filelist
 
 logger = logging.getLogger(__name__)
 
@@ -300,16 +301,12 @@ def apply_pseudo_labels(dataset: ImageLabelDataset, annotation: str | os.PathLik
 def webvision_val_dataset(
     root: str | os.PathLike, transform: Transform | None = None, num_classes: int = 1000
 ) -> ImageLabelDataset:
-    """WebVision validation set (`info/val_filelist.txt`, images in `val_images_256/`), labels < num_classes."""
+    """WebVision validation set (`info/val_filelist.txt`, images in `val_images_256/`), labels < num_classes; the
+    list is read by training's reader (`training.webvision.read_webvision_filelist`, which names a malformed line)."""
     root = Path(root)
-    relative, labels = [], []
-    for line in (root / "info" / "val_filelist.txt").read_text().splitlines():
-        if line.strip():
-            name, label = line.rsplit(maxsplit=1)
-            if int(label) < num_classes:
-                relative.append(f"val_images_256/{name}")
-                labels.append(int(label))
-    return file_list_dataset(root, relative, labels, transform)
+    pairs = read_webvision_filelist(root / "info" / VAL_FILELIST, num_classes)
+    relative = [f"{VAL_IMAGE_DIR}/{name}" for name, _ in pairs]
+    return file_list_dataset(root, relative, [label for _, label in pairs], transform)
 
 
 def voc07_dataset(root: str | os.PathLike, split: str = "trainval", transform: Transform | None = None):

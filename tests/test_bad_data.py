@@ -193,3 +193,16 @@ def test_damaged_shard_is_an_error_naming_it_before_training(tmp_path, damage):
     )
     with pytest.raises(ValueError, match=rf"shard .*{shard.name} is (not a tar|truncated)"):
         build_datasets(shard_dir=str(out))
+
+
+def test_webvision_val_list_is_read_by_the_training_reader(tmp_path):
+    from evaluation.image_datasets import webvision_val_dataset
+
+    (tmp_path / "info").mkdir()
+    (tmp_path / "info" / "val_filelist.txt").write_text("val000001.jpg 0\nval000002.jpg 1500\n\nval000003.jpg 7\n")
+    dataset = webvision_val_dataset(tmp_path)  # label 1500 is beyond WebVision 1.0's 1000 classes
+    assert dataset.ids == ["val_images_256/val000001.jpg", "val_images_256/val000003.jpg"]
+    assert dataset.labels.tolist() == [0, 7]
+    (tmp_path / "info" / "val_filelist.txt").write_text("val000001.jpg 0\nval000002.jpg cat\n")
+    with pytest.raises(ValueError, match=r"val_filelist.txt \(byte 16\).*expected '<image path> <non-negative"):
+        webvision_val_dataset(tmp_path)
