@@ -206,3 +206,18 @@ def test_webvision_val_list_is_read_by_the_training_reader(tmp_path):
     (tmp_path / "info" / "val_filelist.txt").write_text("val000001.jpg 0\nval000002.jpg cat\n")
     with pytest.raises(ValueError, match=r"val_filelist.txt \(byte 16\).*expected '<image path> <non-negative"):
         webvision_val_dataset(tmp_path)
+
+
+def test_trainer_collator_of_the_evaluation_scripts_drops_undecodable_images(tmp_path, caplog):
+    from evaluation.image_datasets import collate_without_index, image_folder_dataset
+    from tests.fixtures_eval import write_image_folder
+
+    root = write_image_folder(tmp_path / "data", per_class=2, class_names=["a", "b"])
+    (root / "a" / "a_1.png").write_bytes(b"broken")
+    dataset = image_folder_dataset(root)
+    with caplog.at_level(logging.WARNING, logger="evaluation.image_datasets"):
+        batch = collate_without_index([dataset[i] for i in range(len(dataset))])
+    assert batch["labels"].tolist() == [0, 1, 1] and batch["pixel_values"].shape[0] == 3
+    assert any("a/a_1.png" in record.getMessage() for record in caplog.records)
+    with pytest.raises(ValueError, match="every image of a batch is undecodable"):
+        collate_without_index([dataset[1]])
