@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from training.image_folder import image_folder_classes, read_image_folder
+from training.image_folder import read_image_folder
 from training.transforms import BadImageError, MoProViewTransforms, decode_image
 from training.webvision import VAL_FILELIST, VAL_IMAGE_DIR, read_webvision_filelist
 
@@ -204,15 +204,14 @@ def image_folder_dataset(
     Args:
         root: Folder with one sub-folder per class.
         transform: Image transform (test view by default).
-        class_to_idx: Explicit label of each class folder (e.g. a benchmark's subset of a model's classes);
-            folders missing from it are skipped.
+        class_to_idx: Explicit label of each class folder (e.g. a benchmark's subset of a model's classes); a
+            folder not in it is an error, a class without a folder is allowed.
     """
     root = Path(root)
     if class_to_idx is None:
         paths, labels, classes = read_image_folder(root)
     else:
-        names = [name for name in image_folder_classes(root) if name in class_to_idx]
-        paths, positions, names = read_image_folder(root, names)
+        paths, positions, names = read_image_folder(root, list(class_to_idx))
         labels = [class_to_idx[names[position]] for position in positions]
         classes = sorted(class_to_idx, key=class_to_idx.__getitem__)
     if not paths:
