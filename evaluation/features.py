@@ -180,13 +180,16 @@ def extract_features(
     arrays = {k: torch.cat(v).numpy() if v else None for k, v in outputs.items()}
     positions = torch.cat(indices).tolist() if indices else list(range(len(dataset)))
     dataset_ids = getattr(dataset, "ids", None)
-    name = (lambda i: dataset_ids[i]) if dataset_ids is not None else str  # noqa: E731
+
+    def name(position: int) -> str:
+        return dataset_ids[position] if dataset_ids is not None else str(position)
+
     ids = [name(i) for i in positions]
-    if skipped:
+    if skipped:  # each one was logged by the worker that met it; this is the count, in the main process
+        examples = ", ".join(name(i) for i in skipped[:5])
         logger.warning(
-            "%s: skipped %d undecodable image(s) of %d, e.g. %s", desc, len(skipped), len(dataset),
-            ", ".join(name(i) for i in skipped[:5]),
-        )  # fmt: skip
+            "%s: skipped %d undecodable image(s) of %d, e.g. %s", desc, len(skipped), len(dataset), examples
+        )
     return FeatureSet(
         pooled=arrays.get("pooled"),
         embeddings=arrays.get("embeddings"),
