@@ -19,7 +19,12 @@ from torch.utils.data import Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
-from .image_datasets import add_dataset_arguments, dataset_from_arguments, transforms_from_config
+from .image_datasets import (
+    add_dataset_arguments,
+    check_class_names,
+    dataset_from_arguments,
+    transforms_from_config,
+)
 
 # dataset key -> (name, type) written to the result file.
 DATASET_CARDS = {
@@ -57,14 +62,24 @@ def evaluate_classification(
     device: str | None = None,
     amp: bool = False,
 ) -> dict[str, float]:
-    """Classifier top-k accuracy (%) of a MoPro model (or folder) on an evaluation dataset; adds `num_samples`."""
+    """Classifier top-k accuracy (%) of a MoPro model (or folder) on an evaluation dataset; adds `num_samples` and
+    `num_skipped_samples` (undecodable images, logged with their ids, not scored).
+
+    Raises:
+        ValueError: The dataset's class names are not the model's labels (`check_class_names`).
+    """
     model = load_model(model, device)
+    check_class_names(dataset, model.config)
     features = extract_features(
         model, dataset, ("logits",), batch_size, num_workers, device, amp, desc="classification"
     )
     if features.logits is None:
         raise ValueError("the model has no classifier (a MoProModel folder); classification needs one")
-    return {**topk_accuracy(features.logits, features.labels, top_k), "num_samples": len(features)}
+    return {
+        **topk_accuracy(features.logits, features.labels, top_k),
+        "num_samples": len(features),
+        "num_skipped_samples": len(features.skipped_ids),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
 
 FEATURE_KINDS = ("pooled", "embeddings", "prototype_similarities", "logits")
 
@@ -74,6 +77,7 @@ class FeatureSet:
         logits: (N, K) classifier logits, or None (not requested, or a `MoProModel` without classifier).
         labels: (N,) integer labels, or (N, C) multi-label targets.
         ids: N sample ids (the dataset's `ids`, else the positions).
+        skipped_ids: ids of the samples left out because their image could not be decoded (logged as skipped).
     """
 
     pooled: np.ndarray | None
@@ -82,13 +86,17 @@ class FeatureSet:
     logits: np.ndarray | None
     labels: np.ndarray
     ids: list[str]
+    skipped_ids: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
-    """Ordered, non-dropping evaluation DataLoader."""
+    """Ordered, non-dropping evaluation DataLoader; an `ImageLabelDataset`'s undecodable images are left out of the
+    batches and listed in their ``skipped_index`` (`collate_skipping_bad_images`)."""
+    from .image_datasets import ImageLabelDataset, collate_skipping_bad_images
+
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -96,6 +104,7 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, device: to
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        collate_fn=collate_skipping_bad_images if isinstance(dataset, ImageLabelDataset) else None,
     )
 
 
@@ -138,11 +147,15 @@ def extract_features(
     was_training = model.training
     model.to(device).eval()
     outputs: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
-    labels, indices = [], []
+    labels, indices, skipped = [], [], []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     loader = build_loader(dataset, batch_size, num_workers, device)
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress):
+            if isinstance(batch, dict) and "skipped_index" in batch:
+                skipped += batch["skipped_index"].tolist()
+                if "pixel_values" not in batch:  # every image of the batch was undecodable
+                    continue
             if isinstance(batch, dict):
                 pixel_values, batch_labels = batch["pixel_values"], batch["labels"]
                 batch_index = batch.get("index")
@@ -167,7 +180,16 @@ def extract_features(
     arrays = {k: torch.cat(v).numpy() if v else None for k, v in outputs.items()}
     positions = torch.cat(indices).tolist() if indices else list(range(len(dataset)))
     dataset_ids = getattr(dataset, "ids", None)
-    ids = [dataset_ids[i] for i in positions] if dataset_ids is not None else [str(i) for i in positions]
+
+    def name(position: int) -> str:
+        return dataset_ids[position] if dataset_ids is not None else str(position)
+
+    ids = [name(i) for i in positions]
+    if skipped:  # each one was logged by the worker that met it; this is the count, in the main process
+        examples = ", ".join(name(i) for i in skipped[:5])
+        logger.warning(
+            "%s: skipped %d undecodable image(s) of %d, e.g. %s", desc, len(skipped), len(dataset), examples
+        )
     return FeatureSet(
         pooled=arrays.get("pooled"),
         embeddings=arrays.get("embeddings"),
@@ -175,6 +197,7 @@ def extract_features(
         logits=arrays.get("logits"),
         labels=torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64),
         ids=ids,
+        skipped_ids=[name(i) for i in skipped],
     )
 
 

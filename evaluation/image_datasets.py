@@ -7,9 +7,9 @@ through the official test view by default: resize the short side to `image_size 
 `image_size` (bilinear, as torchvision in the official scripts).
 
 Layouts:
-- image folder `root/<class>/<image>` (ImageNet val, ImageNet-R/-A). Classes sorted by name, as torchvision's
-  `ImageFolder`; that order is the ImageNet class index, which WebVision 1.0 shares. Folders named by integers
-  (the official `imagenet/val/<c>/` layout) use the integer as label instead of the lexicographic position.
+- image folder `root/<class>/<image>` (ImageNet val, ImageNet-R/-A), read as in training
+  (`training.image_folder`): classes sorted by name, as torchvision's `ImageFolder` (the ImageNet class index,
+  which WebVision 1.0 shares); integer folder names (the official `imagenet/val/<c>/` layout) in numeric order.
 - WebVision val: `root/info/val_filelist.txt` ("val000001.jpg 0") and `root/val_images_256/`.
 - a list of relative paths and labels (`pseudo_label.json`, Places205 csv files, subsets).
 - PASCAL VOC2007: `root/VOCdevkit/VOC2007/{ImageSets/Main/<class>_<split>.txt, JPEGImages/}`; labels (20,) in
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,11 +31,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-from training.transforms import MoProViewTransforms, decode_image
+from training.image_folder import read_image_folder
+from training.transforms import BadImageError, MoProViewTransforms, decode_image
+from training.webvision import VAL_FILELIST, VAL_IMAGE_DIR, read_webvision_filelist
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+logger = logging.getLogger(__name__)
+
 VOC07_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -114,7 +118,13 @@ class ImageLabelDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        image = decode_image(self.images[index])
+        """The sample's views, or only ``{"index"}`` when its image cannot be decoded (a skip, logged with the id;
+        `collate_skipping_bad_images` drops and counts it)."""
+        try:
+            image = decode_image(self.images[index])
+        except BadImageError as error:
+            logger.warning("Skipping image %s: %s", self.ids[index], error.reason)
+            return {"index": torch.tensor(index)}
         label = torch.as_tensor(self.labels[index], dtype=torch.float32 if self.is_multilabel else torch.long)
         return {"pixel_values": self.transform(image), "labels": label, "index": torch.tensor(index)}
 
@@ -159,8 +169,23 @@ class _HFColumn:
         return self.dataset[int(i)][self.column]
 
 
+def collate_skipping_bad_images(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stacks the decodable samples of `ImageLabelDataset`; ``skipped_index`` holds the positions of the others.
+
+    A batch of only bad images has no ``pixel_values`` / ``labels`` keys.
+    """
+    good = [e for e in examples if "pixel_values" in e]
+    batch = default_collate(good) if good else {}
+    batch["skipped_index"] = torch.tensor([int(e["index"]) for e in examples if "pixel_values" not in e])
+    return batch
+
+
 def collate_without_index(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Trainer collator: stacks pixel values and labels and drops the sample index (not a model input)."""
+    """Trainer collator: stacks pixel values and labels, dropping the sample index (not a model input) and the
+    undecodable images (already logged with their ids by `ImageLabelDataset`)."""
+    examples = [e for e in examples if "pixel_values" in e]
+    if not examples:
+        raise ValueError("every image of a batch is undecodable (see the warnings above); fix or remove the files")
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "labels": torch.stack([e["labels"] for e in examples]),
@@ -168,43 +193,70 @@ def collate_without_index(examples: list[dict[str, torch.Tensor]]) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------------------------------- layouts
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def image_folder_dataset(
     root: str | os.PathLike,
     transform: Transform | None = None,
     class_to_idx: Mapping[str, int] | None = None,
 ) -> ImageLabelDataset:
-    """`root/<class>/<image>` with labels from the sorted class folder names (integer folder names: their value).
+    """`root/<class>/<image>`, read and labelled as in training (`training.image_folder.read_image_folder`: numeric
+    folder names in numeric order, other names sorted; an empty class folder is an error).
 
     Args:
         root: Folder with one sub-folder per class.
         transform: Image transform (test view by default).
-        class_to_idx: Explicit label of each class folder; folders missing from it are skipped.
+        class_to_idx: Explicit label of each class folder (e.g. a benchmark's subset of a model's classes); a
+            folder not in it is an error, a class without a folder is allowed.
     """
     root = Path(root)
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not folders:
-        raise FileNotFoundError(f"no class folders in {root}")
     if class_to_idx is None:
-        numeric = all(name.isdigit() for name in folders)
-        class_to_idx = {name: int(name) if numeric else i for i, name in enumerate(folders)}
-    paths, labels = [], []
-    for name in folders:
-        if name not in class_to_idx:
-            continue
-        for dirpath, _, files in sorted(os.walk(root / name)):
-            for file in sorted(files):
-                if _is_image(file):
-                    paths.append(os.path.join(dirpath, file))
-                    labels.append(class_to_idx[name])
+        paths, labels, classes = read_image_folder(root)
+    else:
+        paths, positions, names = read_image_folder(root, list(class_to_idx))
+        labels = [class_to_idx[names[position]] for position in positions]
+        classes = sorted(class_to_idx, key=class_to_idx.__getitem__)
     if not paths:
         raise FileNotFoundError(f"no images under {root}")
     ids = [os.path.relpath(p, root) for p in paths]
-    classes = sorted(class_to_idx, key=class_to_idx.__getitem__)
     return ImageLabelDataset(paths, labels, ids, transform, classes)
+
+
+def check_class_names(dataset: Any, config: Any, source: str = "the evaluation data") -> None:
+    """Checks that a dataset's labels mean the model's classes: its class names are ``config.id2label``, in order.
+
+    For the protocols that score the model's own classifier (classification, the noise report, the evaluation sets
+    of classifier retraining); kNN, the low-shot SVM and fine-tuning learn their own label space and skip it, and
+    robustness maps its folders to the model's logits explicitly (`robustness.subset_logit_indices`).
+    Nothing is compared when the data has no class names (file lists, integer label columns), when they are the
+    label indices themselves ("0", "1", ...: the official `imagenet/val/<c>/` layout), or when the model's labels are
+    the generic "LABEL_<i>"; then only the class count is checked.
+
+    Raises:
+        ValueError: More classes than the model has, or names that differ (a few are named).
+    """
+    classes = getattr(dataset, "classes", None)
+    num_labels = config.num_labels
+    labels = getattr(dataset, "labels", None)
+    if labels is not None and np.ndim(labels) == 1 and len(labels) and int(np.max(labels)) >= num_labels:
+        raise ValueError(f"{source} has label {int(np.max(labels))} but the model has {num_labels} classes")
+    if classes is None:
+        return
+    classes = [str(name) for name in classes]
+    if len(classes) > num_labels:
+        raise ValueError(f"{source} has {len(classes)} classes but the model has {num_labels}")
+    model_names = [str(config.id2label.get(i, f"LABEL_{i}")) for i in range(num_labels)]
+    if classes == [str(i) for i in range(len(classes))] or model_names == [f"LABEL_{i}" for i in range(num_labels)]:
+        return
+    differing = [(i, name, model_names[i]) for i, name in enumerate(classes) if name != model_names[i]]
+    if differing or len(classes) != num_labels:
+        shown = "; ".join(
+            f"label {i}: {data!r} in the data, {model!r} in the model" for i, data, model in differing[:3]
+        )
+        raise ValueError(
+            f"the class names of {source} are not the model's labels (config.id2label): "
+            f"{shown or f'{len(classes)} classes for {num_labels} labels'}"
+            f"{f' (+{len(differing) - 3} more)' if len(differing) > 3 else ''}; "
+            "evaluate on data with the model's classes, in the model's order"
+        )
 
 
 def file_list_dataset(
@@ -248,16 +300,12 @@ def apply_pseudo_labels(dataset: ImageLabelDataset, annotation: str | os.PathLik
 def webvision_val_dataset(
     root: str | os.PathLike, transform: Transform | None = None, num_classes: int = 1000
 ) -> ImageLabelDataset:
-    """WebVision validation set (`info/val_filelist.txt`, images in `val_images_256/`), labels < num_classes."""
+    """WebVision validation set (`info/val_filelist.txt`, images in `val_images_256/`), labels < num_classes; the
+    list is read by training's reader (`training.webvision.read_webvision_filelist`, which names a malformed line)."""
     root = Path(root)
-    relative, labels = [], []
-    for line in (root / "info" / "val_filelist.txt").read_text().splitlines():
-        if line.strip():
-            name, label = line.rsplit(maxsplit=1)
-            if int(label) < num_classes:
-                relative.append(f"val_images_256/{name}")
-                labels.append(int(label))
-    return file_list_dataset(root, relative, labels, transform)
+    pairs = read_webvision_filelist(root / "info" / VAL_FILELIST, num_classes)
+    relative = [f"{VAL_IMAGE_DIR}/{name}" for name, _ in pairs]
+    return file_list_dataset(root, relative, [label for _, label in pairs], transform)
 
 
 def voc07_dataset(root: str | os.PathLike, split: str = "trainval", transform: Transform | None = None):
@@ -298,6 +346,12 @@ def hf_image_dataset(
 
     Ids come from `id_column`, else from a `path` or `sample_id` column when present, else the row positions.
     """
+    import datasets
+
+    feature = dataset.features.get(image_column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        # Our decoder, in the workers: a bad file is then a logged skip, not a crash inside `datasets`.
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     if id_column is None:
         id_column = next((c for c in ("path", "sample_id") if c in dataset.column_names), None)
     ids = list(dataset[id_column]) if id_column else None
@@ -361,6 +415,8 @@ __all__ = [
     "VOC07_CLASSES",
     "add_dataset_arguments",
     "apply_pseudo_labels",
+    "check_class_names",
+    "collate_skipping_bad_images",
     "collate_without_index",
     "dataset_from_arguments",
     "eval_transform",

@@ -229,6 +229,11 @@ def evaluate_lowshot_svm(
     }
     extract = dict(kinds=("pooled",), batch_size=batch_size, num_workers=num_workers, device=device, amp=amp)
     train = extract_features(model, train_dataset.subset(union), desc="svm train features", **extract)
+    if train.skipped_ids:  # the low-shot subsets index rows of `union`: a missing row would shift them all
+        raise ValueError(
+            f"{len(train.skipped_ids)} low-shot training images cannot be decoded (e.g. {train.skipped_ids[:3]}); "
+            "fix or remove them from the dataset's list"
+        )
     test = extract_features(model, test_dataset, desc="svm test features", **extract)
     return lowshot_svm_from_features(
         task, train.pooled, train.labels, test.pooled, test.labels, remapped, cost, ap_definition, ignore_difficult

@@ -16,7 +16,8 @@ Outputs (in `output_dir`):
   `soft_score_given_label`, `max_soft_score`, plus `true_label` / `is_ood` when the dataset has them.
 - `pseudo_label.json`: the official format `{"images": [...], "labels": [...]}` of the kept samples, with their
   corrected labels (input of `evaluation.classifier_retrain`).
-- `noise_report_summary.json`: counts and fractions of each decision; with ground-truth columns, relabel and OOD
+- `noise_report_summary.json`: counts and fractions of each decision, `num_skipped_images` and `skipped_images` (the
+  ids of the undecodable images, which are skipped and have no row); with ground-truth columns, relabel and OOD
   precision / recall (null when undefined).
 - `noise_report.png`: per-class (given label) stacked bars of clean / relabelled / OOD counts.
 
@@ -49,6 +50,7 @@ from .features import extract_features, load_model, mopro_parts
 from .image_datasets import (
     ImageLabelDataset,
     add_dataset_arguments,
+    check_class_names,
     dataset_from_arguments,
     hf_image_dataset,
     load_hf_dataset,
@@ -150,7 +152,16 @@ def build_noise_report(
         model: A MoPro model with classifier (or its folder).
         dataset: An `ImageLabelDataset`, or a `datasets.Dataset` with image and label columns and optional
             `sample_id` / `path` (ids) and `true_label` / `is_ood` (ground truth, copied to the report).
+
+    Undecodable images are skipped (logged with their ids) and have no row; `write_noise_report` counts them.
     """
+    return _build_noise_report(model, dataset, batch_size, num_workers, device, amp, image_column, label_column)[0]
+
+
+def _build_noise_report(
+    model, dataset, batch_size, num_workers, device, amp, image_column, label_column
+) -> tuple[object | None, list[str] | None]:
+    """`build_noise_report`, plus the ids of the skipped (undecodable) images (main process; None elsewhere)."""
     import datasets
 
     model = load_model(model, device)
@@ -161,7 +172,9 @@ def build_noise_report(
         hf = dataset
         rows = hf.select_columns([c for c in ("sample_id", *GROUND_TRUTH_COLUMNS) if c in hf.column_names])
         extra = rows[share.start : share.stop] if rows.column_names else {}
+        extra = {name: np.asarray(values) for name, values in extra.items()}
         dataset = hf_image_dataset(hf, transforms_from_config(model.config), image_column, label_column)
+    check_class_names(dataset, model.config, "the noise report's data")
     if len(share) < len(dataset):
         dataset = dataset.subset(np.arange(share.start, share.stop))  # keeps the dataset-wide ids
     features = extract_features(
@@ -170,6 +183,11 @@ def build_noise_report(
     if features.logits is None:
         raise ValueError("the noise report needs a model with a classifier")
     decisions = noise_decisions(features.logits, features.embeddings, base.prototypes, features.labels, model.config)
+    if features.skipped_ids and extra:  # the ground-truth rows of the skipped images go too
+        position = {sample_id: k for k, sample_id in enumerate(dataset.ids)}
+        kept = np.ones(len(dataset), dtype=bool)
+        kept[[position[sample_id] for sample_id in features.skipped_ids]] = False
+        extra = {name: values[kept] for name, values in extra.items()}
     columns = {"id": features.ids}
     if "sample_id" in extra:
         columns["sample_id"] = extra.pop("sample_id")
@@ -182,7 +200,10 @@ def build_noise_report(
     )
     columns.update(extra)
     columns = _gather_columns(columns)
-    return None if columns is None else datasets.Dataset.from_dict(columns)
+    skipped = _gather_columns({"skipped": list(features.skipped_ids)})
+    if columns is None:
+        return None, None
+    return datasets.Dataset.from_dict(columns), skipped["skipped"]
 
 
 def _ratio(numerator: int, denominator: int) -> float | None:
@@ -290,7 +311,9 @@ def write_noise_report(
         The summary (in every process).
     """
     model = load_model(model, device)
-    report = build_noise_report(model, dataset, batch_size, num_workers, device, amp, image_column, label_column)
+    report, skipped = _build_noise_report(
+        model, dataset, batch_size, num_workers, device, amp, image_column, label_column
+    )
     summary = None
     if report is not None:  # the main process
         output_dir = Path(output_dir)
@@ -298,6 +321,8 @@ def write_noise_report(
         report.to_parquet(str(output_dir / "noise_report.parquet"))
         (output_dir / "pseudo_label.json").write_text(json.dumps(pseudo_labels(report)))
         summary = summarize_noise_report(report, model.config)
+        # Undecodable images have no row; the summary counts and names them (training skipped them too).
+        summary.update(num_skipped_images=len(skipped), skipped_images=skipped)
         (output_dir / "noise_report_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         id2label = getattr(model.config, "id2label", None) or {}
         names = [id2label.get(i, str(i)) for i in range(model.config.num_labels)]

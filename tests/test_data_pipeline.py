@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 
 import training.collator as collator_module
 from training.collator import MoProCollator
-from training.data import DataArguments, build_datasets
+from training.data import DataArguments, _prepare, build_datasets
 from training.make_shards import (
     ShardRecord,
     load_shards,
@@ -502,7 +502,11 @@ def test_build_datasets_rejects_ambiguous_or_id_less_sources(tmp_path):
     with pytest.raises(ValueError, match="one data source"):
         build_datasets(train_dir=str(tmp_path / "train"), webvision_dir=str(tmp_path))
     with pytest.raises(ValueError, match="sample_id"):  # streamed ids would restart in every shard
-        build_datasets(train_dir=str(tmp_path / "train"), streaming=True)
+        stream = Dataset.from_dict({"image": ["x.jpg"], "label": [0]}).to_iterable_dataset()
+        _prepare(stream, DataArguments(), None, is_train=True, seed=0)
+    # A streamed image folder is numbered before it is streamed.
+    streamed, _, _ = build_datasets(train_dir=str(tmp_path / "train"), streaming=True, num_streaming_shards=2)
+    assert sorted(row["sample_id"] for row in streamed) == list(range(9))
     with pytest.raises(TypeError):
         build_datasets(no_such_option=1)
 

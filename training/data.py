@@ -7,7 +7,8 @@ collator), and a ``sample_id`` column (a unique int per sample; always for train
 
 * the noisy Fashion-MNIST demo (default, offline),
 * ``dataset_name``: any `datasets` image-classification dataset (``load_dataset``),
-* ``train_dir`` / ``validation_dir``: image folders with one subfolder per class,
+* ``train_dir`` / ``validation_dir``: image folders with one subfolder per class (`training.image_folder`: the
+  reader and label rule the evaluation scripts use too),
 * ``webvision_dir``: WebVision in its native layout (``webvision_version`` "v1" or "v2"),
 * ``shard_dir``: WebDataset shards written by `training.make_shards` (``train/``, ``validation/``).
 
@@ -30,13 +31,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, DatasetDict, Image, IterableDataset, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, IterableDataset, load_dataset
 
-from .make_shards import load_shards, read_id2label
+from .image_folder import read_image_folder
+from .make_shards import load_shards, read_id2label, shard_files
 from .noisy_fashion_mnist import build_noisy_fashion_mnist
 from .webvision import load_webvision, read_webvision_class_names, webvision_num_classes
 
@@ -117,16 +120,27 @@ def _from_hub(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset | 
     return splits["train"], _eval_split(splits, args.dataset_name), id2label
 
 
+def _image_folder_dataset(root: str, class_names: list[str] | None = None) -> tuple[Dataset, list[str]]:
+    paths, labels, class_names = read_image_folder(root, class_names)
+    features = Features({"image": Image(decode=False), "label": ClassLabel(names=class_names)})
+    images = [{"bytes": None, "path": path} for path in paths]
+    return Dataset.from_dict({"image": images, "label": labels}, features=features), class_names
+
+
 def _from_image_folders(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset | None, dict[int, str]]:
-    data_files = {"train": os.path.join(args.train_dir, "**")}
-    if args.validation_dir:
-        data_files["validation"] = os.path.join(args.validation_dir, "**")
+    # The reader and label rule of the evaluation scripts too (training/image_folder.py); the validation folder
+    # is labelled with the training folder's classes.
+    train, class_names = _image_folder_dataset(args.train_dir)
+    eval_dataset = _image_folder_dataset(args.validation_dir, class_names)[0] if args.validation_dir else None
     if args.streaming:
-        logger.warning("a streamed image folder is a single shard (one reader); write shards with make_shards")
-    # One call for both splits, so that both share the same class list.
-    splits = load_dataset("imagefolder", data_files=data_files, streaming=args.streaming)
-    eval_dataset = splits["validation"] if args.validation_dir else None
-    return splits["train"], eval_dataset, _id2label_from_features(splits["train"], "label", args.train_dir)
+        # Sample ids first: a streamed training set cannot number its samples afterwards.
+        train = train.add_column("sample_id", np.arange(len(train), dtype=np.int64))
+        train = train.to_iterable_dataset(num_shards=max(1, min(args.num_streaming_shards, len(train))))
+        if eval_dataset is not None:
+            eval_dataset = eval_dataset.to_iterable_dataset(
+                num_shards=max(1, min(args.num_streaming_shards, len(eval_dataset)))
+            )
+    return train, eval_dataset, dict(enumerate(class_names))
 
 
 def _from_webvision(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset, dict[int, str]]:
@@ -140,9 +154,40 @@ def _from_webvision(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyData
     return load("train"), load("validation"), id2label
 
 
+_TAR_BLOCK = 512
+
+
+def check_shards(shards: str | os.PathLike) -> list[str]:
+    """The shard files of a `training.make_shards` folder, each checked to be a whole tar file, before any reading.
+
+    A damaged shard would otherwise fail (a bare ``tarfile.ReadError``, no file named) inside the DataLoader,
+    possibly hours into training. The check is O(1) per shard: a tar header at the start, a size in whole 512-byte
+    blocks, and the two zero blocks that end every complete archive (tarfile pads the end with them).
+
+    Raises:
+        ValueError: A shard is not a complete tar file; the message names it.
+    """
+    files = shard_files(shards)
+    for file in files:
+        size = os.path.getsize(file)
+        if not tarfile.is_tarfile(file):
+            problem = "not a tar file"
+        elif size % _TAR_BLOCK or size < 2 * _TAR_BLOCK:
+            problem = f"truncated ({size} bytes, not whole {_TAR_BLOCK}-byte tar blocks)"
+        else:
+            with open(file, "rb") as handle:
+                handle.seek(size - 2 * _TAR_BLOCK)
+                problem = None if not any(handle.read()) else "truncated (no end-of-archive blocks)"
+        if problem:
+            raise ValueError(f"shard {file} is {problem}; write it again with training.make_shards or remove it")
+    return files
+
+
 def _from_shards(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset | None, dict[int, str]]:
     root = Path(args.shard_dir)
     eval_dirs = [root / name for name in EVAL_SPLIT_NAMES if (root / name).is_dir()]
+    for folder in [root / "train", *eval_dirs[:1]]:
+        check_shards(folder)
     eval_dataset = load_shards(eval_dirs[0], streaming=args.streaming) if eval_dirs else None
     return load_shards(root / "train", streaming=args.streaming), eval_dataset, read_id2label(root)
 

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 from datasets import Dataset, Features, Image, IterableDataset, Value, load_dataset
-from PIL import Image as PILImage
 
+from .image_folder import image_folder_classes, read_image_folder
 from .transforms import BadImageError, ImageSource, decode_image, describe_image_source
 from .webvision import WEBVISION_NUM_CLASSES, load_webvision, read_webvision_class_names, webvision_num_classes
 
@@ -200,12 +200,9 @@ def records_from_webvision(
 
 
 def image_folder_class_names(folder: str | os.PathLike) -> list[str]:
-    """Returns the sorted class-subfolder names of an image folder (labels are their positions, as in
-    the `datasets` imagefolder loader)."""
-    names = sorted(entry.name for entry in Path(folder).iterdir() if entry.is_dir())
-    if not names:
-        raise FileNotFoundError(f"no class subfolders in {folder}")
-    return names
+    """Returns the class-subfolder names of an image folder in label order: the label rule of training and
+    evaluation (`training.image_folder.image_folder_classes`)."""
+    return image_folder_classes(folder)
 
 
 def records_from_image_folder(
@@ -221,16 +218,12 @@ def records_from_image_folder(
             split's names when sharding a validation folder that lacks some classes.
         shuffle_seed: Yield in `shard_order` (the paths are listed first); None yields in sorted order.
     """
-    class_names = list(class_names or image_folder_class_names(folder))
-    extensions = {extension.lower() for extension in PILImage.registered_extensions()}
+    # The reader of training and evaluation: the same images and labels, and an empty class folder is an error.
+    paths, labels, _ = read_image_folder(folder, class_names)
     records = (
-        (str(path), label)
-        for label, name in enumerate(class_names)
-        if (Path(folder) / name).is_dir()
-        for path in sorted((Path(folder) / name).rglob("*"))
-        if path.is_file() and path.suffix.lower() in extensions
+        ShardRecord(path, label, sample_id, path)
+        for sample_id, (path, label) in enumerate(zip(paths, labels, strict=True))
     )
-    records = (ShardRecord(path, label, sample_id, path) for sample_id, (path, label) in enumerate(records))
     if shuffle_seed is None:
         yield from records
         return

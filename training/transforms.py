@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageFile
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -132,20 +133,62 @@ def decode_image(source: ImageSource) -> Image.Image:
         TypeError: ``source`` is of an unsupported type (a programming error, not a data error).
     """
     if isinstance(source, Image.Image):
-        return source if source.mode == "RGB" else source.convert("RGB")
+        return _to_rgb(source)
     return _decode_with_pil(*_read_encoded(source))
 
 
+# PIL signals broken data with OSError (incl. UnidentifiedImageError, FileNotFoundError), SyntaxError or
+# ValueError depending on the plugin; oversized images raise DecompressionBombError.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _bad_image(error: Exception, buffer: io.BytesIO, description: str) -> BadImageError:
+    # PIL names the in-memory buffer ("cannot identify image file <_io.BytesIO object at 0x...>"): name the file.
+    reason = f"{type(error).__name__}: {error}".replace(repr(buffer), description)
+    return BadImageError(description, reason)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB of any PIL mode; 16/32-bit integer greyscale is scaled to 8 bits first.
+
+    PIL's own ``convert("RGB")`` clips integer modes at 255, so a 16-bit greyscale PNG (mode "I;16", or "I" as
+    older Pillow versions and PGM files give it) would come out almost all white. Such images hold 16-bit
+    samples: the top 8 bits (``value >> 8``) are the 8-bit image, as libpng's ``png_set_strip_16`` gives it.
+    """
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I;16L", "I"
+        samples = np.asarray(image).astype(np.int64)
+        image = Image.fromarray((np.clip(samples, 0, 0xFFFF) >> 8).astype(np.uint8), mode="L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def _decode_with_pil(data: bytes | bytearray | memoryview, description: str) -> Image.Image:
+    buffer = io.BytesIO(data)
     try:
         with _allow_truncated_images():
-            image = Image.open(io.BytesIO(data))
+            # Image.open reads only the header and refuses images above 2x Image.MAX_IMAGE_PIXELS before any
+            # pixel is decoded (and warns above 1x).
+            image = Image.open(buffer)
             image.load()
-        return image if image.mode == "RGB" else image.convert("RGB")
-    # PIL signals broken data with OSError (incl. UnidentifiedImageError, FileNotFoundError), SyntaxError or
-    # ValueError depending on the plugin; oversized images raise DecompressionBombError.
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise BadImageError(description, f"{type(error).__name__}: {error}") from error
+        return _to_rgb(image)
+    except _PIL_ERRORS as error:
+        raise _bad_image(error, buffer, description) from error
+
+
+def _check_jpeg_size(data: bytes | bytearray | memoryview, description: str) -> None:
+    """Applies PIL's decompression-bomb rule to a JPEG before torchvision decodes it.
+
+    ``decode_jpeg`` has no size limit (a 20000 x 20000 JPEG takes GBs). ``Image.open`` parses only the header and
+    applies ``Image.MAX_IMAGE_PIXELS`` (warning above it, `BadImageError` above twice it), as every PIL decode does.
+    A header PIL cannot parse is left to the decoders, which report it.
+    """
+    buffer = io.BytesIO(data)
+    try:
+        with Image.open(buffer):
+            pass
+    except Image.DecompressionBombError as error:
+        raise _bad_image(error, buffer, description) from error
+    except _PIL_ERRORS:
+        pass
 
 
 def decode_image_tensor(source: ImageSource) -> torch.Tensor:
@@ -160,6 +203,7 @@ def decode_image_tensor(source: ImageSource) -> torch.Tensor:
         return v2.functional.pil_to_tensor(decode_image(source))
     data, description = _read_encoded(source)
     if bytes(data[:3]) == b"\xff\xd8\xff":  # JPEG start-of-image marker
+        _check_jpeg_size(data, description)
         try:
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
