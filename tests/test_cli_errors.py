@@ -91,12 +91,18 @@ def test_a_second_run_into_the_same_folder_is_refused_or_replaces_it_cleanly(dat
     with pytest.raises(ValueError, match=r"already holds a run .*--resume_from_checkpoint .*checkpoint-2 .*"
                        r"--overwrite_output_dir true"):  # fmt: skip
         train(data, out, "--baseline", "ce")
+    # resuming into the folder is allowed: `last` is its newest checkpoint
+    train(data, out, "--resume_from_checkpoint", "last", "--max_steps", "3", "--save_strategy", "no")
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    with pytest.raises(ValueError, match=r"--output_dir .* is the --model_name_or_path folder"):
+        train(data, out, "--model_name_or_path", str(out), "--overwrite_output_dir", "true")
     # replaced on request: nothing of the first run is left beside the new model
+    (out / "checkpoint-x").mkdir()  # not the Trainer's: left alone
     train(data, out, "--baseline", "ce", "--overwrite_output_dir", "true")
-    assert not (out / "noise_report").exists() and not list(out.glob("checkpoint-*"))
+    assert not (out / "noise_report").exists() and [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-x"]
     assert json.loads((out / "config.json").read_text())["architectures"] == ["MoProForImageClassification"]
     assert "noise_ood_recall" not in json.loads((out / "all_results.json").read_text())
-    # resuming into the folder is allowed (after an overwrite run there is no checkpoint left to resume from)
+    # after the overwrite no checkpoint is left to resume from
     with pytest.raises(ValueError, match="no checkpoint-\\* folder"):
         train(data, out, "--resume_from_checkpoint", "last")
 

@@ -280,7 +280,7 @@ def prepare_output_dir(model_args: ModelArguments, training_args: MoProTrainingA
     if not out.is_dir() or (training_args.do_train and training_args.resume_from_checkpoint):
         return
     found = [name for name in RUN_OUTPUTS if (out / name).exists()]
-    checkpoints = sorted(out.glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
+    checkpoints = sorted(p for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-", 1)[1].isdigit())
     if not found and not checkpoints:
         return
     if model_args.model_name_or_path and Path(model_args.model_name_or_path).resolve() == out.resolve():
