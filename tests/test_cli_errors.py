@@ -78,6 +78,11 @@ def test_an_architecture_flag_that_differs_from_the_loaded_model_is_an_error(sta
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+def test_a_model_folder_that_is_not_one_is_an_error(data, tmp_path):
+    with pytest.raises(ValueError, match=r"--model_name_or_path .*nowhere: no MoPro config could be read there"):
+        train(data, tmp_path / "out", "--model_name_or_path", str(tmp_path / "nowhere"))
+
+
 def test_a_loaded_model_with_other_class_names_is_an_error(start, tmp_path):
     other = image_folder(tmp_path / "other", classes=("bird", "fish"))
     with pytest.raises(ValueError, match=r"2 classes \(cat, dog\) but the training data has 2 \(bird, fish\)"):

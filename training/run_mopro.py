@@ -97,7 +97,13 @@ def load_config(model_args: ModelArguments) -> MoProConfig:
     folder's is an error; one from the YAML file yields to the folder's value, with a warning.
     """
     path = model_args.model_name_or_path
-    config = MoProConfig.from_pretrained(path)
+    try:
+        config = MoProConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--model_name_or_path {path}: no MoPro config could be read there ({' '.join(str(error).split())}); "
+            "give a folder written by run_mopro.py, the release or the converter (it holds config.json)."
+        ) from error
     values = model_args.config_values()
     given_here = getattr(model_args, "command_line_fields", set(values))
     conflicts = []
@@ -124,11 +130,17 @@ def load_config(model_args: ModelArguments) -> MoProConfig:
     return config
 
 
-def build_model(model_args: ModelArguments, training_args: MoProTrainingArguments, id2label: dict[int, str]):
+def build_model(
+    model_args: ModelArguments,
+    training_args: MoProTrainingArguments,
+    id2label: dict[int, str],
+    config: MoProConfig | None = None,
+):
+    """A new model, or the `--model_name_or_path` one (with `config`, its `load_config`, when already read)."""
     model_class = MoProForImageClassification if training_args.baseline == "ce" else MoProForPreTraining
     if not model_args.model_name_or_path:
         return model_class(build_config(model_args, id2label))
-    config = load_config(model_args)
+    config = config or load_config(model_args)
     _check_labels(model_args.model_name_or_path, config, id2label)
     return model_class.from_pretrained(model_args.model_name_or_path, config=config)
 
@@ -171,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.do_train:
         training_args.resume_from_checkpoint = resolve_checkpoint(training_args)
     prepare_output_dir(model_args, training_args)
+    start_config = load_config(model_args) if model_args.model_name_or_path else None  # flags checked before data
     set_seed(training_args.seed)
 
     if data_args.streaming:
@@ -190,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         training_args.eval_strategy = IntervalStrategy.NO
     if training_args.do_train:
         check_train_size(train_dataset, training_args)
-    model = build_model(model_args, training_args, id2label)
+    model = build_model(model_args, training_args, id2label, start_config)
     config = model.config
     processor = build_processor(model_args, config)
     transforms = MoProViewTransforms(config.image_size, mean=processor.image_mean, std=processor.image_std)
