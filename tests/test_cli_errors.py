@@ -69,6 +69,15 @@ def test_hyperparameters_apply_to_a_loaded_model(start, data, tmp_path):
     assert json.loads((start / "config.json").read_text())["alpha"] == 0.5  # the starting folder is untouched
 
 
+def test_architecture_values_of_the_yaml_yield_to_a_loaded_model_with_a_warning(start, data, tmp_path, caplog):
+    # the demo YAML's backbone_kwargs, projection_hidden_size and queue_size differ from the starting folder's
+    main([*RUN, "--train_dir", str(data), "--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(start),
+          "--momentum_encoder_bn_groups", "2", "--noise_report", "false"])  # fmt: skip
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "projection_hidden_size=512 from" in warned and "queue_size=4096 from" in warned
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["projection_hidden_size"] == 32
+
+
 @pytest.mark.parametrize(
     "flag, value", [("--image_size", "64"), ("--backbone", "resnet34"), ("--queue_size", "128")]
 )

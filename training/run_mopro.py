@@ -119,7 +119,7 @@ def load_config(model_args: ModelArguments) -> MoProConfig:
     if conflicts:
         raise ValueError(
             f"--model_name_or_path {path} fixes the architecture, and {', '.join(conflicts)} would change it: "
-            "drop the flag to continue from the folder, or drop --model_name_or_path to train a new model."
+            "drop the flag(s) to continue from the folder, or drop --model_name_or_path to train a new model."
         )
     changed = {name: values[name] for name in HYPERPARAMETER_FIELDS if name in values}
     changed = {name: value for name, value in changed.items() if value != getattr(config, name)}
@@ -322,11 +322,13 @@ def check_train_size(train_dataset, training_args: MoProTrainingArguments) -> No
     per_device = training_args.resolve_batch_size(training_args.world_size)
     batch = per_device * training_args.world_size
     size = len(train_dataset)
-    if size == 0 or (training_args.dataloader_drop_last and size < batch):
+    if size == 0:
+        raise ValueError("the training set is empty: check the data source flags (--train_dir, --dataset_name, ...).")
+    if training_args.dataloader_drop_last and size < batch:
         raise ValueError(
             f"the training set has {size} samples, fewer than one batch of {batch} ({per_device} per process x "
             f"{training_args.world_size} processes) with --dataloader_drop_last true: no training step would run. "
-            "Give more data, or a smaller --global_batch_size."
+            "Give more data, or a smaller --global_batch_size (or --per_device_train_batch_size)."
         )
 
 
