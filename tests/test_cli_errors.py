@@ -78,9 +78,7 @@ def test_architecture_values_of_the_yaml_yield_to_a_loaded_model_with_a_warning(
     assert json.loads((tmp_path / "out" / "config.json").read_text())["projection_hidden_size"] == 32
 
 
-@pytest.mark.parametrize(
-    "flag, value", [("--image_size", "64"), ("--backbone", "resnet34"), ("--queue_size", "128")]
-)
+@pytest.mark.parametrize("flag, value", [("--image_size", "64"), ("--backbone", "resnet34"), ("--queue_size", "128")])
 def test_an_architecture_flag_that_differs_from_the_loaded_model_is_an_error(start, data, tmp_path, flag, value):
     with pytest.raises(ValueError, match=rf"--model_name_or_path .* fixes the architecture, and {flag} "):
         train(data, tmp_path / "out", "--model_name_or_path", str(start), flag, value)

@@ -278,7 +278,9 @@ def test_a_per_device_batch_too_small_for_the_key_bn_groups_is_refused_up_front(
 
 def _checkpoint(tmp_path, dataset, **overrides) -> Path:
     set_seed(0)
-    trainer = tiny_trainer(str(tmp_path / "run"), dataset, max_steps=8, save_strategy="steps", save_steps=4, **overrides)
+    trainer = tiny_trainer(
+        str(tmp_path / "run"), dataset, max_steps=8, save_strategy="steps", save_steps=4, **overrides
+    )
     trainer.train()
     return tmp_path / "run" / "checkpoint-4"
 

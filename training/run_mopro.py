@@ -41,9 +41,9 @@ from training.arguments import (  # noqa: E402
     ModelArguments,
     MoProTrainingArguments,
 )
+from training.cli import run_command  # noqa: E402
 from training.collator import MoProCollator  # noqa: E402
 from training.data import build_datasets  # noqa: E402
-from training.cli import run_command  # noqa: E402
 from training.trainer import MoProTrainer, accuracy_metrics, check_checkpoint  # noqa: E402
 from training.transforms import MoProViewTransforms  # noqa: E402
 

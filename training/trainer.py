@@ -3,7 +3,8 @@
 Subclassed narrowly (as TRL does): `compute_loss` sets the phase from the epoch and records the loss components and
 the noise decisions; `log` adds their averages; `create_scheduler` adds the official step schedule; the eval
 dataloader uses the test-view collator; `_prepare_inputs` normalises uint8 batches on the device. The momentum
-encoder is updated by a callback after every optimizer step.
+encoder is updated by a callback after every optimizer step. A checkpoint is checked (`check_checkpoint`) before it
+is resumed from, and the count of skipped images is saved in it and continued on resume.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 from safetensors import safe_open
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
