@@ -14,6 +14,7 @@ import pytest
 from tests.trainer_fixtures import tiny_image_dataset, tiny_trainer
 from training import plan as plan_module
 from training.arguments import per_device_batch_size, steps_per_epoch
+from training.cli import run_command
 
 REPO = Path(__file__).resolve().parent.parent
 V1 = str(REPO / "training" / "configs" / "webvision_v1_r50.yaml")
@@ -111,7 +112,7 @@ def test_accumulation_keeps_the_global_batch(capsys):
 
 def test_a_global_batch_that_does_not_split_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        plan_module.main([V1, "--num_processes", "3"])
+        run_command(plan_module.main, [V1, "--num_processes", "3"])
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
     assert "global_batch_size 256 does not split into 3 processes" in message and "Traceback" not in message
@@ -121,7 +122,7 @@ def test_an_explicit_per_device_batch_must_agree(capsys):
     plan = run_plan(capsys, V1, "--num_processes", "8", "--per_device_train_batch_size", "32")
     assert plan["per_device_train_batch_size"] == 32 and plan["departures_from_official"] == []
     with pytest.raises(SystemExit):
-        plan_module.main([V1, "--num_processes", "4", "--per_device_train_batch_size", "32"])
+        run_command(plan_module.main, [V1, "--num_processes", "4", "--per_device_train_batch_size", "32"])
     assert "disagrees with global_batch_size 256" in capsys.readouterr().err
 
 

@@ -274,3 +274,60 @@ def test_a_per_device_batch_too_small_for_the_key_bn_groups_is_refused_up_front(
     model = MoProForPreTraining(tiny_config(momentum_encoder_bn_groups=4))  # 4 groups need 8 keys; the batch is 6
     with pytest.raises(ValueError, match=r"momentum_encoder_bn_groups 3"):
         tiny_trainer(str(tmp_path), tiny_image_dataset(12), model=model)
+
+
+def _checkpoint(tmp_path, dataset, **overrides) -> Path:
+    set_seed(0)
+    trainer = tiny_trainer(
+        str(tmp_path / "run"), dataset, max_steps=8, save_strategy="steps", save_steps=4, **overrides
+    )
+    trainer.train()
+    return tmp_path / "run" / "checkpoint-4"
+
+
+def test_a_checkpoint_with_non_finite_weights_or_no_optimizer_state_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from training.trainer import check_checkpoint
+
+    dataset = tiny_image_dataset(48)
+    checkpoint = _checkpoint(tmp_path, dataset)
+    check_checkpoint(checkpoint)  # a good one passes
+    weights = load_file(checkpoint / "model.safetensors")
+    weights["classifier.weight"][0, 0] = float("nan")
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    resumed = tiny_trainer(str(tmp_path / "resumed"), dataset, max_steps=8)
+    with pytest.raises(ValueError, match=r"model.safetensors holds non-finite values in 'classifier.weight'"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 0  # refused before a step ran
+
+    checkpoint = _checkpoint(tmp_path / "again", dataset)
+    (checkpoint / "optimizer.pt").unlink()
+    with pytest.raises(ValueError, match=r"checkpoint-4 lacks optimizer.pt"):
+        tiny_trainer(str(tmp_path / "resumed2"), dataset, max_steps=8).train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_the_skipped_image_count_survives_a_resume(tmp_path):
+    """Undecodable images counted before a checkpoint are still counted after resuming from it, including those
+    of steps after the last log (logging every 3 steps, a checkpoint at step 4)."""
+    dataset = tiny_image_dataset(48)
+    images = list(dataset["image"])
+    for i in range(0, 48, 5):
+        images[i] = b"not an image"
+    dataset = dataset.remove_columns("image").add_column("image", images)
+    set_seed(0)
+    straight = tiny_trainer(str(tmp_path / "straight"), dataset, max_steps=8, logging_steps=3)
+    straight.train()
+    checkpoint = _checkpoint(tmp_path, dataset, logging_steps=3)
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["SkippedImagesState"]["attributes"]["skipped_images"] > 0
+
+    resumed = tiny_trainer(str(tmp_path / "resumed"), dataset, max_steps=8, logging_steps=3)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert straight.skipped_images == 10  # one epoch: every sample once, ids 0, 5, ..., 45 undecodable
+    assert resumed.skipped_images == straight.skipped_images
+
+    def logged(trainer):
+        return [(e["step"], e["skipped_images"]) for e in trainer.state.log_history if "skipped_images" in e]
+
+    assert logged(resumed) == logged(straight)

@@ -6,6 +6,7 @@ the schedule (phase starts, learning-rate milestones), which belongs to training
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -21,12 +22,15 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A saved MoPro folder to start from (release or training model)."}
     )
-    backbone: str = field(default="resnet50", metadata={"help": "Any timm model name."})
+    # Architecture fields default to None ("not given"): a new model fills in MoProConfig's defaults (resnet50, 224),
+    # a model loaded with `model_name_or_path` keeps its own, and a given value that differs from it is an error.
+    backbone: str | None = field(default=None, metadata={"help": "Any timm model name (default resnet50)."})
     backbone_kwargs: str | None = field(
         default=None, metadata={"help": "JSON dict for timm.create_model, e.g. '{\"layers\": [1, 1, 1, 1]}'."}
     )
-    image_size: int = field(
-        default=224, metadata={"help": "Crop size for training and for the image processor saved with the model."}
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Crop size for training and for the image processor saved with the model (default 224)."},
     )
     image_mean: list[float] | None = field(
         default=None,
@@ -57,14 +61,25 @@ class ModelArguments:
         metadata={"help": "One process only: virtual BN groups of the momentum encoder, stand-in for shuffle-BN (8)."},
     )
 
-    def config_overrides(self) -> dict:
-        """The MoProConfig fields that were set explicitly."""
-        names = (
-            "embedding_size", "projection_hidden_size", "queue_size", "encoder_momentum", "prototype_momentum",
-            "temperature", "alpha", "pseudo_label_threshold", "instance_loss_weight", "prototype_loss_weight",
-            "ood_rule", "ood_similarity_threshold", "backbone_zero_init_last", "momentum_encoder_bn_groups",
-        )  # fmt: skip
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+    def config_values(self) -> dict:
+        """The MoProConfig fields that were given (YAML or command line), `backbone_kwargs` decoded."""
+        values = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS + HYPERPARAMETER_FIELDS}
+        if values["backbone_kwargs"] is not None:
+            values["backbone_kwargs"] = json.loads(values["backbone_kwargs"])
+        return {name: value for name, value in values.items() if value is not None}
+
+
+# MoProConfig fields that shape the weights (or only their initialisation): fixed once a model exists.
+ARCHITECTURE_FIELDS = (
+    "backbone", "backbone_kwargs", "image_size", "embedding_size", "projection_hidden_size", "queue_size",
+    "backbone_zero_init_last",
+)  # fmt: skip
+# MoProConfig fields read at every step: a run may change them on a loaded model.
+HYPERPARAMETER_FIELDS = (
+    "encoder_momentum", "prototype_momentum", "temperature", "alpha", "pseudo_label_threshold",
+    "instance_loss_weight", "prototype_loss_weight", "ood_rule", "ood_similarity_threshold",
+    "momentum_encoder_bn_groups",
+)  # fmt: skip
 
 
 @dataclass
@@ -121,6 +136,14 @@ class MoProTrainingArguments(TrainingArguments):
         metadata={"help": "Epochs at which the learning rate is multiplied by `lr_gamma` (official 40 80)."},
     )
     lr_gamma: float = field(default=0.1, metadata={"help": "Step-schedule factor."})
+    # transformers 5 dropped this flag from TrainingArguments; its example scripts' rule is kept by run_mopro.py.
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the run already in `output_dir` (its model, results, noise report and checkpoints are "
+            "removed first). Without it, a folder holding a run is refused unless resuming."
+        },
+    )
 
     def __post_init__(self):
         # Kept apart: an explicit per-device batch must agree with `global_batch_size` (checked in

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a cl
 
 from modeling_mopro import MoProConfig, MoProPhase  # noqa: E402
 from training.arguments import OFFICIAL_GLOBAL_BATCH_SIZE, steps_per_epoch  # noqa: E402
-from training.run_mopro import build_config, parse_args  # noqa: E402
+from training.cli import run_command  # noqa: E402
+from training.run_mopro import build_config, load_config, parse_args  # noqa: E402
 from training.trainer import phase_for_epoch  # noqa: E402
 
 # The official recipe: name -> (value, where salesforce/MoPro sets it). `tests/test_recipe.py` checks these against
@@ -160,7 +161,7 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
     model_args, data_args, training_args = parse_args([*argv, "--use_cpu", "true"])
     training_args.resolve_batch_size(num_processes)  # the per-device batch the run would get on N processes
     if model_args.model_name_or_path:
-        config = MoProConfig.from_pretrained(model_args.model_name_or_path)
+        config = load_config(model_args)  # the folder's config with the run's hyperparameters
     else:
         config = build_config(model_args, {0: "0"})  # the recipe fields do not depend on the classes
     per_device, accumulation = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
@@ -304,14 +305,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     own, run_argv = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if own.num_processes < 1:
-        parser.error(f"--num_processes must be >= 1, got {own.num_processes}")
-    try:
-        result = plan(run_argv, own.num_processes, own.num_train_samples)
-    except ValueError as error:  # a bad recipe (e.g. a global batch that does not split): one line, no traceback
-        parser.exit(2, f"error: {error}\n")
+        raise ValueError(f"--num_processes must be >= 1, got {own.num_processes}.")
+    # A bad recipe (e.g. a global batch that does not split) raises a ValueError: `run_command` makes it one line.
+    result = plan(run_argv, own.num_processes, own.num_train_samples)
     print(json.dumps(result, indent=2) if own.json else format_plan(result))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import torch
 import torch.distributed as dist
 import transformers
 import yaml
-from transformers import HfArgumentParser, set_seed
+from transformers import HfArgumentParser, IntervalStrategy, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a clone, uninstalled
 
@@ -32,10 +34,17 @@ from modeling_mopro import (  # noqa: E402
     build_image_processor,
     image_processor_for,
 )
-from training.arguments import DataArguments, ModelArguments, MoProTrainingArguments  # noqa: E402
+from training.arguments import (  # noqa: E402
+    ARCHITECTURE_FIELDS,
+    HYPERPARAMETER_FIELDS,
+    DataArguments,
+    ModelArguments,
+    MoProTrainingArguments,
+)
+from training.cli import run_command  # noqa: E402
 from training.collator import MoProCollator  # noqa: E402
 from training.data import build_datasets  # noqa: E402
-from training.trainer import MoProTrainer, accuracy_metrics  # noqa: E402
+from training.trainer import MoProTrainer, accuracy_metrics, check_checkpoint  # noqa: E402
 from training.transforms import MoProViewTransforms  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -43,14 +52,20 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTrainingArguments]:
-    """`[config.yaml] [--flag value ...]`; without a YAML file the demo config gives the defaults."""
+    """`[config.yaml] [--flag value ...]`; without a YAML file the demo config gives the defaults.
+
+    `model_args.command_line_fields` names the fields given on the command line (not by the YAML file)."""
     cli = list(argv)
     config_file = cli.pop(0) if cli and cli[0].endswith((".yaml", ".yml")) else DEMO_CONFIG
     with open(config_file) as f:
         defaults = yaml.safe_load(f) or {}
+    given = {arg[2:].split("=", 1)[0] for arg in cli if arg.startswith("--")}
     cli = _yaml_to_flags(defaults) + cli  # later flags win in argparse
     parser = HfArgumentParser((ModelArguments, DataArguments, MoProTrainingArguments))
-    return parser.parse_args_into_dataclasses(args=cli)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=cli)
+    model_args.command_line_fields = given
+    model_args.config_file = str(config_file)
+    return model_args, data_args, training_args
 
 
 def _yaml_to_flags(values: dict) -> list[str]:
@@ -68,21 +83,83 @@ def _yaml_to_flags(values: dict) -> list[str]:
 def build_config(model_args: ModelArguments, id2label: dict[int, str]) -> MoProConfig:
     """The model configuration of a new run (`training.plan` reads the same one)."""
     return MoProConfig(
-        backbone=model_args.backbone,
-        backbone_kwargs=json.loads(model_args.backbone_kwargs) if model_args.backbone_kwargs else None,
-        image_size=model_args.image_size,
         num_labels=len(id2label),
         id2label=id2label,
         label2id={name: i for i, name in id2label.items()},
-        **model_args.config_overrides(),
+        **model_args.config_values(),
     )
 
 
-def build_model(model_args: ModelArguments, training_args: MoProTrainingArguments, id2label: dict[int, str]):
+def load_config(model_args: ModelArguments) -> MoProConfig:
+    """The config of `--model_name_or_path` with the given hyperparameters applied (and logged).
+
+    Architecture fields cannot change on a loaded model: one given on the command line with another value than the
+    folder's is an error; one from the YAML file yields to the folder's value, with a warning.
+    """
+    path = model_args.model_name_or_path
+    try:
+        config = MoProConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--model_name_or_path {path}: no MoPro config could be read there ({' '.join(str(error).split())}); "
+            "give a folder written by run_mopro.py, the release or the converter (it holds config.json)."
+        ) from error
+    values = model_args.config_values()
+    given_here = getattr(model_args, "command_line_fields", set(values))
+    conflicts = []
+    for name in ARCHITECTURE_FIELDS:
+        if name in values and values[name] != getattr(config, name):
+            if name in given_here:
+                conflicts.append(f"--{name} {values[name]!r} (the folder's: {getattr(config, name)!r})")
+            else:
+                logger.warning(
+                    "%s=%r from %s ignored: %s keeps its %r (the architecture of a saved model is fixed)",
+                    name, values[name], getattr(model_args, "config_file", "the YAML file"), path, getattr(config, name),
+                )  # fmt: skip
+    if conflicts:
+        raise ValueError(
+            f"--model_name_or_path {path} fixes the architecture, and {', '.join(conflicts)} would change it: "
+            "drop the flag(s) to continue from the folder, or drop --model_name_or_path to train a new model."
+        )
+    changed = {name: values[name] for name in HYPERPARAMETER_FIELDS if name in values}
+    changed = {name: value for name, value in changed.items() if value != getattr(config, name)}
+    for name, value in changed.items():
+        logger.info("%s: %s=%r (the folder's: %r)", path, name, value, getattr(config, name))
+        setattr(config, name, value)
+    config._validate_hyperparameters()
+    return config
+
+
+def build_model(
+    model_args: ModelArguments,
+    training_args: MoProTrainingArguments,
+    id2label: dict[int, str],
+    config: MoProConfig | None = None,
+):
+    """A new model, or the `--model_name_or_path` one (with `config`, its `load_config`, when already read)."""
     model_class = MoProForImageClassification if training_args.baseline == "ce" else MoProForPreTraining
-    if model_args.model_name_or_path:
-        return model_class.from_pretrained(model_args.model_name_or_path)
-    return model_class(build_config(model_args, id2label))
+    if not model_args.model_name_or_path:
+        return model_class(build_config(model_args, id2label))
+    config = config or load_config(model_args)
+    _check_labels(model_args.model_name_or_path, config, id2label)
+    return model_class.from_pretrained(model_args.model_name_or_path, config=config)
+
+
+def _check_labels(path: str, config: MoProConfig, id2label: dict[int, str]) -> None:
+    """A loaded classifier's rows are its classes: training it on data with other class names (or another order)
+    would silently give every row a new meaning."""
+    ours = [config.id2label[i] for i in range(config.num_labels)]
+    theirs = [id2label[i] for i in range(len(id2label))]
+    if ours != theirs:
+
+        def preview(names):
+            return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+        raise ValueError(
+            f"--model_name_or_path {path} has {len(ours)} classes ({preview(ours)}) but the training data has "
+            f"{len(theirs)} ({preview(theirs)}): give data with the folder's class names, or drop "
+            "--model_name_or_path to train a new model on these classes."
+        )
 
 
 def build_processor(model_args: ModelArguments, config: MoProConfig):
@@ -102,6 +179,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name in (__name__, "training"):
         logging.getLogger(name).setLevel(logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
+    # Path checks first: a wrong folder is known before any data is read or model built.
+    if training_args.do_train:
+        training_args.resume_from_checkpoint = resolve_checkpoint(training_args)
+    prepare_output_dir(model_args, training_args)
+    start_config = load_config(model_args) if model_args.model_name_or_path else None  # flags checked before data
     set_seed(training_args.seed)
 
     if data_args.streaming:
@@ -111,7 +193,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if training_args.max_steps <= 0:
             raise ValueError("--streaming needs --max_steps (and --samples_per_epoch for the epoch-based schedule)")
     train_dataset, eval_dataset, id2label = build_datasets(data_args, seed=training_args.seed)
-    model = build_model(model_args, training_args, id2label)
+    if eval_dataset is None and training_args.eval_strategy != IntervalStrategy.NO:
+        # The YAML files evaluate every epoch; a source without an evaluation split trains without it.
+        logger.warning(
+            "no evaluation data (give --validation_dir, or a dataset with a validation split): evaluation is off "
+            "(--eval_strategy %s ignored)",
+            training_args.eval_strategy.value,
+        )
+        training_args.eval_strategy = IntervalStrategy.NO
+    if training_args.do_train:
+        check_train_size(train_dataset, training_args)
+    model = build_model(model_args, training_args, id2label, start_config)
     config = model.config
     processor = build_processor(model_args, config)
     transforms = MoProViewTransforms(config.image_size, mean=processor.image_mean, std=processor.image_std)
@@ -165,6 +257,81 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return metrics
 
 
+# What a run writes into its output folder (besides checkpoint-* folders): a second run must not mix with them.
+RUN_OUTPUTS = (
+    "config.json", "model.safetensors", "model.safetensors.index.json", "preprocessor_config.json",
+    "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json", "noise_report",
+)  # fmt: skip
+
+
+def resolve_checkpoint(training_args: MoProTrainingArguments) -> str | None:
+    """`--resume_from_checkpoint`: a checkpoint folder, or `true`/`last` for the newest one in `output_dir`;
+    checked (`check_checkpoint`) before anything else runs."""
+    path = training_args.resume_from_checkpoint
+    if path is None:
+        return None
+    if str(path).lower() in ("true", "last"):
+        path = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if path is None:
+            raise ValueError(
+                f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint-* folder in "
+                f"--output_dir {training_args.output_dir}; name a checkpoint folder, or start without the flag."
+            )
+    elif not os.path.isdir(path):
+        raise ValueError(
+            f"--resume_from_checkpoint {path}: no such folder; give a checkpoint-N folder of an earlier run "
+            "(or `last` for the newest in --output_dir)."
+        )
+    check_checkpoint(path)
+    return str(path)
+
+
+def prepare_output_dir(model_args: ModelArguments, training_args: MoProTrainingArguments) -> None:
+    """Refuse an `output_dir` that holds a run, unless resuming or `--overwrite_output_dir true` (then the old
+    run's outputs are removed, so no stale noise report or results sit beside the new model)."""
+    out = Path(training_args.output_dir)
+    if not out.is_dir() or (training_args.do_train and training_args.resume_from_checkpoint):
+        return
+    found = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    checkpoints = sorted(p for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-", 1)[1].isdigit())
+    if not found and not checkpoints:
+        return
+    if model_args.model_name_or_path and Path(model_args.model_name_or_path).resolve() == out.resolve():
+        raise ValueError(
+            f"--output_dir {out} is the --model_name_or_path folder: write the new run to another --output_dir."
+        )
+    if not training_args.overwrite_output_dir:
+        last = get_last_checkpoint(str(out))
+        resume = f"--resume_from_checkpoint {last} to continue it, " if last else ""
+        held = ", ".join(found + ([f"{len(checkpoints)} checkpoint folders"] if checkpoints else []))
+        raise ValueError(
+            f"--output_dir {out} already holds a run ({held}): pass another --output_dir, {resume}"
+            "or --overwrite_output_dir true to replace it."
+        )
+    if training_args.should_save:  # one process removes
+        logger.warning("--overwrite_output_dir: removing the earlier run's %s from %s", found + checkpoints, out)
+        for path in [out / name for name in found] + checkpoints:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def check_train_size(train_dataset, training_args: MoProTrainingArguments) -> None:
+    """A training set smaller than one batch per process gives no step with `drop_last`: a run that would
+    silently train nothing is refused."""
+    if not hasattr(train_dataset, "__len__"):
+        return  # streamed: the step budget (`max_steps`) decides
+    per_device = training_args.resolve_batch_size(training_args.world_size)
+    batch = per_device * training_args.world_size
+    size = len(train_dataset)
+    if size == 0:
+        raise ValueError("the training set is empty: check the data source flags (--train_dir, --dataset_name, ...).")
+    if training_args.dataloader_drop_last and size < batch:
+        raise ValueError(
+            f"the training set has {size} samples, fewer than one batch of {batch} ({per_device} per process x "
+            f"{training_args.world_size} processes) with --dataloader_drop_last true: no training step would run. "
+            "Give more data, or a smaller --global_batch_size (or --per_device_train_batch_size)."
+        )
+
+
 def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArguments, training_args) -> dict:
     """Per-sample noise decisions of the trained model on the training set, scored against the ground truth
     when the dataset keeps it (the demo does; the columns never reach training).
@@ -192,4 +359,4 @@ def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArgum
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

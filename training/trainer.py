@@ -3,18 +3,23 @@
 Subclassed narrowly (as TRL does): `compute_loss` sets the phase from the epoch and records the loss components and
 the noise decisions; `log` adds their averages; `create_scheduler` adds the official step schedule; the eval
 dataloader uses the test-view collator; `_prepare_inputs` normalises uint8 batches on the device. The momentum
-encoder is updated by a callback after every optimizer step.
+encoder is updated by a callback after every optimizer step. A checkpoint is checked (`check_checkpoint`) before it
+is resumed from, and the count of skipped images is saved in it and continued on resume.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
+import os
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from modeling_mopro import MoProForPreTraining, MoProPhase
 
@@ -46,6 +51,50 @@ class CollatorEpochCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.collator.set_epoch(int(state.epoch + 1e-9))
+
+
+class SkippedImagesState(TrainerCallback, ExportableState):
+    """Writes the trainer's count of skipped images into every checkpoint's `trainer_state.json`
+    (`stateful_callbacks`), from which `MoProTrainer` continues it on resume."""
+
+    def __init__(self, trainer: MoProTrainer | None = None):
+        self.trainer = trainer
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"skipped_images": self.trainer.skipped_images if self.trainer else 0}}
+
+
+# The files without which a checkpoint does not resume the run it was saved from (the Trainer would start the
+# optimizer, learning-rate schedule or step count afresh without a word).
+CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
+
+
+def check_checkpoint(folder: str | os.PathLike) -> None:
+    """Raise a `ValueError` naming the file if `folder` cannot resume a run: a missing weights, optimizer,
+    scheduler or trainer-state file, or weights with non-finite values (a run resumed from them trains NaN)."""
+    folder = str(folder)
+    missing = [name for name in CHECKPOINT_FILES if not os.path.isfile(os.path.join(folder, name))]
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        weight_files = ["model.safetensors"]
+    missing += [name for name in weight_files if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise ValueError(
+            f"checkpoint {folder} lacks {', '.join(missing)}: it cannot resume the run exactly; resume from another "
+            "checkpoint-N folder, or start without --resume_from_checkpoint."
+        )
+    for name in weight_files:
+        with safe_open(os.path.join(folder, name), framework="pt") as weights:
+            for key in weights.keys():
+                tensor = weights.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise ValueError(
+                        f"checkpoint {folder}: {name} holds non-finite values in {key!r} (corrupted, or the run "
+                        "diverged): resume from an earlier checkpoint-N folder."
+                    )
 
 
 def phase_for_epoch(epoch: float, prototype_start_epoch: float, noise_correction_start_epoch: float) -> MoProPhase:
@@ -105,6 +154,7 @@ class MoProTrainer(Trainer):
             self.add_callback(CollatorEpochCallback(self.data_collator))
         self._stats_sum: torch.Tensor | None = None
         self._skipped_total = 0
+        self.add_callback(SkippedImagesState(self))
 
     # ------------------------------------------------------------------------------------------- schedule
     def steps_per_epoch(self) -> int:
@@ -147,6 +197,27 @@ class MoProTrainer(Trainer):
     def get_decay_parameter_names(self, model) -> list[str]:
         # Official MoPro: SGD weight decay on every parameter, BatchNorm and biases included.
         return [name for name, _ in model.named_parameters()]
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        check_checkpoint(resume_from_checkpoint)  # before any weight is loaded
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_callback_state(self) -> None:
+        # Called on resume, once the checkpoint's `trainer_state.json` is `self.state`.
+        super()._load_callback_state()
+        name = SkippedImagesState.__name__
+        saved = self.state.stateful_callbacks.get(name)
+        if saved is not None:
+            self._skipped_total = int(saved["attributes"]["skipped_images"])
+        else:  # a checkpoint written before the count was saved: its last logged value
+            logged = [entry["skipped_images"] for entry in self.state.log_history if "skipped_images" in entry]
+            self._skipped_total = int(logged[-1]) if logged else 0
+            self.state.stateful_callbacks[name] = {}  # the Trainer updates the entries it finds when saving
+        self._stats_sum = None
+        for callback in self.callback_handler.callbacks:  # re-created by the Trainer if it restored callbacks
+            if isinstance(callback, SkippedImagesState):
+                callback.trainer = self
 
     # ----------------------------------------------------------------------------------------------- data
     def _prepare_inputs(self, inputs):
