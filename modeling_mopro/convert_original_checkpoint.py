@@ -375,4 +375,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from training.cli import run_command  # only as a command: modeling_mopro imports nothing from training
+
+    run_command(main)

@@ -397,4 +397,6 @@ def main(argv: Sequence[str] | None = None) -> ShardSummary:
 
 
 if __name__ == "__main__":
-    main()
+    from training.cli import run_command
+
+    run_command(main)
