@@ -4,6 +4,11 @@ The YAML header carries the `model-index` (one `EvalResult` per metric found by 
 which `ModelCard.load(path).data.eval_results` reads back; the body has the sections a reader of the Hub page
 needs: description, intended use, how to use (transformers, pipeline, timm), training procedure and data (with the
 noise statistics of the training set when a noise report was written), evaluation results, limitations, citation.
+
+The card states what the model folder records and nothing else: the data and schedule of the run come from its
+`run_args.json` (optional; JSON, never a pickled `training_args.bin`), the epochs done from `trainer_state.json`, the
+input pipeline from the saved image processor. What is not recorded is written as "not recorded", not filled in
+with WebVision or the paper's 90-epoch schedule.
 """
 
 from __future__ import annotations
