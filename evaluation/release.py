@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, constants
+from huggingface_hub import EvalResult, HfApi, ModelCard, constants, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .model_card import RUN_ARGS_FILE, build_model_card, describe_training_data
@@ -411,6 +411,15 @@ def check_hub_reachable(timeout: float = 3.0) -> None:
         )
 
 
+def check_hub_login() -> None:
+    """Fail before any work when no Hub token is set: the upload would be refused after the release is built."""
+    if get_token() is None:
+        raise HubUnavailableError(
+            "Cannot push to the Hub: not logged in (no token). Run `hf auth login` or set HF_TOKEN and rerun; the "
+            "release folder can be built without --push_to_hub and uploaded later."
+        )
+
+
 def push_release(
     release_dir: str | os.PathLike,
     repo_id: str,
@@ -425,6 +434,7 @@ def push_release(
         repo id -> URL of the commit.
     """
     check_hub_reachable()
+    check_hub_login()
     api = HfApi()
     release_dir = Path(release_dir)
     uploads = [(repo_id, release_dir, [f"{TIMM_SUBFOLDER}/*"])]
@@ -507,7 +517,7 @@ def make_release(
 
     Raises:
         ValueError / OSError: a bad `model_dir`, `release_dir` or repo id, before anything is loaded or written.
-        HubUnavailableError: `push` while the Hub cannot be reached, before any work.
+        HubUnavailableError: `push` while the Hub cannot be reached or no token is set, before any work.
     """
     model_dir, release_dir = Path(model_dir), Path(release_dir)
     check_repo_id(repo_id)
@@ -515,8 +525,12 @@ def make_release(
         check_repo_id(timm_repo_id, "--timm_repo_id")
     check_model_dir(model_dir)
     _check_release_dir(model_dir, release_dir, overwrite)
+    missing = [str(folder) for folder in results_dirs if not Path(folder).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"--results_dir {', '.join(missing)} is not a folder; give folders of eval_*.json")
     if push:
         check_hub_reachable()
+        check_hub_login()
     from modeling_mopro import image_processor_for
 
     model = load_release_model(model_dir)
@@ -611,6 +625,7 @@ def main(argv: Sequence[str] | None = None) -> Release:
 __all__ = [
     "HubUnavailableError",
     "Release",
+    "check_hub_login",
     "check_hub_reachable",
     "check_model_dir",
     "check_repo_id",

@@ -311,6 +311,7 @@ def test_push_uploads_the_release_folder(trained, tmp_path, monkeypatch):
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(release_module, "_can_connect", lambda host, port, timeout: True)
+    monkeypatch.setattr(release_module, "get_token", lambda: "hf_test")
     calls = []
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create_repo", repo_id, kw)))
 
@@ -474,4 +475,22 @@ def test_previous_release_is_not_overwritten_silently(trained, tmp_path):
 def test_bad_repo_id(trained, tmp_path, repo_id):
     with pytest.raises(ValueError, match=r"--repo_id .* is not a Hub repo id.*org/name"):
         make_release(trained["dir"], tmp_path / "out", repo_id=repo_id)
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_without_login_fails_before_any_work(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    _forbid_network(monkeypatch)
+    monkeypatch.setattr(release_module, "_can_connect", lambda host, port, timeout: True)
+    monkeypatch.setattr(release_module, "get_token", lambda: None)
+    with pytest.raises(HubUnavailableError, match=r"not logged in .*hf auth login"):
+        make_release(trained["dir"], tmp_path / "out", repo_id=REPO_ID, push=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_results_dir(trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--results_dir .*evals is not a folder"):
+        make_release(trained["dir"], tmp_path / "out", repo_id=REPO_ID, results_dirs=[tmp_path / "evals"])
     assert not (tmp_path / "out").exists()
