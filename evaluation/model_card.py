@@ -257,6 +257,7 @@ _SCHEDULE_ROWS = {
     "max_steps": "optimizer steps (planned)",
     "global_batch_size": "global batch size",
     "optim": "optimizer",
+    "optim_args": "optimizer arguments",
     "learning_rate": "learning rate",
     "weight_decay": "weight decay",
     "lr_scheduler_type": "learning-rate schedule",
@@ -271,10 +272,12 @@ _SCHEDULE_ROWS = {
 def _schedule_rows(training_args: Mapping[str, Any] | None) -> list[tuple[str, Any]]:
     if not isinstance(training_args, Mapping):
         return [("training schedule (epochs, learning rate, batch)", NOT_RECORDED)]
+    # MoProTrainer's step schedule replaces `lr_scheduler_type` when milestones are given (`create_scheduler`).
+    skip = {"lr_scheduler_type"} if training_args.get("lr_milestones") else {"lr_milestones", "lr_gamma"}
     rows = []
     for key, label in _SCHEDULE_ROWS.items():
         value = training_args.get(key)
-        if value is None or (key == "max_steps" and value in (-1, 0)):
+        if key in skip or value in (None, "") or (key == "max_steps" and value in (-1, 0)):
             continue
         rows.append((label, value))
     return rows

@@ -97,6 +97,7 @@ WEBVISION_RUN_ARGS = {
         "max_steps": -1,
         "learning_rate": 0.1,
         "lr_milestones": [40, 80],
+        "lr_scheduler_type": "linear",  # replaced by the step schedule of the milestones: not reported
         "global_batch_size": 256,
         "noise_correction_start_epoch": 11,
         "baseline": "mopro",
@@ -164,6 +165,7 @@ def test_model_card_model_index_round_trips(release):
     # The run's own record: WebVision, its 90-epoch schedule (a WebVision-like folder is described as such).
     assert "| training data | WebVision 1.0 |" in text and "| epochs (planned) | 90 |" in text
     assert "| learning-rate milestones (epochs) | [40, 80] |" in text and "(bilinear)" in text
+    assert "learning-rate schedule" not in text
     assert f'timm.create_model("hf-hub:{TIMM_REPO_ID}", pretrained=True)' in text
     # The files the card was built from travel with it; the broken one does not.
     assert sorted(p.name for p in (release["dir"] / "results").iterdir()) == sorted(
@@ -403,7 +405,10 @@ def test_card_of_a_demo_run_describes_the_demo_not_webvision(trained, tmp_path):
             "noise_rate": 0.4,
             "ood_fraction": 0.2,
         },
-        "training_args": {"num_train_epochs": 20, "max_steps": -1, "learning_rate": 0.05, "baseline": "mopro"},
+        "training_args": {
+            **{"num_train_epochs": 20, "max_steps": -1, "learning_rate": 0.05, "baseline": "mopro"},
+            **{"lr_scheduler_type": "cosine", "lr_milestones": None, "lr_gamma": 0.1},
+        },
     }
     results = {
         "all_results.json": {"epoch": 20.0, "eval_accuracy": 0.7387, "eval_loss": 0.8},
@@ -420,6 +425,7 @@ def test_card_of_a_demo_run_describes_the_demo_not_webvision(trained, tmp_path):
     text = card.text
     assert "noisy Fashion-MNIST demo (10000 images, label noise rate 0.4, out-of-distribution fraction 0.2)" in text
     assert "| epochs (planned) | 20 |" in text and "| epochs (completed) | 20.0 |" in text
+    assert "| learning-rate schedule | cosine |" in text and "milestone" not in text
     assert "WebVision" not in text and "90 epochs" not in text and "| 90 |" not in text and "bicubic" not in text
     assert "web search queries" not in text
 
