@@ -105,6 +105,7 @@ def build_model_card(
     image_mean: Sequence[float] = (0.485, 0.456, 0.406),
     image_std: Sequence[float] = (0.229, 0.224, 0.225),
     interpolation: str = "bilinear",
+    resize_size: int | None = None,
     run_args: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """The model card of a release.
@@ -122,7 +123,8 @@ def build_model_card(
         description: an extra paragraph for the description (e.g. "Converted from the official MoPro-V1 checkpoint").
         timm_repo_id: Hub repo of the timm export (None: no timm export).
         image_mean / image_std: the normalisation of the saved image processor (ImageNet's by default).
-        interpolation: the resize filter of the saved image processor.
+        interpolation / resize_size: the resize filter and short-side size of the saved image processor (default
+            size: the official 256/224 ratio at `config.image_size`).
         run_args: the run's `run_args.json` (`model_args`, `data_args`, `training_args` as dicts), if saved. The card
             states only what it records: the data, schedule and epochs of a run without it are "not recorded".
     """
@@ -144,7 +146,7 @@ def build_model_card(
     )
     sections = [
         f"# {model_name}",
-        _description(config, num_parameters, description, image_mean, image_std, interpolation),
+        _description(config, num_parameters, description, image_mean, image_std, interpolation, resize_size),
         _intended_use(data),
         _how_to_use(config, repo_id, timm_repo_id),
         _training(config, noise_summary, training_state, data, (run_args or {}).get("training_args")),
@@ -167,6 +169,7 @@ def _description(
     mean: Sequence[float],
     std: Sequence[float],
     interpolation: str,
+    resize_size: int | None,
 ) -> str:
     size = ""
     if num_parameters:
@@ -186,7 +189,7 @@ wrong labels and discard out-of-distribution images during training.
 - Classifier: linear, {config.num_labels} classes.
 - Projection: {config.projection_hidden_size}-d hidden layer, ReLU, {config.embedding_size}-d L2-normalised embedding.
 - Class prototypes: {config.num_labels} x {config.embedding_size}, stored with the weights (`mopro.prototypes`).
-- Input: RGB, resize the short side to {int(config.image_size / (224 / 256))} px, centre-crop {config.image_size} px
+- Input: RGB, resize the short side to {resize_size or int(config.image_size / (224 / 256))} px, centre-crop {config.image_size} px
   ({interpolation}), normalise with mean {list(mean)} and std {list(std)}. The saved image
   processor does this."""
     return text + (f"\n\n{extra}" if extra else "")

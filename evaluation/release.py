@@ -341,12 +341,12 @@ def export_timm(
         "paper_name": "MoPro: Webly Supervised Learning with Momentum Prototypes",
         "paper_ids": "arXiv:2009.07995",
     }
-    # The saved transformers image processor's view (`build_image_processor`): the official resize 256 / centre-crop
-    # 224, scaled, bilinear as torchvision's `Resize` in the official test transform.
+    # The saved transformers image processor's view (`build_image_processor` by default: the official resize 256 /
+    # centre-crop 224, scaled, bilinear as torchvision's `Resize` in the official test transform).
     data_config = {
         "input_size": (3, config.image_size, config.image_size),
-        "interpolation": "bilinear",
-        "crop_pct": 224 / 256,
+        "interpolation": _interpolation(processor),
+        "crop_pct": processor.crop_pct,
         "crop_mode": "center",
         "mean": tuple(processor.image_mean),
         "std": tuple(processor.image_std),
@@ -366,6 +366,13 @@ def export_timm(
     timm_config.get("model_args", {}).pop("num_classes", None)
     config_path.write_text(json.dumps(timm_config, indent=2) + "\n")
     return output_dir
+
+
+def _interpolation(processor) -> str:
+    """The resize filter of a saved image processor, as timm and the card name it ("bilinear", "bicubic")."""
+    from PIL.Image import Resampling
+
+    return Resampling(processor.resample).name.lower()  # an int once the processor is re-loaded from json
 
 
 # ------------------------------------------------------------------------------------------------------- Hub
@@ -566,7 +573,8 @@ def make_release(
         timm_repo_id=timm_repo_id,
         image_mean=processor.image_mean,
         image_std=processor.image_std,
-        interpolation=getattr(processor.resample, "name", str(processor.resample)).lower(),
+        interpolation=_interpolation(processor),
+        resize_size=int(processor.size["shortest_edge"] / processor.crop_pct),
         run_args=run_args,
     )
     card.save(release_dir / "README.md")

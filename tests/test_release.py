@@ -500,3 +500,20 @@ def test_missing_results_dir(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--results_dir .*evals is not a folder"):
         make_release(trained["dir"], tmp_path / "out", repo_id=REPO_ID, results_dirs=[tmp_path / "evals"])
     assert not (tmp_path / "out").exists()
+
+
+def test_card_and_timm_export_follow_the_saved_image_processor(trained, tmp_path):
+    from PIL.Image import Resampling
+
+    from modeling_mopro import build_image_processor
+
+    folder = _run_folder(trained, tmp_path / "bicubic")
+    image_size = trained["model"].config.image_size
+    processor = build_image_processor(image_size)
+    processor.resample, processor.crop_pct = Resampling.BICUBIC, 0.5
+    processor.save_pretrained(folder)
+    make_release(folder, tmp_path / "out", repo_id=REPO_ID)
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert f"resize the short side to {2 * image_size} px, centre-crop {image_size} px\n  (bicubic)" in text
+    timm_config = json.loads((tmp_path / "out" / "timm" / "config.json").read_text())["pretrained_cfg"]
+    assert (timm_config["interpolation"], timm_config["crop_pct"]) == ("bicubic", 0.5)
