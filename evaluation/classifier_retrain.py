@@ -213,4 +213,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
 __all__ = ["ClassBalancedSampler", "class_balanced_weights", "classifier_retrain"]
 
 if __name__ == "__main__":
-    main()
+    from training.cli import run_command
+
+    run_command(main)

@@ -141,4 +141,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 __all__ = ["evaluate_knn", "knn_accuracy", "knn_class_scores"]
 
 if __name__ == "__main__":
-    main()
+    from training.cli import run_command
+
+    run_command(main)

@@ -4,11 +4,18 @@ The YAML header carries the `model-index` (one `EvalResult` per metric found by 
 which `ModelCard.load(path).data.eval_results` reads back; the body has the sections a reader of the Hub page
 needs: description, intended use, how to use (transformers, pipeline, timm), training procedure and data (with the
 noise statistics of the training set when a noise report was written), evaluation results, limitations, citation.
+
+The card states what the model folder records and nothing else: the data and schedule of the run come from its
+`run_args.json` (optional; JSON, never a pickled `training_args.bin`), the epochs done from `trainer_state.json`, the
+input pipeline from the saved image processor. What is not recorded is written as "not recorded", not filled in
+with WebVision or the paper's 90-epoch schedule.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -29,6 +36,59 @@ CITATION = """@inproceedings{li2021mopro,
 }"""
 
 
+NOT_RECORDED = "not recorded"
+RUN_ARGS_FILE = "run_args.json"
+_WEBVISION_NAMES = {"v1": "WebVision 1.0", "v2": "WebVision 2.0"}
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a run trained on, as far as its `run_args.json` records it (see `describe_training_data`).
+
+    `eval_name` / `eval_type` name the data of the Trainer's own evaluation (`all_results.json`,
+    `eval_results.json`), which carries no dataset name of its own.
+    """
+
+    name: str
+    eval_name: str
+    eval_type: str
+    hub_ids: tuple[str, ...] = ()
+    web_images: bool = False  # labels from web search queries (WebVision)
+
+
+def describe_training_data(run_args: Mapping[str, Any] | None) -> TrainingData:
+    """The training data of a run from its `run_args.json` (`{"data_args": DataArguments as a dict, ...}`, written by
+    `training.run_mopro`); "not recorded" when the file is absent or says nothing about the data."""
+    data = (run_args or {}).get("data_args")
+    if not isinstance(data, Mapping):
+        return TrainingData(NOT_RECORDED, f"validation set ({NOT_RECORDED})", "not-recorded")
+    if data.get("webvision_dir"):
+        name = _WEBVISION_NAMES.get(str(data.get("webvision_version", "v1")), "WebVision")
+        return TrainingData(name, f"{name} (val)", "webvision", web_images=True)
+    if data.get("shard_dir"):
+        folder = os.path.basename(os.path.normpath(str(data["shard_dir"])))
+        return TrainingData(f"WebDataset shards `{folder}`", f"shards `{folder}` (validation)", "shards")
+    if data.get("dataset_name"):
+        hub_id = str(data["dataset_name"])
+        config = f" ({data['dataset_config_name']})" if data.get("dataset_config_name") else ""
+        return TrainingData(f"`{hub_id}`{config}", f"{hub_id}{config} (validation)", hub_id, hub_ids=(hub_id,))
+    if data.get("train_dir"):
+        train = os.path.basename(os.path.normpath(str(data["train_dir"])))
+        val = data.get("validation_dir")
+        val = os.path.basename(os.path.normpath(str(val))) if val else NOT_RECORDED
+        return TrainingData(f"image folder `{train}`", f"image folder {val}", "imagefolder")
+    # No data source: `training.data`'s default, the noisy Fashion-MNIST demo, evaluated on the clean test set.
+    noise = ", ".join(
+        f"{label} {data[key]}"
+        for key, label in (("noise_rate", "label noise rate"), ("ood_fraction", "out-of-distribution fraction"))
+        if data.get(key) is not None
+    )
+    size = f"{data['num_train']} images, " if data.get("num_train") is not None else ""
+    return TrainingData(
+        f"the noisy Fashion-MNIST demo ({size}{noise})", "Fashion-MNIST (clean test set)", "fashion_mnist"
+    )
+
+
 def build_model_card(
     config: MoProConfig,
     repo_id: str,
@@ -44,6 +104,9 @@ def build_model_card(
     timm_repo_id: str | None = None,
     image_mean: Sequence[float] = (0.485, 0.456, 0.406),
     image_std: Sequence[float] = (0.229, 0.224, 0.225),
+    interpolation: str = "bilinear",
+    resize_size: int | None = None,
+    run_args: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """The model card of a release.
 
@@ -60,8 +123,14 @@ def build_model_card(
         description: an extra paragraph for the description (e.g. "Converted from the official MoPro-V1 checkpoint").
         timm_repo_id: Hub repo of the timm export (None: no timm export).
         image_mean / image_std: the normalisation of the saved image processor (ImageNet's by default).
+        interpolation / resize_size: the resize filter and short-side size of the saved image processor (default
+            size: the official 256/224 ratio at `config.image_size`).
+        run_args: the run's `run_args.json` (`model_args`, `data_args`, `training_args` as dicts), if saved. The card
+            states only what it records: the data, schedule and epochs of a run without it are "not recorded".
     """
     model_name = model_name or repo_id.split("/")[-1]
+    data = describe_training_data(run_args)
+    datasets = datasets or list(data.hub_ids) or None
     tags = ["image-classification", "mopro", "webly-supervised-learning", "noisy-labels", "pytorch"]
     if timm_repo_id:
         tags.append("timm")
@@ -77,12 +146,12 @@ def build_model_card(
     )
     sections = [
         f"# {model_name}",
-        _description(config, num_parameters, description, image_mean, image_std),
-        _intended_use(),
+        _description(config, num_parameters, description, image_mean, image_std, interpolation, resize_size),
+        _intended_use(data),
         _how_to_use(config, repo_id, timm_repo_id),
-        _training(config, noise_summary, training_state),
+        _training(config, noise_summary, training_state, data, (run_args or {}).get("training_args")),
         _results(eval_results),
-        _limitations(config),
+        _limitations(config, data),
         f"## Citation\n\n```bibtex\n{CITATION}\n```",
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
@@ -94,7 +163,13 @@ def _backbone_text(config: MoProConfig) -> str:
 
 
 def _description(
-    config: MoProConfig, num_parameters: int | None, extra: str | None, mean: Sequence[float], std: Sequence[float]
+    config: MoProConfig,
+    num_parameters: int | None,
+    extra: str | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str,
+    resize_size: int | None,
 ) -> str:
     size = ""
     if num_parameters:
@@ -107,29 +182,30 @@ def _description(
 
 A {config.backbone} image classifier trained with **MoPro** ([Li, Xiong & Hoi, ICLR 2021]({PAPER_URL})),
 webly supervised learning with momentum prototypes: a classifier and a low-dimensional contrastive embedding are
-trained together on web images with noisy labels; per-class prototypes (moving averages of the embeddings) correct
+trained together on images with noisy labels; per-class prototypes (moving averages of the embeddings) correct
 wrong labels and discard out-of-distribution images during training.
 
 - Backbone: timm {_backbone_text(config)}, global average pooling{size}.
 - Classifier: linear, {config.num_labels} classes.
 - Projection: {config.projection_hidden_size}-d hidden layer, ReLU, {config.embedding_size}-d L2-normalised embedding.
 - Class prototypes: {config.num_labels} x {config.embedding_size}, stored with the weights (`mopro.prototypes`).
-- Input: RGB, resize the short side to {int(config.image_size / (224 / 256))} px, centre-crop {config.image_size} px
-  (bilinear), normalise with mean {list(mean)} and std {list(std)}. The saved image
+- Input: RGB, resize the short side to {resize_size or int(config.image_size / (224 / 256))} px, centre-crop {config.image_size} px
+  ({interpolation}), normalise with mean {list(mean)} and std {list(std)}. The saved image
   processor does this."""
     return text + (f"\n\n{extra}" if extra else "")
 
 
-def _intended_use() -> str:
-    return """## Intended use
+def _intended_use(data: TrainingData) -> str:
+    synsets = " (WebVision's classes are ImageNet's WordNet synsets)" if data.web_images else ""
+    return f"""## Intended use
 
-- Image classification over the training label set (WebVision's 1000 classes are ImageNet-1k's WordNet synsets).
+- Image classification over the training label set{synsets}.
 - A pretrained backbone for transfer: fine-tuning, low-shot linear classifiers, detection.
 - The embeddings and their cosine similarity to the class prototypes (`MoProModel` outputs
   `prototype_similarities`) as a simple signal of how typical an image is for its class.
 
-Not intended for decisions about people, or for any use where a wrong label causes harm: the training labels come
-from web search queries and were never verified by hand."""
+Not intended for decisions about people, or for any use where a wrong label causes harm: the training labels are
+noisy and were never verified by hand."""
 
 
 def _how_to_use(config: MoProConfig, repo_id: str, timm_repo_id: str | None) -> str:
@@ -177,10 +253,48 @@ transformers' timm wrapper loads that repo too: `AutoModelForImageClassification
     return text
 
 
+# Training arguments the card reports (TrainingArguments / MoProTrainingArguments names) -> their row label.
+_SCHEDULE_ROWS = {
+    "baseline": "method",
+    "num_train_epochs": "epochs (planned)",
+    "max_steps": "optimizer steps (planned)",
+    "global_batch_size": "global batch size",
+    "optim": "optimizer",
+    "optim_args": "optimizer arguments",
+    "learning_rate": "learning rate",
+    "weight_decay": "weight decay",
+    "lr_scheduler_type": "learning-rate schedule",
+    "lr_milestones": "learning-rate milestones (epochs)",
+    "lr_gamma": "learning-rate factor at each milestone",
+    "prototype_start_epoch": "prototypical loss from epoch",
+    "noise_correction_start_epoch": "noise correction from epoch",
+    "seed": "seed",
+}
+
+
+def _schedule_rows(training_args: Mapping[str, Any] | None) -> list[tuple[str, Any]]:
+    if not isinstance(training_args, Mapping):
+        return [("training schedule (epochs, learning rate, batch)", NOT_RECORDED)]
+    # MoProTrainer's step schedule replaces `lr_scheduler_type` when milestones are given (`create_scheduler`).
+    skip = {"lr_scheduler_type"} if training_args.get("lr_milestones") else {"lr_milestones", "lr_gamma"}
+    rows = []
+    for key, label in _SCHEDULE_ROWS.items():
+        value = training_args.get(key)
+        if key in skip or value in (None, "") or (key == "max_steps" and value in (-1, 0)):
+            continue
+        rows.append((label, value))
+    return rows
+
+
 def _training(
-    config: MoProConfig, noise_summary: Mapping[str, Any] | None, training_state: Mapping[str, Any] | None
+    config: MoProConfig,
+    noise_summary: Mapping[str, Any] | None,
+    training_state: Mapping[str, Any] | None,
+    data: TrainingData,
+    training_args: Mapping[str, Any] | None,
 ) -> str:
-    rows = [
+    rows = [("training data", data.name), *_schedule_rows(training_args)]
+    rows += [
         ("loss", "cross-entropy + instance contrastive (MoCo queue) + prototypical contrastive"),
         ("loss weights (instance, prototype)", f"{config.instance_loss_weight}, {config.prototype_loss_weight}"),
         ("temperature", config.temperature),
@@ -191,7 +305,9 @@ def _training(
         ("out-of-distribution rule", config.ood_rule),
     ]
     if training_state:
-        rows += [(k.replace("_", " "), v) for k, v in training_state.items()]
+        rows += [(f"{k.replace('_', ' ')} (completed)", v) for k, v in training_state.items()]
+    else:
+        rows.append(("epochs / optimizer steps completed", f"{NOT_RECORDED} (no trainer_state.json)"))
     table = "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     text = f"""## Training procedure
 
@@ -199,9 +315,8 @@ Each step encodes a weakly augmented view with the network and a strongly augmen
 copy. After a warm-up on the given labels, a soft label (alpha x the classifier's softmax + (1 - alpha) x the
 softmax over prototype similarities) replaces the given label when its top score exceeds the threshold, and a sample
 whose given label scores at most 1/K is dropped as out-of-distribution; the prototypes follow the embeddings of the
-kept samples. The official schedule
-(`{OFFICIAL_CODE_URL}`): SGD (momentum 0.9, weight decay 1e-4, learning rate 0.1 for a batch of 256), 90 epochs,
-learning rate divided by 10 at epochs 40 and 80, prototypical loss from epoch 1, label correction from epoch 11.
+kept samples. The table gives this model's own settings: its config, and the data and schedule of its run as far as
+the run recorded them (`{RUN_ARGS_FILE}`, `trainer_state.json`).
 
 {table}"""
     if noise_summary:
@@ -238,16 +353,20 @@ percent, and in [0, 1] where the transformers Trainer wrote them (`accuracy`).
 {table}"""
 
 
-def _limitations(config: MoProConfig) -> str:
+def _limitations(config: MoProConfig, data: TrainingData) -> str:
     generic_labels = all(name == f"LABEL_{i}" for i, name in config.id2label.items())
-    text = """## Limitations
-
-- The training labels are web search queries: noisy and biased towards what search engines return for each
-  class name. Label correction reduces the noise but also reinforces the model's own early mistakes on similar
-  classes, and the out-of-distribution rule can relabel an unrelated image instead of discarding it.
-- Web images over-represent some regions, people and styles; the model inherits these biases. The images (e.g.
-  WebVision's) keep their own terms of use, usually research only.
+    if data.web_images:
+        source = """- The training labels are web search queries: noisy and biased towards what search engines return for each
+  class name. Web images over-represent some regions, people and styles; the model inherits these biases. The
+  images keep their own terms of use, usually research only.
 - Accuracy on other distributions (sketches, renditions, adversarially filtered images) is markedly lower."""
+    else:
+        source = f"""- Training data: {data.name}. The model knows only its classes and the kind of images it was trained on."""
+    text = f"""## Limitations
+
+{source}
+- Label correction reduces label noise but also reinforces the model's own early mistakes on similar classes, and
+  the out-of-distribution rule can relabel an unrelated image instead of discarding it."""
     if generic_labels:
         text += "\n- The class names were not supplied: labels are `LABEL_<index>` in the training class order."
     return text
@@ -259,4 +378,4 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-__all__ = ["CITATION", "build_model_card"]
+__all__ = ["CITATION", "NOT_RECORDED", "RUN_ARGS_FILE", "TrainingData", "build_model_card", "describe_training_data"]

@@ -382,4 +382,6 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-    main()
+    from training.cli import run_command
+
+    run_command(main)

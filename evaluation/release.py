@@ -39,7 +39,9 @@ Result files (the convention the evaluation scripts follow; `evaluation.features
   `"dataset_type"` (a Hub dataset id or short slug; default: slug of the name), `"dataset_config"`,
   `"dataset_split"` (alias `"split"`). A nested `"metrics"` object is read as the metrics.
 - Without `"dataset_name"`, a file is taken as an evaluation on the training data's validation set (the Trainer's
-  files): `default_dataset_name` / `default_dataset_type` of `make_release`.
+  files): `default_dataset_name` / `default_dataset_type` of `make_release`, by default the validation data named
+  by the run's `run_args.json` (`evaluation.model_card.describe_training_data`), or "validation set (not
+  recorded)" without one: never a dataset the run did not use.
 - Metric names lose an `eval_` / `test_` prefix. Not metrics: booleans, non-finite numbers, other strings and
   lists, and bookkeeping numbers (`epoch`, `step`, `total_flos`, `num_samples`, `*_runtime`, `*_per_second`,
   `*_samples`, and every `train_*` key). Keys `noise_*` are training-set noise statistics, not results.
@@ -65,9 +67,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, constants
+from huggingface_hub import EvalResult, HfApi, ModelCard, constants, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .model_card import build_model_card
+from .model_card import RUN_ARGS_FILE, build_model_card, describe_training_data
 
 if TYPE_CHECKING:
     from modeling_mopro import MoProForImageClassification
@@ -99,7 +102,7 @@ _TIMM_PROVENANCE_KEYS = frozenset(
 )
 
 
-class HubUnavailableError(RuntimeError):
+class HubUnavailableError(ConnectionError):
     """The Hub cannot be reached (offline mode or no network); raised before any upload is attempted."""
 
 
@@ -175,8 +178,8 @@ def _result_files(folders: Iterable[Path]) -> list[Path]:
 
 def read_results(
     folders: Sequence[str | os.PathLike],
-    default_dataset_name: str = "WebVision 1.0 (val)",
-    default_dataset_type: str = "webvision",
+    default_dataset_name: str = "validation set (not recorded)",
+    default_dataset_type: str = "not-recorded",
 ) -> tuple[list[EvalResult], list[Path]]:
     """Every evaluation result in the result files of `folders`, de-duplicated.
 
@@ -233,7 +236,52 @@ def read_training_state(model_dir: str | os.PathLike) -> dict[str, Any] | None:
     return {k: v for k, v in state.items() if v is not None} or None
 
 
+def read_run_args(model_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The run's arguments from `run_args.json` (`{"model_args": ..., "data_args": ..., "training_args": ...}`,
+    plain JSON: a pickled `training_args.bin` is never read), or None when the run did not save them."""
+    path = Path(model_dir) / RUN_ARGS_FILE
+    objects = _json_objects(path) if path.is_file() else []
+    return objects[0] if objects else None
+
+
 # ----------------------------------------------------------------------------------------------------- model
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> None:
+    """Fail in milliseconds, with the fix, when `model_dir` is not a saved MoPro model folder."""
+    model_dir = Path(model_dir)
+    fix = "give the folder written by training.run_mopro (--output_dir) or modeling_mopro.convert_original_checkpoint"
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model_dir {model_dir} does not exist or is not a folder; {fix}")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"model_dir {model_dir} has no config.json, so it is not a saved model folder; {fix}")
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"{config_path} is not a JSON object ({error}); {fix}") from error
+    if model_type != "mopro":
+        raise ValueError(f"model_dir {model_dir} holds a {model_type!r} model, not a MoPro one; {fix}")
+    if not any((model_dir / name).is_file() for name in _WEIGHT_FILES):
+        raise ValueError(
+            f"model_dir {model_dir} has a MoPro config.json but no weights (model.safetensors); save the model "
+            "there with save_pretrained, or {fix}".replace("{fix}", fix)
+        )
+
+
+def check_repo_id(repo_id: str, flag: str = "--repo_id") -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{flag} {repo_id!r} is not a Hub repo id: {error} Use the form org/name.") from error
+
+
 def load_release_model(model_dir: str | os.PathLike) -> MoProForImageClassification:
     """The release model of a saved MoPro folder (a pretraining folder is reduced with `to_release_model()`)."""
     from safetensors import safe_open
@@ -293,12 +341,12 @@ def export_timm(
         "paper_name": "MoPro: Webly Supervised Learning with Momentum Prototypes",
         "paper_ids": "arXiv:2009.07995",
     }
-    # The saved transformers image processor's view (`build_image_processor`): the official resize 256 / centre-crop
-    # 224, scaled, bilinear as torchvision's `Resize` in the official test transform.
+    # The saved transformers image processor's view (`build_image_processor` by default: the official resize 256 /
+    # centre-crop 224, scaled, bilinear as torchvision's `Resize` in the official test transform).
     data_config = {
         "input_size": (3, config.image_size, config.image_size),
-        "interpolation": "bilinear",
-        "crop_pct": 224 / 256,
+        "interpolation": _interpolation(processor),
+        "crop_pct": processor.crop_pct,
         "crop_mode": "center",
         "mean": tuple(processor.image_mean),
         "std": tuple(processor.image_std),
@@ -318,6 +366,13 @@ def export_timm(
     timm_config.get("model_args", {}).pop("num_classes", None)
     config_path.write_text(json.dumps(timm_config, indent=2) + "\n")
     return output_dir
+
+
+def _interpolation(processor) -> str:
+    """The resize filter of a saved image processor, as timm and the card name it ("bilinear", "bicubic")."""
+    from PIL.Image import Resampling
+
+    return Resampling(processor.resample).name.lower()  # an int once the processor is re-loaded from json
 
 
 # ------------------------------------------------------------------------------------------------------- Hub
@@ -363,6 +418,15 @@ def check_hub_reachable(timeout: float = 3.0) -> None:
         )
 
 
+def check_hub_login() -> None:
+    """Fail before any work when no Hub token is set: the upload would be refused after the release is built."""
+    if get_token() is None:
+        raise HubUnavailableError(
+            "Cannot push to the Hub: not logged in (no token). Run `hf auth login` or set HF_TOKEN and rerun; the "
+            "release folder can be built without --push_to_hub and uploaded later."
+        )
+
+
 def push_release(
     release_dir: str | os.PathLike,
     repo_id: str,
@@ -377,6 +441,7 @@ def push_release(
         repo id -> URL of the commit.
     """
     check_hub_reachable()
+    check_hub_login()
     api = HfApi()
     release_dir = Path(release_dir)
     uploads = [(repo_id, release_dir, [f"{TIMM_SUBFOLDER}/*"])]
@@ -397,14 +462,26 @@ def push_release(
 
 
 # ---------------------------------------------------------------------------------------------------- release
-def _prepare_release_dir(model_dir: Path, release_dir: Path, overwrite: bool) -> None:
+def _check_release_dir(model_dir: Path, release_dir: Path, overwrite: bool) -> None:
+    """Refuse a release_dir that would lose something: a file, the model itself, or a previous release."""
     model, release = model_dir.resolve(), release_dir.resolve()
     if model == release or model.is_relative_to(release) or release.is_relative_to(model):
         raise ValueError(f"release_dir {release_dir} must be outside model_dir {model_dir} (and not contain it).")
+    if release_dir.exists() and not release_dir.is_dir():
+        raise NotADirectoryError(f"release_dir {release_dir} is a file; give a folder (--release_dir)")
+    if release_dir.exists() and any(release_dir.iterdir()) and not overwrite:
+        held = sorted(p.name for p in release_dir.iterdir())
+        kind = "a previous release" if "README.md" in held or "config.json" in held else "files"
+        raise FileExistsError(
+            f"release_dir {release_dir} is not empty (holds {kind}: {', '.join(held[:5])}"
+            f"{', ...' if len(held) > 5 else ''}); pass --overwrite (overwrite=True) to replace it, or choose another "
+            "--release_dir"
+        )
+
+
+def _prepare_release_dir(release_dir: Path) -> None:
     if release_dir.exists() and any(release_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{release_dir} is not empty; pass overwrite=True (--overwrite) to replace it.")
-        shutil.rmtree(release_dir)
+        shutil.rmtree(release_dir)  # checked by `_check_release_dir`: asked for with overwrite
     release_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -416,8 +493,8 @@ def make_release(
     *,
     timm_repo_id: str | None = None,
     results_dirs: Sequence[str | os.PathLike] = (),
-    default_dataset_name: str = "WebVision 1.0 (val)",
-    default_dataset_type: str = "webvision",
+    default_dataset_name: str | None = None,
+    default_dataset_type: str | None = None,
     model_name: str | None = None,
     license: str = "bsd-3-clause",
     datasets: Sequence[str] | None = None,
@@ -435,7 +512,8 @@ def make_release(
         timm_repo_id: Hub repo of the timm export (default `<repo_id>-timm`).
         push: upload to the Hub. Checked first: offline or unreachable, it fails before any work or request.
         results_dirs: more folders to read result files from (see the module docstring).
-        default_dataset_name / default_dataset_type: dataset of result files without `dataset_name`.
+        default_dataset_name / default_dataset_type: dataset of result files without `dataset_name` (the Trainer's);
+            by default the validation data of the run's `run_args.json`, else "validation set (not recorded)".
         model_name: `model-index` name (default: the repo name).
         license: Hub license id of the weights.
         datasets: Hub dataset ids of the training data, for the card metadata.
@@ -443,23 +521,40 @@ def make_release(
         timm_export: also write the timm export in `timm/` (pushed to `timm_repo_id`).
         private: create the Hub repo as private.
         overwrite: replace a non-empty `release_dir`.
+
+    Raises:
+        ValueError / OSError: a bad `model_dir`, `release_dir` or repo id, before anything is loaded or written.
+        HubUnavailableError: `push` while the Hub cannot be reached or no token is set, before any work.
     """
+    model_dir, release_dir = Path(model_dir), Path(release_dir)
+    check_repo_id(repo_id)
+    if timm_repo_id is not None:
+        check_repo_id(timm_repo_id, "--timm_repo_id")
+    check_model_dir(model_dir)
+    _check_release_dir(model_dir, release_dir, overwrite)
+    missing = [str(folder) for folder in results_dirs if not Path(folder).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"--results_dir {', '.join(missing)} is not a folder; give folders of eval_*.json")
     if push:
         check_hub_reachable()
-    model_dir, release_dir = Path(model_dir), Path(release_dir)
+        check_hub_login()
     from modeling_mopro import image_processor_for
 
     model = load_release_model(model_dir)
     processor = image_processor_for(model.config)  # model_dir's own, so the release normalises as it was trained
-    _prepare_release_dir(model_dir, release_dir, overwrite)
+    _prepare_release_dir(release_dir)
     model.save_pretrained(release_dir)
     processor.save_pretrained(release_dir)
 
     timm_dir = export_timm(model, release_dir / TIMM_SUBFOLDER, license=license) if timm_export else None
     timm_repo_id = (timm_repo_id or f"{repo_id}-timm") if timm_export else None
 
+    run_args = read_run_args(model_dir)
+    data = describe_training_data(run_args)
     folders = [model_dir, *map(Path, results_dirs)]
-    eval_results, sources = read_results(folders, default_dataset_name, default_dataset_type)
+    eval_results, sources = read_results(
+        folders, default_dataset_name or data.eval_name, default_dataset_type or data.eval_type
+    )
     noise_summary, noise_source = read_noise_summary(folders)
     for source in [*sources, *([noise_source] if noise_source else [])]:
         (release_dir / "results").mkdir(exist_ok=True)
@@ -478,6 +573,9 @@ def make_release(
         timm_repo_id=timm_repo_id,
         image_mean=processor.image_mean,
         image_std=processor.image_std,
+        interpolation=_interpolation(processor),
+        resize_size=int(processor.size["shortest_edge"] / processor.crop_pct),
+        run_args=run_args,
     )
     card.save(release_dir / "README.md")
     logger.info("Release in %s: %d results from %s", release_dir, len(eval_results), [s.name for s in sources])
@@ -495,8 +593,12 @@ def main(argv: Sequence[str] | None = None) -> Release:
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the release folder to --repo_id.")
     parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
     parser.add_argument("--results_dir", action="append", default=[], help="More folders with result files.")
-    parser.add_argument("--default_dataset_name", default="WebVision 1.0 (val)")
-    parser.add_argument("--default_dataset_type", default="webvision")
+    parser.add_argument(
+        "--default_dataset_name",
+        default=None,
+        help="Dataset of the Trainer's result files (default: the run's validation data from run_args.json).",
+    )
+    parser.add_argument("--default_dataset_type", default=None, help="Hub dataset type of --default_dataset_name.")
     parser.add_argument("--model_name", default=None, help="model-index name (default: the repo name).")
     parser.add_argument("--license", default="bsd-3-clause")
     parser.add_argument("--dataset", action="append", default=None, help="Hub dataset id of the training data.")
@@ -505,26 +607,23 @@ def main(argv: Sequence[str] | None = None) -> Release:
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty release folder.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        release = make_release(
-            args.model_dir,
-            args.release_dir,
-            repo_id=args.repo_id,
-            push=args.push_to_hub,
-            timm_repo_id=args.timm_repo_id,
-            results_dirs=args.results_dir,
-            default_dataset_name=args.default_dataset_name,
-            default_dataset_type=args.default_dataset_type,
-            model_name=args.model_name,
-            license=args.license,
-            datasets=args.dataset,
-            description=args.description,
-            timm_export=not args.no_timm,
-            private=args.private,
-            overwrite=args.overwrite,
-        )
-    except HubUnavailableError as error:
-        parser.exit(1, f"error: {error}\n")  # a message, not a traceback
+    release = make_release(
+        args.model_dir,
+        args.release_dir,
+        repo_id=args.repo_id,
+        push=args.push_to_hub,
+        timm_repo_id=args.timm_repo_id,
+        results_dirs=args.results_dir,
+        default_dataset_name=args.default_dataset_name,
+        default_dataset_type=args.default_dataset_type,
+        model_name=args.model_name,
+        license=args.license,
+        datasets=args.dataset,
+        description=args.description,
+        timm_export=not args.no_timm,
+        private=args.private,
+        overwrite=args.overwrite,
+    )
     print(f"release: {release.release_dir} ({len(release.eval_results)} results)")
     for repo, url in (release.urls or {}).items():
         print(f"pushed {repo}: {url}")
@@ -534,7 +633,10 @@ def main(argv: Sequence[str] | None = None) -> Release:
 __all__ = [
     "HubUnavailableError",
     "Release",
+    "check_hub_login",
     "check_hub_reachable",
+    "check_model_dir",
+    "check_repo_id",
     "export_timm",
     "load_release_model",
     "make_release",
@@ -542,9 +644,12 @@ __all__ = [
     "read_noise_summary",
     "read_result_file",
     "read_results",
+    "read_run_args",
     "read_training_state",
 ]
 
 
 if __name__ == "__main__":
-    main()
+    from training.cli import run_command
+
+    run_command(main)

@@ -36,7 +36,10 @@ import argparse
 import json
 import logging
 import os
+import pickle
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -76,17 +79,53 @@ def load_original_state_dict(checkpoint_path: str | os.PathLike) -> tuple[dict[s
         The state dict with official names (`encoder_q.conv1.weight`, `queue`, ...) and the metadata of the wrapper
         (`epoch`, `arch`; empty for a bare state dict).
     """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    if not Path(checkpoint_path).is_file():
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint_path} does not exist or is not a file; give the path of the official "
+            "MoPro_V1_epoch90.tar / checkpoint_*.pth.tar"
+        )
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's long message names the refused global, or what else the unpickler could not read.
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if refused is None:  # no refused object: bytes that are no pickle of a checkpoint at all
+            detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(error))
+            raise ValueError(
+                f"{checkpoint_path} is not a torch checkpoint (torch.load: "
+                f"{detail.group(1) if detail else type(error).__name__}); give the official .tar / .pth file"
+            ) from error
+        # Stays refused: unpickling anything but tensors and plain containers can run code from the file.
+        raise ValueError(
+            f"{checkpoint_path} holds pickled objects other than tensors and plain containers, which are not "
+            f"loaded because unpickling them can run code (it refers to {refused.group(1)}); convert a checkpoint "
+            "that holds only tensors, e.g. the official MoPro_V1_epoch90.tar"
+        ) from error
+    except Exception as error:  # torch.load's errors for a file that is not a checkpoint vary (KeyError, RuntimeError)
+        raise ValueError(
+            f"{checkpoint_path} is not a torch checkpoint (torch.load failed: {type(error).__name__}: {error}); "
+            "give the official .tar / .pth file"
+        ) from error
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{checkpoint_path} holds a {type(checkpoint).__name__}, not a checkpoint dict.")
     if "state_dict" in checkpoint:
         metadata = {k: checkpoint[k] for k in ("epoch", "arch") if k in checkpoint}
         state_dict = checkpoint["state_dict"]
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(
+                f"{checkpoint_path}: 'state_dict' is a {type(state_dict).__name__}, not a dict of tensors."
+            )
     else:
         metadata, state_dict = {}, checkpoint
-    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    not_tensors = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
-        raise ValueError(f"{checkpoint_path}: these state-dict entries are not tensors: {sorted(not_tensors)}")
+        if "state_dict" not in checkpoint:
+            raise ValueError(
+                f"{checkpoint_path} has no 'state_dict' entry and is not a bare state dict (non-tensor entries: "
+                f"{not_tensors[:10]}); give a checkpoint of the official train.py ({{'epoch', 'arch', 'state_dict', "
+                "'optimizer'}) or a state dict"
+            )
+        raise ValueError(f"{checkpoint_path}: these state-dict entries are not tensors: {not_tensors}")
     return {k.removeprefix("module."): v for k, v in state_dict.items()}, metadata
 
 
@@ -288,12 +327,30 @@ def phase_from_epoch(epoch: int | None) -> MoProPhase:
     return MoProPhase.PROTOTYPES if epoch >= 1 else MoProPhase.WARMUP
 
 
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse to save over a model already in `output_dir` unless asked (nothing overwritten silently)."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"output_dir {output_dir} is a file; give a folder (--output_dir)")
+    held = [
+        p.name
+        for p in (output_dir.glob("*") if output_dir.is_dir() else ())
+        if p.name == "config.json" or p.suffix in (".safetensors", ".bin")
+    ]
+    if held and not overwrite:
+        raise FileExistsError(
+            f"output_dir {output_dir} already holds a model ({', '.join(sorted(held))}); pass --overwrite "
+            "(overwrite=True) to replace it, or choose another --output_dir"
+        )
+
+
 def convert_original_checkpoint(
     checkpoint_path: str | os.PathLike,
     output_dir: str | os.PathLike | None = None,
     full_training_state: bool = False,
     num_labels: int | None = None,
     id2label: Mapping[int, str] | Sequence[str] | None = None,
+    overwrite: bool = False,
     **config_kwargs,
 ) -> MoProForImageClassification | MoProForPreTraining:
     """Convert an official MoPro checkpoint, and save it with `save_pretrained` when `output_dir` is given.
@@ -307,12 +364,15 @@ def convert_original_checkpoint(
             with the pending momentum update applied (see the module docstring).
         num_labels: expected number of classes (checked against the classifier; inferred when None).
         id2label: class names (WebVision's are not shipped with the checkpoint); `LABEL_i` when None.
+        overwrite: save over a model already in `output_dir` (refused otherwise, before the checkpoint is read).
         config_kwargs: further `MoProConfig` fields, e.g. `image_size`, or `encoder_momentum` when the run used
             another `--moco_m` than 0.999.
 
     Returns:
         The converted model, in eval mode.
     """
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite)
     original, metadata = load_original_state_dict(checkpoint_path)
     config = infer_config(original, num_labels=num_labels, id2label=id2label, **config_kwargs)
     model_class = MoProForPreTraining if full_training_state else MoProForImageClassification
@@ -352,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="Save MoProForPreTraining (momentum encoder, queue, prototypes) instead of the release model.",
     )
+    parser.add_argument("--overwrite", action="store_true", help="Replace a model already in --output_dir.")
     parser.add_argument("--id2label_file", help="json list of class names, or {index: name}.")
     parser.add_argument("--num_labels", type=int, help="Expected number of classes (checked).")
     parser.add_argument("--image_size", type=int, default=224, help="Crop size of the saved image processor.")
@@ -368,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         output_dir=args.output_dir,
         full_training_state=args.full_training_state,
         num_labels=args.num_labels,
+        overwrite=args.overwrite,
         id2label=load_id2label_file(args.id2label_file) if args.id2label_file else None,
         image_size=args.image_size,
         encoder_momentum=args.encoder_momentum,
@@ -375,4 +437,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from training.cli import run_command  # only as a command: modeling_mopro imports nothing from training
+
+    run_command(main)

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -253,3 +254,64 @@ def test_backbone_is_inferred_from_the_tensors(backbone, backbone_kwargs):
     config = infer_config(state)
     assert (config.backbone, config.backbone_kwargs) == (backbone, backbone_kwargs)
     assert (config.num_labels, config.projection_hidden_size, config.embedding_size) == (3, 5, 2)
+
+
+# ------------------------------------------------------------------------------------------------- bad inputs
+class _RunsCode:
+    """A pickle that would create `marker` when unpickled: what `weights_only=True` exists to refuse."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_checkpoint_that_is_missing_or_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .*nope\.tar does not exist"):
+        convert_original_checkpoint(tmp_path / "nope.tar")
+    text = tmp_path / "notes.tar"
+    text.write_text("these are not weights")
+    with pytest.raises(ValueError, match=r"notes\.tar is not a torch checkpoint"):
+        convert_original_checkpoint(text)
+    text.write_text("x")  # a byte torch's unpickler reads as an opcode: still "not a checkpoint", not "unsafe"
+    with pytest.raises(ValueError, match=r"notes\.tar is not a torch checkpoint \(torch.load: Unsupported operand"):
+        convert_original_checkpoint(text)
+
+
+def test_pickle_with_code_stays_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.tar"
+    torch.save({"epoch": 90, "state_dict": {"module.queue": torch.zeros(2)}, "extra": _RunsCode(marker)}, path)
+    with pytest.raises(ValueError, match=r"evil\.tar holds pickled objects .* can run code \(it refers to \w+"):
+        convert_original_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_checkpoint_without_state_dict(official, tmp_path):
+    path = tmp_path / "other.tar"
+    torch.save({"epoch": 90, "model": dict(official["state"])}, path)
+    with pytest.raises(ValueError, match=r"has no 'state_dict' entry .*\['epoch', 'model'\]"):
+        convert_original_checkpoint(path)
+
+
+def test_wrong_shape_raises_naming_it(official, tmp_path):
+    state = {k: v for k, v in official["state"].items() if not k.startswith("module.encoder_k.")}
+    state["module.encoder_q.layer1.0.bn1.weight"] = torch.ones(3)
+    with pytest.raises(
+        ValueError, match=r"shape mismatches: \[module\.encoder_q\.layer1\.0\.bn1\.weight: \(3,\) in the checkpoint"
+    ):
+        convert_original_checkpoint(_save_bare(state, tmp_path / "bare.pth"))
+
+
+def test_output_dir_holding_a_model_is_refused_unless_overwrite(official, release, tmp_path):
+    weights = release["dir"] / "model.safetensors"
+    before = weights.read_bytes()
+    # Refused before the checkpoint is even read (this one does not exist).
+    with pytest.raises(FileExistsError, match=r"already holds a model .*--overwrite"):
+        convert_original_checkpoint(tmp_path / "nope.tar", output_dir=release["dir"])
+    assert weights.read_bytes() == before
+    output_dir = tmp_path / "again"
+    convert_original_checkpoint(official["path"], output_dir=output_dir)
+    convert_original_checkpoint(official["path"], output_dir=output_dir, overwrite=True, image_size=96)
+    assert json.loads((output_dir / "config.json").read_text())["image_size"] == 96

@@ -20,6 +20,7 @@ import evaluation.release as release_module
 from evaluation.release import HubUnavailableError, make_release, read_noise_summary, read_result_file
 from modeling_mopro import MoProForImageClassification
 from tests._tiny import MoProModelTester
+from training.cli import run_command
 
 REPO_ID = "org/mopro-tiny"
 TIMM_REPO_ID = "org/mopro-tiny-timm"
@@ -87,6 +88,21 @@ EXPECTED = {
     ("PASCAL VOC 2007", "voc2007", None, "map_k1_std"): 1.5,
     (*WEBVISION, "validation", "knn_top1"): 70.1,
 }
+# What `training.run_mopro` records of a WebVision run (`run_args.json`: its dataclasses as JSON).
+WEBVISION_RUN_ARGS = {
+    "model_args": {"backbone": "resnet50", "image_size": 224},
+    "data_args": {"webvision_dir": "/data/webvision", "webvision_version": "v1", "noise_rate": 0.4},
+    "training_args": {
+        "num_train_epochs": 90,
+        "max_steps": -1,
+        "learning_rate": 0.1,
+        "lr_milestones": [40, 80],
+        "lr_scheduler_type": "linear",  # replaced by the step schedule of the milestones: not reported
+        "global_batch_size": 256,
+        "noise_correction_start_epoch": 11,
+        "baseline": "mopro",
+    },
+}
 NOISE_SUMMARY = {"num_samples": 1000, "relabelled_fraction": 0.12, "ood_fraction": 0.05, "per_class": {"0": 0.1}}
 
 
@@ -108,6 +124,7 @@ def trained(tmp_path_factory):
     (model_dir / "eval_broken.json").write_text("{not json")  # skipped with a warning, not a crash
     (model_dir / "noise_report_summary.json").write_text(json.dumps(NOISE_SUMMARY))
     (model_dir / "trainer_state.json").write_text(json.dumps({"epoch": 3.0, "global_step": 120, "log_history": []}))
+    (model_dir / "run_args.json").write_text(json.dumps(WEBVISION_RUN_ARGS))
     pixel_values, _, _ = tester.prepare_inputs(seed=1)
     with torch.no_grad():
         logits = model(pixel_values).logits
@@ -144,7 +161,11 @@ def test_model_card_model_index_round_trips(release):
         assert section in text
     assert "@inproceedings{li2021mopro" in text and "2009.07995" in text
     assert "| relabelled_fraction | 0.12 |" in text and "per_class" not in text  # scalar statistics only
-    assert "| optimizer steps | 120 |" in text
+    assert "| optimizer steps (completed) | 120 |" in text
+    # The run's own record: WebVision, its 90-epoch schedule (a WebVision-like folder is described as such).
+    assert "| training data | WebVision 1.0 |" in text and "| epochs (planned) | 90 |" in text
+    assert "| learning-rate milestones (epochs) | [40, 80] |" in text and "(bilinear)" in text
+    assert "learning-rate schedule" not in text
     assert f'timm.create_model("hf-hub:{TIMM_REPO_ID}", pretrained=True)' in text
     # The files the card was built from travel with it; the broken one does not.
     assert sorted(p.name for p in (release["dir"] / "results").iterdir()) == sorted(
@@ -267,9 +288,12 @@ def test_cli_push_offline_exits_with_the_message(trained, tmp_path, monkeypatch,
     _forbid_network(monkeypatch)
     argv = ["--model_dir", str(trained["dir"]), "--release_dir", str(tmp_path / "out"), "--push_to_hub"]
     with pytest.raises(SystemExit) as exit_info:
-        release_module.main(argv)
-    assert exit_info.value.code == 1
-    assert "error: Cannot push to the Hub: offline mode is on" in capsys.readouterr().err
+        run_command(release_module.main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Cannot push to the Hub: offline mode is on") and err.count("\n") == 1
+    assert "without --push_to_hub" in err  # the fix
+    assert not (tmp_path / "out").exists()
 
 
 def test_push_without_network_fails_before_upload(trained, tmp_path, monkeypatch):
@@ -289,6 +313,7 @@ def test_push_uploads_the_release_folder(trained, tmp_path, monkeypatch):
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(release_module, "_can_connect", lambda host, port, timeout: True)
+    monkeypatch.setattr(release_module, "get_token", lambda: "hf_test")
     calls = []
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create_repo", repo_id, kw)))
 
@@ -349,3 +374,146 @@ def test_release_dir_guards(trained, tmp_path):
         make_release(trained["dir"], occupied, repo_id=REPO_ID, timm_export=False)
     with pytest.raises(ValueError, match="outside model_dir"):
         make_release(trained["dir"], trained["dir"] / "release", repo_id=REPO_ID, timm_export=False)
+
+
+# ------------------------------------------------------------------------------------ the card describes its run
+def _run_folder(trained, folder, run_args=None, results=None, epochs=None):
+    trained["model"].save_release_model(folder)
+    for name, content in (results or {}).items():
+        (folder / name).write_text(json.dumps(content))
+    if run_args is not None:
+        (folder / "run_args.json").write_text(json.dumps(run_args))
+    if epochs is not None:
+        (folder / "trainer_state.json").write_text(json.dumps({"epoch": float(epochs), "global_step": 40}))
+    return folder
+
+
+def _model_index(release_dir):
+    card = ModelCard.load(release_dir / "README.md")  # the card re-loads: valid YAML and model-index
+    return card, {(r.dataset_name, r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+
+
+def test_card_of_a_demo_run_describes_the_demo_not_webvision(trained, tmp_path):
+    demo_args = {
+        "model_args": {"backbone": "resnet18", "image_size": 64},
+        "data_args": {
+            "dataset_name": None,
+            "train_dir": None,
+            "webvision_dir": None,
+            "shard_dir": None,
+            "num_train": 10000,
+            "noise_rate": 0.4,
+            "ood_fraction": 0.2,
+        },
+        "training_args": {
+            **{"num_train_epochs": 20, "max_steps": -1, "learning_rate": 0.05, "baseline": "mopro"},
+            **{"lr_scheduler_type": "cosine", "lr_milestones": None, "lr_gamma": 0.1},
+        },
+    }
+    results = {
+        "all_results.json": {"epoch": 20.0, "eval_accuracy": 0.7387, "eval_loss": 0.8},
+        "eval_knn_fashion.json": {"knn_top1": 71.5, "dataset_name": "Fashion-MNIST (test)", "dataset_type": "fmnist"},
+    }
+    folder = _run_folder(trained, tmp_path / "demo", demo_args, results, epochs=20)
+    make_release(folder, tmp_path / "out", repo_id=REPO_ID, timm_export=False)
+    card, index = _model_index(tmp_path / "out")
+    assert index == {
+        ("Fashion-MNIST (clean test set)", "fashion_mnist", "accuracy"): 0.7387,
+        ("Fashion-MNIST (clean test set)", "fashion_mnist", "loss"): 0.8,
+        ("Fashion-MNIST (test)", "fmnist", "knn_top1"): 71.5,  # the eval file's own dataset
+    }
+    text = card.text
+    assert "noisy Fashion-MNIST demo (10000 images, label noise rate 0.4, out-of-distribution fraction 0.2)" in text
+    assert "| epochs (planned) | 20 |" in text and "| epochs (completed) | 20.0 |" in text
+    assert "| learning-rate schedule | cosine |" in text and "milestone" not in text
+    assert "WebVision" not in text and "90 epochs" not in text and "| 90 |" not in text and "bicubic" not in text
+    assert "web search queries" not in text
+
+
+def test_card_without_a_run_record_says_not_recorded(trained, tmp_path):
+    results = {"all_results.json": {"eval_accuracy": 0.5}}
+    folder = _run_folder(trained, tmp_path / "bare", results=results)
+    make_release(folder, tmp_path / "out", repo_id=REPO_ID, timm_export=False)
+    card, index = _model_index(tmp_path / "out")
+    assert index == {("validation set (not recorded)", "not-recorded", "accuracy"): 0.5}
+    text = card.text
+    assert "| training data | not recorded |" in text
+    assert "| training schedule (epochs, learning rate, batch) | not recorded |" in text
+    assert "| epochs / optimizer steps completed | not recorded (no trainer_state.json) |" in text
+    assert "WebVision" not in text and "90 epochs" not in text and "| 90 |" not in text
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+def _not_a_mopro_folder(kind, folder):
+    if kind == "missing":
+        return folder / "missing", "does not exist"
+    folder.mkdir()
+    if kind == "no_config":
+        (folder / "model.safetensors").write_bytes(b"")
+        return folder, "has no config.json"
+    if kind == "other_model":
+        (folder / "config.json").write_text(json.dumps({"model_type": "vit"}))
+        return folder, "holds a 'vit' model, not a MoPro one"
+    (folder / "config.json").write_text(json.dumps({"model_type": "mopro"}))
+    return folder, r"no weights \(model.safetensors\)"
+
+
+@pytest.mark.parametrize("kind", ["missing", "no_config", "other_model", "no_weights"])
+def test_model_dir_that_is_not_a_mopro_folder(kind, tmp_path):
+    model_dir, message = _not_a_mopro_folder(kind, tmp_path / "model")
+    with pytest.raises((ValueError, OSError), match=message + ".*training.run_mopro"):
+        make_release(model_dir, tmp_path / "out", repo_id=REPO_ID)
+    assert not (tmp_path / "out").exists()
+
+
+def test_previous_release_is_not_overwritten_silently(trained, tmp_path):
+    out = tmp_path / "out"
+    make_release(trained["dir"], out, repo_id=REPO_ID, timm_export=False)
+    card = (out / "README.md").read_bytes()
+    with pytest.raises(FileExistsError, match=r"holds a previous release: .*README.md.*pass --overwrite"):
+        make_release(trained["dir"], out, repo_id="org/other-name", timm_export=False)
+    assert (out / "README.md").read_bytes() == card
+    make_release(trained["dir"], out, repo_id="org/other-name", timm_export=False, overwrite=True)
+    assert "org/other-name" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("repo_id", ["org/has space", "a/b/c", "-bad-/name"])
+def test_bad_repo_id(trained, tmp_path, repo_id):
+    with pytest.raises(ValueError, match=r"--repo_id .* is not a Hub repo id.*org/name"):
+        make_release(trained["dir"], tmp_path / "out", repo_id=repo_id)
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_without_login_fails_before_any_work(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    _forbid_network(monkeypatch)
+    monkeypatch.setattr(release_module, "_can_connect", lambda host, port, timeout: True)
+    monkeypatch.setattr(release_module, "get_token", lambda: None)
+    with pytest.raises(HubUnavailableError, match=r"not logged in .*hf auth login"):
+        make_release(trained["dir"], tmp_path / "out", repo_id=REPO_ID, push=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_results_dir(trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--results_dir .*evals is not a folder"):
+        make_release(trained["dir"], tmp_path / "out", repo_id=REPO_ID, results_dirs=[tmp_path / "evals"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_card_and_timm_export_follow_the_saved_image_processor(trained, tmp_path):
+    from PIL.Image import Resampling
+
+    from modeling_mopro import build_image_processor
+
+    folder = _run_folder(trained, tmp_path / "bicubic")
+    image_size = trained["model"].config.image_size
+    processor = build_image_processor(image_size)
+    processor.resample, processor.crop_pct = Resampling.BICUBIC, 0.5
+    processor.save_pretrained(folder)
+    make_release(folder, tmp_path / "out", repo_id=REPO_ID)
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert f"resize the short side to {2 * image_size} px, centre-crop {image_size} px\n  (bicubic)" in text
+    timm_config = json.loads((tmp_path / "out" / "timm" / "config.json").read_text())["pretrained_cfg"]
+    assert (timm_config["interpolation"], timm_config["crop_pct"]) == ("bicubic", 0.5)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
+from evaluation.model_card import describe_training_data
 from modeling_mopro import MoProForImageClassification
 from training.noisy_fashion_mnist import FASHION_MNIST_DIR
 from training.run_mopro import DEMO_CONFIG, main, parse_args
@@ -60,6 +61,10 @@ def test_demo_run_writes_model_results_and_noise_report(tmp_path, baseline):
     model = AutoModelForImageClassification.from_pretrained(out)
     assert isinstance(model, MoProForImageClassification)
     assert model.config.image_size == 32 and model.config.id2label[0] == "T-shirt/top"
+    # the run's own arguments, as plain JSON, for the release's model card: the demo's data, not WebVision
+    run_args = json.loads((out / "run_args.json").read_text())
+    assert run_args["training_args"]["baseline"] == baseline
+    assert "Fashion-MNIST" in describe_training_data(run_args).name
     if baseline == "mopro":
         for key in ("noise_ood_precision", "noise_ood_recall", "noise_relabel_precision", "noise_relabel_recall"):
             assert key in results, key

@@ -105,6 +105,7 @@ def write_shards(
     output_dir: str | os.PathLike,
     samples_per_shard: int = 1000,
     image_format: str = "jpg",
+    overwrite: bool = False,
 ) -> ShardSummary:
     """Writes records to WebDataset shards of ``samples_per_shard`` samples, one shard at a time.
 
@@ -116,15 +117,22 @@ def write_shards(
         output_dir: Created if missing.
         samples_per_shard: Samples per tar file (the last one may hold fewer).
         image_format: "jpg" (default; non-JPEG inputs are re-encoded at quality 95) or "png" (lossless).
+        overwrite: Delete the ``shard-*.tar`` already in ``output_dir`` first; without it they are refused.
 
     Returns:
         The written shard paths and the counts of written and skipped samples.
+
+    Raises:
+        FileExistsError: ``output_dir`` already holds shards and ``overwrite`` is False.
     """
     if image_format not in _MAGIC:
         raise ValueError(f"image_format must be one of {sorted(_MAGIC)}, got {image_format!r}")
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
+    check_samples_per_shard(samples_per_shard)
     output_dir = Path(output_dir)
+    check_shard_output(output_dir, overwrite)
+    # Old shards beyond the new count would otherwise be read with the new ones.
+    for old in existing_shards(output_dir):
+        old.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = ShardSummary()
     tar: tarfile.TarFile | None = None
@@ -167,6 +175,32 @@ def write_shards(
         summary.num_skipped,
     )
     return summary
+
+
+def check_samples_per_shard(samples_per_shard: int) -> None:
+    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ValueError(
+            f"samples_per_shard (--samples_per_shard) must be a positive number of samples per tar file, "
+            f"got {samples_per_shard!r}; e.g. 1000"
+        )
+
+
+def existing_shards(output_dir: str | os.PathLike) -> list[Path]:
+    """The ``shard-*.tar`` (and interrupted ``.partial``) files already in ``output_dir``."""
+    folder = Path(output_dir)
+    return sorted([*folder.glob("shard-*.tar"), *folder.glob("shard-*.tar.partial")]) if folder.is_dir() else []
+
+
+def check_shard_output(output_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to write into a folder of earlier shards unless asked to replace them (nothing is lost silently)."""
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise NotADirectoryError(f"shard output {output_dir} is a file, not a folder; pick another --output_dir")
+    old = existing_shards(output_dir)
+    if old and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds {len(old)} shard file(s) ({old[0].name}, ...); pass --overwrite "
+            "(overwrite=True) to replace them, or choose another --output_dir / --split"
+        )
 
 
 def shard_order(num_samples: int, seed: int | None) -> np.ndarray:
@@ -345,6 +379,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--label_column", default="label")
     parser.add_argument("--split", default="train", help="split to shard; output goes to OUTPUT_DIR/SPLIT")
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards already in OUTPUT_DIR/SPLIT")
     parser.add_argument("--samples_per_shard", type=int, default=1000)
     parser.add_argument("--image_format", default="jpg", choices=sorted(_MAGIC))
     parser.add_argument(
@@ -360,6 +395,13 @@ def main(argv: Sequence[str] | None = None) -> ShardSummary:
     """CLI entry point: shards one split of one source into ``OUTPUT_DIR/SPLIT``."""
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Checked before any input is read: a WebVision list or a Hub dataset takes long to go through.
+    check_samples_per_shard(args.samples_per_shard)
+    split_dir = Path(args.output_dir) / args.split
+    check_shard_output(split_dir, args.overwrite)
+    for flag, folder in (("--webvision_dir", args.webvision_dir), ("--image_folder", args.image_folder)):
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"{flag} {folder} is not a folder; give the path of an existing folder")
     if args.webvision_dir:
         num_classes = webvision_num_classes(args.webvision_version)
         id2label = read_webvision_class_names(args.webvision_dir, num_classes)
@@ -386,8 +428,17 @@ def main(argv: Sequence[str] | None = None) -> ShardSummary:
         id2label = dict(enumerate(label_feature.names))
         records = records_from_dataset(dataset, args.image_column, args.label_column, args.shuffle_seed)
     write_id2label(args.output_dir, id2label)
-    return write_shards(records, Path(args.output_dir) / args.split, args.samples_per_shard, args.image_format)
+    summary = write_shards(records, split_dir, args.samples_per_shard, args.image_format, overwrite=args.overwrite)
+    if summary.num_samples == 0:
+        source = args.webvision_dir or args.image_folder or args.dataset_name
+        raise ValueError(
+            f"no images written from {source} (split {args.split!r}): it holds no readable images "
+            f"({summary.num_skipped} skipped as unreadable); check the path and the files"
+        )
+    return summary
 
 
 if __name__ == "__main__":
-    main()
+    from training.cli import run_command
+
+    run_command(main)

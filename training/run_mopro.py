@@ -10,6 +10,7 @@ override it. Every `TrainingArguments` flag works.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         release = model.to_release_model() if isinstance(model, MoProForPreTraining) else model
         release.save_pretrained(training_args.output_dir)
         processor.save_pretrained(training_args.output_dir)
+        save_run_args(training_args.output_dir, model_args, data_args, training_args)
     if data_args.noise_report and isinstance(model, MoProForPreTraining):
         # Every process scores its share of the training set; the main process writes the report.
         metrics.update(noise_report(model, train_dataset, data_args, training_args))
@@ -260,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 # What a run writes into its output folder (besides checkpoint-* folders): a second run must not mix with them.
 RUN_OUTPUTS = (
     "config.json", "model.safetensors", "model.safetensors.index.json", "preprocessor_config.json",
-    "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json", "noise_report",
+    "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json", "run_args.json",
+    "noise_report",
 )  # fmt: skip
 
 
@@ -330,6 +333,20 @@ def check_train_size(train_dataset, training_args: MoProTrainingArguments) -> No
             f"{training_args.world_size} processes) with --dataloader_drop_last true: no training step would run. "
             "Give more data, or a smaller --global_batch_size (or --per_device_train_batch_size)."
         )
+
+
+def save_run_args(output_dir: str, model_args, data_args, training_args) -> None:
+    """The run's arguments as plain JSON (`run_args.json`), which the release's model card reads to describe the
+    data and schedule this model was trained with (the Trainer's `training_args.bin` is a pickle, never read)."""
+    from evaluation.model_card import RUN_ARGS_FILE
+
+    run_args = {
+        "model_args": dataclasses.asdict(model_args),
+        "data_args": dataclasses.asdict(data_args),
+        "training_args": training_args.to_dict(),  # tokens masked
+    }
+    with open(os.path.join(output_dir, RUN_ARGS_FILE), "w") as f:
+        json.dump(run_args, f, indent=2, default=str)
 
 
 def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArguments, training_args) -> dict:
