@@ -92,13 +92,13 @@ def test_make_shards_missing_input(tmp_path):
 
 def test_make_shards_empty_input(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no class subfolders"):
+    with pytest.raises(FileNotFoundError, match="no class sub-?folders"):
         make_shards_main(["--image_folder", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
     # Class folders without a single image: an error, not an empty shard folder that trains 0 steps.
     for name in ("cat", "dog"):
         (tmp_path / "no_images" / name).mkdir(parents=True)
     (tmp_path / "no_images" / "cat" / "notes.txt").write_text("not an image")
-    with pytest.raises(ValueError, match=r"no images written from .*no_images"):
+    with pytest.raises(ValueError, match=r"no_images/cat.*hold no image files"):
         make_shards_main(["--image_folder", str(tmp_path / "no_images"), "--output_dir", str(tmp_path / "out2")])
 
 
