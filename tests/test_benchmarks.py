@@ -90,7 +90,6 @@ def test_class_diversity_benchmark_quick_run(tmp_path):
     )
 
 
-
 def test_bad_inputs_quick_run_classifies_outcomes(tmp_path):
     """The harness's self-checks (fake commands of known behaviour) land in their outcome, and the real quick
     case runs to an outcome (which one depends on the command: that is the benchmark's figure, not the test's)."""
