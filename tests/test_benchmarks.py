@@ -88,3 +88,22 @@ def test_class_diversity_benchmark_quick_run(tmp_path):
         orders["webvision_stream_in_file_order"]["fraction_of_uniform"]
         < orders["webvision_stream"]["fraction_of_uniform"]
     )
+
+
+def test_bad_inputs_quick_run_classifies_outcomes(tmp_path):
+    """The harness's self-checks (fake commands of known behaviour) land in their outcome, and the real quick
+    case runs to an outcome (which one depends on the command: that is the benchmark's figure, not the test's)."""
+    import bad_inputs
+
+    rows_path = tmp_path / "rows.json"
+    result = bad_inputs.main(["--quick", "--json", str(rows_path), "--output", str(tmp_path / "bad_inputs.json")])
+    outcomes = {row["name"]: row["outcome"] for row in result["rows"]}
+    assert outcomes.pop("self_raw_traceback") == "raw traceback"
+    assert outcomes.pop("self_clear_error") == "clear error"
+    assert outcomes.pop("self_silent") == "silent"
+    assert outcomes.pop("self_skip_counted") == "skip counted"
+    assert outcomes.pop("self_lost") == "lost"
+    assert list(outcomes) == ["shards_folder_missing"] and outcomes["shards_folder_missing"] in bad_inputs.OUTCOMES
+    assert result["totals"]["cases"] == 6 and result["totals"]["lost"] >= 1
+    assert json.loads(rows_path.read_text())["rows"] == result["rows"]
+    assert json.loads((tmp_path / "bad_inputs.json").read_text())["machine"]["cpu_count"] >= 1
