@@ -31,11 +31,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from training.cli import fraction
+
 from .classification import DATASET_CARDS, evaluate_classification
 from .features import resolve_device, save_eval_results
 from .image_datasets import (
     ImageLabelDataset,
     add_dataset_arguments,
+    check_same_classes,
     collate_without_index,
     dataset_from_arguments,
     transforms_from_config,
@@ -310,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     add_dataset_arguments(parser, prefix="train_")
     add_dataset_arguments(parser)
     parser.add_argument("--dataset", default="imagenet", help="result key prefix")
-    parser.add_argument("--label_fraction", type=float, default=0.01)
+    parser.add_argument("--label_fraction", type=fraction, default=0.01)
     parser.add_argument("--subset_file", default=None, help="file names of the labelled images (overrides fraction)")
     parser.add_argument(
         "--select_best_epoch",
@@ -328,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     config = AutoConfig.from_pretrained(args.model_name_or_path)
     train = dataset_from_arguments(args, transforms_from_config(config, train=True), "train_", "train")
     val = dataset_from_arguments(args, transforms_from_config(config))
+    check_same_classes(train, val)  # the new classifier learns the training labels; validation must use them
     metrics = finetune(
         args.model_name_or_path, train, val, args.output_dir, args.label_fraction, args.subset_file, args.epochs,
         args.learning_rate, args.milestones, args.gamma, args.momentum, args.weight_decay, args.batch_size,

@@ -259,6 +259,31 @@ def check_class_names(dataset: Any, config: Any, source: str = "the evaluation d
         )
 
 
+def check_same_classes(
+    train: Any, test: Any, train_source: str = "the training data", test_source: str = "the evaluation data"
+) -> None:
+    """Checks that two datasets' labels mean the same classes, for the protocols that learn their label space from
+    the training data (kNN, fine-tuning): the evaluation data's class names must be the training data's, in order.
+    Nothing is compared when either side has no class names.
+
+    Raises:
+        ValueError: Names that differ (a few are named).
+    """
+    train_classes, test_classes = getattr(train, "classes", None), getattr(test, "classes", None)
+    if train_classes is None or test_classes is None:
+        return
+    train_classes, test_classes = [str(c) for c in train_classes], [str(c) for c in test_classes]
+    if train_classes == test_classes:
+        return
+    differing = [(i, a, b) for i, (a, b) in enumerate(zip(train_classes, test_classes, strict=False)) if a != b]
+    shown = "; ".join(f"label {i}: {a!r} in training, {b!r} in evaluation" for i, a, b in differing[:3])
+    raise ValueError(
+        f"the class names of {test_source} are not those of {train_source}: "
+        f"{shown or f'{len(test_classes)} classes for {len(train_classes)}'}; "
+        "give both the same class folders (or the same label names)"
+    )
+
+
 def file_list_dataset(
     root: str | os.PathLike,
     relative_paths: Sequence[str],
@@ -416,6 +441,7 @@ __all__ = [
     "add_dataset_arguments",
     "apply_pseudo_labels",
     "check_class_names",
+    "check_same_classes",
     "collate_skipping_bad_images",
     "collate_without_index",
     "dataset_from_arguments",

@@ -17,8 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.cli import positive_int
+
 from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
-from .image_datasets import ImageLabelDataset, add_dataset_arguments, dataset_from_arguments, transforms_from_config
+from .image_datasets import (
+    ImageLabelDataset,
+    add_dataset_arguments,
+    check_same_classes,
+    dataset_from_arguments,
+    transforms_from_config,
+)
 
 WEIGHTINGS = ("temperature", "majority")
 
@@ -119,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--dataset", default="webvision", help="result key (the test set)")
     parser.add_argument("--dataset_name", default=None)
     parser.add_argument("--feature", choices=("embeddings", "pooled"), default="embeddings")
-    parser.add_argument("--k", type=int, default=200)
+    parser.add_argument("--k", type=positive_int, default=200)
     parser.add_argument("--temperature", type=float, default=0.1)
     parser.add_argument("--majority_k", type=int, default=20, help="0 disables the majority-vote accuracy")
     args = parser.parse_args(argv)
@@ -128,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     transform = transforms_from_config(model.config)
     train = dataset_from_arguments(args, transform, prefix="train_", default_split="train")
     test = dataset_from_arguments(args, transform)
+    check_same_classes(train, test)  # neighbours vote with the training labels: both sides must mean the same
     metrics = evaluate_knn(
         model, train, test, args.feature, args.k, args.temperature, args.majority_k or None,
         args.batch_size, args.num_workers, args.device, args.amp,

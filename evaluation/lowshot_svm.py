@@ -31,6 +31,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import average_precision_score
 from sklearn.svm import LinearSVC
 
+from training.cli import positive_int
+
 from .features import add_model_arguments, extract_features, l2_normalize, load_model, results_dir, save_eval_results
 from .image_datasets import ImageLabelDataset, places205_dataset, transforms_from_config, voc07_dataset
 
@@ -245,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     add_model_arguments(parser)
     parser.add_argument("--task", choices=TASKS, required=True)
     parser.add_argument("--data_dir", required=True, help="VOC root (holding VOCdevkit/) or Places205 root")
-    parser.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_SHOTS))
+    parser.add_argument("--shots", type=positive_int, nargs="+", default=list(DEFAULT_SHOTS))
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cost", type=float, default=0.5, help="SVM C (official 0.5)")
     parser.add_argument("--seed", type=int, default=0)

@@ -126,3 +126,36 @@ def test_make_shards_refuses_to_overwrite_shards(tmp_path):
         ["--image_folder", str(folder), "--output_dir", str(out), "--samples_per_shard", "4", "--overwrite"]
     )
     assert sorted((out / "train").glob("shard-*")) == second.shard_paths and len(second.shard_paths) == 2
+
+
+def test_knn_and_finetune_refuse_evaluation_data_with_other_classes_than_training():
+    from evaluation.image_datasets import check_same_classes
+
+    class Data:
+        def __init__(self, classes):
+            self.classes = classes
+
+    check_same_classes(Data(["apple", "bee"]), Data(["apple", "bee"]))
+    check_same_classes(Data(["apple", "bee"]), object())  # no class names: nothing to compare
+    with pytest.raises(ValueError, match=r"label 0: 'w' in training, 'apple' in evaluation"):
+        check_same_classes(Data(["w", "x"]), Data(["apple", "bee"]))
+    with pytest.raises(ValueError, match="3 classes for 2"):
+        check_same_classes(Data(["apple", "bee"]), Data(["apple", "bee", "cat"]))
+
+
+@pytest.mark.parametrize(
+    ("module", "flag", "value"),
+    [
+        ("evaluation.knn", "--k", "0"),
+        ("evaluation.lowshot_svm", "--shots", "0"),
+        ("evaluation.finetune", "--label_fraction", "1.5"),
+    ],
+)
+def test_count_and_fraction_flags_out_of_range_are_refused_by_the_parser(module, flag, value, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(["--model_name_or_path", MISSING, flag, value])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: argument " + flag in message and value in message, message

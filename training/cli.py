@@ -7,6 +7,7 @@ Errors of the kinds below are reported that way; every other exception is a bug 
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -29,4 +30,20 @@ def run_command(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str]
         sys.exit(2)
 
 
-__all__ = ["USER_ERRORS", "run_command"]
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of neighbours, shots, runs)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in (0, 1] (a share of the data)."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+__all__ = ["USER_ERRORS", "fraction", "positive_int", "run_command"]
