@@ -126,6 +126,13 @@ def load_original_state_dict(checkpoint_path: str | os.PathLike) -> tuple[dict[s
                 "'optimizer'}) or a state dict"
             )
         raise ValueError(f"{checkpoint_path}: these state-dict entries are not tensors: {not_tensors}")
+    # A damaged or diverged checkpoint would convert into a model that outputs NaN: refuse it, naming the tensors.
+    non_finite = sorted(str(k) for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all())
+    if non_finite:
+        raise ValueError(
+            f"{checkpoint_path} holds non-finite values (NaN or inf) in {len(non_finite)} tensor(s), e.g. "
+            f"{non_finite[:3]}: the checkpoint is damaged or its run diverged; convert another epoch's checkpoint"
+        )
     return {k.removeprefix("module."): v for k, v in state_dict.items()}, metadata
 
 

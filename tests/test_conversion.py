@@ -315,3 +315,10 @@ def test_output_dir_holding_a_model_is_refused_unless_overwrite(official, releas
     convert_original_checkpoint(official["path"], output_dir=output_dir)
     convert_original_checkpoint(official["path"], output_dir=output_dir, overwrite=True, image_size=96)
     assert json.loads((output_dir / "config.json").read_text())["image_size"] == 96
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(official, tmp_path):
+    state = {k: v.clone() for k, v in official["state"].items() if not k.startswith("module.encoder_k.")}
+    state["module.encoder_q.classifier.bias"][0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite values .* \['module\.encoder_q\.classifier\.bias'\]"):
+        convert_original_checkpoint(_save_bare(state, tmp_path / "bare.pth"))

@@ -147,3 +147,14 @@ def test_webvision_to_shards_and_training_batch(webvision_root, tmp_path):
     assert len(id2label) == 5000 and len(train) == 7 and len(evaluation) == 3
     batch = MoProCollator(MoProViewTransforms(32), num_labels=len(id2label))([train[i] for i in range(len(train))])
     assert batch["num_skipped_images"].item() == 1 and batch["sample_ids"].tolist() == [0, 1, 2, 3, 5, 6]
+
+
+def test_lines_beyond_the_first_classes_are_left_out_with_a_warning_naming_the_list(tmp_path, caplog):
+    from training.webvision import read_webvision_filelist
+
+    filelist = tmp_path / "train_filelist_google.txt"
+    filelist.write_text("google/q0/a.jpg 0\ngoogle/q1/b.jpg 1\ngoogle/q5/c.jpg 5\n")
+    with caplog.at_level("WARNING", logger="training.webvision"):
+        kept = read_webvision_filelist(filelist, num_classes=2)
+    assert kept == [("google/q0/a.jpg", 0), ("google/q1/b.jpg", 1)]
+    assert "train_filelist_google.txt: 1 line(s) with a label >= 2 left out" in caplog.text

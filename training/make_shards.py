@@ -152,7 +152,7 @@ def write_shards(
             image_bytes = _encoded_image(record.image, image_format)
         except BadImageError as error:
             summary.num_skipped += 1
-            logger.warning("Skipping sample_id=%d (%s): %s", record.sample_id, error.source, error.reason)
+            logger.warning("Skipping sample_id=%d (%s): %s", record.sample_id, record.path or error.source, error.reason)
             continue
         if tar is None:
             temporary = output_dir / (SHARD_PATTERN.format(index=len(summary.shard_paths)) + ".partial")

@@ -14,6 +14,7 @@ dropped, as in the official loader. Sample ids are the positions in the kept lis
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from datasets import Dataset, Features, IterableDataset, Value
+
+logger = logging.getLogger(__name__)
 
 WEBVISION_NUM_CLASSES = {"v1": 1000, "v2": 5000}
 TRAIN_FILELISTS = ("train_filelist_google.txt", "train_filelist_flickr.txt")
@@ -58,15 +61,26 @@ def _parse_line(line: bytes, where: str) -> tuple[str, int] | None:
 def _iter_kept_lines(path: Path, num_classes: int) -> Iterator[tuple[int, str, int]]:
     """Yields (byte offset, relative path, label) of the lines whose label is < num_classes.
 
-    Binary mode gives exact byte offsets, which let streaming shards seek straight to their lines.
+    Binary mode gives exact byte offsets, which let streaming shards seek straight to their lines. Lines with a
+    larger label are left out as the official loader does (training on the first ``num_classes`` classes), and
+    counted in a warning naming the list, so that a list of the wrong version is not dropped in silence.
     """
+    left_out = 0
     with open(path, "rb") as file:
         offset = 0
         for line in file:
             parsed = _parse_line(line, f"{path} (byte {offset})")
-            if parsed is not None and parsed[1] < num_classes:
-                yield offset, parsed[0], parsed[1]
+            if parsed is not None:
+                if parsed[1] < num_classes:
+                    yield offset, parsed[0], parsed[1]
+                else:
+                    left_out += 1
             offset += len(line)
+    if left_out:
+        logger.warning(
+            "%s: %d line(s) with a label >= %d left out (the first %d classes are kept, as officially)",
+            path, left_out, num_classes, num_classes,
+        )  # fmt: skip
 
 
 def _check_exists(path: Path) -> Path:
