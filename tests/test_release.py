@@ -296,11 +296,16 @@ def test_cli_push_offline_exits_with_the_message(trained, tmp_path, monkeypatch,
     assert not (tmp_path / "out").exists()
 
 
-def test_push_without_network_fails_before_upload(trained, tmp_path, monkeypatch):
+def _offline_mode_off_without_network(monkeypatch) -> None:
+    """Offline mode off, as for a user with a network, while every real connection still fails."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     _forbid_network(monkeypatch)
+
+
+def test_push_without_network_fails_before_upload(trained, tmp_path, monkeypatch):
+    _offline_mode_off_without_network(monkeypatch)
     probes = []
     monkeypatch.setattr(release_module, "_can_connect", lambda host, port, timeout: probes.append(host) or False)
     with pytest.raises(HubUnavailableError, match="did not answer within 3 s"):
@@ -485,10 +490,7 @@ def test_bad_repo_id(trained, tmp_path, repo_id):
 
 
 def test_push_without_login_fails_before_any_work(trained, tmp_path, monkeypatch):
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
-    _forbid_network(monkeypatch)
+    _offline_mode_off_without_network(monkeypatch)
     monkeypatch.setattr(release_module, "_can_connect", lambda host, port, timeout: True)
     monkeypatch.setattr(release_module, "get_token", lambda: None)
     with pytest.raises(HubUnavailableError, match=r"not logged in .*hf auth login"):
