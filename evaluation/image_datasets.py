@@ -246,17 +246,20 @@ def check_class_names(dataset: Any, config: Any, source: str = "the evaluation d
     model_names = [str(config.id2label.get(i, f"LABEL_{i}")) for i in range(num_labels)]
     if classes == [str(i) for i in range(len(classes))] or model_names == [f"LABEL_{i}" for i in range(num_labels)]:
         return
-    differing = [(i, name, model_names[i]) for i, name in enumerate(classes) if name != model_names[i]]
-    if differing or len(classes) != num_labels:
-        shown = "; ".join(
-            f"label {i}: {data!r} in the data, {model!r} in the model" for i, data, model in differing[:3]
-        )
+    if classes != model_names:
         raise ValueError(
             f"the class names of {source} are not the model's labels (config.id2label): "
-            f"{shown or f'{len(classes)} classes for {num_labels} labels'}"
-            f"{f' (+{len(differing) - 3} more)' if len(differing) > 3 else ''}; "
+            f"{_class_name_differences(classes, model_names, 'in the data', 'in the model') or f'{len(classes)} classes for {num_labels} labels'}; "
             "evaluate on data with the model's classes, in the model's order"
         )
+
+
+def _class_name_differences(names: list[str], reference: list[str], where: str, reference_where: str) -> str:
+    """The first three labels whose names differ (`label i: 'a' <where>, 'b' <reference_where>`, + how many more);
+    empty when every label the two lists share agrees (then only their lengths differ)."""
+    differing = [(i, a, b) for i, (a, b) in enumerate(zip(names, reference, strict=False)) if a != b]
+    shown = "; ".join(f"label {i}: {a!r} {where}, {b!r} {reference_where}" for i, a, b in differing[:3])
+    return shown + (f" (+{len(differing) - 3} more)" if len(differing) > 3 else "")
 
 
 def check_same_classes(
@@ -275,11 +278,9 @@ def check_same_classes(
     train_classes, test_classes = [str(c) for c in train_classes], [str(c) for c in test_classes]
     if train_classes == test_classes:
         return
-    differing = [(i, a, b) for i, (a, b) in enumerate(zip(train_classes, test_classes, strict=False)) if a != b]
-    shown = "; ".join(f"label {i}: {a!r} in training, {b!r} in evaluation" for i, a, b in differing[:3])
     raise ValueError(
         f"the class names of {test_source} are not those of {train_source}: "
-        f"{shown or f'{len(test_classes)} classes for {len(train_classes)}'}; "
+        f"{_class_name_differences(train_classes, test_classes, 'in training', 'in evaluation') or f'{len(test_classes)} classes for {len(train_classes)}'}; "
         "give both the same class folders (or the same label names)"
     )
 
