@@ -399,10 +399,13 @@ def load_hf_dataset(name_or_path: str, split: str = "train"):
 
 
 # ----------------------------------------------------------------------------------------------- script glue
-def add_dataset_arguments(parser: argparse.ArgumentParser, prefix: str = "", required: bool = True) -> None:
-    """Adds `--{prefix}data_dir`, `--{prefix}data_format`, `--{prefix}split` and the `datasets` column names."""
+def add_dataset_arguments(
+    parser: argparse.ArgumentParser, prefix: str = "", required: bool = True, formats: Sequence[str] = DATA_FORMATS
+) -> None:
+    """Adds `--{prefix}data_dir`, `--{prefix}data_format` (one of `formats`), `--{prefix}split` and the `datasets`
+    column names."""
     parser.add_argument(f"--{prefix}data_dir", required=required, help="dataset folder or `datasets` name")
-    parser.add_argument(f"--{prefix}data_format", default="auto", choices=DATA_FORMATS)
+    parser.add_argument(f"--{prefix}data_format", default="auto", choices=formats)
     parser.add_argument(f"--{prefix}split", default=None, help="split of a `datasets` dataset")
     parser.add_argument(f"--{prefix}image_column", default="image")
     parser.add_argument(f"--{prefix}label_column", default="label")

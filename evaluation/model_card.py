@@ -320,13 +320,21 @@ the run recorded them (`{RUN_ARGS_FILE}`, `trainer_state.json`).
 
 {table}"""
     if noise_summary:
+        noise_summary = dict(noise_summary)
+        repo = noise_summary.pop("dataset_repo", None)
         stats = "\n".join(f"| {k} | {_format_value(v)} |" for k, v in noise_summary.items())
+        published = (
+            f" The per-sample report (suggested labels, label-quality and OOD scores) is the dataset "
+            f"[{repo}](https://huggingface.co/datasets/{repo})."
+            if repo
+            else ""
+        )
         text += f"""
 
 ### Training data noise
 
 The model's noise decisions on its training set (clean / relabelled / out-of-distribution), from the noise report
-of this release:
+of this release.{published}
 
 | statistic | value |
 |---|---|

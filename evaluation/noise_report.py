@@ -1,32 +1,44 @@
-"""Per-sample noise report of a trained MoPro model: which web labels it keeps, corrects or drops as OOD.
+"""Per-sample noise report of a trained MoPro model: which labels are wrong, which images do not belong at all.
 
-Every sample goes through the test view (centre crop), then through the *training* rule,
-`modeling_mopro.correct_noisy_labels`, with the model config's `alpha`, `pseudo_label_threshold` and
-`temperature` (soft label `alpha * softmax(logits) + (1 - alpha) * softmax(q . prototypes / T)`; relabel when its
-max exceeds the threshold; keep when relabelled or when the given label scores above 1/K), and with
-`config.ood_rule` ("prototype_distance" also drops samples whose embedding is far from every prototype,
-`far_from_prototypes`). The official offline `noise_cleaning.py` hard-codes alpha = 0.5 instead.
+Every sample goes through the test view (centre crop) and gets two scores from what the model learnt
+(`evaluation.noise_scores`): a label-quality score (how likely the given label is right: the classifier, the
+prototypes and the labels of the sample's neighbours in MoPro's embedding space) and an out-of-distribution score
+(how much those neighbours disagree about the class). Decisions (clean / relabelled / ood) come from thresholds
+fitted to the data's own scores (`--decision_rule fitted`, the default), or from the training rule's constants
+(`--decision_rule training`: `modeling_mopro.correct_noisy_labels` with the config's `alpha`,
+`pseudo_label_threshold` and `temperature`, and `config.ood_rule`), whose decisions are in every report too.
 
-Decisions: "ood" = not kept; "relabelled" = kept and corrected label != given label; "clean" = kept and unchanged.
+Output (`--output_dir`, default `MODEL/noise_report`): a `datasets` dataset, `datasets.load_from_disk(output_dir)`,
+one row per sample:
 
-Outputs (in `output_dir`):
-- `noise_report.parquet`: one row per sample: `id` (the relative path when known: file layouts, or a `path`
-  column; else `sample_id`; else the position), `sample_id` when the dataset has one, `given_label`, `corrected_label`,
-  `decision`, `prob_given_label` (classifier softmax), `max_prototype_similarity` (cosine),
-  `soft_score_given_label`, `max_soft_score`, plus `true_label` / `is_ood` when the dataset has them.
-- `pseudo_label.json`: the official format `{"images": [...], "labels": [...]}` of the kept samples, with their
-  corrected labels (input of `evaluation.classifier_retrain`).
-- `noise_report_summary.json`: counts and fractions of each decision, `num_skipped_images` and `skipped_images` (the
-  ids of the undecodable images, which are skipped and have no row); with ground-truth columns, relabel and OOD
-  precision / recall (null when undefined).
-- `noise_report.png`: per-class (given label) stacked bars of clean / relabelled / OOD counts.
+| column | meaning |
+|---|---|
+| `id` | the relative path when known (file layouts, a `path` column), else `sample_id`, else the position |
+| `sample_id` | the dataset's own id, when it has one |
+| `given_label`, `suggested_label` | class labels; suggested = given for clean samples |
+| `decision` | "clean", "relabelled" or "ood" (by `--decision_rule`) |
+| `label_quality` | in [0, 1], high = the given label is likely right |
+| `ood_score` | in [0, 1], high = likely out of distribution |
+| `label_issue_probability`, `ood_probability` | posteriors of the fitted two-mode mixtures (flagged above 0.5) |
+| `training_rule_decision`, `training_rule_label` | what the training rule decides |
+| `prob_given_label`, `max_prototype_similarity` | classifier softmax of the given label; best prototype cosine |
+| `true_label`, `is_ood` | copied from the data when it has ground truth |
 
-Several processes (``accelerate launch``, or the end of `training/run_mopro.py`): each one scores its own
-contiguous share of the dataset, the shares are gathered to the main process in dataset order and the main
-process writes the files. No process waits on another for more than the imbalance of one sample.
+Beside it: `README.md` (the dataset card: counts, per-class table, plot, how it was made), `noise_report.png`
+(decisions per given class), `noise_report_summary.json` (counts; with ground truth, precision / recall / F1 of the
+label errors, AUROC of both scores; `num_skipped_images` and the ids of undecodable images, which have no row) and
+`pseudo_label.json` (the official format: kept samples with their suggested labels, the input of
+`evaluation.classifier_retrain`). `--push_to_hub ORG/NAME` publishes it all as a dataset repo (checked before any
+work: offline, it fails at once); a release of the model then links it from the model card.
 
-    python -m evaluation.noise_report --model_name_or_path DIR --data_dir WEBVISION_DATASET --split train
-    accelerate launch -m evaluation.noise_report --model_name_or_path DIR --data_dir WEBVISION_DATASET
+Data: every source the trainer reads: a `datasets` folder or Hub name, an image folder, a WebVision root (its
+training lists), a `training.make_shards` folder. Several processes (``accelerate launch``, or the end of
+`training/run_mopro.py`): each one scores its own contiguous share of the dataset, the shares are gathered to the
+main process in dataset order, and the main process computes the neighbour scores and writes the files.
+
+    python -m evaluation.noise_report --model_name_or_path DIR --data_dir WEBVISION_ROOT
+    python -m evaluation.noise_report --model_name_or_path DIR --data_dir DATA --push_to_hub org/data-noise-report
+    accelerate launch -m evaluation.noise_report --model_name_or_path DIR --data_dir SHARD_DIR
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -45,10 +58,11 @@ from accelerate import PartialState
 
 from modeling_mopro import correct_noisy_labels, far_from_prototypes
 from modeling_mopro.distributed import is_distributed, rank, world_size
+from training.cli import positive_int
 
 from .features import extract_features, load_model, mopro_parts
 from .image_datasets import (
-    ImageLabelDataset,
+    DATA_FORMATS,
     add_dataset_arguments,
     check_class_names,
     dataset_from_arguments,
@@ -56,9 +70,14 @@ from .image_datasets import (
     load_hf_dataset,
     transforms_from_config,
 )
+from .noise_report_card import noise_report_card
+from .noise_scores import DECISIONS, noise_scores
 
-DECISIONS = ("clean", "relabelled", "ood")
+DECISION_RULES = ("fitted", "training")
+SCORE_COLUMNS = ("label_quality", "ood_score", "label_issue_probability", "ood_probability")
 GROUND_TRUTH_COLUMNS = ("true_label", "is_ood")
+SUMMARY_FILE = "noise_report_summary.json"
+PLOT_FILE = "noise_report.png"
 
 
 @torch.no_grad()
@@ -142,6 +161,9 @@ def build_noise_report(
     amp: bool = False,
     image_column: str = "image",
     label_column: str = "label",
+    decision_rule: str = "fitted",
+    num_neighbours: int = 50,
+    max_reference: int | None = 200_000,
 ):
     """Runs the model over `dataset` and returns the per-sample report as a `datasets.Dataset`.
 
@@ -155,15 +177,28 @@ def build_noise_report(
 
     Undecodable images are skipped (logged with their ids) and have no row; `write_noise_report` counts them.
     """
-    return _build_noise_report(model, dataset, batch_size, num_workers, device, amp, image_column, label_column)[0]
+    return _build_noise_report(
+        model, dataset, batch_size, num_workers, device, amp, image_column, label_column, decision_rule,
+        num_neighbours, max_reference,
+    )[0]  # fmt: skip
 
 
 def _build_noise_report(
-    model, dataset, batch_size, num_workers, device, amp, image_column, label_column
+    model,
+    dataset,
+    batch_size,
+    num_workers,
+    device,
+    amp,
+    image_column,
+    label_column,
+    decision_rule="fitted",
+    num_neighbours=50,
+    max_reference=200_000,
 ) -> tuple[object | None, list[str] | None]:
     """`build_noise_report`, plus the ids of the skipped (undecodable) images (main process; None elsewhere)."""
-    import datasets
-
+    if decision_rule not in DECISION_RULES:
+        raise ValueError(f"decision_rule must be one of {DECISION_RULES}, got {decision_rule!r}")
     model = load_model(model, device)
     base, _ = mopro_parts(model)
     extra: dict[str, list] = {}
@@ -182,7 +217,9 @@ def _build_noise_report(
     )
     if features.logits is None:
         raise ValueError("the noise report needs a model with a classifier")
-    decisions = noise_decisions(features.logits, features.embeddings, base.prototypes, features.labels, model.config)
+    training_rule = noise_decisions(
+        features.logits, features.embeddings, base.prototypes, features.labels, model.config
+    )
     if features.skipped_ids and extra:  # the ground-truth rows of the skipped images go too
         position = {sample_id: k for k, sample_id in enumerate(dataset.ids)}
         kept = np.ones(len(dataset), dtype=bool)
@@ -193,32 +230,69 @@ def _build_noise_report(
         columns["sample_id"] = extra.pop("sample_id")
     columns.update(
         given_label=features.labels.astype(np.int64),
-        corrected_label=decisions["corrected_label"].astype(np.int64),
-        decision=[DECISIONS[d] for d in decisions["decision"]],
-        **{k: decisions[k].astype(np.float32) for k in ("prob_given_label", "max_prototype_similarity")},
-        **{k: decisions[k].astype(np.float32) for k in ("soft_score_given_label", "max_soft_score")},
-    )
+        training_rule_decision=[DECISIONS[d] for d in training_rule["decision"]],
+        training_rule_label=training_rule["corrected_label"].astype(np.int64),
+        **{k: training_rule[k].astype(np.float32) for k in ("prob_given_label", "max_prototype_similarity")},
+        # Gathered for the dataset-wide scores below, then dropped.
+        logits=features.logits, embeddings=features.embeddings,
+    )  # fmt: skip
     columns.update(extra)
     columns = _gather_columns(columns)
     skipped = _gather_columns({"skipped": list(features.skipped_ids)})
     if columns is None:
         return None, None
-    return datasets.Dataset.from_dict(columns), skipped["skipped"]
+    # The neighbour vote needs every sample's embedding: scored on the main process, on the model's device.
+    logits, embeddings = columns.pop("logits"), columns.pop("embeddings")
+    device = next(model.parameters()).device
+    fitted = noise_scores(
+        torch.as_tensor(logits, device=device), torch.as_tensor(embeddings, device=device), base.prototypes,
+        torch.as_tensor(columns["given_label"], device=device), model.config.alpha, model.config.temperature,
+        num_neighbours, max_reference,
+    )  # fmt: skip
+    if decision_rule == "fitted":
+        suggested, decision = fitted["suggested_label"], [DECISIONS[d] for d in fitted["decision"]]
+    else:
+        suggested, decision = columns["training_rule_label"], columns["training_rule_decision"]
+    ordered = {"id": columns.pop("id")}
+    if "sample_id" in columns:
+        ordered["sample_id"] = columns.pop("sample_id")
+    ordered.update(
+        given_label=columns.pop("given_label"),
+        suggested_label=np.asarray(suggested, dtype=np.int64),
+        decision=decision,
+        **{name: fitted[name].astype(np.float32) for name in SCORE_COLUMNS},
+        **columns,
+    )
+    return datasets.Dataset.from_dict(ordered), skipped["skipped"]
 
 
 def _ratio(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
 
 
-def summarize_noise_report(report, config=None) -> dict[str, float | int | str | None]:
-    """Counts and fractions of each decision; relabel / OOD precision and recall when ground truth is present.
+def _ranking_quality(positive: np.ndarray, score: np.ndarray) -> tuple[float | None, float | None]:
+    """(AUROC, average precision) of `score` ranking the `positive` samples first; None when one class is absent."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
 
-    - `ood_precision` / `ood_recall`: of the samples dropped, the share that is OOD / of the OOD samples, the share
-      dropped (`is_ood`).
+    if positive.all() or not positive.any():
+        return None, None
+    return float(roc_auc_score(positive, score)), float(average_precision_score(positive, score))
+
+
+def summarize_noise_report(
+    report, config=None, decision_rule: str | None = None
+) -> dict[str, float | int | str | None]:
+    """Counts and fractions of each decision; with ground truth (`true_label`, `is_ood`), how right they are.
+
+    - `label_error_precision` / `_recall` / `_f1`: a label error is a sample whose given label is not its true class
+      (every OOD sample: no class is right); the flagged samples are those not called clean.
+    - `label_quality_auroc` / `_ap`: how well a low `label_quality` ranks the label errors first.
+    - `ood_auroc` / `ood_ap`: how well a high `ood_score` ranks the OOD samples first; `ood_precision` /
+      `ood_recall`: of the samples called OOD, the share that is / of the OOD samples, the share called OOD.
     - `relabel_precision`: of the relabelled samples, the share relabelled to their true class (an OOD sample
       relabelled counts as wrong); `relabel_recall`: of the in-distribution samples with a wrong given label, the
       share relabelled to the true class; `kept_label_accuracy`: of the kept in-distribution samples, the share whose
-      corrected label is right; `given_label_accuracy`: the same for the given labels of all in-distribution samples.
+      suggested label is right; `given_label_accuracy`: the same for the given labels of all in-distribution samples.
     """
     decision = np.asarray(report["decision"])
     n = len(decision)
@@ -227,6 +301,8 @@ def summarize_noise_report(report, config=None) -> dict[str, float | int | str |
         count = int((decision == name).sum())
         summary[f"num_{name}"] = count
         summary[f"fraction_{name}"] = _ratio(count, n)
+    if decision_rule is not None:
+        summary["decision_rule"] = decision_rule
     if config is not None:
         summary.update(
             alpha=config.alpha,
@@ -240,16 +316,25 @@ def summarize_noise_report(report, config=None) -> dict[str, float | int | str |
     if "is_ood" in columns:
         summary["ood_precision"] = _ratio(int((dropped & is_ood).sum()), int(dropped.sum()))
         summary["ood_recall"] = _ratio(int((dropped & is_ood).sum()), int(is_ood.sum()))
+        summary["ood_auroc"], summary["ood_ap"] = _ranking_quality(is_ood, np.asarray(report["ood_score"]))
     if "true_label" in columns:
         true = np.asarray(report["true_label"], dtype=np.int64)
-        given, corrected = np.asarray(report["given_label"]), np.asarray(report["corrected_label"])
+        given, suggested = np.asarray(report["given_label"]), np.asarray(report["suggested_label"])
+        error, flagged = given != true, decision != "clean"
+        precision = _ratio(int((flagged & error).sum()), int(flagged.sum()))
+        recall = _ratio(int((flagged & error).sum()), int(error.sum()))
+        summary["label_error_precision"], summary["label_error_recall"] = precision, recall
+        summary["label_error_f1"] = 2 * precision * recall / (precision + recall) if precision and recall else None
+        summary["label_quality_auroc"], summary["label_quality_ap"] = _ranking_quality(
+            error, -np.asarray(report["label_quality"])
+        )
         in_distribution = ~is_ood & (true >= 0)
-        fixed = relabelled & in_distribution & (corrected == true)
+        fixed = relabelled & in_distribution & (suggested == true)
         noisy = in_distribution & (given != true)
         kept_in = in_distribution & ~dropped
         summary["relabel_precision"] = _ratio(int(fixed.sum()), int(relabelled.sum()))
         summary["relabel_recall"] = _ratio(int((fixed & noisy).sum()), int(noisy.sum()))
-        summary["kept_label_accuracy"] = _ratio(int((kept_in & (corrected == true)).sum()), int(kept_in.sum()))
+        summary["kept_label_accuracy"] = _ratio(int((kept_in & (suggested == true)).sum()), int(kept_in.sum()))
         summary["given_label_accuracy"] = _ratio(
             int((in_distribution & (given == true)).sum()), int(in_distribution.sum())
         )
@@ -258,11 +343,11 @@ def summarize_noise_report(report, config=None) -> dict[str, float | int | str |
 
 def pseudo_labels(report) -> dict[str, list]:
     """The official `pseudo_label.json` content: the ids (relative paths when known) of the kept samples with their
-    corrected labels."""
+    suggested labels."""
     names = report["id"]
-    decision, corrected = report["decision"], report["corrected_label"]
+    decision, suggested = report["decision"], report["suggested_label"]
     kept = [i for i, d in enumerate(decision) if d != "ood"]
-    return {"images": [names[i] for i in kept], "labels": [int(corrected[i]) for i in kept]}
+    return {"images": [names[i] for i in kept], "labels": [int(suggested[i]) for i in kept]}
 
 
 def plot_noise_report(report, path: str | os.PathLike, num_classes: int | None = None, class_names=None) -> None:
@@ -302,8 +387,13 @@ def write_noise_report(
     amp: bool = False,
     image_column: str = "image",
     label_column: str = "label",
+    decision_rule: str = "fitted",
+    num_neighbours: int = 50,
+    max_reference: int | None = 200_000,
+    data_description: str | None = None,
 ) -> dict[str, float | int | str | None]:
-    """Builds the report and writes the parquet file, `pseudo_label.json`, the summary JSON and the plot.
+    """Builds the report and writes it to `output_dir` as a `datasets` dataset (`datasets.load_from_disk`), with its
+    dataset card (README.md), `pseudo_label.json`, `noise_report_summary.json` and `noise_report.png`.
 
     In several processes, each scores its share (see `build_noise_report`) and the main process writes the files.
 
@@ -312,21 +402,28 @@ def write_noise_report(
     """
     model = load_model(model, device)
     report, skipped = _build_noise_report(
-        model, dataset, batch_size, num_workers, device, amp, image_column, label_column
-    )
+        model, dataset, batch_size, num_workers, device, amp, image_column, label_column, decision_rule,
+        num_neighbours, max_reference,
+    )  # fmt: skip
     summary = None
     if report is not None:  # the main process
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        report.to_parquet(str(output_dir / "noise_report.parquet"))
-        (output_dir / "pseudo_label.json").write_text(json.dumps(pseudo_labels(report)))
-        summary = summarize_noise_report(report, model.config)
+        summary = summarize_noise_report(report, model.config, decision_rule)
+        summary.update(num_neighbours=num_neighbours)
         # Undecodable images have no row; the summary counts and names them (training skipped them too).
         summary.update(num_skipped_images=len(skipped), skipped_images=skipped)
-        (output_dir / "noise_report_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         id2label = getattr(model.config, "id2label", None) or {}
-        names = [id2label.get(i, str(i)) for i in range(model.config.num_labels)]
-        plot_noise_report(report, output_dir / "noise_report.png", model.config.num_labels, names)
+        names = [str(id2label.get(i, i)) for i in range(model.config.num_labels)]
+        report = report.cast_column("given_label", datasets.ClassLabel(names=names))
+        report = report.cast_column("suggested_label", datasets.ClassLabel(names=names))
+        report.save_to_disk(str(output_dir))
+        (output_dir / "pseudo_label.json").write_text(json.dumps(pseudo_labels(report)))
+        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        plot_noise_report(report, output_dir / PLOT_FILE, model.config.num_labels, names)
+        model_name = str(getattr(model.config, "name_or_path", "") or "a MoPro model in memory")
+        card = noise_report_card(report, summary, names, model_name, data_description)
+        (output_dir / "README.md").write_text(card)
     if is_distributed():
         shared = [summary]
         dist.broadcast_object_list(shared, src=0)  # waits only for the main process's writing
@@ -334,49 +431,131 @@ def write_noise_report(
     return summary
 
 
+def push_noise_report(output_dir: str | os.PathLike, repo_id: str, private: bool = False) -> str:
+    """Publishes a written report as the dataset repo `repo_id`: its rows (parquet), card, plot and summary.
+
+    Returns:
+        The dataset's URL. The summary file then records it (`dataset_repo`), and a release of the model links it.
+    """
+    from huggingface_hub import HfApi
+
+    from .release import check_hub_login, check_hub_reachable
+
+    check_hub_reachable(output="noise report")
+    check_hub_login(output="noise report")
+    output_dir = Path(output_dir)
+    datasets.load_from_disk(str(output_dir)).push_to_hub(repo_id, private=private)
+    api = HfApi()
+    for name in ("README.md", PLOT_FILE, SUMMARY_FILE, "pseudo_label.json"):
+        api.upload_file(
+            path_or_fileobj=str(output_dir / name), path_in_repo=name, repo_id=repo_id, repo_type="dataset"
+        )
+    summary = json.loads((output_dir / SUMMARY_FILE).read_text())
+    summary["dataset_repo"] = repo_id
+    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return f"https://huggingface.co/datasets/{repo_id}"
+
+
+def _is_noise_report(folder: Path) -> bool:
+    return (folder / SUMMARY_FILE).is_file() or (folder / "state.json").is_file()
+
+
+def _load_data(args, model) -> tuple[object, str]:
+    """The dataset named by the arguments (every source the trainer reads) and a one-line description of it."""
+    path = Path(args.data_dir)
+    data_format = args.data_format
+    if data_format == "auto":
+        if (path / "info" / "train_filelist_google.txt").is_file():
+            data_format = "webvision"
+        elif (path / "train").is_dir() and any((path / "train").glob("shard-*.tar")):
+            data_format = "shards"
+        elif not path.is_dir() or (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            data_format = "hf"
+    if data_format == "webvision":  # the training lists; ids are paths relative to the root, as officially
+        from training.webvision import load_webvision, read_webvision_class_names, webvision_num_classes
+
+        train = load_webvision(path, args.webvision_version, "train")
+        id2label = read_webvision_class_names(path, webvision_num_classes(args.webvision_version))
+        train = train.add_column("path", [os.path.relpath(image, path) for image in train["image"]])
+    elif data_format == "shards":
+        from training.data import check_shards
+        from training.make_shards import load_shards, read_id2label
+
+        check_shards(path / "train")
+        train, id2label = load_shards(path / "train", streaming=False), read_id2label(path)
+    if data_format in ("webvision", "shards"):
+        names = [id2label[i] for i in range(len(id2label))]
+        train = train.cast_column("label", datasets.ClassLabel(names=names))
+        return train, f"{data_format} {args.data_dir} (train split)"
+    if data_format == "hf":  # keep the raw dataset: its ground-truth columns go into the report
+        split = args.split or "train"
+        dataset = load_hf_dataset(args.data_dir, split)
+        if args.image_column != "image" or args.label_column != "label":
+            dataset = dataset.rename_columns({args.image_column: "image", args.label_column: "label"})
+        return dataset, f"`datasets` {args.data_dir} ({split} split)"
+    args.data_format = data_format
+    return dataset_from_arguments(args, transforms_from_config(model.config), default_split="train"), str(
+        args.data_dir
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="saved MoPro folder")
-    parser.add_argument("--output_dir", default=None, help="default: the model folder")
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--output_dir", default=None, help="the report's folder (default: MODEL/noise_report)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a report already in --output_dir")
+    parser.add_argument("--decision_rule", choices=DECISION_RULES, default="fitted",
+                        help="fitted: thresholds fitted to this data's scores; training: the training rule's constants")  # fmt: skip
+    parser.add_argument("--num_neighbours", type=positive_int, default=50, help="k of the neighbour vote")
+    parser.add_argument("--max_reference", type=positive_int, default=200_000,
+                        help="neighbours are searched among at most this many samples (seeded subset)")  # fmt: skip
+    parser.add_argument("--push_to_hub", metavar="REPO", default=None, help="publish the report as this dataset repo")
+    parser.add_argument("--private", action="store_true", help="with --push_to_hub: a private dataset repo")
+    parser.add_argument("--batch_size", type=positive_int, default=256)
     parser.add_argument("--num_workers", type=int, default=8)
     parser.add_argument("--device", default=None)
     parser.add_argument("--amp", action="store_true")
-    add_dataset_arguments(parser)
+    add_dataset_arguments(parser, formats=(*DATA_FORMATS, "webvision", "shards"))
+    parser.add_argument("--webvision_version", default="v1", choices=("v1", "v2"))
     args = parser.parse_args(argv)
+    output_dir = Path(args.output_dir or Path(args.model_name_or_path) / "noise_report")
+    if args.push_to_hub:  # before any work: offline or logged out, pushing fails now, not after scoring
+        from .release import check_hub_login, check_hub_reachable, check_repo_id
+
+        check_repo_id(args.push_to_hub, "--push_to_hub")
+        check_hub_reachable(output="noise report")
+        check_hub_login(output="noise report")
+    if _is_noise_report(output_dir) and not args.overwrite:
+        raise FileExistsError(f"{output_dir} already holds a noise report; pass --overwrite or another --output_dir")
 
     # Under `accelerate launch`, this joins the process group (one device per process); alone, it does nothing.
     state = PartialState()
     device = args.device or (state.device if state.num_processes > 1 else None)
     model = load_model(args.model_name_or_path, device)
-    path = Path(args.data_dir)
-    is_hf = args.data_format == "hf" or (
-        args.data_format == "auto"
-        and (not path.is_dir() or (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
-    )
-    dataset: ImageLabelDataset | object
-    if is_hf:  # keep the raw dataset: its ground-truth columns go into the report
-        dataset = load_hf_dataset(args.data_dir, args.split or "train")
-        if args.image_column != "image" or args.label_column != "label":
-            dataset = dataset.rename_columns({args.image_column: "image", args.label_column: "label"})
-    else:
-        dataset = dataset_from_arguments(args, transforms_from_config(model.config), default_split="train")
+    dataset, description = _load_data(args, model)
     summary = write_noise_report(
-        model, dataset, args.output_dir or args.model_name_or_path, args.batch_size, args.num_workers,
-        device, args.amp,
+        model, dataset, output_dir, args.batch_size, args.num_workers, device, args.amp,
+        decision_rule=args.decision_rule, num_neighbours=args.num_neighbours, max_reference=args.max_reference,
+        data_description=description,
     )  # fmt: skip
     if state.is_main_process:
+        if args.push_to_hub:
+            url = push_noise_report(output_dir, args.push_to_hub, args.private)
+            summary["dataset_repo"] = args.push_to_hub
+            print(f"published {url}")
         print(json.dumps(summary, indent=2))
     return summary
 
 
 __all__ = [
     "DECISIONS",
+    "DECISION_RULES",
     "build_noise_report",
     "noise_decisions",
     "plot_noise_report",
     "process_share",
     "pseudo_labels",
+    "push_noise_report",
     "summarize_noise_report",
     "write_noise_report",
 ]

@@ -397,8 +397,9 @@ def _can_connect(host: str, port: int, timeout: float) -> bool:
     return bool(outcome and outcome[0])
 
 
-def check_hub_reachable(timeout: float = 3.0) -> None:
-    """Fail fast (without any Hub request) when pushing cannot work.
+def check_hub_reachable(timeout: float = 3.0, output: str = "release folder") -> None:
+    """Fail fast (without any Hub request) when pushing cannot work; the message says that `output` can still be
+    built without pushing.
 
     Raises:
         HubUnavailableError: offline mode is on (`HF_HUB_OFFLINE` / `TRANSFORMERS_OFFLINE`), or the Hub endpoint
@@ -406,7 +407,7 @@ def check_hub_reachable(timeout: float = 3.0) -> None:
     """
     if constants.is_offline_mode() or _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"):
         raise HubUnavailableError(
-            "Cannot push to the Hub: offline mode is on (HF_HUB_OFFLINE=1). The release folder can be built "
+            f"Cannot push to the Hub: offline mode is on (HF_HUB_OFFLINE=1). The {output} can be built "
             "offline without --push_to_hub; to push, unset HF_HUB_OFFLINE, log in (`hf auth login`) and rerun."
         )
     url = urlparse(constants.ENDPOINT)
@@ -414,16 +415,16 @@ def check_hub_reachable(timeout: float = 3.0) -> None:
     if not _can_connect(url.hostname or "", port, timeout):
         raise HubUnavailableError(
             f"Cannot push to the Hub: {constants.ENDPOINT} did not answer within {timeout:g} s (no network?). "
-            "The release folder can be built without --push_to_hub and uploaded later."
+            f"The {output} can be built without --push_to_hub and uploaded later."
         )
 
 
-def check_hub_login() -> None:
-    """Fail before any work when no Hub token is set: the upload would be refused after the release is built."""
+def check_hub_login(output: str = "release folder") -> None:
+    """Fail before any work when no Hub token is set: the upload would be refused after `output` is built."""
     if get_token() is None:
         raise HubUnavailableError(
             "Cannot push to the Hub: not logged in (no token). Run `hf auth login` or set HF_TOKEN and rerun; the "
-            "release folder can be built without --push_to_hub and uploaded later."
+            f"{output} can be built without --push_to_hub and uploaded later."
         )
 
 

@@ -389,6 +389,10 @@ class MoProForImageClassification(MoProPreTrainedModel):
     initialisation, and `config.problem_type` chooses the loss.
     """
 
+    # A pre-training checkpoint loads as its release model (the evaluation protocols do this): the momentum encoder
+    # and the queue are training state, expected to be left out.
+    _keys_to_ignore_on_load_unexpected = [r"momentum_encoder\.", r"^queue", r"^phase$"]
+
     def __init__(self, config: MoProConfig):
         super().__init__(config)
         self.mopro = MoProModel(config)

@@ -87,7 +87,7 @@ def test_noise_report_skips_undecodable_images_and_counts_them(tmp_path):
     assert summary["skipped_images"] == ["web/0003.png", "web/0010.png"]  # the dataset's ids (its path column)
     saved = json.loads((tmp_path / "noise_report_summary.json").read_text())
     assert saved["num_skipped_images"] == 2 and saved["num_samples"] == 14
-    report = datasets.Dataset.from_parquet(str(tmp_path / "noise_report.parquet"))
+    report = datasets.load_from_disk(str(tmp_path))
     assert "web/0003.png" not in report["id"] and len(report) == 14
     # The ground-truth columns stay aligned with their rows once the skipped rows are gone.
     assert report["sample_id"] == [i for i in range(16) if i not in (3, 10)]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from evaluation import noise_report
+from evaluation import noise_report, noise_report_card
 from evaluation.features import extract_features, load_model
 from evaluation.image_datasets import (
     hf_image_dataset,
@@ -19,6 +19,7 @@ from evaluation.image_datasets import (
     pseudo_label_dataset,
     transforms_from_config,
 )
+from evaluation.noise_scores import noise_scores
 from modeling_mopro import correct_noisy_labels, far_from_prototypes
 from tests.fixtures_eval import noisy_hf_dataset, tiny_model, write_image_folder
 
@@ -76,23 +77,22 @@ def noisy_data():
 @pytest.mark.parametrize("ood_rule", ["official", "prototype_distance"])
 def test_noise_report_follows_training_rule(noisy_data, tmp_path, ood_rule):
     model_dir = save_noise_model(tmp_path / "model", noisy_data, ood_rule=ood_rule)
-    summary = noise_report.write_noise_report(model_dir, noisy_data, tmp_path / "out", batch_size=10, num_workers=0)
-    report = datasets.Dataset.from_parquet(str(tmp_path / "out" / "noise_report.parquet"))
+    summary = noise_report.write_noise_report(
+        model_dir, noisy_data, tmp_path / "out", batch_size=10, num_workers=0, decision_rule="training"
+    )
+    report = datasets.load_from_disk(str(tmp_path / "out"))
 
     model = load_model(model_dir)
     names, corrected, outputs, prototype_logits, labels = reference_decisions(model, noisy_data)
     assert set(names) == {"clean", "relabelled", "ood"}  # the fixture exercises every branch
-    assert report["decision"] == names.tolist()
-    assert report["corrected_label"] == corrected.tolist()
+    assert report["decision"] == report["training_rule_decision"] == names.tolist()
+    assert report["suggested_label"] == report["training_rule_label"] == corrected.tolist()
     assert report["id"] == noisy_data["path"] and report["sample_id"] == noisy_data["sample_id"]
     assert report["given_label"] == noisy_data["label"]
 
     # Scores behind the decisions.
     probabilities = outputs.logits.softmax(1)
-    soft = model.config.alpha * probabilities + (1 - model.config.alpha) * prototype_logits.softmax(1)
     np.testing.assert_allclose(report["prob_given_label"], probabilities[torch.arange(32), labels], atol=1e-5)
-    np.testing.assert_allclose(report["soft_score_given_label"], soft[torch.arange(32), labels], atol=1e-5)
-    np.testing.assert_allclose(report["max_soft_score"], soft.max(1).values, atol=1e-5)
     similarities = outputs.embeddings @ model.mopro.prototypes.T
     np.testing.assert_allclose(report["max_prototype_similarity"], similarities.max(1).values, atol=1e-5)
 
@@ -131,8 +131,8 @@ def test_prototype_distance_drops_more(noisy_data, tmp_path):
     strict_model = load_model(tmp_path / "a")
     strict_model.config.ood_rule = "prototype_distance"
     strict = noise_report.build_noise_report(strict_model, noisy_data, num_workers=0)
-    official_ood = np.asarray(official["decision"]) == "ood"
-    strict_ood = np.asarray(strict["decision"]) == "ood"
+    official_ood = np.asarray(official["training_rule_decision"]) == "ood"
+    strict_ood = np.asarray(strict["training_rule_decision"]) == "ood"
     assert (strict_ood >= official_ood).all() and strict_ood.sum() > official_ood.sum()
 
 
@@ -142,17 +142,22 @@ def test_noise_report_script_on_image_folder(tmp_path):
     model = tiny_model(seed=1)
     model.config.pseudo_label_threshold = 0.5  # inside this model's soft-score range: some relabelling
     model.save_pretrained(tmp_path / "model")
-    summary = noise_report.main(
-        ["--model_name_or_path", str(tmp_path / "model"), "--data_dir", str(data), "--num_workers", "0"]
-    )
+    arguments = ["--model_name_or_path", str(tmp_path / "model"), "--data_dir", str(data), "--num_workers", "0"]
+    summary = noise_report.main([*arguments, "--decision_rule", "training"])
     assert summary["num_samples"] == 20 and "relabel_precision" not in summary
-    report = datasets.Dataset.from_parquet(str(tmp_path / "model" / "noise_report.parquet"))
-    cleaned = pseudo_label_dataset(data, tmp_path / "model" / "pseudo_label.json")
+    out = tmp_path / "model" / "noise_report"  # the default output folder
+    report = datasets.load_from_disk(str(out))
+    assert {"relabelled", "clean"} <= set(report["decision"])
+    cleaned = pseudo_label_dataset(data, out / "pseudo_label.json")
     kept = [i for i, d in enumerate(report["decision"]) if d != "ood"]
     assert cleaned.ids == [report["id"][i] for i in kept]
-    assert cleaned.labels.tolist() == [report["corrected_label"][i] for i in kept]
+    assert cleaned.labels.tolist() == [report["suggested_label"][i] for i in kept]
     assert report["id"] == image_folder_dataset(data).ids
-    assert (tmp_path / "model" / "noise_report.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert (out / "noise_report.png").read_bytes()[:8] == PNG_SIGNATURE
+    # A second run does not overwrite the report unless asked to.
+    with pytest.raises(FileExistsError, match="already holds a noise report"):
+        noise_report.main(arguments)
+    assert noise_report.main([*arguments, "--overwrite"])["decision_rule"] == "fitted"
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -169,9 +174,193 @@ def test_each_process_scores_a_contiguous_share_with_dataset_wide_ids(monkeypatc
         monkeypatch.setattr(noise_report, "rank", lambda process=process: process)
         shares.append(noise_report.build_noise_report(model, dataset, batch_size=4, num_workers=0).to_dict())
     assert [len(share["id"]) for share in shares] == [(p + 1) * 11 // world - p * 11 // world for p in range(world)]
-    for column, values in whole.items():
+    # The per-sample columns; the neighbour scores need every embedding and are computed after the gather.
+    per_sample = [c for c in whole if c not in (*noise_report.SCORE_COLUMNS, "decision", "suggested_label")]
+    for column in per_sample:
+        values = whole[column]
         joined = [value for share in shares for value in share[column]]
         if isinstance(values[0], float):
             assert joined == pytest.approx(values, abs=1e-5), column
         else:
             assert joined == values, column
+
+
+# --- the report as a dataset: columns, card, publishing --------------------------------------------------------------
+DOCUMENTED_COLUMNS = [name for name, _ in noise_report_card.COLUMN_DOCS]
+
+
+def test_report_reloads_as_a_dataset_with_the_documented_columns(noisy_data, tmp_path):
+    model = tiny_model(seed=1)
+    summary = noise_report.write_noise_report(model, noisy_data, tmp_path / "out", batch_size=10, num_workers=0)
+    report = datasets.load_from_disk(str(tmp_path / "out"))
+    assert report.column_names == DOCUMENTED_COLUMNS  # every documented column, in the documented order
+    assert len(report) == 32 and report["id"] == noisy_data["path"]
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    assert report.features["given_label"].names == report.features["suggested_label"].names == names
+    assert set(report["decision"]) <= set(noise_report.DECISIONS)
+    for column in ("label_quality", "ood_score", "label_issue_probability", "ood_probability"):
+        values = np.asarray(report[column])
+        assert ((values >= 0) & (values <= 1)).all(), column
+    # The scores are the dataset-wide ones of `noise_scores`, on the model's own outputs of every sample.
+    features = extract_features(
+        model, hf_image_dataset(noisy_data, transforms_from_config(model.config)), num_workers=0, progress=False
+    )
+    expected = noise_scores(
+        features.logits, features.embeddings, model.mopro.prototypes, features.labels, model.config.alpha,
+        model.config.temperature,
+    )  # fmt: skip
+    np.testing.assert_allclose(report["label_quality"], expected["label_quality"], atol=1e-5)
+    np.testing.assert_allclose(report["ood_score"], expected["ood_score"], atol=1e-5)
+    assert report["suggested_label"] == expected["suggested_label"].tolist()
+    assert report["decision"] == [noise_report.DECISIONS[d] for d in expected["decision"]]
+    # Ground truth in the data: the summary scores the report.
+    error = np.asarray(noisy_data["label"]) != np.asarray(noisy_data["true_label"])
+    flagged = np.asarray(report["decision"]) != "clean"
+    precision = (flagged & error).sum() / max(flagged.sum(), 1)
+    assert summary["label_error_precision"] == pytest.approx(precision) if flagged.any() else True
+    assert summary["label_error_recall"] == pytest.approx((flagged & error).sum() / error.sum())
+    from sklearn.metrics import roc_auc_score
+
+    assert summary["ood_auroc"] == pytest.approx(roc_auc_score(noisy_data["is_ood"], report["ood_score"]))
+    assert summary["label_quality_auroc"] == pytest.approx(roc_auc_score(error, -np.asarray(report["label_quality"])))
+
+
+def test_dataset_card_renders_for_its_reader(noisy_data, tmp_path):
+    from huggingface_hub import DatasetCard
+
+    model = tiny_model(seed=1)
+    summary = noise_report.write_noise_report(
+        model, noisy_data, tmp_path / "out", batch_size=10, num_workers=0, data_description="web crawl v3"
+    )
+    card = DatasetCard.load(tmp_path / "out" / "README.md")
+    assert "noisy-labels" in card.data.tags and card.data.task_categories == ["image-classification"]
+    assert card.data.pretty_name == "MoPro noise report of web crawl v3"
+    text = card.text
+    for name in noise_report.DECISIONS:  # the counts table
+        assert f"| {name} | {summary[f'num_{name}']} |" in text
+    assert "](noise_report.png)" in text and (tmp_path / "out" / "noise_report.png").is_file()
+    assert "## Against the ground truth" in text and "| label errors: F1 | " in text
+    for name in DOCUMENTED_COLUMNS:
+        assert f"| `{name}` |" in text
+    # The per-class table: one row per class whose counts add up to the samples given that label.
+    given = np.asarray(noisy_data["label"])
+    for label, name in model.config.id2label.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} | {name} |"))
+        samples, clean, relabelled, ood = (int(cell) for cell in row.strip("| ").split(" | ")[2:])
+        assert samples == (given == label).sum() == clean + relabelled + ood
+    assert "load_from_disk" in text and "{" not in text.split("## Use")[0].replace("{}", "")  # nothing unformatted
+
+    # Data without ground truth: no section that would have nothing to say.
+    plain = noisy_data.remove_columns(["true_label", "is_ood"])
+    noise_report.write_noise_report(model, plain, tmp_path / "plain", batch_size=10, num_workers=0)
+    assert "Against the ground truth" not in (tmp_path / "plain" / "README.md").read_text()
+
+
+def _forbid_network(monkeypatch):
+    from huggingface_hub import HfApi
+
+    from evaluation import release
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a network call was attempted")
+
+    for name in ("create_repo", "upload_file", "upload_folder"):
+        monkeypatch.setattr(HfApi, name, forbidden)
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", forbidden)
+    monkeypatch.setattr(release.socket, "create_connection", forbidden)
+
+
+def test_push_fails_fast_offline(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from training.cli import run_command
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _forbid_network(monkeypatch)
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    capsys.readouterr()
+    argv = ["--model_name_or_path", str(model_dir), "--data_dir", str(tmp_path / "data"), "--push_to_hub", "org/rep"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(noise_report.main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Cannot push to the Hub: offline mode is on") and err.count("\n") == 1
+    assert "The noise report can be built offline without --push_to_hub" in err
+    assert not (model_dir / "noise_report").exists()  # refused before any work (the data folder does not even exist)
+    with pytest.raises(SystemExit):
+        run_command(noise_report.main, [*argv[:-1], "not a repo id"])
+    assert "--push_to_hub 'not a repo id' is not a Hub repo id" in capsys.readouterr().err
+
+
+def test_push_publishes_the_report_and_the_model_card_links_it(noisy_data, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from evaluation import release
+    from evaluation.model_card import build_model_card
+
+    monkeypatch.setattr(release, "check_hub_reachable", lambda **kwargs: None)
+    monkeypatch.setattr(release, "check_hub_login", lambda **kwargs: None)
+    calls = []
+    monkeypatch.setattr(
+        datasets.Dataset, "push_to_hub", lambda self, repo, **kw: calls.append(("rows", repo, len(self)))
+    )
+    monkeypatch.setattr(
+        HfApi, "upload_file", lambda self, **kw: calls.append((kw["path_in_repo"], kw["repo_id"], kw["repo_type"]))
+    )
+    model = tiny_model(seed=1)
+    noise_report.write_noise_report(model, noisy_data, tmp_path / "out", batch_size=10, num_workers=0)
+    url = noise_report.push_noise_report(tmp_path / "out", "org/web-noise")
+    assert url == "https://huggingface.co/datasets/org/web-noise"
+    assert calls[0] == ("rows", "org/web-noise", 32)
+    assert {c[0] for c in calls[1:]} == {
+        "README.md",
+        "noise_report.png",
+        "noise_report_summary.json",
+        "pseudo_label.json",
+    }
+    assert all(c[1:] == ("org/web-noise", "dataset") for c in calls[1:])
+    summary, _ = release.read_noise_summary([tmp_path / "out"])
+    assert summary["dataset_repo"] == "org/web-noise"
+    card = str(build_model_card(model.config, "org/model", noise_summary=summary))
+    assert "[org/web-noise](https://huggingface.co/datasets/org/web-noise)" in card
+    assert "| dataset_repo |" not in card  # a link, not a table row
+
+
+@pytest.mark.parametrize("source", ["webvision", "shards"])
+def test_report_reads_every_source_the_trainer_reads(source, tmp_path):
+    """WebVision lists and make_shards folders (auto-detected), besides `datasets` folders and image folders."""
+    from training.make_shards import records_from_image_folder, write_id2label, write_shards
+
+    folder = write_image_folder(tmp_path / "folder", 4, ["a", "b", "c", "d"])
+    if source == "webvision":
+        data = tmp_path / "webvision"
+        lines = []
+        for label, name in enumerate("abcd"):
+            for path in sorted((folder / name).iterdir()):
+                target = data / "google" / f"q{label:04d}" / path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(path.read_bytes())
+                lines.append(f"google/q{label:04d}/{path.name} {label}\n")
+        (data / "info").mkdir()
+        (data / "info" / "train_filelist_google.txt").write_text("".join(lines))
+        (data / "info" / "train_filelist_flickr.txt").write_text("")
+        model = tiny_model(seed=1, num_labels=1000)  # WebVision V1: 1,000 classes
+    else:
+        data = tmp_path / "shards"
+        write_shards(records_from_image_folder(folder), data / "train", samples_per_shard=5)
+        write_id2label(data, dict(enumerate("abcd")))
+        model = tiny_model(seed=1, id2label=dict(enumerate("abcd")), label2id={n: i for i, n in enumerate("abcd")})
+    model.save_pretrained(tmp_path / "model")
+    summary = noise_report.main(
+        ["--model_name_or_path", str(tmp_path / "model"), "--data_dir", str(data), "--num_workers", "0"]
+    )
+    report = datasets.load_from_disk(str(tmp_path / "model" / "noise_report"))
+    assert summary["num_samples"] == len(report) == 16
+    assert sorted(report["given_label"]) == sorted([0, 1, 2, 3] * 4)
+    if source == "webvision":  # ids are the list's relative paths, as in the official pseudo_label.json
+        assert report["id"][0].startswith("google/q0000/") and report["id"][0].endswith(".png")
+    assert (
+        f"MoPro noise report of {source} {data} (train split)"
+        in (tmp_path / "model" / "noise_report" / "README.md").read_text()
+    )

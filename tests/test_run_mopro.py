@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from transformers import AutoModelForImageClassification
@@ -66,11 +67,12 @@ def test_demo_run_writes_model_results_and_noise_report(tmp_path, baseline):
     assert run_args["training_args"]["baseline"] == baseline
     assert "Fashion-MNIST" in describe_training_data(run_args).name
     if baseline == "mopro":
-        for key in ("noise_ood_precision", "noise_ood_recall", "noise_relabel_precision", "noise_relabel_recall"):
+        for key in ("noise_ood_precision", "noise_ood_recall", "noise_label_error_f1", "noise_ood_auroc"):
             assert key in results, key
         report = out / "noise_report"
-        for name in ("noise_report.parquet", "pseudo_label.json", "noise_report_summary.json", "noise_report.png"):
+        for name in ("README.md", "pseudo_label.json", "noise_report_summary.json", "noise_report.png"):
             assert (report / name).exists(), name
+        assert len(datasets.load_from_disk(str(report))) == results["noise_num_samples"]
         # the release model carries the trained prototypes (unit rows for the classes seen)
         norms = model.mopro.prototypes.norm(dim=1)
         torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-4)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import datasets
 import pytest
 import torch
 from transformers import set_seed
@@ -246,7 +246,7 @@ def test_two_process_accelerate_run_keeps_state_identical(tmp_path):
     assert int(states[0]["queue_ptr"]) == keys_enqueued % 20
     assert ranks[1]["empty_step_loss"] == 0.0 and math.isfinite(ranks[0]["empty_step_loss"])
 
-    report = pq.read_table(tmp_path / "noise_report" / "noise_report.parquet").to_pydict()
+    report = datasets.load_from_disk(str(tmp_path / "noise_report")).to_dict()
     assert report["sample_id"] == list(range(num_samples))  # every sample once, in dataset order
     assert sorted(report["id"]) == sorted(str(i) for i in range(num_samples))
     assert ranks[0]["noise_report_summary"] == ranks[1]["noise_report_summary"]

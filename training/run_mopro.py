@@ -356,6 +356,7 @@ def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArgum
     Call it in every process: each one scores its own contiguous share (`evaluation.noise_report.process_share`),
     the main process gathers the rows and writes them, and every process returns the summary. A 2.4M-image
     training set scored by the main process alone would outlast the other processes' barrier timeout."""
+    from evaluation.model_card import describe_training_data
     from evaluation.noise_report import write_noise_report
 
     if isinstance(train_dataset, torch.utils.data.IterableDataset) or not hasattr(train_dataset, "column_names"):
@@ -370,6 +371,7 @@ def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArgum
         device=training_args.device,
         image_column=data_args.image_column_name,
         label_column=data_args.label_column_name,
+        data_description=f"the training set of {describe_training_data({'data_args': vars(data_args)}).name}",
     )
     # None (e.g. relabel precision with nothing relabelled) is kept: undefined, not zero.
     return {f"noise_{k}": v for k, v in summary.items() if v is None or isinstance(v, (int, float))}

@@ -1,0 +1,192 @@
+"""The dataset card (README.md) of a noise report: what a reader of the published dataset needs to use it.
+
+Front matter for the Hub (pretty name, task, tags, size), then: what the rows are, the counts, the scores against
+the ground truth when the data had it, a per-class table, the plot, how the report was made and how to load it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from huggingface_hub import DatasetCardData
+
+from .noise_scores import DECISIONS
+
+MAX_CLASS_ROWS = 50  # beyond this, the card lists the classes with the most non-clean samples
+
+COLUMN_DOCS = (
+    ("id", "the sample's relative path when known, else its `sample_id`, else its position"),
+    ("sample_id", "the source dataset's own id (when it has one)"),
+    ("given_label", "the label the sample came with"),
+    ("suggested_label", "the label the report suggests (the given one for clean samples)"),
+    ("decision", "`clean`, `relabelled` or `ood` (out of distribution: no class fits)"),
+    ("label_quality", "0-1, high when the given label is likely right"),
+    ("ood_score", "0-1, high when the image likely belongs to no class"),
+    ("label_issue_probability", "posterior of the low-quality mode of the label-quality mixture"),
+    ("ood_probability", "posterior of the high mode of the OOD-score mixture"),
+    ("training_rule_decision", "the decision of MoPro's training rule (fixed thresholds)"),
+    ("training_rule_label", "the label of MoPro's training rule"),
+    ("prob_given_label", "the classifier's softmax probability of the given label"),
+    ("max_prototype_similarity", "cosine similarity of the embedding to the nearest class prototype"),
+    ("true_label", "ground truth copied from the data (-1: out of distribution)"),
+    ("is_ood", "ground truth copied from the data"),
+)
+
+TRUTH_ROWS = (
+    ("label_error_precision", "label errors: precision of the flagged (non-clean) samples"),
+    ("label_error_recall", "label errors: recall"),
+    ("label_error_f1", "label errors: F1"),
+    ("label_quality_auroc", "label errors: AUROC of `label_quality` (low first)"),
+    ("label_quality_ap", "label errors: average precision of `label_quality`"),
+    ("ood_auroc", "OOD: AUROC of `ood_score`"),
+    ("ood_ap", "OOD: average precision of `ood_score`"),
+    ("ood_precision", "OOD: precision of the `ood` decisions"),
+    ("ood_recall", "OOD: recall of the `ood` decisions"),
+    ("relabel_precision", "relabelled samples given their true class"),
+    ("relabel_recall", "wrongly labelled in-distribution samples relabelled to their true class"),
+    ("given_label_accuracy", "in-distribution samples whose given label is right"),
+    ("kept_label_accuracy", "kept in-distribution samples whose suggested label is right"),
+)
+
+
+def _size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return name
+    return "1M<n<10M" if n < 10_000_000 else "10M<n<100M"
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _format_measure(key: str, value) -> str:
+    """Rankings (AUROC, AP) as 0-1 numbers, rates as percentages, undefined as a dash."""
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if key.endswith(("_auroc", "_ap")) else _percent(value)
+
+
+def _class_table(report, class_names: Sequence[str]) -> str:
+    given, decision = np.asarray(report["given_label"]), np.asarray(report["decision"])
+    num_classes = len(class_names)
+    counts = {name: np.bincount(given[decision == name], minlength=num_classes) for name in DECISIONS}
+    total = np.bincount(given, minlength=num_classes)
+    classes = np.arange(num_classes)
+    note = ""
+    if num_classes > MAX_CLASS_ROWS:
+        not_clean = (total - counts["clean"]) / np.maximum(total, 1)
+        classes = np.argsort(-not_clean, kind="stable")[:MAX_CLASS_ROWS]
+        note = f"The {MAX_CLASS_ROWS} of {num_classes} classes with the largest share of non-clean samples:\n\n"
+    rows = [
+        f"| {c} | {class_names[c]} | {total[c]} | {counts['clean'][c]} | {counts['relabelled'][c]} | "
+        f"{counts['ood'][c]} |"
+        for c in classes
+    ]
+    header = "| label | class | samples | clean | relabelled | ood |\n|---|---|---|---|---|---|"
+    return note + header + "\n" + "\n".join(rows)
+
+
+def noise_report_card(
+    report,
+    summary: Mapping,
+    class_names: Sequence[str],
+    model_name: str,
+    data_description: str | None = None,
+    plot_file: str = "noise_report.png",
+) -> str:
+    """The README.md of a noise report folder (or dataset repo).
+
+    Args:
+        report: The report (`datasets.Dataset` with the documented columns).
+        summary: `summarize_noise_report`'s dict (plus `num_neighbours`, `num_skipped_images`).
+        class_names: Class names in label order.
+        model_name: The model folder or repo that scored the data.
+        data_description: Where the data came from, one line.
+    """
+    data = data_description or "a dataset"
+    metadata = DatasetCardData(
+        pretty_name=f"MoPro noise report of {data}",
+        task_categories=["image-classification"],
+        tags=["noisy-labels", "label-errors", "out-of-distribution", "mopro"],
+        size_categories=[_size_category(len(report))],
+    )
+    n = summary["num_samples"]
+    counts = "\n".join(
+        f"| {name} | {summary[f'num_{name}']} | {_percent(summary[f'fraction_{name}'])} |" for name in DECISIONS
+    )
+    columns = "\n".join(f"| `{name}` | {text} |" for name, text in COLUMN_DOCS if name in report.column_names)
+    truth = [(key, text, summary[key]) for key, text in TRUTH_ROWS if key in summary]
+    truth_section = ""
+    if truth:
+        rows = "\n".join(f"| {text} | {_format_measure(key, value)} |" for key, text, value in truth)
+        truth_section = f"""
+## Against the ground truth
+
+The data came with its true labels (`true_label`, `is_ood`), so the report can be scored. A label error is a sample
+whose given label is not its true class, counting every out-of-distribution sample (no class is right for it).
+
+| measure | value |
+|---|---|
+{rows}
+"""
+    rule = summary.get("decision_rule", "fitted")
+    how = (
+        "thresholds fitted to this data: a two-component Gaussian mixture on each score, kept when BIC prefers it to "
+        "one component, flags a sample when its posterior exceeds 1/2"
+        if rule == "fitted"
+        else "the training rule's fixed thresholds (the model config's `pseudo_label_threshold` and 1/K)"
+    )
+    skipped = summary.get("num_skipped_images", 0)
+    skipped_line = f"\n{skipped} undecodable image(s) were skipped and have no row." if skipped else ""
+    return f"""---
+{metadata.to_yaml()}
+---
+
+# MoPro noise report of {data}
+
+One row per sample of {data} ({n} samples): whether its label looks right, which label the report suggests, and
+whether the image belongs to any class at all. Scored by the MoPro model `{model_name}`.{skipped_line}
+
+| decision | samples | share |
+|---|---|---|
+{counts}
+
+![decisions per given class]({plot_file})
+{truth_section}
+## Columns
+
+| column | meaning |
+|---|---|
+{columns}
+
+## Per class
+
+{_class_table(report, class_names)}
+
+## How it was made
+
+- Each image went through the model's test view. `label_quality` is the probability of the given label under the
+  average of the model's soft label (alpha {summary.get("alpha")} x classifier softmax + the rest x prototype
+  softmax at temperature {summary.get("temperature")}) and the similarity-weighted label vote of its
+  {summary.get("num_neighbours")} nearest neighbours in MoPro's embedding space. `ood_score` is the normalised
+  entropy of that vote.
+- Decisions: {how}. An OOD sample is `ood`; otherwise a flagged label whose suggestion differs is `relabelled`.
+- `training_rule_decision` keeps what MoPro's training rule decides, for comparison.
+
+## Use
+
+```python
+from datasets import load_from_disk  # or load_dataset("<this repo>", split="train")
+
+report = load_from_disk("noise_report")
+clean = report.filter(lambda row: row["decision"] == "clean")
+fixed = report.filter(lambda row: row["decision"] != "ood")  # train on `suggested_label`
+```
+
+`pseudo_label.json` lists the kept samples with their suggested labels in the format of the official MoPro code.
+"""
+
+
+__all__ = ["COLUMN_DOCS", "noise_report_card"]
