@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from training.noisy_fashion_mnist import FASHION_MNIST_APT_PACKAGE, FASHION_MNIST_DIR
@@ -16,6 +17,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import bench_class_diversity  # noqa: E402
+import label_noise_benchmark  # noqa: E402
 import noisy_benchmark  # noqa: E402
 
 
@@ -53,6 +55,36 @@ def test_noisy_benchmark_runs_both_methods_and_reports_paired_differences(tmp_pa
     sd = (sum((d - mean) ** 2 for d in differences)) ** 0.5  # n - 1 = 1
     row = next(line for line in table.splitlines() if "| mopro | 0, 1 |" in line)
     assert row.endswith(f"| {mean:.2f} ± {sd:.2f} (n=2) |")
+
+
+@pytest.mark.skipif(
+    not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason=f"needs the Debian package {FASHION_MNIST_APT_PACKAGE}",
+)
+def test_label_noise_benchmark_trains_both_methods_and_scores_them_against_the_truth(tmp_path):
+    common = ["--num_train", "80", "--epochs", "2", "--batch_size", "16", "--queue_size", "64", "--workers", "0",
+              "--results_dir", str(tmp_path)]  # fmt: skip
+    for method in ("mopro", "cleanlab"):
+        label_noise_benchmark.main(["train", "--method", method, *common])
+    cleanlab = json.loads((tmp_path / "cleanlab_s0" / "run.json").read_text())
+    mopro = json.loads((tmp_path / "mopro_s0" / "run.json").read_text())
+    # 80 images + 20% OOD on top = 100 samples; each of the 5 folds trains on the other 80.
+    assert (mopro["training_runs"], mopro["sample_epochs"]) == (1, 2 * 100)
+    assert (cleanlab["training_runs"], cleanlab["sample_epochs"]) == (5, 5 * 2 * 80)
+    out_of_fold = np.load(tmp_path / "cleanlab_s0" / "out_of_fold.npz")
+    assert out_of_fold["probabilities"].shape == (100, 10)
+    np.testing.assert_allclose(out_of_fold["probabilities"].sum(1), 1, atol=1e-5)  # every row held out once
+
+    table = label_noise_benchmark.main(["report", "--results_dir", str(tmp_path)])
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert list(scores) == list(label_noise_benchmark.METHODS)
+    for method, by_seed in scores.items():
+        for key in ("label_error_f1", "ood_precision", "relabel_precision"):
+            value = by_seed["0"][key]
+            assert value is None or 0 <= value <= 1, (method, key)
+    assert scores["cleanlab"]["0"]["compute_vs_cleanlab"] == 1.0
+    assert (tmp_path / "table.md").read_text().startswith("| method | label-error P |")
+    assert (tmp_path / "label_noise.png").stat().st_size > 0 and table
 
 
 def test_data_pipeline_benchmark_quick_run(tmp_path):

@@ -1,0 +1,318 @@
+"""Finding wrong labels and out-of-distribution images: MoPro's noise report against cleanlab.
+
+Data: noisy Fashion-MNIST with known truth (`training.noisy_fashion_mnist`): 40% wrong labels (half symmetric, half
+natural confusions such as shirt <-> T-shirt) plus 20% out-of-distribution images (MNIST digits, photo patches) with
+random labels. Both methods use the same backbone (half-width ResNet-18 at 32 px), augmentation (the official
+RandomResizedCrop 0.2-1 + flip), optimiser and number of epochs, through `MoProTrainer`:
+
+- **MoPro**: one training run on all samples, then `evaluation.noise_report` on the saved model (the user's command).
+- **cleanlab**: 5-fold cross-validated cross-entropy runs give out-of-fold predicted probabilities and pooled
+  features; `cleanlab.filter.find_label_issues` flags label issues and `cleanlab.Datalab` (outlier issues, from the
+  same features) flags out-of-distribution images.
+
+    pip install -e ".[bench]"                                  # cleanlab, for this benchmark only
+    python bench/label_noise_benchmark.py train --method mopro --seed 0
+    python bench/label_noise_benchmark.py train --method cleanlab --seed 0
+    python bench/label_noise_benchmark.py report               # table + figure from every finished run
+
+Each `train` writes `bench/results/label_noise/<method>_s<seed>/` (`run.json` with the compute used; MoPro: the saved
+model; cleanlab: `out_of_fold.npz` with probabilities and features). `report` scores them all: a label error is a
+sample whose given label is not its true class (every OOD image: their labels are random), and each method's
+flagged set is every sample it does not call clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import set_seed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.noisy_benchmark import BACKBONE_KWARGS  # noqa: E402
+from evaluation.features import extract_features  # noqa: E402
+from evaluation.image_datasets import hf_image_dataset  # noqa: E402
+from modeling_mopro import (  # noqa: E402
+    MoProConfig,
+    MoProForImageClassification,
+    MoProForPreTraining,
+    build_image_processor,
+)
+from training.arguments import MoProTrainingArguments  # noqa: E402
+from training.collator import MoProCollator  # noqa: E402
+from training.noisy_fashion_mnist import build_noisy_fashion_mnist  # noqa: E402
+from training.trainer import MoProTrainer  # noqa: E402
+from training.transforms import IMAGENET_MEAN, IMAGENET_STD, MoProViewTransforms  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "label_noise"
+NUM_FOLDS = 5
+IMAGE_SIZE = 32
+
+
+def noisy_data(seed: int, args) -> tuple:
+    """The benchmark's training set (with its truth columns) and class names, for one seed."""
+    splits, id2label = build_noisy_fashion_mnist(
+        num_train=args.num_train, noise_rate=0.4, asymmetric_fraction=0.5, ood_fraction=0.2, num_test=1, seed=seed
+    )
+    return splits["train"], id2label
+
+
+def train(method: str, train_dataset, id2label: dict[int, str], seed: int, args, output_dir: Path):
+    """One training run through `MoProTrainer` (`method` "mopro" or "ce"), with the benchmark's shared recipe."""
+    config = MoProConfig(
+        backbone="resnet18", backbone_kwargs=BACKBONE_KWARGS, image_size=IMAGE_SIZE, num_labels=len(id2label),
+        id2label=id2label, label2id={v: k for k, v in id2label.items()}, projection_hidden_size=512,
+        queue_size=args.queue_size, encoder_momentum=0.99,
+    )  # fmt: skip
+    set_seed(seed)
+    model = MoProForPreTraining(config) if method == "mopro" else MoProForImageClassification(config)
+    epochs = args.epochs
+    training_args = MoProTrainingArguments(
+        output_dir=str(output_dir / "trainer"), num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
+        optim="sgd", optim_args="momentum=0.9", learning_rate=args.lr, weight_decay=1e-4,
+        lr_milestones=[round(epochs * 40 / 90), round(epochs * 80 / 90)], lr_gamma=0.1,
+        prototype_start_epoch=1, noise_correction_start_epoch=max(round(epochs * 11 / 90), 1), baseline=method,
+        dataloader_num_workers=args.workers, logging_steps=50, save_strategy="no", eval_strategy="no",
+        report_to="none", use_cpu=True, seed=seed, disable_tqdm=True,
+    )  # fmt: skip
+    transforms = MoProViewTransforms(IMAGE_SIZE, crop_scale=(0.2, 1.0))
+    collator = MoProCollator(
+        transforms, train=True, num_labels=len(id2label), seed=seed, key_view=method == "mopro",
+        uint8_training_views=True,
+    )  # fmt: skip
+    MoProTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator).train()
+    return model.eval()
+
+
+def train_mopro(seed: int, args, output_dir: Path) -> dict:
+    """One MoPro run on every sample; saves the model (with its image processor) for `evaluation.noise_report`."""
+    dataset, id2label = noisy_data(seed, args)
+    training_set = dataset.select_columns(["image", "label", "sample_id"])  # the truth stays out of training
+    started = time.time()
+    model = train("mopro", training_set, id2label, seed, args, output_dir)
+    seconds = time.time() - started
+    model.save_pretrained(output_dir / "model")
+    build_image_processor(IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD).save_pretrained(output_dir / "model")
+    return {"training_runs": 1, "sample_epochs": args.epochs * len(dataset), "train_seconds": round(seconds, 1)}
+
+
+def train_cleanlab(seed: int, args, output_dir: Path) -> dict:
+    """5-fold cross-validated CE runs: out-of-fold softmax probabilities and pooled features of every sample."""
+    from sklearn.model_selection import StratifiedKFold
+
+    dataset, id2label = noisy_data(seed, args)
+    training_set = dataset.select_columns(["image", "label", "sample_id"])
+    labels = np.asarray(dataset["label"])
+    probabilities = np.zeros((len(dataset), len(id2label)), dtype=np.float32)
+    features = None
+    seconds, sample_epochs = 0.0, 0
+    folds = StratifiedKFold(NUM_FOLDS, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels)
+    view = MoProViewTransforms(IMAGE_SIZE).test
+    for fold, (fit, held_out) in enumerate(folds):
+        started = time.time()
+        model = train("ce", training_set.select(fit), id2label, seed + 1000 * fold, args, output_dir / f"fold{fold}")
+        seconds += time.time() - started
+        sample_epochs += args.epochs * len(fit)
+        out = extract_features(
+            model, hf_image_dataset(training_set.select(held_out), view), ("pooled", "logits"), 256, 0, "cpu",
+            desc=f"fold {fold}", progress=False,
+        )  # fmt: skip
+        probabilities[held_out] = torch.as_tensor(out.logits).softmax(1).numpy()
+        if features is None:
+            features = np.zeros((len(dataset), out.pooled.shape[1]), dtype=np.float32)
+        features[held_out] = out.pooled
+        print(json.dumps({"fold": fold, "train_seconds": round(seconds, 1)}), flush=True)
+    np.savez_compressed(output_dir / "out_of_fold.npz", probabilities=probabilities, features=features)
+    return {"training_runs": NUM_FOLDS, "sample_epochs": sample_epochs, "train_seconds": round(seconds, 1)}
+
+
+def run_train(args) -> None:
+    output_dir = args.results_dir / f"{args.method}_s{args.seed}"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    compute = (train_mopro if args.method == "mopro" else train_cleanlab)(args.seed, args, output_dir)
+    record = {
+        "method": args.method, "seed": args.seed, "epochs": args.epochs, "num_train": args.num_train, **compute,
+        "machine": {"threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+    }  # fmt: skip
+    (output_dir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+METHODS = ("MoPro, fitted thresholds", "MoPro, training rule", "cleanlab")
+COLUMNS = (  # (summary key, header, scale): rates in %, rankings as 0-1
+    ("label_error_precision", "label-error P", 100),
+    ("label_error_recall", "label-error R", 100),
+    ("label_error_f1", "label-error F1", 100),
+    ("label_quality_auroc", "label-quality AUROC", 1),
+    ("label_quality_ap", "label-quality AP", 1),
+    ("ood_auroc", "OOD AUROC", 1),
+    ("ood_ap", "OOD AP", 1),
+    ("ood_precision", "OOD P", 100),
+    ("ood_recall", "OOD R", 100),
+    ("relabel_precision", "relabel accuracy", 100),
+)
+
+
+def score_mopro(run_dir: Path, dataset) -> dict[str, dict]:
+    """`evaluation.noise_report` on the saved model (both decision rules), scored against the truth."""
+    from evaluation.noise_report import build_noise_report, summarize_noise_report
+
+    started = time.time()
+    report = build_noise_report(str(run_dir / "model"), dataset, batch_size=256, num_workers=0, device="cpu")
+    seconds = time.time() - started
+    fitted = summarize_noise_report(report)
+    training_rule = report.remove_columns(["decision", "suggested_label"])
+    training_rule = training_rule.rename_columns(
+        {"training_rule_decision": "decision", "training_rule_label": "suggested_label"}
+    )
+    official = summarize_noise_report(training_rule)
+    for key in ("label_quality_auroc", "label_quality_ap", "ood_auroc", "ood_ap"):
+        official[key] = None  # the training rule has no scores of its own: its decisions only
+    return {METHODS[0]: {**fitted, "score_seconds": seconds}, METHODS[1]: {**official, "score_seconds": seconds}}
+
+
+def score_cleanlab(run_dir: Path, dataset) -> dict[str, dict]:
+    """Confident learning on the out-of-fold probabilities; Datalab outliers on the out-of-fold features."""
+    import datasets as hf_datasets
+    from cleanlab import Datalab
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    from evaluation.noise_report import summarize_noise_report
+
+    saved = np.load(run_dir / "out_of_fold.npz")
+    probabilities, features = saved["probabilities"], saved["features"]
+    labels = np.asarray(dataset["label"])
+    started = time.time()
+    label_issue = find_label_issues(labels, probabilities)
+    quality = get_label_quality_scores(labels, probabilities)
+    lab = Datalab(data={"label": labels}, label_name="label", verbosity=0)
+    lab.find_issues(features=features, issue_types={"outlier": {}})
+    outliers = lab.get_issues("outlier")
+    seconds = time.time() - started
+    ood = outliers["is_outlier_issue"].to_numpy()
+    decision = np.where(ood, "ood", np.where(label_issue, "relabelled", "clean"))
+    report = hf_datasets.Dataset.from_dict({
+        "given_label": labels, "suggested_label": probabilities.argmax(1), "decision": decision,
+        "label_quality": quality, "ood_score": 1 - outliers["outlier_score"].to_numpy(),
+        "true_label": np.asarray(dataset["true_label"]), "is_ood": np.asarray(dataset["is_ood"]),
+    })  # fmt: skip
+    return {METHODS[2]: {**summarize_noise_report(report), "score_seconds": seconds}}
+
+
+def _mean_sd(values: list[float], scale: float) -> str:
+    values = [scale * v for v in values if v is not None]
+    if not values:
+        return "–"
+    digits = 1 if scale == 100 else 3
+    return f"{np.mean(values):.{digits}f}" + (f" ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else "")
+
+
+def report(results_dir: Path = RESULTS) -> str:
+    """Scores every seed that has both runs; writes `table.md`, `scores.json` and `label_noise.png`."""
+    runs = {path.parent.name: json.loads(path.read_text()) for path in sorted(results_dir.glob("*/run.json"))}
+    seeds = sorted(
+        {r["seed"] for r in runs.values()} & {r["seed"] for r in runs.values() if r["method"] == "cleanlab"}
+    )
+    seeds = [s for s in seeds if f"mopro_s{s}" in runs and f"cleanlab_s{s}" in runs]
+    if not seeds:
+        raise SystemExit(f"no seed with both a mopro and a cleanlab run in {results_dir}")
+    scores: dict[str, dict[int, dict]] = {name: {} for name in METHODS}
+    for seed in seeds:
+        mopro, cleanlab = runs[f"mopro_s{seed}"], runs[f"cleanlab_s{seed}"]
+        arguments = argparse.Namespace(num_train=mopro["num_train"])
+        dataset, _ = noisy_data(seed, arguments)
+        dataset = dataset.select_columns(["image", "label", "sample_id", "true_label", "is_ood"])
+        for name, summary in {**score_mopro(results_dir / f"mopro_s{seed}", dataset),
+                              **score_cleanlab(results_dir / f"cleanlab_s{seed}", dataset)}.items():  # fmt: skip
+            run = mopro if name.startswith("MoPro") else cleanlab
+            summary.update({k: run[k] for k in ("training_runs", "sample_epochs", "train_seconds", "epochs")})
+            summary["compute_vs_cleanlab"] = run["train_seconds"] / cleanlab["train_seconds"]
+            scores[name][seed] = summary
+            print(json.dumps({"seed": seed, "method": name, **{k: summary.get(k) for k, _, _ in COLUMNS}}), flush=True)
+    header = (
+        "| method | "
+        + " | ".join(h for _, h, _ in COLUMNS)
+        + " | training runs × epochs | train minutes | compute vs cleanlab |"
+    )
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 4)]
+    for name in METHODS:
+        by_seed = list(scores[name].values())
+        first = by_seed[0]
+        cells = [_mean_sd([s.get(k) for s in by_seed], scale) for k, _, scale in COLUMNS]
+        minutes = _mean_sd([s["train_seconds"] / 60 for s in by_seed], 1).replace(".000", "")
+        cells += [f"{first['training_runs']} × {first['epochs']}", minutes,
+                  _mean_sd([s["compute_vs_cleanlab"] for s in by_seed], 1)]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + f"\n\nSeeds {', '.join(map(str, seeds))}: mean ± sd. Rates in %, rankings 0-1.\n"
+    (results_dir / "table.md").write_text(table)
+    (results_dir / "scores.json").write_text(
+        json.dumps({k: {str(s): v for s, v in d.items()} for k, d in scores.items()}, indent=1)
+    )
+    plot(scores, results_dir / "label_noise.png")
+    print(table)
+    return table
+
+
+def plot(scores: dict[str, dict[int, dict]], path: Path) -> None:
+    """Label-error F1 and OOD AUROC per method: one dot per seed, a bar for the mean."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 3.6), dpi=100)
+    FigureCanvasAgg(figure)
+    panels = (("label_error_f1", "label-error F1 (%)", 100), ("ood_auroc", "OOD AUROC", 1),
+              ("label_quality_auroc", "label-quality AUROC", 1))  # fmt: skip
+    for position, (key, title, scale) in enumerate(panels, start=1):
+        axes = figure.add_subplot(1, len(panels), position)
+        names = [n for n in scores if any(s.get(key) is not None for s in scores[n].values())]
+        for x, name in enumerate(names):
+            values = [scale * s[key] for s in scores[name].values() if s.get(key) is not None]
+            axes.bar(x, np.mean(values), color=("tab:orange" if name.startswith("MoPro") else "tab:blue"), alpha=0.6)
+            axes.plot([x] * len(values), values, "k.", markersize=6)
+        axes.set_xticks(range(len(names)), [n.replace(", ", "\n") for n in names], fontsize=8)
+        axes.set_title(title, fontsize=10)
+        axes.grid(axis="y", alpha=0.3)
+        low = min(scale * s[key] for n in names for s in scores[n].values())
+        axes.set_ylim(max(0, low - 0.1 * scale), scale)
+    figure.suptitle(
+        "Finding wrong labels and OOD images: noisy Fashion-MNIST (40% wrong labels + 20% OOD)", fontsize=10
+    )
+    figure.tight_layout()
+    figure.savefig(str(path), format="png")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("train", "report"))
+    parser.add_argument("--method", choices=("mopro", "cleanlab"), default="mopro")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--num_train", type=int, default=4000, help="Fashion-MNIST images (20%% OOD added on top)")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.05, help="0.1 at the official global batch 256, scaled")
+    parser.add_argument("--queue_size", type=int, default=4096)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--results_dir", type=Path, default=RESULTS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> str | None:
+    args = parse_args(argv)
+    if args.command == "train":
+        run_train(args)
+        return None
+    return report(args.results_dir)
+
+
+if __name__ == "__main__":
+    main()
