@@ -634,6 +634,11 @@ def evaluation_cases() -> list[Case]:
         return lambda s, w: ["--model_name_or_path", str(s.model), "--data_dir", str(folder(s, w)), *EVAL_TINY,
                              *out(w)]  # fmt: skip
 
+    def earlier_report(s, w):
+        (w / "out").mkdir(parents=True, exist_ok=True)
+        (w / "out" / "noise_report_summary.json").write_text("{}")
+        return s.images
+
     def retrain(annotation: Callable[[Setup, Path], Path]):
         return lambda s, w: ["--model_name_or_path", str(s.model), "--output_dir", str(w / "rt"), "--annotation",
                              str(annotation(s, w)), "--train_data_dir", str(s.images), "--results_dir", str(w / "out")]  # fmt: skip
@@ -681,6 +686,14 @@ def evaluation_cases() -> list[Case]:
         Case("noise_report_other_class_names", "noise_report", "error", noise(other_names)),
         Case("noise_report_not_an_image", "noise_report", "error|skip", noise(with_bad("x.jpg", b"plain text")),
              check=named_in_output("x.jpg")),
+        Case("noise_report_over_a_report", "noise_report", "error", noise(earlier_report),
+             protect=lambda s, w: [w / "out" / "noise_report_summary.json"],
+             note="--output_dir holds an earlier report: refused, the report kept"),
+        Case("noise_report_push_offline", "noise_report", "error",
+             lambda s, w: [*noise(lambda s, w: s.images)(s, w), "--push_to_hub", "org/report"],
+             note="HF_HUB_OFFLINE=1: refused before any work"),
+        Case("noise_report_push_bad_repo_id", "noise_report", "error",
+             lambda s, w: [*noise(lambda s, w: s.images)(s, w), "--push_to_hub", "a/b/c"]),
         Case("retrain_annotation_missing", "classifier_retrain", "error", retrain(lambda s, w: w / "none.json")),
         Case("retrain_annotation_garbage", "classifier_retrain", "error", retrain(garbage_json)),
     ]  # fmt: skip
