@@ -1,9 +1,8 @@
 """Per-sample noise report of a trained MoPro model: which labels are wrong, which images do not belong at all.
 
-Every sample goes through the test view (centre crop) and gets two scores from what the model learnt
-(`evaluation.noise_scores`): a label-quality score (how likely the given label is right: the classifier, the
-prototypes and the labels of the sample's neighbours in MoPro's embedding space) and an out-of-distribution score
-(how much those neighbours disagree about the class). Decisions (clean / relabelled / ood) come from thresholds
+Every sample goes through the test view (centre crop) and gets two scores from MoPro's embedding space
+(`evaluation.noise_scores`): a label-quality score (how likely the given label is right: the vote of the given labels
+of its nearest neighbours) and an out-of-distribution score (how much those neighbours disagree about the class). Decisions (clean / relabelled / ood) come from thresholds
 fitted to the data's own scores (`--decision_rule fitted`, the default), or from the training rule's constants
 (`--decision_rule training`: `modeling_mopro.correct_noisy_labels` with the config's `alpha`,
 `pseudo_label_threshold` and `temperature`, and `config.ood_rule`), whose decisions are in every report too.
@@ -233,8 +232,7 @@ def _build_noise_report(
         training_rule_decision=[DECISIONS[d] for d in training_rule["decision"]],
         training_rule_label=training_rule["corrected_label"].astype(np.int64),
         **{k: training_rule[k].astype(np.float32) for k in ("prob_given_label", "max_prototype_similarity")},
-        # Gathered for the dataset-wide scores below, then dropped.
-        logits=features.logits, embeddings=features.embeddings,
+        embeddings=features.embeddings,  # gathered for the dataset-wide scores below, then dropped
     )  # fmt: skip
     columns.update(extra)
     columns = _gather_columns(columns)
@@ -242,12 +240,10 @@ def _build_noise_report(
     if columns is None:
         return None, None
     # The neighbour vote needs every sample's embedding: scored on the main process, on the model's device.
-    logits, embeddings = columns.pop("logits"), columns.pop("embeddings")
-    device = next(model.parameters()).device
+    embeddings = torch.as_tensor(columns.pop("embeddings"), device=next(model.parameters()).device)
     fitted = noise_scores(
-        torch.as_tensor(logits, device=device), torch.as_tensor(embeddings, device=device), base.prototypes,
-        torch.as_tensor(columns["given_label"], device=device), model.config.alpha, model.config.temperature,
-        num_neighbours, max_reference,
+        embeddings, columns["given_label"], model.config.num_labels, model.config.temperature, num_neighbours,
+        max_reference,
     )  # fmt: skip
     if decision_rule == "fitted":
         suggested, decision = fitted["suggested_label"], [DECISIONS[d] for d in fitted["decision"]]

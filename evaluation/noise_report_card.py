@@ -168,10 +168,9 @@ whether the image belongs to any class at all. Scored by the MoPro model `{model
 ## How it was made
 
 - Each image went through the model's test view. `label_quality` is the probability of the given label under the
-  average of the model's soft label (alpha {summary.get("alpha")} x classifier softmax + the rest x prototype
-  softmax at temperature {summary.get("temperature")}) and the similarity-weighted label vote of its
-  {summary.get("num_neighbours")} nearest neighbours in MoPro's embedding space. `ood_score` is the normalised
-  entropy of that vote.
+  label vote of its {summary.get('num_neighbours')} nearest neighbours in MoPro's embedding space (their given
+  labels, each weighted by exp(cosine / {summary.get('temperature')})); `suggested_label` is the vote's winner and
+  `ood_score` its normalised entropy (neighbours that agree on no class).
 - Decisions: {how}. An OOD sample is `ood`; otherwise a flagged label whose suggestion differs is `relabelled`.
 - `training_rule_decision` keeps what MoPro's training rule decides, for comparison.
 

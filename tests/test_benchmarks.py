@@ -75,6 +75,10 @@ def test_label_noise_benchmark_trains_both_methods_and_scores_them_against_the_t
     assert out_of_fold["probabilities"].shape == (100, 10)
     np.testing.assert_allclose(out_of_fold["probabilities"].sum(1), 1, atol=1e-5)  # every row held out once
 
+    label_noise_benchmark.main(["cost", "--repeats", "1", *common])
+    cost = json.loads((tmp_path / "cost.json").read_text())
+    assert cost["mopro_run_vs_cleanlab"] > 0 and [len(v) for v in cost["seconds_per_epoch"].values()] == [1, 1]
+
     table = label_noise_benchmark.main(["report", "--results_dir", str(tmp_path)])
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert list(scores) == list(label_noise_benchmark.METHODS)
@@ -84,7 +88,9 @@ def test_label_noise_benchmark_trains_both_methods_and_scores_them_against_the_t
             assert value is None or 0 <= value <= 1, (method, key)
     assert scores["cleanlab"]["0"]["compute_vs_cleanlab"] == 1.0
     assert (tmp_path / "table.md").read_text().startswith("| method | label-error P |")
-    assert (tmp_path / "label_noise.png").stat().st_size > 0 and table
+    assert (tmp_path / "label_noise.png").stat().st_size > 0 and "Measured alone, A/B alternated" in table
+    label_noise_benchmark.main(["report", "--results_dir", str(tmp_path), "--seeds", "0"])
+    assert (tmp_path / "table_s0.md").read_text() == (tmp_path / "table.md").read_text()
 
 
 def test_data_pipeline_benchmark_quick_run(tmp_path):

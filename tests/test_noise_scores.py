@@ -22,11 +22,8 @@ DIM = 16
 
 
 def constructed_case(per_class: int = 50, num_wrong: int = 6, num_ood: int = 60, seed: int = 0):
-    """Four tight class clusters (each around its prototype), `num_wrong` samples per class carrying another
-    class's label, and an OOD cluster far from every prototype whose labels are uniform over the classes.
-
-    The classifier is uninformative (zero logits), so whatever separates the cases comes from the prototypes and
-    the neighbours, as the scores claim."""
+    """Four tight class clusters, `num_wrong` samples per class carrying another class's label, and an OOD cluster
+    away from them whose labels are uniform over the classes. Returns (embeddings, given labels, true labels)."""
     generator = torch.Generator().manual_seed(seed)
     prototypes = F.normalize(torch.randn(NUM_CLASSES, DIM, generator=generator), dim=1)
     ood_centre = F.normalize(torch.randn(DIM, generator=generator), dim=0)
@@ -41,14 +38,12 @@ def constructed_case(per_class: int = 50, num_wrong: int = 6, num_ood: int = 60,
     embeddings.append(ood_centre + 0.05 * torch.randn(num_ood, DIM, generator=generator))
     true += [-1] * num_ood
     given += [i % NUM_CLASSES for i in range(num_ood)]  # uniform labels: every class equally
-    embeddings = F.normalize(torch.cat(embeddings), dim=1)
-    logits = torch.zeros(len(given), NUM_CLASSES)
-    return logits, embeddings, prototypes, torch.tensor(given), np.asarray(true)
+    return F.normalize(torch.cat(embeddings), dim=1), torch.tensor(given), np.asarray(true)
 
 
 def test_scores_find_the_wrong_labels_and_the_ood_cluster():
-    logits, embeddings, prototypes, given, true = constructed_case()
-    out = noise_scores(logits, embeddings, prototypes, given, alpha=0.5, temperature=0.1, num_neighbours=20)
+    embeddings, given, true = constructed_case()
+    out = noise_scores(embeddings, given, NUM_CLASSES, temperature=0.1, num_neighbours=20)
     is_ood = true < 0
     wrong = ~is_ood & (given.numpy() != true)
     clean = ~is_ood & ~wrong
@@ -68,8 +63,8 @@ def test_scores_find_the_wrong_labels_and_the_ood_cluster():
 def test_a_clean_dataset_is_left_alone():
     """One mode in each score: BIC keeps a single Gaussian and nothing is flagged (a forced two-way split would
     call a share of a clean dataset wrong)."""
-    logits, embeddings, prototypes, given, true = constructed_case(num_wrong=0, num_ood=0)
-    out = noise_scores(logits, embeddings, prototypes, given, alpha=0.5, temperature=0.1, num_neighbours=20)
+    embeddings, given, true = constructed_case(num_wrong=0, num_ood=0)
+    out = noise_scores(embeddings, given, NUM_CLASSES, temperature=0.1, num_neighbours=20)
     assert (out["decision"] == DECISIONS.index("clean")).all()
     assert out["ood_probability"].max() == 0 and out["label_issue_probability"].max() == 0
 
