@@ -387,6 +387,7 @@ def write_noise_report(
     num_neighbours: int = 50,
     max_reference: int | None = 200_000,
     data_description: str | None = None,
+    model_name: str | None = None,
 ) -> dict[str, float | int | str | None]:
     """Builds the report and writes it to `output_dir` as a `datasets` dataset (`datasets.load_from_disk`), with its
     dataset card (README.md), `pseudo_label.json`, `noise_report_summary.json` and `noise_report.png`.
@@ -417,8 +418,9 @@ def write_noise_report(
         (output_dir / "pseudo_label.json").write_text(json.dumps(pseudo_labels(report)))
         (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         plot_noise_report(report, output_dir / PLOT_FILE, model.config.num_labels, names)
-        model_name = str(getattr(model.config, "name_or_path", "") or "a MoPro model in memory")
-        card = noise_report_card(report, summary, names, model_name, data_description)
+        model_name = model_name or getattr(model.config, "name_or_path", "")
+        scorer = f"the MoPro model `{model_name}`" if model_name else "a MoPro model that was not saved"
+        card = noise_report_card(report, summary, names, scorer, data_description)
         (output_dir / "README.md").write_text(card)
     if is_distributed():
         shared = [summary]

@@ -102,7 +102,7 @@ def noise_report_card(
         report: The report (`datasets.Dataset` with the documented columns).
         summary: `summarize_noise_report`'s dict (plus `num_neighbours`, `num_skipped_images`).
         class_names: Class names in label order.
-        model_name: The model folder or repo that scored the data.
+        model_name: Who scored the data, as a phrase ("the MoPro model `org/name`").
         data_description: Where the data came from, one line.
     """
     data = data_description or "a dataset"
@@ -146,8 +146,8 @@ whose given label is not its true class, counting every out-of-distribution samp
 
 # MoPro noise report of {data}
 
-One row per sample of {data} ({n} samples): whether its label looks right, which label the report suggests, and
-whether the image belongs to any class at all. Scored by the MoPro model `{model_name}`.{skipped_line}
+{n} rows, one per sample of {data}: whether its label looks right, which label the report suggests, and whether
+the image belongs to any class at all. Scored by {model_name}.{skipped_line}
 
 | decision | samples | share |
 |---|---|---|
@@ -168,8 +168,8 @@ whether the image belongs to any class at all. Scored by the MoPro model `{model
 ## How it was made
 
 - Each image went through the model's test view. `label_quality` is the probability of the given label under the
-  label vote of its {summary.get('num_neighbours')} nearest neighbours in MoPro's embedding space (their given
-  labels, each weighted by exp(cosine / {summary.get('temperature')})); `suggested_label` is the vote's winner and
+  label vote of its {summary.get("num_neighbours")} nearest neighbours in MoPro's embedding space (their given
+  labels, each weighted by exp(cosine / {summary.get("temperature")})); `suggested_label` is the vote's winner and
   `ood_score` its normalised entropy (neighbours that agree on no class).
 - Decisions: {how}. An OOD sample is `ood`; otherwise a flagged label whose suggestion differs is `relabelled`.
 - `training_rule_decision` keeps what MoPro's training rule decides, for comparison.

@@ -227,12 +227,14 @@ def test_dataset_card_renders_for_its_reader(noisy_data, tmp_path):
 
     model = tiny_model(seed=1)
     summary = noise_report.write_noise_report(
-        model, noisy_data, tmp_path / "out", batch_size=10, num_workers=0, data_description="web crawl v3"
-    )
+        model, noisy_data, tmp_path / "out", batch_size=10, num_workers=0, data_description="web crawl v3",
+        model_name="org/web-model",
+    )  # fmt: skip
     card = DatasetCard.load(tmp_path / "out" / "README.md")
     assert "noisy-labels" in card.data.tags and card.data.task_categories == ["image-classification"]
     assert card.data.pretty_name == "MoPro noise report of web crawl v3"
     text = card.text
+    assert "32 rows, one per sample of web crawl v3" in text and "Scored by the MoPro model `org/web-model`." in text
     for name in noise_report.DECISIONS:  # the counts table
         assert f"| {name} | {summary[f'num_{name}']} |" in text
     assert "](noise_report.png)" in text and (tmp_path / "out" / "noise_report.png").is_file()
@@ -250,7 +252,9 @@ def test_dataset_card_renders_for_its_reader(noisy_data, tmp_path):
     # Data without ground truth: no section that would have nothing to say.
     plain = noisy_data.remove_columns(["true_label", "is_ood"])
     noise_report.write_noise_report(model, plain, tmp_path / "plain", batch_size=10, num_workers=0)
-    assert "Against the ground truth" not in (tmp_path / "plain" / "README.md").read_text()
+    plain_card = (tmp_path / "plain" / "README.md").read_text()
+    assert "Against the ground truth" not in plain_card
+    assert "Scored by a MoPro model that was not saved." in plain_card  # built in memory, no folder to name
 
 
 def _forbid_network(monkeypatch):

@@ -372,6 +372,7 @@ def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArgum
         image_column=data_args.image_column_name,
         label_column=data_args.label_column_name,
         data_description=f"the training set of {describe_training_data({'data_args': vars(data_args)}).name}",
+        model_name=training_args.output_dir,  # where the model is saved
     )
     # None (e.g. relabel precision with nothing relabelled) is kept: undefined, not zero.
     return {f"noise_{k}": v for k, v in summary.items() if v is None or isinstance(v, (int, float))}
