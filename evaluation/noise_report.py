@@ -98,7 +98,7 @@ def noise_decisions(
 
     Returns:
         numpy arrays: `corrected_label`, `kept`, `decision` (index into DECISIONS), `prob_given_label`,
-        `max_prototype_similarity`, `soft_score_given_label`, `max_soft_score`.
+        `max_prototype_similarity`.
     """
     logits = torch.as_tensor(logits).float()
     embeddings = torch.as_tensor(embeddings).float()
@@ -112,17 +112,12 @@ def noise_decisions(
     if config.ood_rule == "prototype_distance":
         kept = kept & ~far_from_prototypes(embeddings, prototypes, config.ood_similarity_threshold)
     decision = torch.where(kept, (corrected != labels).long(), torch.full_like(labels, DECISIONS.index("ood")))
-    # The soft label itself, for the report (correct_noisy_labels keeps it internal).
-    soft = config.alpha * F.softmax(logits, 1) + (1 - config.alpha) * F.softmax(prototype_logits, 1)
-    given = labels[:, None]
     return {
         "corrected_label": corrected.numpy(),
         "kept": kept.numpy(),
         "decision": decision.numpy(),
-        "prob_given_label": F.softmax(logits, 1).gather(1, given).squeeze(1).numpy(),
+        "prob_given_label": F.softmax(logits, 1).gather(1, labels[:, None]).squeeze(1).numpy(),
         "max_prototype_similarity": similarities.max(1).values.numpy(),
-        "soft_score_given_label": soft.gather(1, given).squeeze(1).numpy(),
-        "max_soft_score": soft.max(1).values.numpy(),
     }
 
 
