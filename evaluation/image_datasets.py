@@ -386,13 +386,18 @@ def hf_image_dataset(
     return ImageLabelDataset(_HFColumn(dataset, image_column), labels, ids, transform, names)
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """Whether `path` is a `save_to_disk` folder (a `Dataset` or a `DatasetDict`)."""
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
+
+
 def load_hf_dataset(name_or_path: str, split: str = "train"):
     """A `datasets.Dataset` from a `save_to_disk` folder, or `load_dataset(name_or_path, split=split)` (offline
     this only works for local files or a filled cache)."""
     import datasets
 
     path = Path(name_or_path)
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+    if is_saved_dataset(path):
         loaded = datasets.load_from_disk(str(path))
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     return datasets.load_dataset(name_or_path, split=split)
@@ -426,7 +431,7 @@ def dataset_from_arguments(
     if data_format == "auto":
         if (path / "info" / "val_filelist.txt").exists():
             data_format = "webvision_val"
-        elif (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or not path.is_dir():
+        elif is_saved_dataset(path) or not path.is_dir():
             data_format = "hf"
         else:
             data_format = "imagefolder"
@@ -453,6 +458,7 @@ __all__ = [
     "file_list_dataset",
     "hf_image_dataset",
     "image_folder_dataset",
+    "is_saved_dataset",
     "load_hf_dataset",
     "places205_dataset",
     "pseudo_label_dataset",

@@ -66,6 +66,7 @@ from .image_datasets import (
     check_class_names,
     dataset_from_arguments,
     hf_image_dataset,
+    is_saved_dataset,
     load_hf_dataset,
     transforms_from_config,
 )
@@ -462,7 +463,7 @@ def _load_data(args, model) -> tuple[object, str]:
             data_format = "webvision"
         elif (path / "train").is_dir() and any((path / "train").glob("shard-*.tar")):
             data_format = "shards"
-        elif not path.is_dir() or (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        elif not path.is_dir() or is_saved_dataset(path):
             data_format = "hf"
     if data_format == "webvision":  # the training lists; ids are paths relative to the root, as officially
         from training.webvision import load_webvision, read_webvision_class_names, webvision_num_classes
