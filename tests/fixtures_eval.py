@@ -133,3 +133,20 @@ def noisy_hf_dataset(num_samples: int = 32, num_classes: int = NUM_LABELS, seed:
         rows["true_label"].append(true)
         rows["is_ood"].append(is_ood)
     return datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+
+
+def forbid_hub_network(monkeypatch) -> None:
+    """Every way our code could reach the Hub (repo creation, uploads, a dataset push, the reachability probe's
+    socket) fails the test instead."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    from evaluation import release
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a network call was attempted")
+
+    for name in ("create_repo", "upload_file", "upload_folder"):
+        monkeypatch.setattr(HfApi, name, forbidden)
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", forbidden)
+    monkeypatch.setattr(release.socket, "create_connection", forbidden)

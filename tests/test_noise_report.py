@@ -21,7 +21,7 @@ from evaluation.image_datasets import (
 )
 from evaluation.noise_scores import noise_scores
 from modeling_mopro import correct_noisy_labels, far_from_prototypes
-from tests.fixtures_eval import noisy_hf_dataset, tiny_model, write_image_folder
+from tests.fixtures_eval import forbid_hub_network, noisy_hf_dataset, tiny_model, write_image_folder
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -257,27 +257,13 @@ def test_dataset_card_renders_for_its_reader(noisy_data, tmp_path):
     assert "Scored by a MoPro model that was not saved." in plain_card  # built in memory, no folder to name
 
 
-def _forbid_network(monkeypatch):
-    from huggingface_hub import HfApi
-
-    from evaluation import release
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a network call was attempted")
-
-    for name in ("create_repo", "upload_file", "upload_folder"):
-        monkeypatch.setattr(HfApi, name, forbidden)
-    monkeypatch.setattr(datasets.Dataset, "push_to_hub", forbidden)
-    monkeypatch.setattr(release.socket, "create_connection", forbidden)
-
-
 def test_push_fails_fast_offline(tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
 
     from training.cli import run_command
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    _forbid_network(monkeypatch)
+    forbid_hub_network(monkeypatch)
     model_dir = tmp_path / "model"
     tiny_model().save_pretrained(model_dir)
     capsys.readouterr()

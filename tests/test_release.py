@@ -20,6 +20,7 @@ import evaluation.release as release_module
 from evaluation.release import HubUnavailableError, make_release, read_noise_summary, read_result_file
 from modeling_mopro import MoProForImageClassification
 from tests._tiny import MoProModelTester
+from tests.fixtures_eval import forbid_hub_network
 from training.cli import run_command
 
 REPO_ID = "org/mopro-tiny"
@@ -266,18 +267,9 @@ def test_hub_repos_serve_transformers_and_timm(trained, release, tmp_path, monke
         torch.testing.assert_close(_logits(model, trained["pixel_values"]), trained["logits"], atol=0, rtol=0)
 
 
-def _forbid_network(monkeypatch) -> None:
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a network call was attempted")
-
-    monkeypatch.setattr(HfApi, "create_repo", forbidden)
-    monkeypatch.setattr(HfApi, "upload_folder", forbidden)
-    monkeypatch.setattr(release_module.socket, "create_connection", forbidden)
-
-
 def test_push_offline_fails_before_any_network_call(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    _forbid_network(monkeypatch)
+    forbid_hub_network(monkeypatch)
     with pytest.raises(HubUnavailableError, match="offline mode is on \\(HF_HUB_OFFLINE=1\\)"):
         make_release(trained["dir"], tmp_path / "out", repo_id=REPO_ID, push=True)
     assert not (tmp_path / "out").exists()  # checked before any work
@@ -285,7 +277,7 @@ def test_push_offline_fails_before_any_network_call(trained, tmp_path, monkeypat
 
 def test_cli_push_offline_exits_with_the_message(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    _forbid_network(monkeypatch)
+    forbid_hub_network(monkeypatch)
     argv = ["--model_dir", str(trained["dir"]), "--release_dir", str(tmp_path / "out"), "--push_to_hub"]
     with pytest.raises(SystemExit) as exit_info:
         run_command(release_module.main, argv)
@@ -301,7 +293,7 @@ def _offline_mode_off_without_network(monkeypatch) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
-    _forbid_network(monkeypatch)
+    forbid_hub_network(monkeypatch)
 
 
 def test_push_without_network_fails_before_upload(trained, tmp_path, monkeypatch):
