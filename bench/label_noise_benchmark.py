@@ -34,23 +34,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.noisy_benchmark import BACKBONE_KWARGS  # noqa: E402
+from bench.noisy_benchmark import build_trainer  # noqa: E402
 from evaluation.features import extract_features  # noqa: E402
 from evaluation.image_datasets import hf_image_dataset  # noqa: E402
 from modeling_mopro import (  # noqa: E402
-    MoProConfig,
-    MoProForImageClassification,
-    MoProForPreTraining,
     build_image_processor,
 )
-from training.arguments import MoProTrainingArguments  # noqa: E402
-from training.collator import MoProCollator  # noqa: E402
 from training.noisy_fashion_mnist import build_noisy_fashion_mnist  # noqa: E402
-from training.trainer import MoProTrainer  # noqa: E402
 from training.transforms import IMAGENET_MEAN, IMAGENET_STD, MoProViewTransforms  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "label_noise"
@@ -67,30 +60,14 @@ def noisy_data(seed: int, args) -> tuple:
 
 
 def train(method: str, train_dataset, id2label: dict[int, str], seed: int, args, output_dir: Path):
-    """One training run through `MoProTrainer` (`method` "mopro" or "ce"), with the benchmark's shared recipe."""
-    config = MoProConfig(
-        backbone="resnet18", backbone_kwargs=BACKBONE_KWARGS, image_size=IMAGE_SIZE, num_labels=len(id2label),
-        id2label=id2label, label2id={v: k for k, v in id2label.items()}, projection_hidden_size=512,
-        queue_size=args.queue_size, encoder_momentum=0.99,
+    """One training run (`method` "mopro" or "ce") with the benchmarks' small-data recipe (`build_trainer`): the
+    official augmentation and weight decay, encoder momentum 0.99."""
+    trainer, _ = build_trainer(
+        method, train_dataset, id2label, seed, args.epochs, output_dir, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=1e-4, queue_size=args.queue_size, encoder_momentum=0.99, workers=args.workers, logging_steps=50,
     )  # fmt: skip
-    set_seed(seed)
-    model = MoProForPreTraining(config) if method == "mopro" else MoProForImageClassification(config)
-    epochs = args.epochs
-    training_args = MoProTrainingArguments(
-        output_dir=str(output_dir / "trainer"), num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
-        optim="sgd", optim_args="momentum=0.9", learning_rate=args.lr, weight_decay=1e-4,
-        lr_milestones=[round(epochs * 40 / 90), round(epochs * 80 / 90)], lr_gamma=0.1,
-        prototype_start_epoch=1, noise_correction_start_epoch=max(round(epochs * 11 / 90), 1), baseline=method,
-        dataloader_num_workers=args.workers, logging_steps=50, save_strategy="no", eval_strategy="no",
-        report_to="none", use_cpu=True, seed=seed, disable_tqdm=True,
-    )  # fmt: skip
-    transforms = MoProViewTransforms(IMAGE_SIZE, crop_scale=(0.2, 1.0))
-    collator = MoProCollator(
-        transforms, train=True, num_labels=len(id2label), seed=seed, key_view=method == "mopro",
-        uint8_training_views=True,
-    )  # fmt: skip
-    MoProTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator).train()
-    return model.eval()
+    trainer.train()
+    return trainer.model.eval()
 
 
 def train_mopro(seed: int, args, output_dir: Path) -> dict:

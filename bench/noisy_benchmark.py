@@ -153,6 +153,58 @@ def run_name(setting: str, method: str, seed: int, args) -> str:
     return f"{setting}_wd{args.weight_decay:g}{crop}_{method}{rule}_s{seed}"
 
 
+def build_trainer(
+    method: str,
+    train_dataset,
+    id2label: dict[int, str],
+    seed: int,
+    epochs: int,
+    output_dir: Path,
+    *,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    queue_size: int,
+    encoder_momentum: float,
+    workers: int,
+    crop_min: float = 0.2,
+    correction_start: int | None = None,
+    logging_steps: int | None = None,
+    **config_overrides,
+) -> tuple[MoProTrainer, MoProViewTransforms]:
+    """The small-data recipe of the benchmarks (this one and `label_noise_benchmark.py`): a half-width ResNet-18 at
+    32 px through `MoProTrainer` (`method` "mopro" or "ce"), SGD with steps at 40/90 and 80/90 of the epochs, the
+    prototype loss from epoch 1 and correction from 11/90 of the epochs (`correction_start` overrides it).
+
+    Returns:
+        The trainer (its model built after `set_seed(seed)`) and the view transforms (RandomResizedCrop area
+        `crop_min`-1) it trains with. `logging_steps` defaults to one log per epoch.
+    """
+    transforms = MoProViewTransforms(32, crop_scale=(crop_min, 1.0))
+    config = MoProConfig(
+        backbone="resnet18", backbone_kwargs=BACKBONE_KWARGS, image_size=32, num_labels=len(id2label),
+        id2label=id2label, label2id={v: k for k, v in id2label.items()}, projection_hidden_size=512,
+        queue_size=queue_size, encoder_momentum=encoder_momentum, **config_overrides,
+    )  # fmt: skip
+    set_seed(seed)
+    model = MoProForPreTraining(config) if method == "mopro" else MoProForImageClassification(config)
+    training_args = MoProTrainingArguments(
+        output_dir=str(output_dir / "trainer"), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+        optim="sgd", optim_args="momentum=0.9", learning_rate=lr, weight_decay=weight_decay,
+        lr_milestones=[round(epochs * 40 / 90), round(epochs * 80 / 90)], lr_gamma=0.1,
+        prototype_start_epoch=1, noise_correction_start_epoch=correction_start or max(round(epochs * 11 / 90), 1),
+        baseline="mopro" if method == "mopro" else "ce", dataloader_num_workers=workers,
+        logging_steps=logging_steps or len(train_dataset) // batch_size, save_strategy="no", eval_strategy="no",
+        report_to="none", use_cpu=True, seed=seed, disable_tqdm=True,
+    )  # fmt: skip
+    collator = MoProCollator(
+        transforms, train=True, num_labels=len(id2label), seed=seed, key_view=method == "mopro",
+        uint8_training_views=True,
+    )  # fmt: skip
+    trainer = MoProTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator)
+    return trainer, transforms
+
+
 def run(setting: str, method: str, epochs: int, seed: int, args) -> Path:
     noise_rate, asymmetric = SETTINGS[setting]
     out_dir = args.results_dir / run_name(setting, method, seed, args)
@@ -162,34 +214,19 @@ def run(setting: str, method: str, epochs: int, seed: int, args) -> Path:
         num_test=args.num_test, seed=seed,
     )  # fmt: skip
     train, test = splits["train"], splits["test"]
-    transforms = MoProViewTransforms(32, crop_scale=(args.crop_min, 1.0))
     meta = {
         "label": torch.tensor(train["label"]),
         "true_label": torch.tensor(train["true_label"]),
         "is_ood": torch.tensor(train["is_ood"]),
     }
-    config = MoProConfig(
-        backbone="resnet18", backbone_kwargs=BACKBONE_KWARGS, image_size=32, num_labels=10, id2label=id2label,
-        label2id={v: k for k, v in id2label.items()}, projection_hidden_size=512, queue_size=args.queue_size,
-        encoder_momentum=args.encoder_momentum, alpha=args.alpha, pseudo_label_threshold=args.threshold,
-        ood_rule=args.ood_rule, ood_similarity_threshold=args.ood_similarity_threshold,
+    trainer, transforms = build_trainer(
+        method, train, id2label, seed, epochs, out_dir, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, queue_size=args.queue_size, encoder_momentum=args.encoder_momentum,
+        workers=args.workers, crop_min=args.crop_min, correction_start=args.correction_start, alpha=args.alpha,
+        pseudo_label_threshold=args.threshold, ood_rule=args.ood_rule,
+        ood_similarity_threshold=args.ood_similarity_threshold,
     )  # fmt: skip
-    set_seed(seed)
-    model = MoProForPreTraining(config) if method == "mopro" else MoProForImageClassification(config)
-    steps_per_epoch = len(train) // args.batch_size
-    training_args = MoProTrainingArguments(
-        output_dir=str(out_dir / "trainer"), num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
-        optim="sgd", optim_args="momentum=0.9", learning_rate=args.lr, weight_decay=args.weight_decay,
-        lr_milestones=[round(epochs * 40 / 90), round(epochs * 80 / 90)], lr_gamma=0.1,
-        prototype_start_epoch=1, noise_correction_start_epoch=args.correction_start or max(round(epochs * 11 / 90), 1),
-        baseline="mopro" if method == "mopro" else "ce", dataloader_num_workers=args.workers,
-        logging_steps=steps_per_epoch, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True,
-        seed=seed, disable_tqdm=True,
-    )  # fmt: skip
-    collator = MoProCollator(
-        transforms, train=True, num_labels=10, seed=seed, key_view=method == "mopro", uint8_training_views=True
-    )
-    trainer = MoProTrainer(model=model, args=training_args, train_dataset=train, data_collator=collator)
+    model, training_args = trainer.model, trainer.args
     started = time.time()
     scores = EpochScores(
         trainer, test_views(test, transforms), torch.tensor(test["label"]), test_views(train, transforms), meta,
