@@ -69,7 +69,11 @@ def nearest_neighbours(
     for start in range(0, n, chunk_size):
         rows = torch.arange(start, min(start + chunk_size, n), device=embeddings.device)
         s = embeddings[rows] @ bank.T  # (B, M)
-        s[rows[:, None] == reference[None, :]] = -float("inf")  # a sample is not its own neighbour
+        # A sample is not its own neighbour: find each row in the (sorted) reference, O(B log M) rather than a
+        # B x M comparison mask (400 MB per chunk at M = 200k).
+        position = torch.searchsorted(reference, rows).clamp(max=len(reference) - 1)  # (B,)
+        is_reference = reference[position] == rows
+        s[is_reference.nonzero().squeeze(1), position[is_reference]] = -float("inf")
         top = s.topk(k, dim=1)
         similarities.append(top.values)
         indices.append(reference[top.indices])
