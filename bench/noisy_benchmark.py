@@ -119,7 +119,8 @@ class EpochScores(TrainerCallback):
         logs = [h for h in state.log_history if "loss" in h]
         if logs:
             entry["train_loss"] = logs[-1]["loss"]
-            for key in ("fraction_kept", "fraction_relabeled", "phase"):
+            for key in ("fraction_kept", "fraction_relabeled", "phase", "correction_strength",
+                        "classifier_prototype_agreement", "fit_given_labels"):  # fmt: skip
                 if key in logs[-1]:
                     entry[f"train_{key}"] = logs[-1][key]
         self.history.append(entry)
@@ -180,12 +181,15 @@ def build_trainer(
     workers: int,
     crop_min: float = 0.2,
     correction_start: int | None = None,
+    correction_schedule: str = "fixed",
     logging_steps: int | None = None,
     **config_overrides,
 ) -> tuple[MoProTrainer, MoProViewTransforms]:
     """The small-data recipe of the benchmarks (this one and `label_noise_benchmark.py`): a half-width ResNet-18 at
     32 px through `MoProTrainer` (`method` "mopro" or "ce"), SGD with steps at 40/90 and 80/90 of the epochs, the
-    prototype loss from epoch 1 and correction from 11/90 of the epochs (`correction_start` overrides it).
+    prototype loss from epoch 1 and correction from 11/90 of the epochs (`correction_start` overrides it). With
+    `correction_schedule="adaptive"` correction starts when the model's signals allow, not before epoch 2 (or
+    `correction_start`), ramped over 1/6 of the epochs (`training.correction_schedule`).
 
     Returns:
         The trainer (its model built after `set_seed(seed)`) and the view transforms (RandomResizedCrop area
@@ -203,7 +207,10 @@ def build_trainer(
         output_dir=str(output_dir / "trainer"), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
         optim="sgd", optim_args="momentum=0.9", learning_rate=lr, weight_decay=weight_decay,
         lr_milestones=[round(epochs * 40 / 90), round(epochs * 80 / 90)], lr_gamma=0.1,
-        prototype_start_epoch=1, noise_correction_start_epoch=correction_start or max(round(epochs * 11 / 90), 1),
+        prototype_start_epoch=1, noise_correction_schedule=correction_schedule,
+        noise_correction_start_epoch=correction_start or (
+            max(round(epochs * 11 / 90), 1) if correction_schedule == "fixed" else 2),
+        correction_ramp_epochs=max(round(epochs / 6), 1),
         baseline="mopro" if method == "mopro" else "ce", dataloader_num_workers=workers,
         logging_steps=logging_steps or len(train_dataset) // batch_size, save_strategy="no", eval_strategy="no",
         report_to="none", use_cpu=True, seed=seed, disable_tqdm=True,
@@ -233,7 +240,8 @@ def run(setting: str, method: str, epochs: int, seed: int, args) -> Path:
     trainer, transforms = build_trainer(
         method, train, id2label, seed, epochs, out_dir, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, queue_size=args.queue_size, encoder_momentum=args.encoder_momentum,
-        workers=args.workers, crop_min=args.crop_min, correction_start=args.correction_start, alpha=args.alpha,
+        workers=args.workers, crop_min=args.crop_min, correction_start=args.correction_start,
+        correction_schedule=args.noise_correction_schedule, alpha=args.alpha,
         pseudo_label_threshold=args.threshold, ood_rule=args.ood_rule,
         ood_similarity_threshold=args.ood_similarity_threshold,
     )  # fmt: skip
@@ -253,6 +261,8 @@ def run(setting: str, method: str, epochs: int, seed: int, args) -> Path:
         "train_seconds": round(time.time() - started, 1),
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "noise_correction_start_epoch": training_args.noise_correction_start_epoch,
         "lr_milestones": training_args.lr_milestones,
+        "noise_correction_schedule": training_args.noise_correction_schedule,
+        "correction_started_epoch": trainer.correction_schedule.start_epoch if method == "mopro" else None,
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),

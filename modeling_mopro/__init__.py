@@ -29,7 +29,7 @@ from .modeling_mopro import (
     build_image_processor,
     image_processor_for,
 )
-from .noise_correction import correct_noisy_labels, far_from_prototypes, update_prototypes
+from .noise_correction import correct_noisy_labels, correction_thresholds, far_from_prototypes, update_prototypes
 
 AutoConfig.register("mopro", MoProConfig, exist_ok=True)
 AutoModel.register(MoProConfig, MoProModel, exist_ok=True)
@@ -57,6 +57,7 @@ __all__ = [
     "build_image_processor",
     "concat_all_gather",
     "correct_noisy_labels",
+    "correction_thresholds",
     "far_from_prototypes",
     "image_processor_for",
     "instance_contrastive_loss",

@@ -31,7 +31,7 @@ from transformers.utils import ModelOutput
 from .configuration_mopro import MoProConfig
 from .distributed import batch_shuffle, batch_unshuffle, concat_all_gather, is_distributed
 from .losses import instance_contrastive_loss, instance_logits, masked_cross_entropy, prototype_logits
-from .noise_correction import correct_noisy_labels, far_from_prototypes, update_prototypes
+from .noise_correction import correct_noisy_labels, correction_thresholds, far_from_prototypes, update_prototypes
 
 
 class MoProPhase(IntEnum):
@@ -575,6 +575,9 @@ class MoProForPreTraining(MoProPreTrainedModel):
         self.register_buffer("queue", torch.zeros(config.embedding_size, config.queue_size))  # (D, Q)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.register_buffer("phase", torch.tensor(int(MoProPhase.WARMUP), dtype=torch.long))
+        # Strength of the correction in phase NOISE_CORRECTION (1: the official rule). Set by the Trainer from its
+        # correction schedule at every step, like the phase, and saved with the schedule, so not a buffer.
+        self.correction_strength = 1.0
         self.post_init()
 
     @torch.no_grad()
@@ -617,6 +620,12 @@ class MoProForPreTraining(MoProPreTrainedModel):
     def set_phase(self, phase: MoProPhase | int) -> None:
         """Switch the training phase (WARMUP -> PROTOTYPES -> NOISE_CORRECTION)."""
         self.phase.fill_(int(MoProPhase(phase)))
+
+    def set_correction_strength(self, strength: float) -> None:
+        """Strength in (0, 1] of the noise correction (`correction_thresholds`); 1 is the official rule."""
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"correction strength must be in (0, 1], got {strength}")
+        self.correction_strength = float(strength)
 
     def _check_training_precision(self) -> None:
         """Training needs float32 state (see the class docstring); autocast is the way to train in bf16/fp16."""
@@ -723,8 +732,11 @@ class MoProForPreTraining(MoProPreTrainedModel):
             phase = self.current_phase
 
             if phase >= MoProPhase.NOISE_CORRECTION:
+                threshold, ood_threshold = correction_thresholds(
+                    self.correction_strength, config.pseudo_label_threshold, config.num_labels
+                )
                 targets, keep = correct_noisy_labels(
-                    logits.detach(), proto_logits.detach(), labels, config.alpha, config.pseudo_label_threshold
+                    logits.detach(), proto_logits.detach(), labels, config.alpha, threshold, ood_threshold
                 )
                 if config.ood_rule == "prototype_distance":
                     keep &= ~far_from_prototypes(q.detach(), prototypes, config.ood_similarity_threshold)

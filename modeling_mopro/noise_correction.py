@@ -12,6 +12,17 @@ import torch
 import torch.nn.functional as F
 
 
+def correction_thresholds(strength: float, threshold: float, num_classes: int) -> tuple[float, float]:
+    """(relabel threshold, OOD threshold) of a correction at `strength` in (0, 1] (`training.correction_schedule`).
+
+    Strength 1 is the official rule: relabel above `threshold`, out-of-distribution at or below 1/K. Below 1, only
+    the decisions with the widest margin are taken: relabel above 1 - s (1 - threshold), OOD at or below s / K.
+    """
+    if strength >= 1.0:
+        return threshold, 1.0 / num_classes
+    return 1.0 - strength * (1.0 - threshold), strength / num_classes
+
+
 @torch.no_grad()
 def correct_noisy_labels(
     class_logits: torch.Tensor,
@@ -19,6 +30,7 @@ def correct_noisy_labels(
     labels: torch.Tensor,
     alpha: float,
     threshold: float,
+    ood_threshold: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Correct web labels with the classifier and the prototypes.
 
@@ -28,6 +40,8 @@ def correct_noisy_labels(
         labels: (N,) given (noisy) labels in [0, K).
         alpha: weight of the classifier in the soft label.
         threshold: a sample is relabelled when the largest soft score exceeds it.
+        ood_threshold: a sample that is not relabelled is out-of-distribution when the soft score of its given label
+            is at most this (official: 1/K, the default).
 
     Returns:
         corrected_labels: (N,) argmax of the soft label where it is confident, else the given label.
@@ -40,7 +54,8 @@ def correct_noisy_labels(
     relabel = max_score > threshold
     corrected_labels = torch.where(relabel, soft_argmax, labels)
     # Official: the given-label test uses the score of the label *before* relabelling.
-    keep_mask = (given_score > 1.0 / num_classes) | relabel
+    ood_threshold = 1.0 / num_classes if ood_threshold is None else ood_threshold
+    keep_mask = (given_score > ood_threshold) | relabel
     return corrected_labels, keep_mask
 
 
@@ -96,4 +111,4 @@ def update_prototypes(
     return F.normalize(new, dim=1).to(prototypes.dtype)
 
 
-__all__ = ["correct_noisy_labels", "far_from_prototypes", "update_prototypes"]
+__all__ = ["correct_noisy_labels", "correction_thresholds", "far_from_prototypes", "update_prototypes"]

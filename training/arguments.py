@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .correction_schedule import SCHEDULES, AdaptiveCorrectionSchedule, FixedCorrectionSchedule
 from .data import DataArguments  # noqa: F401  (re-exported: the three argument groups of run_mopro.py)
 
 
@@ -125,7 +126,30 @@ class MoProTrainingArguments(TrainingArguments):
         default=1, metadata={"help": "Prototypical loss from this epoch (official: epoch > 0)."}
     )
     noise_correction_start_epoch: float = field(
-        default=11, metadata={"help": "Noise correction from this epoch (official `start_clean_epoch` 11)."}
+        default=11,
+        metadata={
+            "help": "Noise correction from this epoch (official `start_clean_epoch` 11); with the adaptive schedule, "
+            "not before it."
+        },
+    )
+    noise_correction_schedule: str = field(
+        default="fixed",
+        metadata={
+            "help": "'fixed' (official): full correction from `noise_correction_start_epoch`. 'adaptive': from the "
+            "first epoch at which classifier and prototypes agree and the fit to the given labels has plateaued, "
+            "ramped up (training/correction_schedule.py)."
+        },
+    )
+    correction_min_agreement: float = field(
+        default=0.6,
+        metadata={"help": "Adaptive schedule: share of samples on which classifier and nearest prototype agree."},
+    )
+    correction_plateau_tolerance: float = field(
+        default=0.01,
+        metadata={"help": "Adaptive schedule: largest rise per epoch of the fit to the given labels on a plateau."},
+    )
+    correction_ramp_epochs: float = field(
+        default=4.0, metadata={"help": "Adaptive schedule: epochs from the start to full-strength correction."}
     )
     samples_per_epoch: int | None = field(
         default=None,
@@ -162,12 +186,28 @@ class MoProTrainingArguments(TrainingArguments):
             raise ValueError(f"`max_grad_norm` must be >= 0 (0 = no clipping, official), got {self.max_grad_norm}.")
         if self.baseline not in ("mopro", "ce"):
             raise ValueError(f"`baseline` must be 'mopro' or 'ce', got {self.baseline!r}.")
+        if self.noise_correction_schedule not in SCHEDULES:
+            raise ValueError(
+                f"`noise_correction_schedule` must be one of {SCHEDULES}, got {self.noise_correction_schedule!r}."
+            )
+        self.correction_schedule()  # validates the adaptive schedule's fields
         if self.noise_correction_start_epoch < self.prototype_start_epoch:
             raise ValueError("`noise_correction_start_epoch` must not come before `prototype_start_epoch`.")
         if self.samples_per_epoch is not None and self.samples_per_epoch <= 0:
             raise ValueError(f"`samples_per_epoch` must be positive, got {self.samples_per_epoch}.")
         if not 0 < self.lr_gamma <= 1:
             raise ValueError(f"`lr_gamma` must be in (0, 1], got {self.lr_gamma}.")
+
+    def correction_schedule(self) -> FixedCorrectionSchedule | AdaptiveCorrectionSchedule:
+        """A new schedule object for this run (`training.correction_schedule`)."""
+        if self.noise_correction_schedule == "fixed":
+            return FixedCorrectionSchedule(self.noise_correction_start_epoch)
+        return AdaptiveCorrectionSchedule(
+            earliest_epoch=self.noise_correction_start_epoch,
+            min_agreement=self.correction_min_agreement,
+            plateau_tolerance=self.correction_plateau_tolerance,
+            ramp_epochs=self.correction_ramp_epochs,
+        )
 
     def resolve_batch_size(self, num_processes: int) -> int:
         """Set (and return) `per_device_train_batch_size` for `num_processes` processes.

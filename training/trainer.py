@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import os
 from collections.abc import Callable
 
@@ -20,14 +21,22 @@ from safetensors import safe_open
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.utils import logging
 
 from modeling_mopro import MoProForPreTraining, MoProPhase
 
 from .arguments import steps_per_epoch
 from .transforms import normalize_pixels
 
+logger = logging.get_logger(__name__)
+
 # Order of the per-step statistics vector gathered across processes.
-_STATS = ("loss_cls", "loss_instance", "loss_prototype", "samples", "kept", "relabeled", "skipped_images")
+_STATS = (
+    "loss_cls", "loss_instance", "loss_prototype", "samples", "kept", "relabeled", "skipped_images",
+    "classifier_prototype_agreement", "fit_given_labels",
+)  # fmt: skip
+# The statistics a correction schedule reads at the end of each epoch (`training.correction_schedule`).
+_SIGNALS = ("samples", "classifier_prototype_agreement", "fit_given_labels")
 
 
 class MomentumEncoderCallback(TrainerCallback):
@@ -62,6 +71,29 @@ class SkippedImagesState(TrainerCallback, ExportableState):
 
     def state(self) -> dict:
         return {"args": {}, "attributes": {"skipped_images": self.trainer.skipped_images if self.trainer else 0}}
+
+
+class CorrectionScheduleState(TrainerCallback, ExportableState):
+    """Writes the correction schedule's state and the current epoch's signal sums into every checkpoint, from which
+    `MoProTrainer` restores them on resume, so that a resumed adaptive run starts correcting when the whole run
+    would have."""
+
+    def __init__(self, trainer: MoProTrainer | None = None):
+        self.trainer = trainer
+
+    def state(self) -> dict:
+        trainer = self.trainer
+        if trainer is None:
+            return {"args": {}, "attributes": {}}
+        sums = trainer._epoch_signals
+        return {
+            "args": {},
+            "attributes": {
+                "schedule": trainer.correction_schedule.state_dict(),
+                "signals_epoch": trainer._signals_epoch,
+                "epoch_signals": None if sums is None else sums.tolist(),
+            },
+        }
 
 
 # The files without which a checkpoint does not resume the run it was saved from (the Trainer would start the
@@ -155,6 +187,12 @@ class MoProTrainer(Trainer):
         self._stats_sum: torch.Tensor | None = None
         self._skipped_total = 0
         self.add_callback(SkippedImagesState(self))
+        # The correction schedule reads each finished epoch's signals: their sums over the epoch so far, and the
+        # epoch they belong to.
+        self.correction_schedule = self.args.correction_schedule()
+        self._epoch_signals: torch.Tensor | None = None
+        self._signals_epoch = 0
+        self.add_callback(CorrectionScheduleState(self))
 
     # ------------------------------------------------------------------------------------------- schedule
     def steps_per_epoch(self) -> int:
@@ -180,9 +218,29 @@ class MoProTrainer(Trainer):
         return self.state.global_step / self.steps_per_epoch()
 
     def current_phase(self) -> MoProPhase:
-        return phase_for_epoch(
-            self.current_epoch(), self.args.prototype_start_epoch, self.args.noise_correction_start_epoch
-        )
+        epoch = self.current_epoch()
+        if self.correction_schedule.strength(epoch) > 0:
+            return MoProPhase.NOISE_CORRECTION
+        return phase_for_epoch(epoch, self.args.prototype_start_epoch, math.inf)
+
+    def _end_finished_epochs(self) -> None:
+        """Feed the schedule the signals of every epoch that ended since the last step (one host sync per epoch)."""
+        epoch = self.state.global_step // self.steps_per_epoch()
+        while self._signals_epoch < epoch:
+            sums = dict(zip(_SIGNALS, [0.0] * 3 if self._epoch_signals is None else self._epoch_signals.tolist()))
+            if sums["samples"] > 0:
+                started = self.correction_schedule.strength(self._signals_epoch + 1) > 0
+                agreement = sums["classifier_prototype_agreement"] / sums["samples"]
+                fit = sums["fit_given_labels"] / sums["samples"]
+                self.correction_schedule.end_epoch(self._signals_epoch, agreement, fit)
+                if not started and self.correction_schedule.strength(self._signals_epoch + 1) > 0:
+                    logger.info(
+                        f"noise correction starts at epoch {self._signals_epoch + 1}: classifier and prototypes agree "
+                        f"on {agreement:.1%} of epoch {self._signals_epoch}'s samples, which fit their given label "
+                        f"{fit:.1%} of the time"
+                    )
+            self._epoch_signals = None
+            self._signals_epoch += 1
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if not self.args.lr_milestones:
@@ -215,8 +273,26 @@ class MoProTrainer(Trainer):
             self._skipped_total = int(logged[-1]) if logged else 0
             self.state.stateful_callbacks[name] = {}  # the Trainer updates the entries it finds when saving
         self._stats_sum = None
+        name = CorrectionScheduleState.__name__
+        saved = self.state.stateful_callbacks.get(name)
+        self.correction_schedule = self.args.correction_schedule()
+        self._epoch_signals, self._signals_epoch = None, 0
+        if saved:
+            attributes = saved["attributes"]
+            self.correction_schedule.load_state_dict(attributes["schedule"])
+            self._signals_epoch = attributes["signals_epoch"]
+            if attributes["epoch_signals"] is not None:
+                self._epoch_signals = torch.tensor(attributes["epoch_signals"], device=self.args.device)
+        else:  # a checkpoint written before the schedule was saved: a fixed schedule needs nothing
+            if self.args.noise_correction_schedule != "fixed":
+                raise ValueError(
+                    "this checkpoint holds no correction-schedule state (saved before the adaptive schedule existed): "
+                    "resume it with --noise_correction_schedule fixed, or start the run again."
+                )
+            self._signals_epoch = self.state.global_step // self.steps_per_epoch()
+            self.state.stateful_callbacks[name] = {}
         for callback in self.callback_handler.callbacks:  # re-created by the Trainer if it restored callbacks
-            if isinstance(callback, SkippedImagesState):
+            if isinstance(callback, (SkippedImagesState, CorrectionScheduleState)):
                 callback.trainer = self
 
     # ----------------------------------------------------------------------------------------------- data
@@ -252,9 +328,12 @@ class MoProTrainer(Trainer):
         if not isinstance(unwrapped, MoProForPreTraining):
             inputs.pop("pixel_values_key", None)  # the CE baseline sees the weak view only
         elif model.training:
+            self._end_finished_epochs()
             phase = self.current_phase()
             if unwrapped.current_phase != phase:
                 unwrapped.set_phase(phase)
+            if phase == MoProPhase.NOISE_CORRECTION:
+                unwrapped.set_correction_strength(self.correction_schedule.strength(self.current_epoch()))
         outputs = model(**inputs)
         if model.training:
             self._record(outputs, inputs["labels"], num_skipped)
@@ -272,6 +351,9 @@ class MoProTrainer(Trainer):
 
         keep = outputs.get("keep_mask")
         relabel = outputs.get("relabel_mask")
+        logits, prototype_logits = outputs.get("logits"), outputs.get("prototype_logits")
+        predicted = logits.detach().argmax(1)
+        agree = zero if prototype_logits is None else (predicted == prototype_logits.detach().argmax(1)).sum().float()
         n = torch.tensor(float(labels.numel()), device=device)
         stats = torch.stack(
             [
@@ -282,10 +364,14 @@ class MoProTrainer(Trainer):
                 n if keep is None else keep.sum().float(),
                 zero if relabel is None else relabel.sum().float(),
                 zero if num_skipped is None else num_skipped.to(device).float().reshape(()),
+                agree,
+                (predicted == labels).sum().float(),
             ]
         )
         stats = self.accelerator.gather(stats[None]).sum(0)  # (len(_STATS),) summed over processes
         self._stats_sum = stats if self._stats_sum is None else self._stats_sum + stats
+        signals = stats[[_STATS.index(name) for name in _SIGNALS]]
+        self._epoch_signals = signals if self._epoch_signals is None else self._epoch_signals + signals
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._stats_sum is not None and "loss" in logs:  # training logs only
@@ -298,6 +384,7 @@ class MoProTrainer(Trainer):
                     "fraction_kept": s["kept"] / samples,
                     "fraction_relabeled": s["relabeled"] / samples,
                     "fraction_ood": 1.0 - s["kept"] / samples,
+                    "fit_given_labels": s["fit_given_labels"] / samples,
                     "skipped_images": self._skipped_total,
                 }
             )
@@ -306,6 +393,8 @@ class MoProTrainer(Trainer):
                 logs["loss_instance"] = s["loss_instance"] / samples
                 logs["loss_prototype"] = s["loss_prototype"] / samples
                 logs["phase"] = int(model.current_phase)  # the phase of the last step logged
+                logs["classifier_prototype_agreement"] = s["classifier_prototype_agreement"] / samples
+                logs["correction_strength"] = self.correction_schedule.strength(self.current_epoch())
             self._stats_sum = None
         super().log(logs, start_time)
 
