@@ -51,6 +51,8 @@ OFFICIAL = {
     "prototype_start_epoch": (1, lambda m, t, c: t.prototype_start_epoch),
     # train.py L100: --start_clean_epoch 11; L284: is_clean=(epoch>=args.start_clean_epoch)
     "noise_correction_start_epoch": (11, lambda m, t, c: t.noise_correction_start_epoch),
+    # train.py L284: correction from that fixed epoch, at full strength (no adaptive start)
+    "noise_correction_schedule": ("fixed", lambda m, t, c: t.noise_correction_schedule),
     # train.py L307-309: optimizer.zero_grad(); loss.backward(); optimizer.step() -- no clipping
     "max_grad_norm": (0.0, lambda m, t, c: t.max_grad_norm),
     # train.py L308: a plain fp32 backward, no autocast or GradScaler anywhere
@@ -116,6 +118,15 @@ def test_a_changed_field_is_caught():
     assert OFFICIAL["alpha"][1](model_args, training_args, config) == 0.6
 
 
+@pytest.mark.parametrize("yaml_name", OFFICIAL_YAMLS)
+def test_official_yaml_keeps_the_official_crop(yaml_name):
+    # DataLoader/dataloader.py L85: RandomResizedCrop(224, scale=(crop_size, 1.0)), crop_size=0.2 by default
+    _, data_args, _ = parse_args([str(CONFIGS / yaml_name), "--use_cpu", "true"])
+    assert data_args.crop_min_scale == 0.2
+    departures = plan.plan([str(CONFIGS / yaml_name), "--crop_min_scale", "1.0"], PROCESSES, 2_439_574)
+    assert [d["name"] for d in departures["departures_from_official"]] == ["crop_min_scale"]
+
+
 def test_the_plan_knows_the_same_official_values():
     for name, (official, source) in plan.OFFICIAL_RECIPE.items():
         assert ".py L" in source, name  # the official line is named
@@ -123,6 +134,8 @@ def test_the_plan_knows_the_same_official_values():
             assert official == 0.9
         elif name == "precision":
             assert official == "fp32"
+        elif name == "crop_min_scale":
+            assert official == 0.2
         else:
             assert official == OFFICIAL[name][0], name
 

@@ -74,6 +74,13 @@ class DataArguments:
     noise_rate: float = field(default=0.4, metadata={"help": "Demo: fraction of wrong in-distribution labels."})
     asymmetric_fraction: float = field(default=0.5, metadata={"help": "Demo: share of natural confusions."})
     ood_fraction: float = field(default=0.2, metadata={"help": "Demo: fraction of out-of-distribution images."})
+    crop_min_scale: float = field(
+        default=0.2,
+        metadata={
+            "help": "Smallest area of RandomResizedCrop for both training views (official 0.2). 1.0 keeps the whole "
+            "image (resized and flipped only): a weaker augmentation, under which CE memorises noisy labels sooner."
+        },
+    )
     noise_report: bool = field(
         default=True, metadata={"help": "After training, write the per-sample noise decisions on the train set."}
     )

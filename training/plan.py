@@ -45,6 +45,8 @@ OFFICIAL_RECIPE: dict[str, tuple[Any, str]] = {
     "num_train_epochs": (90, "train.py L41: --epochs 90"),
     "prototype_start_epoch": (1, "train.py L284: is_proto=(epoch>0)"),
     "noise_correction_start_epoch": (11, "train.py L100: --start_clean_epoch 11"),
+    "noise_correction_schedule": ("fixed", "train.py L284: is_clean=(epoch>=args.start_clean_epoch)"),
+    "crop_min_scale": (0.2, "DataLoader/dataloader.py L85: RandomResizedCrop(224, scale=(crop_size, 1.0)), crop_size=0.2"),
     "max_grad_norm": (0.0, "train.py L307-309: zero_grad, backward, step; no clipping"),
     "precision": ("fp32", "train.py L308: plain loss.backward(), no autocast or GradScaler"),
     "dataloader_drop_last": (True, "DataLoader/dataloader.py L125: drop_last=True"),
@@ -96,7 +98,9 @@ def _first_step(phase: MoProPhase, spe: int, training_args) -> int:
     return step
 
 
-def recipe_values(model_args, training_args, config: MoProConfig, num_processes: int) -> dict[str, Any]:
+def recipe_values(
+    model_args, training_args, config: MoProConfig, num_processes: int, data_args=None
+) -> dict[str, Any]:
     """The run's value of every `OFFICIAL_RECIPE` field (batch size already resolved for `num_processes`)."""
     values = {
         "global_batch_size": training_args.per_device_train_batch_size
@@ -112,6 +116,8 @@ def recipe_values(model_args, training_args, config: MoProConfig, num_processes:
         "num_train_epochs": training_args.num_train_epochs,
         "prototype_start_epoch": training_args.prototype_start_epoch,
         "noise_correction_start_epoch": training_args.noise_correction_start_epoch,
+        "noise_correction_schedule": training_args.noise_correction_schedule,
+        "crop_min_scale": data_args.crop_min_scale if data_args is not None else None,
         "max_grad_norm": training_args.max_grad_norm,
         "precision": _precision(training_args),
         "dataloader_drop_last": training_args.dataloader_drop_last,
@@ -134,6 +140,29 @@ def _differs(value: Any, official: Any) -> bool:
 
 def _departure(name: str, value: Any, official: Any, source: str, note: str | None = None) -> dict[str, Any]:
     return {"name": name, "value": value, "official": official, "source": source, **({"note": note} if note else {})}
+
+
+def _schedule(training_args) -> dict[str, Any]:
+    if training_args.noise_correction_schedule == "fixed":
+        return {"name": "fixed"}
+    return {
+        "name": "adaptive",
+        "min_agreement": training_args.correction_min_agreement,
+        "plateau_tolerance": training_args.correction_plateau_tolerance,
+        "ramp_epochs": training_args.correction_ramp_epochs,
+    }
+
+
+def _correction_row(result: dict[str, Any]) -> str:
+    step = f"step {_number(result['noise_correction_start_step'])}"
+    schedule = result["noise_correction_schedule"]
+    if schedule["name"] == "fixed":
+        return step
+    return (
+        f"adaptive: not before {step}, from the first epoch on which classifier and prototypes agree on "
+        f">= {schedule['min_agreement']:.0%} of the samples and the fit to the given labels rose < "
+        f"{schedule['plateau_tolerance']:.0%}; full strength {schedule['ramp_epochs']:g} epochs later"
+    )
 
 
 def _shuffle_bn(num_processes: int, groups: int) -> str:
@@ -178,7 +207,7 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
             num_samples, per_device, num_processes, accumulation,
             streamed=streamed, drop_last=training_args.dataloader_drop_last,
         )  # fmt: skip
-    values = recipe_values(model_args, training_args, config, num_processes)
+    values = recipe_values(model_args, training_args, config, num_processes, data_args)
     total_steps = None
     if training_args.max_steps > 0:
         total_steps = training_args.max_steps
@@ -228,6 +257,7 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
         "lr_schedule": lr_schedule if training_args.lr_milestones else values["lr_schedule"],
         "prototype_loss_start_step": _first_step(MoProPhase.PROTOTYPES, spe, training_args) if spe else None,
         "noise_correction_start_step": _first_step(MoProPhase.NOISE_CORRECTION, spe, training_args) if spe else None,
+        "noise_correction_schedule": _schedule(training_args),
         "precision": {"backbone": _backbone_precision(values["precision"], training_args.tf32), _HEADS: "fp32"},
         "max_grad_norm": training_args.max_grad_norm or None,
         "backbone_initialisation": initialisation,
@@ -279,7 +309,7 @@ def format_plan(result: dict[str, Any]) -> str:
             f"{optimizer['name']}, momentum {optimizer['momentum']}, weight decay {optimizer['weight_decay']}",
         ),
         ("prototype loss from", f"step {_number(result['prototype_loss_start_step'])}"),
-        ("noise correction from", f"step {_number(result['noise_correction_start_step'])}"),
+        ("noise correction from", _correction_row(result)),
         ("precision, backbone", result["precision"]["backbone"]),
         ("precision, the rest", f"{result['precision'][_HEADS]}: {_HEADS}"),
         ("gradient clipping", "off" if result["max_grad_norm"] is None else f"max norm {result['max_grad_norm']}"),

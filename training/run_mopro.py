@@ -207,7 +207,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = build_model(model_args, training_args, id2label, start_config)
     config = model.config
     processor = build_processor(model_args, config)
-    transforms = MoProViewTransforms(config.image_size, mean=processor.image_mean, std=processor.image_std)
+    transforms = MoProViewTransforms(
+        config.image_size, mean=processor.image_mean, std=processor.image_std,
+        crop_scale=(data_args.crop_min_scale, 1.0),
+    )  # fmt: skip
     collator_kwargs = {
         "image_column": data_args.image_column_name,
         "label_column": data_args.label_column_name,

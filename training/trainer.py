@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -21,14 +22,13 @@ from safetensors import safe_open
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.utils import logging
 
 from modeling_mopro import MoProForPreTraining, MoProPhase
 
 from .arguments import steps_per_epoch
 from .transforms import normalize_pixels
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 # Order of the per-step statistics vector gathered across processes.
 _STATS = (
