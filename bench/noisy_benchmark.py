@@ -139,7 +139,9 @@ class EpochScores(TrainerCallback):
         )
         out = {f"official_{k}": v for k, v in decision_metrics(corrected, keep, given, true, is_ood).items()}
         # The signals a schedule could read without ground truth (here on centre crops of the whole training set).
-        out["signal_classifier_prototype_agreement"] = float((logits.argmax(1) == proto_logits.argmax(1)).float().mean())
+        out["signal_classifier_prototype_agreement"] = float(
+            (logits.argmax(1) == proto_logits.argmax(1)).float().mean()
+        )
         out["signal_fit_given"] = float((logits.argmax(1) == given).float().mean())
         out["signal_prototype_fit_given"] = float((proto_logits.argmax(1) == given).float().mean())
         far = far_from_prototypes(q, prototypes, config.ood_similarity_threshold)

@@ -33,6 +33,7 @@ EPOCHS = (8, 24)
 SEEDS = (0, 1, 2)
 METHODS = ("ce", "mopro", "mopro_adaptive")  # mopro: the official fixed schedule
 NUM_TRAIN, NUM_TEST = 1500, 2000
+EXTRA_FLAGS: list[str] = []  # more `noisy_benchmark.py` flags for every run (the tests shrink the runs with them)
 # A cell counts as "CE memorises" when CE's final accuracy is this far below its best epoch (seed mean): the issue's
 # "+3 points wherever CE's final accuracy is below its best" read with a margin for epoch-to-epoch jitter.
 MEMORISATION_MARGIN = 1.0
@@ -40,7 +41,7 @@ MEMORISATION_MARGIN = 1.0
 
 def benchmark_args(method: str, crop: float, epochs: int, results_dir: Path, workers: int) -> argparse.Namespace:
     argv = ["--num_train", str(NUM_TRAIN), "--num_test", str(NUM_TEST), "--crop_min", str(crop), "--workers",
-            str(workers), "--score_every", "4", "--results_dir", str(results_dir / f"e{epochs}")]  # fmt: skip
+            str(workers), "--score_every", "4", "--results_dir", str(results_dir / f"e{epochs}"), *EXTRA_FLAGS]  # fmt: skip
     if method == "mopro_adaptive":
         argv += ["--noise_correction_schedule", "adaptive"]
     return noisy_benchmark.parse_args(argv)

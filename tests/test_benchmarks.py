@@ -19,6 +19,7 @@ sys.path.insert(0, str(BENCH))
 import bench_class_diversity  # noqa: E402
 import label_noise_benchmark  # noqa: E402
 import noisy_benchmark  # noqa: E402
+import regime_grid  # noqa: E402
 
 
 @pytest.mark.skipif(
@@ -55,6 +56,50 @@ def test_noisy_benchmark_runs_both_methods_and_reports_paired_differences(tmp_pa
     sd = (sum((d - mean) ** 2 for d in differences)) ** 0.5  # n - 1 = 1
     row = next(line for line in table.splitlines() if "| mopro | 0, 1 |" in line)
     assert row.endswith(f"| {mean:.2f} ± {sd:.2f} (n=2) |")
+
+
+@pytest.mark.skipif(
+    not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason=f"needs the Debian package {FASHION_MNIST_APT_PACKAGE}",
+)
+def test_regime_grid_runs_every_method_per_cell_and_reports_paired_differences(tmp_path, monkeypatch):
+    """One toy cell, 2 seeds, 3 methods, split over 2 lanes: every run once, then the paired table and the plot."""
+    for name, value in (("SETTINGS", ("sym40",)), ("CROPS", (1.0,)), ("EPOCHS", (2,)), ("SEEDS", (0, 1)),
+                        ("NUM_TRAIN", 120), ("NUM_TEST", 60),
+                        ("EXTRA_FLAGS", ["--batch_size", "32", "--queue_size", "64"])):  # fmt: skip
+        monkeypatch.setattr(regime_grid, name, value)
+    for lane in (0, 1):
+        regime_grid.main(
+            ["run", "--lane", str(lane), "--lanes", "2", "--workers", "0", "--results_dir", str(tmp_path)]
+        )
+    runs = sorted(path.parent.name for path in tmp_path.glob("e2/*/summary.json"))
+    assert runs == ["sym40_wd0.0001_crop1_ce_s0", "sym40_wd0.0001_crop1_ce_s1", "sym40_wd0.0001_crop1_mopro_adaptive_s0",
+                    "sym40_wd0.0001_crop1_mopro_adaptive_s1", "sym40_wd0.0001_crop1_mopro_s0",
+                    "sym40_wd0.0001_crop1_mopro_s1"]  # fmt: skip
+    adaptive = json.loads((tmp_path / "e2" / runs[2] / "summary.json").read_text())
+    assert adaptive["noise_correction_schedule"] == "adaptive"
+    assert json.loads((tmp_path / "e2" / runs[4] / "summary.json").read_text())["noise_correction_schedule"] == "fixed"
+
+    regime_grid.report(tmp_path)
+    (row,) = json.loads((tmp_path / "grid.json").read_text())
+
+    def finals(method):
+        runs = [tmp_path / "e2" / f"sym40_wd0.0001_crop1_{method}_s{seed}" / "summary.json" for seed in (0, 1)]
+        return [100 * json.loads(path.read_text())["final_test_accuracy"] for path in runs]
+
+    paired = [m - c for m, c in zip(finals("mopro_adaptive"), finals("ce"), strict=True)]
+    assert row["mopro_adaptive_minus_ce"] == pytest.approx(sum(paired) / 2)
+    assert row["mopro_adaptive_minus_ce_sd"] == pytest.approx(abs(paired[0] - paired[1]) / 2**0.5)
+    assert (tmp_path / "regime_grid.png").stat().st_size > 0
+    assert "1 of 1 cells complete" in (tmp_path / "grid.md").read_text()
+
+
+def test_regime_grid_goal_per_cell():
+    """+3 where CE memorises (final more than 1 point below its best), no worse than -1 elsewhere."""
+    row = {"ce_memorises": True, "mopro_adaptive_minus_ce": 2.9}
+    assert not regime_grid.goal_met(row) and regime_grid.goal_met({**row, "mopro_adaptive_minus_ce": 3.0})
+    row = {"ce_memorises": False, "mopro_adaptive_minus_ce": -1.01}
+    assert not regime_grid.goal_met(row) and regime_grid.goal_met({**row, "mopro_adaptive_minus_ce": -0.99})
 
 
 @pytest.mark.skipif(

@@ -75,12 +75,25 @@ def test_the_readable_table(capsys):
         (["--backbone_zero_init_last", "true"], "backbone_zero_init_last", True),
         (["--lr_milestones", "30", "60"], "lr_milestones", [30, 60]),
         (["--queue_size", "4096"], "queue_size", 4096),
+        (["--noise_correction_schedule", "adaptive"], "noise_correction_schedule", "adaptive"),
+        (["--crop_min_scale", "1.0"], "crop_min_scale", 1.0),
     ],
 )
 def test_a_departure_is_listed(capsys, flags, name, value):
     plan = run_plan(capsys, V1, "--num_processes", "8", *flags)
     assert list(departures(plan)) == [name] and departures(plan)[name]["value"] == value
     assert departures(plan)[name]["source"]  # the official line is named
+
+
+def test_the_adaptive_schedule_shows_its_earliest_step_and_gates(capsys):
+    plan_module.main([V1, "--num_processes", "8", "--num_train_samples", str(WEBVISION_V1_TRAIN_IMAGES),
+                      "--noise_correction_schedule", "adaptive", "--correction_min_agreement", "0.7"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert "adaptive: not before step 104,819" in text and "agree on >= 70% of the samples" in text
+    plan = run_plan(capsys, V1, "--num_processes", "8", "--noise_correction_schedule", "adaptive")
+    assert plan["noise_correction_schedule"] == {
+        "name": "adaptive", "min_agreement": 0.6, "plateau_tolerance": 0.01, "ramp_epochs": 4.0
+    }  # fmt: skip
 
 
 def test_clipping_and_bf16_show_in_the_plan(capsys):

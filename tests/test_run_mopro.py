@@ -35,12 +35,15 @@ def test_no_arguments_means_the_demo_config():
     assert str(DEMO_CONFIG).endswith("training/configs/demo.yaml")
     assert data_args.dataset_name is None and data_args.webvision_dir is None  # the offline demo source
     assert model_args.image_size == 32 and training_args.use_cpu
-    assert training_args.lr_milestones == [12, 17] and training_args.noise_correction_start_epoch == 10
+    assert training_args.lr_milestones == [10, 17] and training_args.noise_correction_start_epoch == 2
+    # the demo shows the method where it matters: whole-image views, under which CE memorises, and the adaptive
+    # correction schedule (the official configs keep the fixed one: tests/test_recipe.py)
+    assert data_args.crop_min_scale == 1.0 and training_args.noise_correction_schedule == "adaptive"
 
 
 def test_flags_alone_keep_the_demo_config():
     _, data_args, training_args = parse_args(["--num_train_epochs", "2"])
-    assert training_args.num_train_epochs == 2 and training_args.do_train and data_args.num_train == 6000
+    assert training_args.num_train_epochs == 2 and training_args.do_train and data_args.num_train == 4000
 
 
 def test_flags_override_the_yaml():
@@ -53,7 +56,9 @@ def test_flags_override_the_yaml():
 @pytest.mark.parametrize("baseline", ["mopro", "ce"])
 def test_demo_run_writes_model_results_and_noise_report(tmp_path, baseline):
     out = tmp_path / baseline
-    metrics = main([str(DEMO_CONFIG), *TINY, "--output_dir", str(out), "--baseline", baseline])
+    # Adaptive gates that any signal passes: correction is decided at the end of epoch 1 and runs from epoch 2.
+    gates = ["--correction_min_agreement", "0", "--correction_plateau_tolerance", "1"]
+    metrics = main([str(DEMO_CONFIG), *TINY, *gates, "--output_dir", str(out), "--baseline", baseline])
     results = json.loads((out / "all_results.json").read_text())
     assert 0.0 <= results["eval_accuracy"] <= 1.0
     assert results == pytest.approx(metrics)
@@ -69,6 +74,7 @@ def test_demo_run_writes_model_results_and_noise_report(tmp_path, baseline):
     if baseline == "mopro":
         for key in ("noise_ood_precision", "noise_ood_recall", "noise_label_error_f1", "noise_ood_auroc"):
             assert key in results, key
+        assert results["train_noise_correction_start_epoch"] == 2.0
         report = out / "noise_report"
         for name in ("README.md", "pseudo_label.json", "noise_report_summary.json", "noise_report.png"):
             assert (report / name).exists(), name
@@ -87,12 +93,15 @@ def test_demo_run_writes_model_results_and_noise_report(tmp_path, baseline):
 @needs_fashion_mnist
 def test_streaming_demo_run(tmp_path):
     """The streaming path end to end: an IterableDataset, a step budget, and epochs counted in samples."""
-    args = [*TINY, "--streaming", "true", "--max_steps", "12", "--samples_per_epoch", "64", "--noise_report", "false"]
+    args = [*TINY, "--streaming", "true", "--max_steps", "12", "--samples_per_epoch", "64", "--noise_report", "false",
+            "--correction_min_agreement", "0", "--correction_plateau_tolerance", "1"]  # fmt: skip
     metrics = main([str(DEMO_CONFIG), *args, "--output_dir", str(tmp_path)])
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     phases = [entry["phase"] for entry in state["log_history"] if "phase" in entry]
     assert state["global_step"] == 12 and 0.0 <= metrics["eval_accuracy"] <= 1.0
-    assert phases[-1] == 2  # 12 steps x 16 = 192 samples = epoch 3 of 64 samples: correction (from epoch 2) is on
+    # 12 steps x 16 = 192 samples = epoch 3 of 64 samples: the adaptive schedule, fed at the ends of streamed
+    # epochs 0 and 1 (4 steps each), started correction at epoch 2
+    assert phases[-1] == 2 and metrics["train_noise_correction_start_epoch"] == 2.0
     with pytest.raises(ValueError, match="max_steps"):
         main([str(DEMO_CONFIG), *TINY, "--streaming", "true", "--output_dir", str(tmp_path / "no_steps")])
     with pytest.raises(ValueError, match="samples_per_epoch"):

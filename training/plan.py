@@ -46,7 +46,10 @@ OFFICIAL_RECIPE: dict[str, tuple[Any, str]] = {
     "prototype_start_epoch": (1, "train.py L284: is_proto=(epoch>0)"),
     "noise_correction_start_epoch": (11, "train.py L100: --start_clean_epoch 11"),
     "noise_correction_schedule": ("fixed", "train.py L284: is_clean=(epoch>=args.start_clean_epoch)"),
-    "crop_min_scale": (0.2, "DataLoader/dataloader.py L85: RandomResizedCrop(224, scale=(crop_size, 1.0)), crop_size=0.2"),
+    "crop_min_scale": (
+        0.2,
+        "DataLoader/dataloader.py L85: RandomResizedCrop(224, scale=(crop_size, 1.0)), crop_size=0.2",
+    ),
     "max_grad_norm": (0.0, "train.py L307-309: zero_grad, backward, step; no clipping"),
     "precision": ("fp32", "train.py L308: plain loss.backward(), no autocast or GradScaler"),
     "dataloader_drop_last": (True, "DataLoader/dataloader.py L125: drop_last=True"),

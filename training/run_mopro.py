@@ -239,6 +239,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         metrics.update(result.metrics)
         metrics["train_skipped_images"] = trainer.skipped_images
+        if isinstance(model, MoProForPreTraining):
+            # When correction began (an adaptive schedule decides it during the run; -1: it never did).
+            start = trainer.correction_schedule.start_epoch
+            began = start is not None and start < trainer.current_epoch()
+            metrics["train_noise_correction_start_epoch"] = start if began else -1
         trainer.save_state()
     if training_args.do_eval and eval_dataset is not None:
         metrics.update(trainer.evaluate())

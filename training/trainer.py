@@ -227,7 +227,8 @@ class MoProTrainer(Trainer):
         """Feed the schedule the signals of every epoch that ended since the last step (one host sync per epoch)."""
         epoch = self.state.global_step // self.steps_per_epoch()
         while self._signals_epoch < epoch:
-            sums = dict(zip(_SIGNALS, [0.0] * 3 if self._epoch_signals is None else self._epoch_signals.tolist()))
+            values = [0.0] * len(_SIGNALS) if self._epoch_signals is None else self._epoch_signals.tolist()
+            sums = dict(zip(_SIGNALS, values, strict=True))
             if sums["samples"] > 0:
                 started = self.correction_schedule.strength(self._signals_epoch + 1) > 0
                 agreement = sums["classifier_prototype_agreement"] / sums["samples"]
