@@ -590,6 +590,13 @@ def training_cases() -> list[Case]:
         Case("train_negative_batch", "run_mopro", "error", lambda s, w: [*s.train("--global_batch_size", "-4"), *out(w)]),
         Case("train_negative_lr", "run_mopro", "error", lambda s, w: [*s.train("--learning_rate", "-0.1"), *out(w)]),
         Case("train_unknown_flag", "run_mopro", "error", lambda s, w: [*s.train("--alpah", "0.9"), *out(w)]),
+        Case("train_unknown_correction_schedule", "run_mopro", "error",
+             lambda s, w: [*s.train("--noise_correction_schedule", "sometimes"), *out(w)]),
+        Case("train_agreement_out_of_range", "run_mopro", "error",
+             lambda s, w: [*s.train("--noise_correction_schedule", "adaptive", "--correction_min_agreement", "60"),
+                           *out(w)]),
+        Case("train_crop_scale_out_of_range", "run_mopro", "error",
+             lambda s, w: [*s.train("--crop_min_scale", "0"), *out(w)]),
     ]  # fmt: skip
 
 

@@ -112,10 +112,12 @@ def test_bad_schedule_settings_are_refused(field, value):
 def test_bad_schedule_flags_are_refused_by_the_arguments(tmp_path):
     with pytest.raises(ValueError, match="noise_correction_schedule"):
         MoProTrainingArguments(output_dir=str(tmp_path), noise_correction_schedule="sometimes")
-    with pytest.raises(ValueError, match="min_agreement"):
+    with pytest.raises(ValueError, match="`correction_min_agreement`"):
         MoProTrainingArguments(
             output_dir=str(tmp_path), noise_correction_schedule="adaptive", correction_min_agreement=2.0
         )
+    with pytest.raises(ValueError, match="`correction_ramp_epochs`"):
+        MoProTrainingArguments(output_dir=str(tmp_path), correction_ramp_epochs=float("nan"))
 
 
 # -------------------------------------------------------------------------------------------- thresholds

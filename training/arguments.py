@@ -190,7 +190,11 @@ class MoProTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`noise_correction_schedule` must be one of {SCHEDULES}, got {self.noise_correction_schedule!r}."
             )
-        self.correction_schedule()  # validates the adaptive schedule's fields
+        if not 0.0 <= self.correction_min_agreement <= 1.0:
+            raise ValueError(f"`correction_min_agreement` must be in [0, 1], got {self.correction_min_agreement}.")
+        for name in ("correction_plateau_tolerance", "correction_ramp_epochs"):
+            if not getattr(self, name) >= 0:  # NaN fails too
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if self.noise_correction_start_epoch < self.prototype_start_epoch:
             raise ValueError("`noise_correction_start_epoch` must not come before `prototype_start_epoch`.")
         if self.samples_per_epoch is not None and self.samples_per_epoch <= 0:

@@ -85,6 +85,10 @@ class DataArguments:
         default=True, metadata={"help": "After training, write the per-sample noise decisions on the train set."}
     )
 
+    def __post_init__(self):
+        if not 0.0 < self.crop_min_scale <= 1.0:
+            raise ValueError(f"`crop_min_scale` must be in (0, 1] (an area fraction), got {self.crop_min_scale}.")
+
 
 def _from_demo(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset, dict[int, str]]:
     splits, id2label = build_noisy_fashion_mnist(
