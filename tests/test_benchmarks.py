@@ -17,6 +17,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import bench_class_diversity  # noqa: E402
+import demo_seeds  # noqa: E402
 import label_noise_benchmark  # noqa: E402
 import noisy_benchmark  # noqa: E402
 import regime_grid  # noqa: E402
@@ -92,6 +93,29 @@ def test_regime_grid_runs_every_method_per_cell_and_reports_paired_differences(t
     assert row["mopro_adaptive_minus_ce_sd"] == pytest.approx(abs(paired[0] - paired[1]) / 2**0.5)
     assert (tmp_path / "regime_grid.png").stat().st_size > 0
     assert "1 of 1 cells complete" in (tmp_path / "grid.md").read_text()
+
+
+def test_demo_seeds_report_pairs_the_runs_by_seed(tmp_path):
+    """The report reads what run_mopro writes (all_results.json, trainer_state.json); constructed runs here."""
+    finals = {("mopro", 0): 0.70, ("mopro", 1): 0.72, ("ce", 0): 0.60, ("ce", 1): 0.66}
+    for (method, seed), final in finals.items():
+        out = tmp_path / f"{method}_s{seed}"
+        out.mkdir()
+        (out / "all_results.json").write_text(
+            json.dumps({"eval_accuracy": final, "train_noise_correction_start_epoch": 5})
+        )
+        history = [
+            {"eval_accuracy": 0.65, "epoch": 1.0},
+            {"loss": 1.0, "epoch": 1.5},
+            {"eval_accuracy": final, "epoch": 2.0},
+        ]
+        (out / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    (tmp_path / "ce_s2").mkdir()  # an unfinished run is left out
+    summary = demo_seeds.report(tmp_path)
+    assert summary["seeds"] == [0, 1]
+    assert summary["mopro_minus_ce"] == pytest.approx([10.0, 6.0])
+    assert summary["ce"]["best"] == pytest.approx([65.0, 66.0])
+    assert "| MoPro − CE, paired by seed | | **8.00 ± 2.83** |" in (tmp_path / "table.md").read_text()
 
 
 def test_regime_grid_goal_per_cell():
