@@ -234,7 +234,8 @@ class MoProTrainer(Trainer):
                 agreement = sums["classifier_prototype_agreement"] / sums["samples"]
                 fit = sums["fit_given_labels"] / sums["samples"]
                 self.correction_schedule.end_epoch(self._signals_epoch, agreement, fit)
-                if not started and self.correction_schedule.strength(self._signals_epoch + 1) > 0:
+                now = self.correction_schedule.strength(self._signals_epoch + 1) > 0
+                if now and not started and self.is_world_process_zero():
                     logger.info(
                         f"noise correction starts at epoch {self._signals_epoch + 1}: classifier and prototypes agree "
                         f"on {agreement:.1%} of epoch {self._signals_epoch}'s samples, which fit their given label "
