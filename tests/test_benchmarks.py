@@ -116,6 +116,7 @@ def test_demo_seeds_report_pairs_the_runs_by_seed(tmp_path):
     assert summary["mopro_minus_ce"] == pytest.approx([10.0, 6.0])
     assert summary["ce"]["best"] == pytest.approx([65.0, 66.0])
     assert "| MoPro − CE, paired by seed | | **8.00 ± 2.83** |" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "demo_seeds.png").stat().st_size > 0
 
 
 def test_regime_grid_goal_per_cell():
