@@ -45,6 +45,11 @@ def load(results_dir: Path) -> dict[tuple[str, int], dict]:
         results = json.loads(path.read_text())
         history = json.loads((path.parent / "trainer_state.json").read_text())["log_history"]
         curve = [100 * entry["eval_accuracy"] for entry in history if "eval_accuracy" in entry and "epoch" in entry]
+        if method == "mopro" and "train_noise_correction_start_epoch" not in results:
+            # Runs made before the key existed: the epoch of the first step logged with correction on (exact when
+            # a log falls in every epoch, as with the demo's 20 logging steps of 39 per epoch).
+            corrected = [entry["epoch"] for entry in history if entry.get("correction_strength", 0) > 0]
+            results["train_noise_correction_start_epoch"] = int(min(corrected)) if corrected else -1
         runs[(method, int(seed))] = {"final": 100 * results["eval_accuracy"], "curve": curve, "results": results}
     return runs
 
