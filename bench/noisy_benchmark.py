@@ -43,6 +43,7 @@ from modeling_mopro import (  # noqa: E402
 )
 from training.arguments import MoProTrainingArguments  # noqa: E402
 from training.collator import MoProCollator  # noqa: E402
+from training.correction_schedule import SCHEDULES  # noqa: E402
 from training.noisy_fashion_mnist import build_noisy_fashion_mnist  # noqa: E402
 from training.trainer import MoProTrainer  # noqa: E402
 from training.transforms import MoProViewTransforms, decode_image  # noqa: E402
@@ -481,7 +482,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the rule MoPro trains with (both rules are scored every epoch either way)")  # fmt: skip
     parser.add_argument("--ood_similarity_threshold", type=float, default=0.5)
     parser.add_argument("--correction_start", type=int, default=None, help="default: 11/90 of the epochs")
-    parser.add_argument("--noise_correction_schedule", choices=("fixed", "adaptive"), default="fixed",
+    parser.add_argument("--noise_correction_schedule", choices=SCHEDULES, default="fixed",
                         help="fixed: correction from --correction_start (official); adaptive: from when the "
                         "model's own signals say its decisions can be trusted (training.correction_schedule)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)

@@ -26,7 +26,7 @@ Both schedules are pure: `strength(epoch)` from their state, `end_epoch(...)` to
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 SCHEDULES = ("fixed", "adaptive")
 
@@ -100,9 +100,6 @@ class AdaptiveCorrectionSchedule:
     def load_state_dict(self, state: dict) -> None:
         self.start_epoch = state.get("start_epoch")
         self.history = list(state.get("history", []))
-
-    def describe(self) -> dict:
-        return asdict(self)
 
 
 __all__ = ["SCHEDULES", "AdaptiveCorrectionSchedule", "FixedCorrectionSchedule"]

@@ -101,9 +101,7 @@ def _first_step(phase: MoProPhase, spe: int, training_args) -> int:
     return step
 
 
-def recipe_values(
-    model_args, training_args, config: MoProConfig, num_processes: int, data_args=None
-) -> dict[str, Any]:
+def recipe_values(model_args, data_args, training_args, config: MoProConfig, num_processes: int) -> dict[str, Any]:
     """The run's value of every `OFFICIAL_RECIPE` field (batch size already resolved for `num_processes`)."""
     values = {
         "global_batch_size": training_args.per_device_train_batch_size
@@ -120,7 +118,7 @@ def recipe_values(
         "prototype_start_epoch": training_args.prototype_start_epoch,
         "noise_correction_start_epoch": training_args.noise_correction_start_epoch,
         "noise_correction_schedule": training_args.noise_correction_schedule,
-        "crop_min_scale": data_args.crop_min_scale if data_args is not None else None,
+        "crop_min_scale": data_args.crop_min_scale,
         "max_grad_norm": training_args.max_grad_norm,
         "precision": _precision(training_args),
         "dataloader_drop_last": training_args.dataloader_drop_last,
@@ -210,7 +208,7 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
             num_samples, per_device, num_processes, accumulation,
             streamed=streamed, drop_last=training_args.dataloader_drop_last,
         )  # fmt: skip
-    values = recipe_values(model_args, training_args, config, num_processes, data_args)
+    values = recipe_values(model_args, data_args, training_args, config, num_processes)
     total_steps = None
     if training_args.max_steps > 0:
         total_steps = training_args.max_steps

@@ -230,12 +230,11 @@ class MoProTrainer(Trainer):
             values = [0.0] * len(_SIGNALS) if self._epoch_signals is None else self._epoch_signals.tolist()
             sums = dict(zip(_SIGNALS, values, strict=True))
             if sums["samples"] > 0:
-                started = self.correction_schedule.strength(self._signals_epoch + 1) > 0
+                decided = self.correction_schedule.start_epoch
                 agreement = sums["classifier_prototype_agreement"] / sums["samples"]
                 fit = sums["fit_given_labels"] / sums["samples"]
                 self.correction_schedule.end_epoch(self._signals_epoch, agreement, fit)
-                now = self.correction_schedule.strength(self._signals_epoch + 1) > 0
-                if now and not started and self.is_world_process_zero():
+                if self.correction_schedule.start_epoch != decided and self.is_world_process_zero():
                     logger.info(
                         f"noise correction starts at epoch {self._signals_epoch + 1}: classifier and prototypes agree "
                         f"on {agreement:.1%} of epoch {self._signals_epoch}'s samples, which fit their given label "
