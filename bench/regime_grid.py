@@ -102,6 +102,7 @@ def cell_table(results_dir: Path = RESULTS) -> list[dict]:
                 row[f"{method}_final"] = statistics.mean(finals[method])
                 row[f"{method}_minus_ce"] = statistics.mean(paired)
                 row[f"{method}_minus_ce_sd"] = statistics.stdev(paired)
+                row[f"{method}_per_seed"] = paired
             rows.append(row)
     return rows
 
@@ -140,31 +141,39 @@ def report(results_dir: Path = RESULTS) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """MoPro - CE per cell (mean over seeds, sd as error bar), the fixed and the adaptive schedule side by side."""
+    """MoPro - CE per cell (bar: mean over seeds; dots: the seeds). Top: both schedules on the full range (the fixed
+    schedule's collapses reach -60); bottom: the adaptive schedule alone, on the scale of its goal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(13, 4.5))
+    fig, (full, zoom) = plt.subplots(2, 1, figsize=(max(8, 0.85 * len(rows) + 2), 7.5), sharex=True,
+                                     gridspec_kw={"height_ratios": [1, 1.3]})  # fmt: skip
     x = range(len(rows))
-    for offset, method, colour, name in ((-0.2, "mopro", "tab:gray", "official fixed schedule"),
-                                         (0.2, "mopro_adaptive", "tab:orange", "adaptive schedule")):  # fmt: skip
-        ax.bar([i + offset for i in x], [r[f"{method}_minus_ce"] for r in rows], width=0.4, color=colour,
-               yerr=[r[f"{method}_minus_ce_sd"] for r in rows], capsize=2, label=f"MoPro, {name}")  # fmt: skip
-    for i, r in enumerate(rows):  # the goal of each cell
-        target = 3.0 if r["ce_memorises"] else -1.0
-        ax.hlines(target, i - 0.45, i + 0.45, colors="tab:red" if r["ce_memorises"] else "tab:blue", lw=1.5)
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(list(x))
-    ax.set_xticklabels(
+    panels = ((full, ((-0.2, "mopro", "tab:gray", "official fixed schedule"),
+                      (0.2, "mopro_adaptive", "tab:orange", "adaptive schedule")), 0.4),
+              (zoom, ((0.0, "mopro_adaptive", "tab:orange", "adaptive schedule"),), 0.6))  # fmt: skip
+    for ax, bars, width in panels:
+        for offset, method, colour, name in bars:
+            ax.bar([i + offset for i in x], [r[f"{method}_minus_ce"] for r in rows], width=width, color=colour,
+                   label=f"MoPro, {name}")  # fmt: skip
+            for i, r in enumerate(rows):
+                ax.plot([i + offset] * len(r[f"{method}_per_seed"]), r[f"{method}_per_seed"], "k.", ms=3)
+        for i, r in enumerate(rows):  # the goal of each cell
+            target = 3.0 if r["ce_memorises"] else -1.0
+            ax.hlines(target, i - 0.45, i + 0.45, colors="tab:red" if r["ce_memorises"] else "tab:blue", lw=1.5)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+        ax.set_ylabel("MoPro − CE (points)")
+    full.set_title("MoPro − CE, final clean test accuracy per regime (bars: mean of 3 seeds, dots: seeds)\n"
+                   "goal lines: red +3 where CE memorises, blue −1 elsewhere", fontsize=10)  # fmt: skip
+    zoom.set_xticks(list(x))
+    zoom.set_xticklabels(
         [f"{r['setting']}\n{'crop' if r['crop'] == 0.2 else 'whole'}\n{r['epochs']} ep"
          + ("\nCE mem." if r["ce_memorises"] else "") for r in rows], fontsize=7,
     )  # fmt: skip
-    ax.set_ylabel("final clean test accuracy, MoPro − CE (points)")
-    ax.set_title("MoPro − CE per regime, 3 seeds (red: goal +3 where CE memorises; blue: goal −1 elsewhere)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -91,6 +91,7 @@ def test_regime_grid_runs_every_method_per_cell_and_reports_paired_differences(t
     paired = [m - c for m, c in zip(finals("mopro_adaptive"), finals("ce"), strict=True)]
     assert row["mopro_adaptive_minus_ce"] == pytest.approx(sum(paired) / 2)
     assert row["mopro_adaptive_minus_ce_sd"] == pytest.approx(abs(paired[0] - paired[1]) / 2**0.5)
+    assert row["mopro_adaptive_per_seed"] == pytest.approx(paired)  # the plot's dots
     assert (tmp_path / "regime_grid.png").stat().st_size > 0
     assert "1 of 1 cells complete" in (tmp_path / "grid.md").read_text()
 
