@@ -50,8 +50,13 @@ from training.transforms import MoProViewTransforms, decode_image  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "noisy"
 # name -> (noise_rate, asymmetric_fraction): asymmetric = natural confusions only (shirt<->T-shirt, ...).
+# The natural confusions touch 7 of the 10 classes, so an asymmetric rate r flips r/0.7 of each confusable class:
+# asym20 29%, asym30 43% (the literature's "asymmetric 40%" regime), asym40 57%. Above 50% the given label of a
+# confusable image is more often its partner class than its own, so no learner can recover it from the labels:
+# asym40 is kept for the earlier runs it reproduces, not as a regime a method can be asked to win.
 SETTINGS = {
-    "sym20": (0.2, 0.0), "sym40": (0.4, 0.0), "sym60": (0.6, 0.0), "asym20": (0.2, 1.0), "asym40": (0.4, 1.0),
+    "sym20": (0.2, 0.0), "sym40": (0.4, 0.0), "sym60": (0.6, 0.0), "asym20": (0.2, 1.0), "asym30": (0.3, 1.0),
+    "asym40": (0.4, 1.0),
 }  # fmt: skip
 BACKBONE_KWARGS = {"channels": [32, 64, 128, 256]}  # half-width ResNet-18: ~3M parameters, fast at 32 px
 

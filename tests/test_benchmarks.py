@@ -92,6 +92,14 @@ def test_regime_grid_runs_every_method_per_cell_and_reports_paired_differences(t
     assert row["mopro_adaptive_minus_ce"] == pytest.approx(sum(paired) / 2)
     assert row["mopro_adaptive_minus_ce_sd"] == pytest.approx(abs(paired[0] - paired[1]) / 2**0.5)
     assert row["mopro_adaptive_per_seed"] == pytest.approx(paired)  # the plot's dots
+    # What the official rule's decisions would get right at their best scored epoch, from the adaptive runs' histories
+    histories = [json.loads((tmp_path / "e2" / f"sym40_wd0.0001_crop1_mopro_adaptive_s{seed}" / "history.json").read_text())
+                 for seed in (0, 1)]  # fmt: skip
+    ceilings = [max(h["official_kept_label_accuracy"] for h in history if "official_kept_label_accuracy" in h)
+                for history in histories]  # fmt: skip
+    assert row["correction_ceiling"] == pytest.approx(100 * sum(ceilings) / 2)
+    assert row["given_labels_right"] == pytest.approx(60.0)
+    assert "| 60 / " in (tmp_path / "grid.md").read_text()
     assert (tmp_path / "regime_grid.png").stat().st_size > 0
     assert "1 of 1 cells complete" in (tmp_path / "grid.md").read_text()
 
