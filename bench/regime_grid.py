@@ -2,9 +2,10 @@
 
 Each cell trains CE, MoPro with the official fixed correction schedule and MoPro with the adaptive schedule
 (`--noise_correction_schedule adaptive`) through `bench/noisy_benchmark.py`'s `run`, on the same data, noise,
-augmentation seeds and schedule, and scores the final clean test accuracy. Small by design, so that the whole grid
-(16 cells x 3 seeds x 3 methods, 144 runs, by default) fits in about 4 hours on 2 CPU cores: 1,500 Fashion-MNIST images + 375 OOD
-images (20%), the 2,000-image stratified clean test set, the half-width ResNet-18 at 32 px of the benchmark.
+augmentation seeds and schedule, and scores the final clean test accuracy. Small by design: the default grid (16 cells
+x 3 seeds x 3 methods, 144 runs) took about 3.5 hours of 2 CPU cores (two sessions, 2-4 lanes side by side): 1,500
+Fashion-MNIST images + 375 OOD images (20%), the 2,000-image stratified clean test set, the half-width ResNet-18 at
+32 px of the benchmark.
 
     python bench/regime_grid.py run --lane 0 --lanes 2      # two lanes side by side, OMP_NUM_THREADS=1 each
     python bench/regime_grid.py run --lane 1 --lanes 2

@@ -93,8 +93,8 @@ def test_regime_grid_runs_every_method_per_cell_and_reports_paired_differences(t
     assert row["mopro_adaptive_minus_ce_sd"] == pytest.approx(abs(paired[0] - paired[1]) / 2**0.5)
     assert row["mopro_adaptive_per_seed"] == pytest.approx(paired)  # the plot's dots
     # What the official rule's decisions would get right at their best scored epoch, from the adaptive runs' histories
-    histories = [json.loads((tmp_path / "e2" / f"sym40_wd0.0001_crop1_mopro_adaptive_s{seed}" / "history.json").read_text())
-                 for seed in (0, 1)]  # fmt: skip
+    adaptive_runs = [tmp_path / "e2" / f"sym40_wd0.0001_crop1_mopro_adaptive_s{seed}" for seed in (0, 1)]
+    histories = [json.loads((run / "history.json").read_text()) for run in adaptive_runs]
     ceilings = [max(h["official_kept_label_accuracy"] for h in history if "official_kept_label_accuracy" in h)
                 for history in histories]  # fmt: skip
     assert row["correction_ceiling"] == pytest.approx(100 * sum(ceilings) / 2)
