@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import ConvNextImageProcessorPil, PreTrainedModel
 from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 from transformers.modeling_outputs import BackboneOutput
 from transformers.utils import ModelOutput
@@ -434,20 +435,29 @@ class MoProForImageClassification(MoProPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class MoProBackbone(MoProPreTrainedModel):
-    """Multi-scale feature maps of a MoPro backbone, for detection and segmentation heads, in the style of
-    transformers' `AutoBackbone` (`TimmBackbone`, `ResNetBackbone`).
+class MoProBackbone(BackboneMixin, MoProPreTrainedModel):
+    """Multi-scale feature maps of a MoPro backbone, for detection and segmentation heads: a transformers backbone
+    (`BackboneMixin`, as `TimmBackbone` and `ResNetBackbone`), so that heads built from a `backbone_config`
+    (`UperNetForSemanticSegmentation`, DPT, ...) accept a `MoProConfig` and call it through
+    `forward_with_filtered_kwargs`.
 
     It loads from any MoPro folder (release, base or training model): its weights are the query backbone,
     `mopro.backbone.*`; the heads, prototypes, momentum encoder and queue of the folder are left out.
     Stages are the backbone's timm `feature_info` entries (a ResNet: `act1`, `layer1` ... `layer4`); choose them with
     `out_indices` (positions, negative from the end) or `out_features` (names), e.g.
-    `AutoBackbone.from_pretrained(dir, out_indices=[1, 2, 3, 4])`. The default is the last stage, as in transformers.
+    `MoProBackbone.from_pretrained(dir, out_indices=[1, 2, 3, 4])` or, from a config,
+    `AutoBackbone.from_config(MoProConfig.from_pretrained(dir), out_indices=[1, 2, 3, 4])` (random weights).
+    (`AutoBackbone.from_pretrained` on a local folder fails in transformers 5.24-5.25, for every model: it asks the
+    Hub whether the path is a repo.) The default is the last stage, as in transformers. The two are linked, as in
+    transformers' backbone configs: giving or setting one re-derives the other, and both are kept in
+    `config.out_indices` / `config.out_features`, so a saved backbone reloads with its choice, or with another one
+    given to `from_pretrained`.
     Feature maps come from timm's `forward_intermediates`, which keeps the weight layout of the plain backbone (a
     `features_only` timm model renames modules for some architectures).
     """
 
     base_model_prefix = "mopro"
+    has_attentions = False  # a convolutional body: `forward_with_filtered_kwargs` drops `output_attentions`
     # A MoPro folder holds more than the backbone; these are expected to be left out.
     _keys_to_ignore_on_load_unexpected = [
         r"projection\.",
@@ -462,24 +472,37 @@ class MoProBackbone(MoProPreTrainedModel):
     def __init__(
         self, config: MoProConfig, out_indices: list[int] | None = None, out_features: list[str] | None = None
     ):
-        super().__init__(config)
+        if out_indices is not None or out_features is not None:  # given here: they replace the config's pair
+            config.out_indices, config.out_features = out_indices, out_features
+        backbone = create_backbone(config)
+        # BackboneMixin's timm path: `backbone_type` TIMM, stage names from timm's `feature_info`
+        # (`_init_timm_backbone` below), keyword filtering by this forward's signature.
+        super().__init__(config, timm_backbone=backbone)
         self.mopro = nn.Module()  # keeps the `mopro.backbone.*` keys of every MoPro folder
-        self.mopro.backbone = create_backbone(config)
+        self.mopro.backbone = backbone
         self._keep_constructor_init(self.mopro.backbone)
-        info = self.mopro.backbone.feature_info
-        self.stage_names = [stage["module"] for stage in info]
-        self.num_features = [stage["num_chs"] for stage in info]
-        if out_indices is None and out_features is None:  # a saved MoProBackbone keeps its choice in its config
-            out_indices, out_features = getattr(config, "out_indices", None), getattr(config, "out_features", None)
-        self._out_indices, self._out_features = self._resolve_outputs(out_indices, out_features)
-        config.out_indices, config.out_features = self._out_indices, self._out_features
         self.post_init()
 
-    @property
-    def backbone(self) -> nn.Module:
-        return self.mopro.backbone
+    def _init_timm_backbone(self, backbone: nn.Module) -> None:
+        # The mixin's own version needs a `BackboneConfigMixin` config; a `MoProConfig` is the whole model's config
+        # (shared with the classifier), so the stage choice is resolved and written back here.
+        info = backbone.feature_info
+        self.stage_names = [stage["module"] for stage in info]
+        self.num_features = [stage["num_chs"] for stage in info]
+        self._set_outputs(getattr(self.config, "out_indices", None), getattr(self.config, "out_features", None))
 
-    def _resolve_outputs(self, out_indices, out_features) -> tuple[list[int], list[str]]:
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; an `out_indices` or `out_features` given here replaces the saved pair
+        (the other one is re-derived), as `ResNetBackbone.from_pretrained(dir, out_indices=...)` does."""
+        if kwargs.get("out_indices") is not None or kwargs.get("out_features") is not None:
+            kwargs.setdefault("out_indices", None)
+            kwargs.setdefault("out_features", None)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def _set_outputs(self, out_indices, out_features) -> None:
+        """Validates the stage choice (one of the two, or both naming the same stages; the last stage by default)
+        and stores both, positive and in stage order, in the config."""
         names = self.stage_names
         if out_features is not None:
             unknown = [name for name in out_features if name not in names]
@@ -497,29 +520,34 @@ class MoProBackbone(MoProPreTrainedModel):
             indices = [i % len(names) for i in indices]
         if indices != sorted(set(indices)):
             raise ValueError(f"`out_indices` must be increasing and without repeats, got {indices}.")
-        return indices, [names[i] for i in indices]
+        self.config.out_indices, self.config.out_features = indices, [names[i] for i in indices]
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.mopro.backbone
 
     @property
     def out_indices(self) -> list[int]:
-        return self._out_indices
+        return self.config.out_indices
+
+    @out_indices.setter
+    def out_indices(self, out_indices: list[int]) -> None:
+        self._set_outputs(out_indices, None)  # linked: out_features follows
 
     @property
     def out_features(self) -> list[str]:
-        return self._out_features
+        return self.config.out_features
 
-    @property
-    def out_feature_channels(self) -> dict[str, int]:
-        return dict(zip(self.stage_names, self.num_features, strict=True))
-
-    @property
-    def channels(self) -> list[int]:
-        return [self.out_feature_channels[name] for name in self.out_features]
+    @out_features.setter
+    def out_features(self, out_features: list[str]) -> None:
+        self._set_outputs(None, out_features)  # linked: out_indices follows
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> BackboneOutput | tuple:
         """
@@ -527,6 +555,8 @@ class MoProBackbone(MoProPreTrainedModel):
             `BackboneOutput` with `feature_maps`, one (N, C_i, H / r_i, W / r_i) map per selected stage, and with
             `output_hidden_states=True` every stage's map in `hidden_states`.
         """
+        if output_attentions:
+            raise ValueError("MoProBackbone is convolutional: it has no attentions to output")
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
