@@ -27,8 +27,14 @@ Beside it: `README.md` (the dataset card: counts, per-class table, plot, how it 
 (decisions per given class), `noise_report_summary.json` (counts; with ground truth, precision / recall / F1 of the
 label errors, AUROC of both scores; `num_skipped_images` and the ids of undecodable images, which have no row) and
 `pseudo_label.json` (the official format: kept samples with their suggested labels, the input of
-`evaluation.classifier_retrain`). `--push_to_hub ORG/NAME` publishes it all as a dataset repo (checked before any
-work: offline, it fails at once); a release of the model then links it from the model card.
+`evaluation.classifier_retrain`). The flagged samples' images (`evaluation.gallery`; `--flagged_images_per_class N`,
+default 12: the N relabelled samples with the lowest label quality and the N OOD samples with the highest OOD score
+of each given class; 96-px JPEG thumbnails, `--thumbnail_size`): `flagged_images/`, the report's rows for them with an
+`image` column (`datasets.load_from_disk`; on the Hub the `flagged_images` configuration, which the dataset viewer
+shows with labels and scores), and `index.html`, a gallery page with `gallery/*.jpg` that opens offline. The full
+table stays image-free. `--push_to_hub ORG/NAME` publishes it all as a dataset repo (checked before any work:
+offline, it fails at once); a release of the model then links it from the model card. The local card names the
+model by its absolute path; the pushed card by `--model_repo_id` or the model folder's name.
 
 Data: every source the trainer reads: a `datasets` folder or Hub name, an image folder, a WebVision root (its
 training lists), a `training.make_shards` folder. Several processes (``accelerate launch``, or the end of
@@ -45,6 +51,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,6 +68,17 @@ from modeling_mopro.distributed import is_distributed, rank, world_size
 from training.cli import positive_int
 
 from .features import extract_features, load_model, mopro_parts
+from .gallery import (
+    DEFAULT_PER_CLASS,
+    DEFAULT_THUMBNAIL_SIZE,
+    FLAGGED_CONFIG,
+    GALLERY_FILE,
+    THUMBNAIL_DIR,
+    flagged_images_dataset,
+    flagged_rows,
+    folder_size,
+    write_gallery,
+)
 from .image_datasets import (
     DATA_FORMATS,
     add_dataset_arguments,
@@ -384,15 +403,30 @@ def write_noise_report(
     max_reference: int | None = 200_000,
     data_description: str | None = None,
     model_name: str | None = None,
+    flagged_images_per_class: int = DEFAULT_PER_CLASS,
+    thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
 ) -> dict[str, float | int | str | None]:
     """Builds the report and writes it to `output_dir` as a `datasets` dataset (`datasets.load_from_disk`), with its
-    dataset card (README.md), `pseudo_label.json`, `noise_report_summary.json` and `noise_report.png`.
+    dataset card (README.md), `pseudo_label.json`, `noise_report_summary.json` and `noise_report.png`; and, unless
+    `flagged_images_per_class` is 0, the flagged samples' thumbnails as the `flagged_images` configuration
+    (`flagged_images/`, a `datasets` folder with an `Image` column) and the gallery page `index.html` (with
+    `gallery/`), at most `flagged_images_per_class` relabelled and as many OOD samples per given class, by score,
+    `thumbnail_size` px a side (`evaluation.gallery`). Their total size is printed.
+
+    `model_name` names the scoring model on the card (default: the model's `name_or_path`); a local folder is named
+    by its absolute path, so the card says which model on this machine wrote it (`push_noise_report` names the
+    Hub repo or the folder's name instead).
 
     In several processes, each scores its share (see `build_noise_report`) and the main process writes the files.
 
     Returns:
         The summary (in every process).
     """
+    if flagged_images_per_class < 0 or thumbnail_size < 1:
+        raise ValueError(
+            f"flagged_images_per_class must be >= 0 and thumbnail_size >= 1, got {flagged_images_per_class} and "
+            f"{thumbnail_size}"
+        )
     model = load_model(model, device)
     report, skipped = _build_noise_report(
         model, dataset, batch_size, num_workers, device, amp, image_column, label_column, decision_rule,
@@ -415,8 +449,38 @@ def write_noise_report(
         (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         plot_noise_report(report, output_dir / PLOT_FILE, model.config.num_labels, names)
         model_name = model_name or getattr(model.config, "name_or_path", "")
+        if model_name and Path(model_name).exists():  # a folder of this machine: which one, unambiguously
+            model_name = str(Path(model_name).resolve())
         scorer = f"the MoPro model `{model_name}`" if model_name else "a MoPro model that was not saved"
-        card = noise_report_card(report, summary, names, scorer, data_description)
+        flagged = None
+        for stale in (output_dir / FLAGGED_CONFIG, output_dir / THUMBNAIL_DIR, output_dir / GALLERY_FILE):
+            if stale.is_dir():  # an overwritten report keeps none of the last one's images
+                shutil.rmtree(stale)
+            elif stale.exists():
+                stale.unlink()
+        if flagged_images_per_class:
+            images = _image_sources(dataset, image_column, label_column)
+            position = {sample_id: k for k, sample_id in enumerate(images.ids)}
+            sources = _Sources(images.images, [position[sample_id] for sample_id in report["id"]])
+            flagged = flagged_images_dataset(
+                report, flagged_rows(report, flagged_images_per_class), sources, thumbnail_size
+            )
+            flagged.save_to_disk(str(output_dir / FLAGGED_CONFIG))
+            write_gallery(
+                report, flagged, summary, names, output_dir, scorer, flagged_images_per_class, thumbnail_size,
+                data_description,
+            )  # fmt: skip
+            size = folder_size([output_dir / FLAGGED_CONFIG, output_dir / THUMBNAIL_DIR, output_dir / GALLERY_FILE])
+            print(
+                f"noise report: {len(flagged)} flagged images (at most {flagged_images_per_class} relabelled and "
+                f"{flagged_images_per_class} OOD per class, {thumbnail_size}-px JPEG thumbnails), "
+                f"{size / 1e6:.2f} MB in {FLAGGED_CONFIG}/, {THUMBNAIL_DIR}/ and {GALLERY_FILE}"
+            )
+        card = noise_report_card(
+            report, summary, names, scorer, data_description,
+            flagged_images=None if flagged is None else len(flagged),
+            flagged_images_per_class=flagged_images_per_class, thumbnail_size=thumbnail_size,
+        )  # fmt: skip
         (output_dir / "README.md").write_text(card)
     if is_distributed():
         shared = [summary]
@@ -425,8 +489,24 @@ def write_noise_report(
     return summary
 
 
-def push_noise_report(output_dir: str | os.PathLike, repo_id: str, private: bool = False) -> str:
-    """Publishes a written report as the dataset repo `repo_id`: its rows (parquet), card, plot and summary.
+def hub_card(card: str, model_repo_id: str | None = None) -> str:
+    """The dataset card as pushed: the scoring model named by its Hub repo id (`model_repo_id`) or, without one, by
+    its folder's name, never by the path of the machine that wrote the report."""
+    match = re.search(r"Scored by the MoPro model `([^`]+)`", card)
+    if match is None:
+        return card
+    local = match.group(1)
+    public = model_repo_id or (Path(local).name if Path(local).is_absolute() else local)
+    return card.replace(f"`{local}`", f"`{public}`")
+
+
+def push_noise_report(
+    output_dir: str | os.PathLike, repo_id: str, private: bool = False, model_repo_id: str | None = None
+) -> str:
+    """Publishes a written report as the dataset repo `repo_id`: its rows (parquet, the `default` configuration),
+    the flagged samples' thumbnails (the `flagged_images` configuration, shown by the Hub's dataset viewer), the
+    gallery page and thumbnails, card, plot and summary. The card names the model by `model_repo_id` (or the
+    folder's name: `hub_card`).
 
     Returns:
         The dataset's URL. The summary file then records it (`dataset_repo`), and a release of the model links it.
@@ -439,15 +519,46 @@ def push_noise_report(output_dir: str | os.PathLike, repo_id: str, private: bool
     check_hub_login(output="noise report")
     output_dir = Path(output_dir)
     datasets.load_from_disk(str(output_dir)).push_to_hub(repo_id, private=private)
-    api = HfApi()
-    for name in ("README.md", PLOT_FILE, SUMMARY_FILE, "pseudo_label.json"):
-        api.upload_file(
-            path_or_fileobj=str(output_dir / name), path_in_repo=name, repo_id=repo_id, repo_type="dataset"
+    if (output_dir / FLAGGED_CONFIG).is_dir():  # parquet under flagged_images/, as the card's `configs` say
+        datasets.load_from_disk(str(output_dir / FLAGGED_CONFIG)).push_to_hub(
+            repo_id, config_name=FLAGGED_CONFIG, private=private
         )
+    api = HfApi()
+    # The card last: push_to_hub rewrites README.md, and ours lists both configurations.
+    card = hub_card((output_dir / "README.md").read_text(), model_repo_id)
+    for name in (PLOT_FILE, SUMMARY_FILE, "pseudo_label.json", GALLERY_FILE):
+        if (output_dir / name).is_file():
+            api.upload_file(
+                path_or_fileobj=str(output_dir / name), path_in_repo=name, repo_id=repo_id, repo_type="dataset"
+            )
+    if (output_dir / THUMBNAIL_DIR).is_dir():
+        api.upload_folder(
+            folder_path=str(output_dir / THUMBNAIL_DIR), path_in_repo=THUMBNAIL_DIR, repo_id=repo_id,
+            repo_type="dataset",
+        )  # fmt: skip
+    api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo_id, repo_type="dataset")
     summary = json.loads((output_dir / SUMMARY_FILE).read_text())
     summary["dataset_repo"] = repo_id
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return f"https://huggingface.co/datasets/{repo_id}"
+
+
+class _Sources:
+    """The image source of each report row: `images[positions[i]]` (the report drops undecodable images)."""
+
+    def __init__(self, images, positions: list[int]) -> None:
+        self.images, self.positions = images, positions
+
+    def __getitem__(self, i: int):
+        return self.images[self.positions[i]]
+
+
+def _image_sources(dataset, image_column: str, label_column: str):
+    """The scored data as an `ImageLabelDataset` (its `ids` are the report's `id` column, its `images` the raw
+    sources), without decoding anything."""
+    if isinstance(dataset, datasets.Dataset):
+        return hf_image_dataset(dataset, None, image_column, label_column)
+    return dataset
 
 
 def _is_noise_report(folder: Path) -> bool:
@@ -504,6 +615,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--max_reference", type=positive_int, default=200_000,
                         help="neighbours are searched among at most this many samples (seeded subset)")  # fmt: skip
     parser.add_argument("--push_to_hub", metavar="REPO", default=None, help="publish the report as this dataset repo")
+    parser.add_argument("--model_repo_id", default=None,
+                        help="with --push_to_hub: the model's Hub repo, named on the pushed card (default: its folder's name)")  # fmt: skip
+    parser.add_argument("--flagged_images_per_class", type=int, default=DEFAULT_PER_CLASS,
+                        help="thumbnails of at most this many relabelled and as many OOD samples per class, by score, "
+                        "in the flagged_images configuration and index.html (0: none)")  # fmt: skip
+    parser.add_argument("--thumbnail_size", type=positive_int, default=DEFAULT_THUMBNAIL_SIZE,
+                        help="the thumbnails' longest side, in pixels")  # fmt: skip
     parser.add_argument("--private", action="store_true", help="with --push_to_hub: a private dataset repo")
     parser.add_argument("--batch_size", type=positive_int, default=256)
     parser.add_argument("--num_workers", type=int, default=8)
@@ -513,6 +631,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--webvision_version", default="v1", choices=("v1", "v2"))
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir or Path(args.model_name_or_path) / "noise_report")
+    if args.flagged_images_per_class < 0:
+        raise ValueError(f"--flagged_images_per_class must be >= 0 (0: no images), got {args.flagged_images_per_class}")
     if args.push_to_hub:  # before any work: offline or logged out, pushing fails now, not after scoring
         from .release import check_hub_login, check_hub_reachable, check_repo_id
 
@@ -530,11 +650,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     summary = write_noise_report(
         model, dataset, output_dir, args.batch_size, args.num_workers, device, args.amp,
         decision_rule=args.decision_rule, num_neighbours=args.num_neighbours, max_reference=args.max_reference,
-        data_description=description,
+        data_description=description, flagged_images_per_class=args.flagged_images_per_class,
+        thumbnail_size=args.thumbnail_size,
     )  # fmt: skip
     if state.is_main_process:
         if args.push_to_hub:
-            url = push_noise_report(output_dir, args.push_to_hub, args.private)
+            url = push_noise_report(output_dir, args.push_to_hub, args.private, args.model_repo_id)
             summary["dataset_repo"] = args.push_to_hub
             print(f"published {url}")
         print(json.dumps(summary, indent=2))
@@ -545,6 +666,7 @@ __all__ = [
     "DECISIONS",
     "DECISION_RULES",
     "build_noise_report",
+    "hub_card",
     "noise_decisions",
     "plot_noise_report",
     "process_share",

@@ -95,6 +95,9 @@ def noise_report_card(
     model_name: str,
     data_description: str | None = None,
     plot_file: str = "noise_report.png",
+    flagged_images: int | None = None,
+    flagged_images_per_class: int | None = None,
+    thumbnail_size: int | None = None,
 ) -> str:
     """The README.md of a noise report folder (or dataset repo).
 
@@ -104,13 +107,23 @@ def noise_report_card(
         class_names: Class names in label order.
         model_name: Who scored the data, as a phrase ("the MoPro model `org/name`").
         data_description: Where the data came from, one line.
+        flagged_images: Rows of the `flagged_images` configuration (None: the report has none, nor a gallery).
+        flagged_images_per_class / thumbnail_size: its bound per class and decision, and the thumbnails' size.
     """
     data = data_description or "a dataset"
+    configs = None
+    if flagged_images is not None:
+        # Both configurations, at the paths `Dataset.push_to_hub` writes them to (`data/` for the default one).
+        configs = [
+            {"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}], "default": True},
+            {"config_name": "flagged_images", "data_files": [{"split": "train", "path": "flagged_images/train-*"}]},
+        ]
     metadata = DatasetCardData(
         pretty_name=f"MoPro noise report of {data}",
         task_categories=["image-classification"],
         tags=["noisy-labels", "label-errors", "out-of-distribution", "mopro"],
         size_categories=[_size_category(len(report))],
+        configs=configs,
     )
     n = summary["num_samples"]
     counts = "\n".join(
@@ -138,6 +151,25 @@ whose given label is not its true class, counting every out-of-distribution samp
         if rule == "fitted"
         else "the training rule's fixed thresholds (the model config's `pseudo_label_threshold` and 1/K)"
     )
+    images_section = ""
+    if flagged_images is not None:
+        images_section = f"""
+## The flagged images
+
+**[Gallery](index.html)** (`index.html`, opens offline with its `gallery/` thumbnails): per given class, the relabelled
+images (given → suggested, lowest label quality first) and the out-of-distribution ones (highest OOD score first),
+with counts and this summary. The same {flagged_images} images are the `flagged_images` configuration, which the
+Hub's dataset viewer shows with their labels and scores: at most {flagged_images_per_class} relabelled and
+{flagged_images_per_class} OOD samples per given class, as JPEG thumbnails of at most {thumbnail_size} px a side,
+beside the report's columns. The full table (`default` configuration) has no images.
+
+```python
+from datasets import load_dataset, load_from_disk
+
+flagged = load_from_disk("noise_report/flagged_images")  # this folder; on the Hub:
+flagged = load_dataset("<this repo>", "flagged_images", split="train")
+```
+"""
     skipped = summary.get("num_skipped_images", 0)
     skipped_line = f"\n{skipped} undecodable image(s) were skipped and have no row." if skipped else ""
     return f"""---
@@ -154,7 +186,7 @@ the image belongs to any class at all. Scored by {model_name}.{skipped_line}
 {counts}
 
 ![decisions per given class]({plot_file})
-{truth_section}
+{images_section}{truth_section}
 ## Columns
 
 | column | meaning |

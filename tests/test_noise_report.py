@@ -292,21 +292,25 @@ def test_push_publishes_the_report_and_the_model_card_links_it(noisy_data, tmp_p
     monkeypatch.setattr(
         datasets.Dataset, "push_to_hub", lambda self, repo, **kw: calls.append(("rows", repo, len(self)))
     )
-    monkeypatch.setattr(
-        HfApi, "upload_file", lambda self, **kw: calls.append((kw["path_in_repo"], kw["repo_id"], kw["repo_type"]))
-    )
+    upload = lambda self, **kw: calls.append((kw["path_in_repo"], kw["repo_id"], kw["repo_type"]))  # noqa: E731
+    monkeypatch.setattr(HfApi, "upload_file", upload)
+    monkeypatch.setattr(HfApi, "upload_folder", upload)
     model = tiny_model(seed=1)
     noise_report.write_noise_report(model, noisy_data, tmp_path / "out", batch_size=10, num_workers=0)
     url = noise_report.push_noise_report(tmp_path / "out", "org/web-noise")
     assert url == "https://huggingface.co/datasets/org/web-noise"
-    assert calls[0] == ("rows", "org/web-noise", 32)
-    assert {c[0] for c in calls[1:]} == {
+    flagged = len(datasets.load_from_disk(str(tmp_path / "out" / "flagged_images")))
+    assert calls[:2] == [("rows", "org/web-noise", 32), ("rows", "org/web-noise", flagged)]
+    assert {c[0] for c in calls[2:]} == {
         "README.md",
         "noise_report.png",
         "noise_report_summary.json",
         "pseudo_label.json",
+        "index.html",
+        "gallery",
     }
-    assert all(c[1:] == ("org/web-noise", "dataset") for c in calls[1:])
+    assert calls[-1][0] == "README.md"  # last: Dataset.push_to_hub rewrites the card
+    assert all(c[1:] == ("org/web-noise", "dataset") for c in calls[2:])
     summary, _ = release.read_noise_summary([tmp_path / "out"])
     assert summary["dataset_repo"] == "org/web-noise"
     card = str(build_model_card(model.config, "org/model", noise_summary=summary))
