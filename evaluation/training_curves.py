@@ -75,7 +75,7 @@ def read_training_curves(state: Mapping, results: Mapping | None = None) -> Trai
                 last_epoch_before = float(epoch)
     recorded = (results or {}).get(START_KEY)
     if isinstance(recorded, (int, float)) and math.isfinite(recorded):
-        curves.correction_start = float(recorded)
+        curves.correction_start = float(recorded) if recorded >= 0 else None  # -1: correction never began
     else:
         curves.correction_start = first_corrected
     return curves

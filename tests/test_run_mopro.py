@@ -64,6 +64,7 @@ def test_demo_run_writes_model_results_and_noise_report(tmp_path, baseline):
     assert results == pytest.approx(metrics)
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
     assert (out / "preprocessor_config.json").exists()
+    assert (out / "training_curves.png").read_bytes().startswith(b"\x89PNG")  # the run as a picture
     model = AutoModelForImageClassification.from_pretrained(out)
     assert isinstance(model, MoProForImageClassification)
     assert model.config.image_size == 32 and model.config.id2label[0] == "T-shirt/top"

@@ -259,6 +259,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", metrics, combined=False)
         logger.info("results: %s", json.dumps(metrics, indent=2))
+        if training_args.do_train:  # the run as one picture, linked from the release's model card
+            from evaluation.training_curves import plot_training_curves
+
+            logger.info("training curves: %s", plot_training_curves(training_args.output_dir))
 
     if dist.is_available() and dist.is_initialized():
         # Without this, some gloo runs aborted at exit (see shared notes).
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 RUN_OUTPUTS = (
     "config.json", "model.safetensors", "model.safetensors.index.json", "preprocessor_config.json",
     "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json", "run_args.json",
-    "noise_report",
+    "noise_report", "training_curves.png",
 )  # fmt: skip
 
 
