@@ -38,7 +38,22 @@ CITATION = """@inproceedings{li2021mopro,
 
 NOT_RECORDED = "not recorded"
 RUN_ARGS_FILE = "run_args.json"
+CURVES_FILE = "training_curves.png"  # `evaluation.training_curves`, copied beside the card by the release
 _WEBVISION_NAMES = {"v1": "WebVision 1.0", "v2": "WebVision 2.0"}
+
+
+@dataclass(frozen=True)
+class ModelComplexity:
+    """The cost of one forward of the released model on one image (`evaluation.release.measure_complexity`).
+
+    `macs`: multiply-accumulates (1 MAC = 2 FLOPs: a multiply and an add) of the convolutions and matrix products;
+    `activations`: elements of their outputs, the count timm's model cards report (fvcore's convention).
+    """
+
+    parameters: int
+    macs: int
+    activations: int
+    image_size: int
 
 
 @dataclass(frozen=True)
@@ -107,6 +122,8 @@ def build_model_card(
     interpolation: str = "bilinear",
     resize_size: int | None = None,
     run_args: Mapping[str, Any] | None = None,
+    complexity: ModelComplexity | None = None,
+    curves_file: str | None = None,
 ) -> ModelCard:
     """The model card of a release.
 
@@ -127,6 +144,8 @@ def build_model_card(
             size: the official 256/224 ratio at `config.image_size`).
         run_args: the run's `run_args.json` (`model_args`, `data_args`, `training_args` as dicts), if saved. The card
             states only what it records: the data, schedule and epochs of a run without it are "not recorded".
+        complexity: parameters, MACs and activations at the image size (`measure_complexity`), for the summary.
+        curves_file: the run's training-curve picture, relative to the card (None: the run has none).
     """
     model_name = model_name or repo_id.split("/")[-1]
     data = describe_training_data(run_args)
@@ -146,15 +165,50 @@ def build_model_card(
     )
     sections = [
         f"# {model_name}",
+        _at_a_glance(config, complexity, data, noise_summary, eval_results),
         _description(config, num_parameters, description, image_mean, image_std, interpolation, resize_size),
         _intended_use(data),
         _how_to_use(config, repo_id, timm_repo_id),
-        _training(config, noise_summary, training_state, data, (run_args or {}).get("training_args")),
+        _training(config, noise_summary, training_state, data, (run_args or {}).get("training_args"), curves_file),
         _results(eval_results),
         _limitations(config, data),
         f"## Citation\n\n```bibtex\n{CITATION}\n```",
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def _at_a_glance(
+    config: MoProConfig,
+    complexity: ModelComplexity | None,
+    data: TrainingData,
+    noise_summary: Mapping[str, Any] | None,
+    eval_results: Sequence[EvalResult],
+) -> str:
+    """The summary a visitor reads first, as timm's cards give it: size and cost at the image size, the data, and the
+    headline results (every result is in the `model-index` and the results section)."""
+    rows = [("backbone", _backbone_text(config)), ("classes", config.num_labels)]
+    if complexity is not None:
+        rows += [
+            ("parameters (M)", f"{complexity.parameters / 1e6:.3g}"),
+            ("GMACs", f"{complexity.macs / 1e9:.3g}"),
+            ("activations (M)", f"{complexity.activations / 1e6:.3g}"),
+        ]
+    rows.append(("image size", f"{config.image_size} x {config.image_size}"))
+    num_samples = (noise_summary or {}).get("num_samples")
+    size = f"; {num_samples} training samples" if isinstance(num_samples, int) else ""
+    rows.append(("training data", f"{data.name}{size}"))
+    for result in [r for r in eval_results if r.metric_type != "loss"][:3]:
+        metric = result.metric_name or result.metric_type
+        rows.append((f"{metric} ({result.dataset_name})", _format_value(result.metric_value)))
+    table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    note = (
+        f"\n\nComputed for one {complexity.image_size}-px image through the released model (backbone, classifier and "
+        "projection): GMACs are 10^9 multiply-accumulates (one MAC = two FLOPs), activations the elements output by "
+        "its convolutions and matrix products, as timm's model cards count them."
+        if complexity is not None
+        else ""
+    )
+    return f"## At a glance\n\n{table}{note}"
 
 
 def _backbone_text(config: MoProConfig) -> str:
@@ -292,6 +346,7 @@ def _training(
     training_state: Mapping[str, Any] | None,
     data: TrainingData,
     training_args: Mapping[str, Any] | None,
+    curves_file: str | None = None,
 ) -> str:
     rows = [("training data", data.name), *_schedule_rows(training_args)]
     rows += [
@@ -319,15 +374,29 @@ kept samples. The table gives this model's own settings: its config, and the dat
 the run recorded them (`{RUN_ARGS_FILE}`, `trainer_state.json`).
 
 {table}"""
+    if curves_file:
+        text += f"""
+
+### Training curves
+
+Per epoch: clean accuracy, the loss components, the training samples kept, relabelled and dropped as
+out-of-distribution, and the correction schedule's signals; the dashed line marks where noise correction starts
+(`python -m evaluation.training_curves RUN` draws it from the run's `trainer_state.json`).
+
+![training curves]({curves_file})"""
     if noise_summary:
         noise_summary = dict(noise_summary)
         repo = noise_summary.pop("dataset_repo", None)
         stats = "\n".join(f"| {k} | {_format_value(v)} |" for k, v in noise_summary.items())
         published = (
             f" The per-sample report (suggested labels, label-quality and OOD scores) is the dataset "
-            f"[{repo}](https://huggingface.co/datasets/{repo})."
+            f"[{repo}](https://huggingface.co/datasets/{repo}); the images it relabelled or dropped are its "
+            f"[`flagged_images` configuration](https://huggingface.co/datasets/{repo}/viewer/flagged_images) and "
+            f"its gallery page [`index.html`](https://huggingface.co/datasets/{repo}/blob/main/index.html) "
+            "(download the repo and open it in a browser)."
             if repo
-            else ""
+            else " The per-sample report and its image gallery are in the run's output folder: `noise_report/` "
+            "(`datasets.load_from_disk`) and `noise_report/index.html`."
         )
         text += f"""
 
@@ -386,4 +455,13 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-__all__ = ["CITATION", "NOT_RECORDED", "RUN_ARGS_FILE", "TrainingData", "build_model_card", "describe_training_data"]
+__all__ = [
+    "CITATION",
+    "CURVES_FILE",
+    "NOT_RECORDED",
+    "RUN_ARGS_FILE",
+    "ModelComplexity",
+    "TrainingData",
+    "build_model_card",
+    "describe_training_data",
+]

@@ -10,6 +10,7 @@ Release folder:
     model.safetensors, config.json, *.py    the release model with `auto_map` and its code (remote code)
     preprocessor_config.json                the image processor (resize short side to 256/224 x size, centre crop)
     README.md                               the model card (`evaluation.model_card`), `model-index` in its YAML
+    training_curves.png                     the run's curves (`evaluation.training_curves`), when model_dir has them
     results/                                copies of the result files the card was built from
     timm/model.safetensors, timm/config.json
                                             backbone + classifier as a plain timm model (`export_timm`)
@@ -70,7 +71,7 @@ from urllib.parse import urlparse
 from huggingface_hub import EvalResult, HfApi, ModelCard, constants, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .model_card import RUN_ARGS_FILE, build_model_card, describe_training_data
+from .model_card import CURVES_FILE, RUN_ARGS_FILE, ModelComplexity, build_model_card, describe_training_data
 
 if TYPE_CHECKING:
     from modeling_mopro import MoProForImageClassification
@@ -242,6 +243,42 @@ def read_run_args(model_dir: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(model_dir) / RUN_ARGS_FILE
     objects = _json_objects(path) if path.is_file() else []
     return objects[0] if objects else None
+
+
+def measure_complexity(model) -> ModelComplexity:
+    """Parameters, MACs and activations of one forward of `model` on one `config.image_size` image, counted (not
+    looked up): MACs are half the FLOPs `torch.utils.flop_counter` counts for convolutions and matrix products (it
+    counts 2 per multiply-accumulate); activations are the elements those layers output (`nn.Conv*` and
+    `nn.Linear` forward hooks), the figure timm's model cards give."""
+    import torch
+    from torch import nn
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = model.config.image_size
+    parameter = next(model.parameters())
+    pixel_values = torch.zeros(1, 3, size, size, dtype=parameter.dtype, device=parameter.device)
+    activations = []
+
+    def count(module, inputs, output):
+        activations.append(output.numel())
+
+    layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, layers)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(pixel_values)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return ModelComplexity(
+        parameters=sum(p.numel() for p in model.parameters()),
+        macs=counter.get_total_flops() // 2,
+        activations=sum(activations),
+        image_size=size,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -560,6 +597,9 @@ def make_release(
     for source in [*sources, *([noise_source] if noise_source else [])]:
         (release_dir / "results").mkdir(exist_ok=True)
         shutil.copy2(source, release_dir / "results" / source.name)
+    curves = model_dir / CURVES_FILE  # written by run_mopro.py (or `python -m evaluation.training_curves`)
+    if curves.is_file():
+        shutil.copy2(curves, release_dir / CURVES_FILE)
     card = build_model_card(
         model.config,
         repo_id,
@@ -577,6 +617,8 @@ def make_release(
         interpolation=_interpolation(processor),
         resize_size=int(processor.size["shortest_edge"] / processor.crop_pct),
         run_args=run_args,
+        complexity=measure_complexity(model),
+        curves_file=CURVES_FILE if curves.is_file() else None,
     )
     card.save(release_dir / "README.md")
     logger.info("Release in %s: %d results from %s", release_dir, len(eval_results), [s.name for s in sources])
@@ -641,6 +683,7 @@ __all__ = [
     "export_timm",
     "load_release_model",
     "make_release",
+    "measure_complexity",
     "push_release",
     "read_noise_summary",
     "read_result_file",

@@ -511,3 +511,63 @@ def test_card_and_timm_export_follow_the_saved_image_processor(trained, tmp_path
     assert f"resize the short side to {2 * image_size} px, centre-crop {image_size} px\n  (bicubic)" in text
     timm_config = json.loads((tmp_path / "out" / "timm" / "config.json").read_text())["pretrained_cfg"]
     assert (timm_config["interpolation"], timm_config["crop_pct"]) == ("bicubic", 0.5)
+
+
+def test_complexity_is_counted_not_looked_up(trained):
+    """MACs and activations against an independent count: each convolution's output elements times its
+    in-channels-per-group x kernel area, each linear layer's output elements times its in-features."""
+    from torch import nn
+
+    from evaluation.release import measure_complexity
+
+    model = trained["model"].to_release_model().eval()
+    macs, activations = [], []
+
+    def count(module, inputs, output):
+        activations.append(output.numel())
+        if isinstance(module, nn.Conv2d):
+            macs.append(output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size))
+        else:
+            macs.append(output.numel() * module.in_features)
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, model.config.image_size, model.config.image_size))
+    for hook in hooks:
+        hook.remove()
+    complexity = measure_complexity(model)
+    assert complexity.macs == sum(macs) > 0 and complexity.activations == sum(activations)
+    assert complexity.parameters == sum(p.numel() for p in model.parameters())
+    assert complexity.image_size == model.config.image_size == 32
+
+
+def test_card_at_a_glance_curves_and_noise_report_links(trained, tmp_path):
+    from evaluation.release import measure_complexity
+
+    results = {"all_results.json": {"epoch": 20.0, "eval_accuracy": 0.7157}}
+    folder = _run_folder(trained, tmp_path / "run", WEBVISION_RUN_ARGS, results, epochs=20)
+    (folder / "noise_report_summary.json").write_text(json.dumps({"num_samples": 5000, "num_ood": 893}))
+    png = b"\x89PNG\r\n\x1a\n" + b"curves"
+    (folder / "training_curves.png").write_bytes(png)
+    make_release(folder, tmp_path / "out", repo_id=REPO_ID, timm_export=False)
+    text = (tmp_path / "out" / "README.md").read_text()
+    complexity = measure_complexity(trained["model"].to_release_model())
+    glance = text.split("## At a glance", 1)[1].split("\n## ", 1)[0]
+    assert f"| parameters (M) | {complexity.parameters / 1e6:.3g} |" in glance
+    assert f"| GMACs | {complexity.macs / 1e9:.3g} |" in glance and "one MAC = two FLOPs" in glance
+    assert f"| activations (M) | {complexity.activations / 1e6:.3g} |" in glance
+    assert "| image size | 32 x 32 |" in glance and "| training data | WebVision 1.0; 5000 training samples |" in glance
+    assert "| accuracy (WebVision 1.0 (val)) | 0.7157 |" in glance
+    # The curves travel with the card; the noise report and its gallery are named where they are.
+    assert (tmp_path / "out" / "training_curves.png").read_bytes() == png
+    assert "![training curves](training_curves.png)" in text
+    assert "`noise_report/index.html`" in text and str(tmp_path) not in text
+    summary = {"num_samples": 5000, "dataset_repo": "org/web-noise"}
+    from evaluation.model_card import build_model_card
+
+    pushed = str(build_model_card(trained["model"].config, REPO_ID, noise_summary=summary))
+    assert "https://huggingface.co/datasets/org/web-noise/viewer/flagged_images" in pushed
+    assert "https://huggingface.co/datasets/org/web-noise/blob/main/index.html" in pushed
+    # Without a curves file or a measured model, the card says nothing of them.
+    bare = str(build_model_card(trained["model"].config, REPO_ID))
+    assert "training curves" not in bare and "GMACs" not in bare
