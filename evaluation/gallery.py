@@ -102,6 +102,7 @@ figure img { width: 96px; height: 96px; object-fit: contain; image-rendering: pi
              border: 2px solid #e69f00; }
 section.ood figure img { border-color: #d55e00; }
 figcaption { overflow-wrap: anywhere; } .muted { color: #777; } .layout { display: flex; gap: 2em; flex-wrap: wrap; }
+img.plot { max-width: 400px; }
 """
 
 
@@ -164,9 +165,9 @@ def write_gallery(
     truth = [(text, _format_measure(key, summary[key])) for key, text in TRUTH_ROWS if key in summary]
     truth_table = ""
     if truth:
-        rows = "\n".join(f'<tr><td>{html.escape(t)}</td><td class="n">{v}</td></tr>' for t, v in truth)
+        rows = "\n".join(f'<tr><td>{_code_spans(t)}</td><td class="n">{v}</td></tr>' for t, v in truth)
         truth_table = f"<div><h3>Against the ground truth</h3><table>{rows}</table></div>"
-    plot = f'<div><img src="{plot_file}" alt="decisions per given class" style="max-width:520px"></div>' if plot_file else ""
+    plot = f'<div><img src="{plot_file}" alt="decisions per given class" class="plot"></div>' if plot_file else ""
 
     flagged_classes = [c for c in range(num_classes) if counts["relabelled"][c] or counts["ood"][c]]
     sections = []
@@ -211,10 +212,10 @@ relabelled (given &rarr; suggested) and the ones it found out of distribution, a
 as {thumbnail_size}-px thumbnails ({len(flagged)} images shown). The full per-sample table is the report dataset;
 these images are also its <code>{FLAGGED_CONFIG}</code> configuration.</p>
 <div class="layout"><div><h3>Decisions</h3><table><tr><th>decision</th><th>samples</th><th>share</th></tr>
-{decision_rows}</table></div>{truth_table}{plot}</div>
+{decision_rows}</table>
 <h3>Classes with flagged samples ({len(flagged_classes)} of {num_classes}{f"; {unflagged} with none are not shown" if unflagged else ""})</h3>
 <table><tr><th>class</th><th>samples</th><th>relabelled</th><th>OOD</th></tr>
-{index_rows}</table>
+{index_rows}</table></div>{truth_table}{plot}</div>
 {"".join(sections)}
 </body></html>
 """
