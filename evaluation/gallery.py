@@ -189,7 +189,7 @@ def write_gallery(
             f'<div class="class" id="class-{c}" data-label="{c}" data-samples="{int(counts["samples"][c])}" '
             f'data-relabelled="{int(counts["relabelled"][c])}" data-ood="{int(counts["ood"][c])}" '
             f'data-shown="{sum(len(shown.get((c, n), [])) for n in RANKING)}">'
-            f"<h2>{c} &middot; {html.escape(class_names[c])} <span class=\"muted\">({int(counts['samples'][c])} "
+            f'<h2>{c} &middot; {html.escape(class_names[c])} <span class="muted">({int(counts["samples"][c])} '
             f"samples: {int(counts['relabelled'][c])} relabelled, {int(counts['ood'][c])} OOD)</span></h2>"
             + "".join(parts)
             + "</div>"

@@ -632,7 +632,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir or Path(args.model_name_or_path) / "noise_report")
     if args.flagged_images_per_class < 0:
-        raise ValueError(f"--flagged_images_per_class must be >= 0 (0: no images), got {args.flagged_images_per_class}")
+        raise ValueError(
+            f"--flagged_images_per_class must be >= 0 (0: no images), got {args.flagged_images_per_class}"
+        )
     if args.push_to_hub:  # before any work: offline or logged out, pushing fails now, not after scoring
         from .release import check_hub_login, check_hub_reachable, check_repo_id
 

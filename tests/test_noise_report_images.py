@@ -3,7 +3,6 @@ per class), the offline gallery page, and cards that name the scoring model with
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -17,7 +16,7 @@ import pytest
 from PIL import Image
 
 from evaluation import gallery, noise_report
-from tests.fixtures_eval import noisy_hf_dataset, tiny_model
+from tests.fixtures_eval import noisy_hf_dataset
 from tests.test_noise_report import save_noise_model
 
 REPORT_COLUMNS = ("id", "given_label", "suggested_label", "decision", "label_quality", "ood_score", "true_label")
@@ -117,8 +116,13 @@ def test_no_images_when_asked(written, tmp_path, capsys):
     noise_report.write_noise_report(model_dir, data, out, batch_size=16, num_workers=0, flagged_images_per_class=0)
     assert not (out / gallery.FLAGGED_CONFIG).exists() and not (out / gallery.GALLERY_FILE).exists()
     assert "configs" not in (out / "README.md").read_text()
-    with pytest.raises(SystemExit):
-        noise_report.main(["--model_name_or_path", str(model_dir), "--data_dir", "x", "--thumbnail_size", "0"])
+    # Bad bounds: a one-line error before any scoring (exit 2), as every flag of the command.
+    from training.cli import run_command
+
+    for flag, value in (("--flagged_images_per_class", "-1"), ("--thumbnail_size", "0")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_command(noise_report.main, ["--model_name_or_path", str(model_dir), "--data_dir", "x", flag, value])
+        assert exit_info.value.code == 2 and flag in capsys.readouterr().err
 
 
 def test_sizes_are_printed(written, tmp_path, capsys):
@@ -230,7 +234,10 @@ def test_gallery_renders_in_a_browser(written, tmp_path):
     assert seen["totals"] == {name: summary[f"num_{name}"] for name in ("clean", "relabelled", "ood")}
     given, decision = np.asarray(report["given_label"]), np.asarray(report["decision"])
     expected = {
-        int(c): (int(((given == c) & (decision == "relabelled")).sum()), int(((given == c) & (decision == "ood")).sum()))
+        int(c): (
+            int(((given == c) & (decision == "relabelled")).sum()),
+            int(((given == c) & (decision == "ood")).sum()),
+        )
         for c in np.unique(given[decision != "clean"])
     }
     assert {c["label"]: (c["relabelled"], c["ood"]) for c in seen["classes"]} == expected

@@ -556,7 +556,9 @@ def test_card_at_a_glance_curves_and_noise_report_links(trained, tmp_path):
     assert f"| parameters (M) | {complexity.parameters / 1e6:.3g} |" in glance
     assert f"| GMACs | {complexity.macs / 1e9:.3g} |" in glance and "one MAC = two FLOPs" in glance
     assert f"| activations (M) | {complexity.activations / 1e6:.3g} |" in glance
-    assert "| image size | 32 x 32 |" in glance and "| training data | WebVision 1.0; 5000 training samples |" in glance
+    assert (
+        "| image size | 32 x 32 |" in glance and "| training data | WebVision 1.0; 5000 training samples |" in glance
+    )
     assert "| accuracy (WebVision 1.0 (val)) | 0.7157 |" in glance
     # The curves travel with the card; the noise report and its gallery are named where they are.
     assert (tmp_path / "out" / "training_curves.png").read_bytes() == png

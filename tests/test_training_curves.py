@@ -40,7 +40,10 @@ def test_series_and_correction_start():
     # The run's own record wins; -1 (never began) and no correction at all mark nothing.
     recorded = {training_curves.START_KEY: 2.0}
     assert training_curves.read_training_curves(trainer_state(5), recorded).correction_start == 2.0
-    assert training_curves.read_training_curves(trainer_state(None), {training_curves.START_KEY: -1}).correction_start is None
+    assert (
+        training_curves.read_training_curves(trainer_state(None), {training_curves.START_KEY: -1}).correction_start
+        is None
+    )
     assert training_curves.read_training_curves(trainer_state(None)).correction_start is None
 
 
