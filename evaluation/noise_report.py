@@ -49,6 +49,7 @@ main process in dataset order, and the main process computes the neighbour score
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import os
 import re
@@ -489,15 +490,19 @@ def write_noise_report(
     return summary
 
 
-def hub_card(card: str, model_repo_id: str | None = None) -> str:
-    """The dataset card as pushed: the scoring model named by its Hub repo id (`model_repo_id`) or, without one, by
-    its folder's name, never by the path of the machine that wrote the report."""
+def hub_card(card: str, model_repo_id: str | None = None, page: str | None = None) -> tuple[str, str | None]:
+    """The dataset card and the gallery `page` as pushed: the scoring model named by its Hub repo id
+    (`model_repo_id`) or, without one, by its folder's name, never by the path of the machine that wrote the report.
+    """
     match = re.search(r"Scored by the MoPro model `([^`]+)`", card)
     if match is None:
-        return card
+        return card, page
     local = match.group(1)
     public = model_repo_id or (Path(local).name if Path(local).is_absolute() else local)
-    return card.replace(f"`{local}`", f"`{public}`")
+    card = card.replace(f"`{local}`", f"`{public}`")
+    if page is not None:  # the gallery writes the name as the card does, in a <code> span
+        page = page.replace(f"<code>{html.escape(local)}</code>", f"<code>{html.escape(public)}</code>")
+    return card, page
 
 
 def push_noise_report(
@@ -525,8 +530,15 @@ def push_noise_report(
         )
     api = HfApi()
     # The card last: push_to_hub rewrites README.md, and ours lists both configurations.
-    card = hub_card((output_dir / "README.md").read_text(), model_repo_id)
-    for name in (PLOT_FILE, SUMMARY_FILE, "pseudo_label.json", GALLERY_FILE):
+    gallery_page = output_dir / GALLERY_FILE
+    card, page = hub_card(
+        (output_dir / "README.md").read_text(),
+        model_repo_id,
+        gallery_page.read_text(encoding="utf-8") if gallery_page.is_file() else None,
+    )
+    if page is not None:
+        api.upload_file(path_or_fileobj=page.encode(), path_in_repo=GALLERY_FILE, repo_id=repo_id, repo_type="dataset")
+    for name in (PLOT_FILE, SUMMARY_FILE, "pseudo_label.json"):
         if (output_dir / name).is_file():
             api.upload_file(
                 path_or_fileobj=str(output_dir / name), path_in_repo=name, repo_id=repo_id, repo_type="dataset"

@@ -80,7 +80,7 @@ def test_flagged_images_load_as_the_hub_configuration(written, tmp_path):
     (repo / gallery.FLAGGED_CONFIG).mkdir()
     report.to_parquet(str(repo / "data" / "train-00000-of-00001.parquet"))
     flagged.to_parquet(str(repo / gallery.FLAGGED_CONFIG / "train-00000-of-00001.parquet"))
-    (repo / "README.md").write_text(noise_report.hub_card((out / "README.md").read_text(), "org/model"))
+    (repo / "README.md").write_text(noise_report.hub_card((out / "README.md").read_text(), "org/model")[0])
     loaded = datasets.load_dataset(str(repo), gallery.FLAGGED_CONFIG, split="train")
     assert isinstance(loaded.features["image"], datasets.Image)
     assert rows_by_id(loaded) == rows_by_id(flagged)
@@ -149,6 +149,7 @@ def test_local_card_names_the_model_by_absolute_path_and_the_pushed_card_never(w
     )
     local = (out / "README.md").read_text()
     assert f"Scored by the MoPro model `{model_dir.resolve()}`." in local
+    assert f"<code>{model_dir.resolve()}</code>" in (out / gallery.GALLERY_FILE).read_text()  # the page too
 
     monkeypatch.setattr(release, "check_hub_reachable", lambda **kwargs: None)
     monkeypatch.setattr(release, "check_hub_login", lambda **kwargs: None)
@@ -165,9 +166,11 @@ def test_local_card_names_the_model_by_absolute_path_and_the_pushed_card_never(w
     for model_repo_id, named in (("org/web-model", "`org/web-model`"), (None, f"`{model_dir.name}`")):
         pushed.clear()
         noise_report.push_noise_report(out, "org/web-noise", model_repo_id=model_repo_id)
-        card = pushed["README.md"].decode()
+        card, page = pushed["README.md"].decode(), pushed[gallery.GALLERY_FILE].decode()
         assert f"Scored by the MoPro model {named}." in card
-        assert str(model_dir.resolve()) not in card and str(tmp_path) not in card
+        assert f"scored by the MoPro model <code>{named.strip('`')}</code>." in page
+        for text in (card, page):
+            assert str(model_dir.resolve()) not in text and str(tmp_path) not in text
     assert configs[:2] == [("default", 32, False), (gallery.FLAGGED_CONFIG, len(datasets.load_from_disk(
         str(out / gallery.FLAGGED_CONFIG))), True)]  # fmt: skip
     assert {"index.html", "gallery/", "noise_report.png"} <= set(pushed)
