@@ -11,8 +11,8 @@ RandomResizedCrop 0.2-1 + flip), optimiser and number of epochs, through `MoProT
   same features) flags out-of-distribution images.
 
     pip install -e ".[bench]"                                  # cleanlab, for this benchmark only
-    python bench/label_noise_benchmark.py train --method mopro --seed 0
-    python bench/label_noise_benchmark.py train --method cleanlab --seed 0
+    python bench/label_noise_benchmark.py train --method mopro --seed 0 --epochs 30
+    python bench/label_noise_benchmark.py train --method cleanlab --seed 0 --epochs 30
     python bench/label_noise_benchmark.py report               # table + figure from every finished run
     python bench/label_noise_benchmark.py cost --epochs 3      # training time of each method alone, A/B
 
