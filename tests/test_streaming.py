@@ -144,6 +144,15 @@ def test_a_resumed_streamed_run_ends_as_the_straight_one(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_persistent_workers_are_refused_when_streaming(tmp_path):
+    trainer = tiny_trainer(
+        str(tmp_path), streamed(12, 2), collator=ids_only, samples_per_epoch=12, dataloader_num_workers=1,
+        dataloader_persistent_workers=True, accelerator_config={"dispatch_batches": False},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="persistent workers keep the first pass"):
+        trainer.get_train_dataloader()
+
+
 def test_streamed_epochs_validates_its_arguments():
     from training.data import StreamedEpochs
 

@@ -317,6 +317,11 @@ class MoProTrainer(Trainer):
         dataloader = super().get_train_dataloader()
         if hasattr(self.train_dataset, "__len__") or not self.args.samples_per_epoch:
             return dataloader
+        if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
+            raise ValueError(
+                "--dataloader_persistent_workers true with a streamed training set: persistent workers keep the "
+                "first pass's shard order and augmentation seeds for every pass; leave it false when streaming."
+            )
         steps = self.steps_per_epoch()
         budget = self.args.max_steps if self.args.max_steps > 0 else math.ceil(self.args.num_train_epochs) * steps
         return StreamedEpochs(
