@@ -32,10 +32,18 @@ MODEL = [
 
 
 class EpochCollator(MoProCollator):
-    """Adds to each batch the epoch number its views were seeded with (``view_epoch``)."""
+    """Adds to each batch the epoch number its views were seeded with (``view_epoch``), and records the sample ids
+    of the batches it decodes (workers = 0: in this process)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decoded: list[list[int]] = []
 
     def __call__(self, examples):
-        return {**super().__call__(examples), "view_epoch": torch.tensor(self.epoch)}
+        batch = super().__call__(examples)
+        if "sample_ids" in batch:
+            self.decoded.append(batch["sample_ids"].tolist())
+        return {**batch, "view_epoch": torch.tensor(self.epoch)}
 
 
 def record_trained_batches(trainer) -> list[tuple[int, list[int]]]:
@@ -131,7 +139,8 @@ class StopAfterStep(TrainerCallback):
 
 def test_a_resumed_streamed_run_ends_as_the_straight_one(tmp_path):
     """A checkpoint after step 5 (epoch 1, step 1) resumes in epoch 1: its stream from the start with the first
-    batch left out (read, not trained on), then the 3 batches the straight run took, with the same views."""
+    batch left out (read, neither decoded nor trained on), then the 3 batches the straight run took, with the same
+    views."""
     straight, straight_batches = streamed_trainer(tmp_path, "straight")
     straight.train()
     first, _ = streamed_trainer(tmp_path, "resumed", save_strategy="steps", save_steps=5)
@@ -140,6 +149,7 @@ def test_a_resumed_streamed_run_ends_as_the_straight_one(tmp_path):
     resumed, resumed_batches = streamed_trainer(tmp_path, "resumed")
     resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-5"))
     assert resumed.state.global_step == 8 and resumed_batches == straight_batches[5:]
+    assert straight_batches[4][1] not in resumed.data_collator.decoded  # the skipped batch was never decoded
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 

@@ -303,6 +303,8 @@ def build_datasets(
 
 def _batch_examples(batch: dict) -> int:
     """Examples a collated batch was made of: its rows plus the undecodable images the collator dropped."""
+    if "skipped_examples" in batch:  # left undecoded (`MoProCollator.skip_first_batches`)
+        return int(batch["skipped_examples"])
     skipped = batch.get("num_skipped_images")
     rows = next((len(value) for value in batch.values() if hasattr(value, "__len__") and value.ndim > 0), 0)
     return rows + (int(skipped) if skipped is not None else 0)
@@ -361,7 +363,10 @@ class StreamedEpochs:
         self.epoch = int(epoch)
 
     def skipping(self, num_batches: int) -> StreamedEpochs:
-        """The same epochs, the first ``num_batches`` batches of the current one read and left out (a resume)."""
+        """The same epochs, the first ``num_batches`` batches of the current one read and left out (a resume).
+
+        The stream is read from the epoch's start (samples are only read, and with a `MoProCollator` not decoded:
+        `MoProCollator.skip_first_batches`), so the batches that follow are those of the interrupted run."""
         copy = StreamedEpochs(
             self.dataloader, self.batches_per_epoch, self.num_epochs, self.batch_size, self.drop_last,
             self.collator, num_batches,
@@ -379,6 +384,9 @@ class StreamedEpochs:
             self.dataloader.set_epoch(number)
             if hasattr(self.collator, "set_epoch"):
                 self.collator.set_epoch(number)  # before the workers start (they copy the collator)
+            if hasattr(self.collator, "skip_first_batches"):  # a resume: the batches to leave out, undecoded
+                workers = getattr(self.dataloader, "num_workers", 0)
+                self.collator.skip_first_batches(max(self.skip_batches - taken, 0), workers)
             full_batches = 0
             batches = iter(self.dataloader)
             try:
@@ -388,6 +396,8 @@ class StreamedEpochs:
                     full_batches += 1
                     taken += 1
                     if taken > self.skip_batches:
+                        if "skipped_examples" in batch:
+                            raise RuntimeError(f"batch {taken} of the epoch was left undecoded, but is to be trained on")
                         yield batch
                     if taken == self.batches_per_epoch:
                         return
