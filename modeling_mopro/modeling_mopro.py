@@ -583,6 +583,7 @@ class MoProForPreTraining(MoProPreTrainedModel):
         self.validate_labels = True
         # (mean, std) when key batches arrive as uint8 (`set_key_pixel_normalization`); None: they arrive normalised.
         self.key_pixel_normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        self._key_normalization_tensors = None
         self.post_init()
 
     @torch.no_grad()
@@ -651,8 +652,13 @@ class MoProForPreTraining(MoProPreTrainedModel):
                 "pixel_values_key is uint8 but the model has no key normalisation: call "
                 "`set_key_pixel_normalization(mean, std)` or pass normalised float keys."
             )
-        mean, std = (torch.tensor(v, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
-                     for v in self.key_pixel_normalization)  # fmt: skip
+        # Made once per device (a host-to-device copy at every step could wait for the device).
+        cached = self._key_normalization_tensors
+        if cached is None or cached[0] != (self.key_pixel_normalization, pixels.device):
+            mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(pixels.device)
+                         for v in self.key_pixel_normalization)  # fmt: skip
+            cached = self._key_normalization_tensors = ((self.key_pixel_normalization, pixels.device), mean, std)
+        _, mean, std = cached
         return pixels.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
     def _check_training_precision(self) -> None:

@@ -119,7 +119,7 @@ def update_prototypes(
     position = torch.empty_like(position_sorted)
     position[order] = position_sorted
     later = counts[labels] - 1 - position  # (N,) same-class samples after this one
-    momentum_t = torch.tensor(momentum, dtype=dtype, device=device)
+    momentum_t = torch.full((), momentum, dtype=dtype, device=device)  # a fill, not a host-to-device copy
     weights = (1 - momentum) * torch.pow(momentum_t, later.to(dtype))
     decay = torch.pow(momentum_t, counts[:num_classes].to(dtype))  # (K,)
     new = prototypes.to(dtype) * decay[:, None]
