@@ -269,3 +269,14 @@ def test_uint8_keys_through_cross_process_shuffle_bn_equal_float_keys(tmp_path):
         keys = torch.load(tmp_path / f"keys{rank}.pt", weights_only=True)
         assert keys["uint8"].shape == (4 + rank, tester.get_config().embedding_size)
         assert torch.equal(keys["uint8"], keys["float"])
+
+
+def test_auto_dataloader_workers_sizes_the_loader_to_the_cores(tmp_path):
+    from training.trainer import auto_dataloader_workers, available_cores
+
+    assert auto_dataloader_workers(16, 1) == (15, 4)  # one GPU on the benchmark machine
+    assert auto_dataloader_workers(96, 8) == (11, 4)  # 8 GPUs sharing 96 cores
+    assert auto_dataloader_workers(2, 4) == (1, 4)  # never fewer than one worker
+    trainer = tiny_trainer(str(tmp_path), tiny_image_dataset(12), auto_dataloader_workers=True)
+    assert trainer.args.dataloader_num_workers == max(available_cores() - 1, 1)
+    assert trainer.args.dataloader_prefetch_factor == 4

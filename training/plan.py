@@ -198,6 +198,9 @@ def speed_options(training_args) -> list[dict[str, str]]:
     if training_args.uint8_key_batches:
         options.append({"name": "uint8_key_batches", "effect": "key batches gathered as uint8 (1/4 of the bytes) and "
                         "normalised after shuffle-BN's gather: the same keys"})  # fmt: skip
+    if training_args.auto_dataloader_workers:
+        options.append({"name": "auto_dataloader_workers", "effect": "DataLoader workers = the process's share of the "
+                        "CPU cores - 1, prefetch 4: speed only"})  # fmt: skip
     if training_args.gpu_augment:
         options.append({"name": "gpu_augment", "effect": "JPEG decode and both views on the GPU: the CPU path's "
                         "distributions, other random draws (views no longer tied to (seed, epoch, sample id))"})  # fmt: skip

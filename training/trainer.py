@@ -166,6 +166,23 @@ def _check_momentum_bn_groups(model, args) -> None:
         )
 
 
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity mask, as under a container's or a scheduler's CPU limit)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def auto_dataloader_workers(cores: int, local_processes: int) -> tuple[int, int]:
+    """(workers, prefetch factor) for one of `local_processes` training processes sharing `cores`.
+
+    Each process gets its share of the cores, less one for itself (it feeds the GPU: collation results, copies,
+    the optimizer step's Python). At ~480 images/s per core for the two views (BENCHMARKS.md), a 32-image
+    per-rank step at 2,000 images/s needs 4-5 worker cores: 8 GPUs want 40+ cores. Prefetch 4 batches per worker
+    rides out slow files (web JPEGs vary 10x in size) without much memory (uint8 views: ~10 MB per batch).
+    """
+    share = max(cores // max(local_processes, 1), 1)
+    return max(share - 1, 1), 4
+
+
 class MoProTrainer(Trainer):
     """Trainer for `MoProForPreTraining` (or, with `args.baseline == "ce"`, for a plain CE classifier).
 
@@ -318,6 +335,14 @@ class MoProTrainer(Trainer):
                 if transforms is None:
                     raise ValueError("--uint8_key_batches needs a MoProCollator (its transforms hold mean and std).")
                 model.set_key_pixel_normalization(transforms.mean, transforms.std)
+        if args.auto_dataloader_workers:
+            args.dataloader_num_workers, args.dataloader_prefetch_factor = auto_dataloader_workers(
+                available_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            )
+            logger.info(
+                "--auto_dataloader_workers: %d workers per process, prefetch factor %d",
+                args.dataloader_num_workers, args.dataloader_prefetch_factor,
+            )  # fmt: skip
         self._view_augment = None
         if args.gpu_augment:
             view_augment = getattr(self.data_collator, "view_augment", None)
