@@ -331,6 +331,11 @@ class MoProTrainer(Trainer):
             # the model's own check would read the labels back from the device at every step.
             if getattr(self.data_collator, "num_labels", None) == model.config.num_labels:
                 model.validate_labels = False
+            # Every trainable parameter of MoProForPreTraining takes part in every step's loss (even a step with
+            # nothing kept: the masked losses stay connected), so DDP need not search the graph for unused ones at
+            # every step, as transformers' default (True for a PreTrainedModel) makes it; the official DDP does not.
+            if args.ddp_find_unused_parameters is None:
+                args.ddp_find_unused_parameters = False
             if args.uint8_key_batches:
                 if transforms is None:
                     raise ValueError("--uint8_key_batches needs a MoProCollator (its transforms hold mean and std).")
