@@ -94,9 +94,10 @@ class GpuAugmentCollator(MoProCollator):
             names.append(name)
             labels.append(label)
             kept.append(example)
+        # labels first: Accelerate's `find_batch_size` reads a batch's first value, which must be a tensor
         batch: dict[str, Any] = {
-            "encoded_images": EncodedImages(items, names),
             "labels": torch.tensor(labels, dtype=torch.long),
+            "encoded_images": EncodedImages(items, names),
         }
         if bool(kept) and all(self.sample_id_column in example for example in kept):
             batch["sample_ids"] = torch.tensor([int(ex[self.sample_id_column]) for ex in kept], dtype=torch.long)
