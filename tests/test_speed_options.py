@@ -281,3 +281,21 @@ def test_auto_dataloader_workers_sizes_the_loader_to_the_cores(tmp_path):
     trainer = tiny_trainer(str(tmp_path), tiny_image_dataset(12), auto_dataloader_workers=True)
     assert trainer.args.dataloader_num_workers == max(available_cores() - 1, 1)
     assert trainer.args.dataloader_prefetch_factor == 4
+
+
+@pytest.mark.parametrize("options", [{}, {"uint8_key_batches": True, "channels_last": True}], ids=["default", "fast"])
+def test_the_trainer_step_has_no_host_sync(tmp_path, options):
+    """MoProTrainer.training_step (phase set on the device, the model's step, the statistics gathered on the device)
+    and the normalisation of a prepared batch: no call that would wait for a GPU. The collator's work is left out:
+    it runs in the DataLoader workers, on the host."""
+    dataset = tiny_image_dataset(12)
+    trainer = tiny_trainer(
+        str(tmp_path), dataset, max_steps=1, prototype_start_epoch=0, noise_correction_start_epoch=0, **options
+    )
+    trainer.train()
+    batch = trainer.data_collator([dataset[i] for i in range(6)])
+    with HostSyncCounter() as counter:
+        inputs = trainer._prepare_inputs(batch)
+        trainer.training_step(trainer.model, inputs)
+    assert counter.calls == {}
+    assert trainer.accelerator.unwrap_model(trainer.model).current_phase == MoProPhase.NOISE_CORRECTION

@@ -370,15 +370,24 @@ class MoProTrainer(Trainer):
         keys_in_model = getattr(model, "key_pixel_normalization", None) is not None
         for name in ("pixel_values", "pixel_values_key"):
             if name in inputs and inputs[name].dtype == torch.uint8 and not (name == "pixel_values_key" and keys_in_model):
-                transforms = getattr(self.data_collator, "transforms", None)
-                if transforms is None:
-                    raise ValueError("uint8 pixel batches need a `MoProCollator` (its transforms hold mean and std).")
-                inputs[name] = normalize_pixels(inputs[name], transforms.mean, transforms.std)
+                inputs[name] = normalize_pixels(inputs[name], *self._pixel_normalization(inputs[name].device))
         if self.args.channels_last:
             for name in ("pixel_values", "pixel_values_key"):
                 if name in inputs and inputs[name].dim() == 4:
                     inputs[name] = inputs[name].contiguous(memory_format=torch.channels_last)
         return inputs
+
+    def _pixel_normalization(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The collator's mean and std as (3, 1, 1) tensors on `device`, made once (not copied at every step)."""
+        transforms = getattr(self.data_collator, "transforms", None)
+        if transforms is None:
+            raise ValueError("uint8 pixel batches need a `MoProCollator` (its transforms hold mean and std).")
+        key = (tuple(transforms.mean), tuple(transforms.std), device)
+        cached = getattr(self, "_normalization_cache", None)
+        if cached is None or cached[0] != key:
+            mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(device) for v in key[:2])
+            cached = self._normalization_cache = (key, mean, std)
+        return cached[1], cached[2]
 
     def _views_on_device(self, encoded: EncodedImages, inputs: dict) -> dict:
         """`--gpu_augment`: decode the batch on the device and make its (weak, strong) uint8 views there."""
@@ -442,7 +451,7 @@ class MoProTrainer(Trainer):
         logits, prototype_logits = outputs.get("logits"), outputs.get("prototype_logits")
         predicted = logits.detach().argmax(1)
         agree = zero if prototype_logits is None else (predicted == prototype_logits.detach().argmax(1)).sum().float()
-        n = torch.tensor(float(labels.numel()), device=device)
+        n = torch.full((), float(labels.numel()), device=device)  # a fill: a host-to-device copy would sync
         stats = torch.stack(
             [
                 value("loss_cls") * n,
