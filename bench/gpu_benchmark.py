@@ -190,6 +190,34 @@ def _batches(loader):
         yield from loader
 
 
+def _batch_maker(source, collator, transforms, device: torch.device, setting: Setting, num_labels: int):
+    """A function returning the next model batch on `device`: views from the workers (uint8), or, for the GPU data
+    path, decoded and augmented on the device; normalised and laid out as the trainer does."""
+    gpu_path = isinstance(collator, GpuAugmentCollator)
+    memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
+    mean, std = (
+        torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(device) for v in (transforms.mean, transforms.std)
+    )
+
+    def next_batch() -> dict[str, torch.Tensor]:
+        raw = next(source)
+        labels = (raw["labels"] % num_labels).to(device, non_blocking=True)
+        if gpu_path:
+            images, kept = decode_on_device(raw["encoded_images"], device)
+            weak, strong = collator.view_augment(images, device=device)
+            labels = labels[: len(kept)]  # generated files all decode: kept is every index
+        else:
+            weak = raw["pixel_values"].to(device, non_blocking=True)
+            strong = raw["pixel_values_key"].to(device, non_blocking=True)
+        return {
+            "pixel_values": normalize_pixels(weak, mean, std).contiguous(memory_format=memory_format),
+            "pixel_values_key": normalize_pixels(strong, mean, std).contiguous(memory_format=memory_format),
+            "labels": labels,
+        }
+
+    return next_batch
+
+
 def run_end_to_end(args, device: torch.device, paths: list[Path], model_only_img_per_s: float | None) -> list[dict]:
     """Per-rank MoPro steps (bf16 + channels_last) fed from JPEG files, by CPU workers and by the GPU data path."""
     config, setting = Configuration("per-rank", args.per_rank_batch, 1), BF16_CL
@@ -197,39 +225,16 @@ def run_end_to_end(args, device: torch.device, paths: list[Path], model_only_img
     model = _build("MoPro", args, config.bn_groups, device, setting)
     batch = make_batch(config.batch_size, args.image_size, args.num_labels, device, setting.channels_last)
     step = make_mopro_step(model, batch, setting.bf16)  # reads `batch` at every call: refilled below
-    labels_mod = args.num_labels
     rows = []
     paths_kinds = {
         "end-to-end, CPU workers": MoProCollator(transforms, train=True, seed=0, uint8_training_views=True),
         "end-to-end, GPU decode + augment": GpuAugmentCollator(transforms, seed=0),
     }
     for name, collator in paths_kinds.items():
-        gpu_path = isinstance(collator, GpuAugmentCollator)
         loader = _loader(paths, collator, config.batch_size, args.workers, args.prefetch, device.type == "cuda")
-        source = _batches(loader)
+        next_batch = _batch_maker(_batches(loader), collator, transforms, device, setting, args.num_labels)
 
-        def next_batch() -> dict[str, torch.Tensor]:
-            raw = next(source)
-            labels = (raw["labels"] % labels_mod).to(device, non_blocking=True)
-            if gpu_path:
-                images, kept = decode_on_device(raw["encoded_images"], device)
-                weak, strong = collator.view_augment(images, device=device)
-                labels = labels[: len(kept)]  # generated files all decode; kept is every index
-            else:
-                weak = raw["pixel_values"].to(device, non_blocking=True)
-                strong = raw["pixel_values_key"].to(device, non_blocking=True)
-            memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
-            return {
-                "pixel_values": normalize_pixels(weak, transforms.mean, transforms.std).contiguous(
-                    memory_format=memory_format
-                ),
-                "pixel_values_key": normalize_pixels(strong, transforms.mean, transforms.std).contiguous(
-                    memory_format=memory_format
-                ),
-                "labels": labels,
-            }
-
-        def train_step() -> None:
+        def train_step(next_batch=next_batch) -> None:
             batch.update(next_batch())
             step()
 
@@ -252,7 +257,7 @@ def run_end_to_end(args, device: torch.device, paths: list[Path], model_only_img
             rows.append({"path": name, "error": f"{type(error).__name__}: {error}"})
             traceback.print_exc()
         finally:
-            del loader, source
+            del loader, next_batch
     return rows
 
 

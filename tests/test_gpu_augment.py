@@ -60,6 +60,7 @@ def test_crop_boxes_follow_torchvision_distribution(height, width):
     for name in ours_stats:
         result = stats.ks_2samp(ours_stats[name], theirs_stats[name])
         assert result.pvalue > 1e-3, f"{name}: KS {result.statistic:.3f}, p {result.pvalue:.2g}"
+
     # the central fallback crop (full height or width, centred) as often as torchvision takes it
     def fallback_rate(boxes):
         top, left, h, w = boxes.unbind(1)

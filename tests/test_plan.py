@@ -194,5 +194,10 @@ def test_plan_lists_the_speed_options_that_are_on():
     options = ["--channels_last", "true", "--uint8_key_batches", "true", "--gpu_augment", "true",
                "--auto_dataloader_workers", "true", "--cudnn_benchmark", "false"]  # fmt: skip
     listed = plan([config, *options], num_processes=8)["speed_options"]
-    assert [o["name"] for o in listed] == ["channels_last", "uint8_key_batches", "auto_dataloader_workers", "gpu_augment"]
+    assert [o["name"] for o in listed] == [
+        "channels_last",
+        "uint8_key_batches",
+        "auto_dataloader_workers",
+        "gpu_augment",
+    ]
     assert all(o["effect"] for o in listed)

@@ -49,9 +49,7 @@ def _train(tmp_path, name: str, collator=None, **options):
 
     model.register_forward_hook(record)
     transforms = MoProViewTransforms(IMAGE_SIZE, mean=MEAN, std=STD)
-    collator = collator or MoProCollator(
-        transforms, num_labels=NUM_LABELS, seed=0, uint8_training_views=True
-    )
+    collator = collator or MoProCollator(transforms, num_labels=NUM_LABELS, seed=0, uint8_training_views=True)
     trainer = tiny_trainer(
         str(tmp_path / name), tiny_image_dataset(48), model=model, collator=collator, max_steps=4, learning_rate=0.01,
         prototype_start_epoch=0, noise_correction_start_epoch=0, **options,
@@ -121,7 +119,14 @@ def test_gpu_augment_path_trains_through_the_trainer_on_cpu(tmp_path, default_ru
     collator = GpuAugmentCollator(transforms, num_labels=NUM_LABELS, seed=0)
     batch = collator([dataset[i] for i in range(6)])
     # JPEGs travel as bytes, PNGs decoded by the worker; the bad "JPEG" is found only by the decoder on the device
-    assert [isinstance(item, bytes) for item in batch["encoded_images"].items] == [False, True, True, False, True, True]
+    assert [isinstance(item, bytes) for item in batch["encoded_images"].items] == [
+        False,
+        True,
+        True,
+        False,
+        True,
+        True,
+    ]
     assert int(batch["num_skipped_images"]) == 0 and batch["labels"].tolist() == [0, 1, 2, 3, 0, 1]
 
     set_seed(0)

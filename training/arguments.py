@@ -196,7 +196,7 @@ class MoProTrainingArguments(TrainingArguments):
         default=False,
         metadata={
             "help": "Size the DataLoader to the machine: workers = this process's share of the CPU cores - 1 (one "
-            "core feeds the GPU), prefetch_factor 4 (README \"Speed\"). Replaces --dataloader_num_workers."
+            'core feeds the GPU), prefetch_factor 4 (README "Speed"). Replaces --dataloader_num_workers.'
         },
     )
     gpu_augment: bool = field(

@@ -369,7 +369,11 @@ class MoProTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         keys_in_model = getattr(model, "key_pixel_normalization", None) is not None
         for name in ("pixel_values", "pixel_values_key"):
-            if name in inputs and inputs[name].dtype == torch.uint8 and not (name == "pixel_values_key" and keys_in_model):
+            if (
+                name in inputs
+                and inputs[name].dtype == torch.uint8
+                and not (name == "pixel_values_key" and keys_in_model)
+            ):
                 inputs[name] = normalize_pixels(inputs[name], *self._pixel_normalization(inputs[name].device))
         if self.args.channels_last:
             for name in ("pixel_values", "pixel_values_key"):
