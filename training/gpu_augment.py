@@ -178,13 +178,17 @@ def sample_crop_boxes(
     return torch.stack([top, left, h, w], dim=1).long()
 
 
-def sample_jitter_params(n: int, strength: float = 0.4, generator: torch.Generator | None = None) -> dict:
+def sample_jitter_params(
+    n: int, strength: float = 0.4, generator: torch.Generator | None = None, device: torch.device | None = None
+) -> dict:
     """Per-image colour-jitter parameters, as `v2.ColorJitter(strength, strength, strength, strength)` draws them:
     brightness, contrast and saturation factors uniform in [1 - s, 1 + s], hue uniform in [-s, s], and the order of
-    the four operations a uniform permutation (`order[i]`: operation ids 0-3 in the order they run on image i)."""
-    factors = torch.empty(n, 3).uniform_(1 - strength, 1 + strength, generator=generator)
-    hue = torch.empty(n).uniform_(-strength, strength, generator=generator)
-    order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1)  # uniform over the 24 orders
+    the four operations a uniform permutation (`order[i]`: operation ids 0-3 in the order they run on image i).
+    Drawn on `device` (with `generator`, which must live there): no host-to-device copy, which would wait for the
+    GPU's queue to drain."""
+    factors = torch.empty(n, 3, device=device).uniform_(1 - strength, 1 + strength, generator=generator)
+    hue = torch.empty(n, device=device).uniform_(-strength, strength, generator=generator)
+    order = torch.argsort(torch.rand(n, 4, generator=generator, device=device), dim=1)  # uniform over the 24 orders
     return {"brightness": factors[:, 0], "contrast": factors[:, 1], "saturation": factors[:, 2], "hue": hue,
             "order": order}  # fmt: skip
 
@@ -236,7 +240,7 @@ def color_jitter(images: torch.Tensor, params: dict) -> torch.Tensor:
         x = x.mul_(factor).add_(luma * (1.0 - factor)).clamp_(0.0, 255.0).floor_()
         # rotate_hue works on (3, H', W): the batch as one tall image, each row band with its image's hue shift.
         tall = x.transpose(0, 1).reshape(3, n * height, width)
-        shift = hue.view(-1, 1).repeat_interleave(height, dim=0)  # (N * H, 1)
+        shift = hue.view(-1, 1, 1).expand(n, height, 1).reshape(n * height, 1)  # (N * H, 1)
         rotated = rotate_hue(tall, shift).mul_((256.0 - 1e-3) / 255.0).floor_()
         rotated = rotated.reshape(3, n, height, width).transpose(0, 1)
         x = torch.where(op == 3, rotated, x)
@@ -259,25 +263,35 @@ class GpuViewAugment:
     Args:
         image_size: output side (the CPU transforms' `image_size`).
         crop_scale: area range of the random crops (`--crop_min_scale`, 1).
-        generator: host RNG for the parameters (a few numbers per image); torch's global RNG by default, which the
-            Trainer's checkpoints save.
+        generator: RNG of the crop boxes (drawn on the host, which slices the images) and, if it lives on the
+            images' device, of the other parameters (drawn there: no host-to-device copies); torch's global RNGs by
+            default, which the Trainer's checkpoints save.
     """
 
     def __init__(self, image_size: int, crop_scale: tuple[float, float] = (0.2, 1.0), generator=None):
         self.image_size, self.crop_scale, self.generator = image_size, tuple(crop_scale), generator
 
-    def weak(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _crops(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        host = self.generator if self.generator is None or self.generator.device.type == "cpu" else None
         sizes = [tuple(image.shape[-2:]) for image in images]
-        views = resized_crops(images, sample_crop_boxes(sizes, self.crop_scale, self.generator), self.image_size)
-        return hflip(views, torch.rand(len(images), generator=self.generator) < 0.5)
+        return resized_crops(images, sample_crop_boxes(sizes, self.crop_scale, host), self.image_size)
+
+    def _device_generator(self, device: torch.device) -> torch.Generator | None:
+        generator = self.generator
+        return generator if generator is not None and generator.device.type == device.type else None
+
+    def weak(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        views = self._crops(images)
+        generator = self._device_generator(views.device)
+        return hflip(views, torch.rand(len(images), generator=generator, device=views.device) < 0.5)
 
     def strong(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         n = len(images)
-        sizes = [tuple(image.shape[-2:]) for image in images]
-        views = resized_crops(images, sample_crop_boxes(sizes, self.crop_scale, self.generator), self.image_size)
-        views = grayscale(views, torch.rand(n, generator=self.generator) < 0.2)
-        views = color_jitter(views, sample_jitter_params(n, generator=self.generator))
-        return hflip(views, torch.rand(n, generator=self.generator) < 0.5)
+        views = self._crops(images)
+        device, generator = views.device, self._device_generator(views.device)
+        views = grayscale(views, torch.rand(n, generator=generator, device=device) < 0.2)
+        views = color_jitter(views, sample_jitter_params(n, generator=generator, device=device))
+        return hflip(views, torch.rand(n, generator=generator, device=device) < 0.5)
 
     def __call__(
         self, images: Sequence[torch.Tensor], key_view: bool = True, device: torch.device | None = None
