@@ -1,6 +1,6 @@
 """GPU benchmark: MoPro's training step against cross-entropy's, model-only and end to end from JPEG files.
 
-One command on one GPU (about 6-8 minutes on an H200, compile included):
+One command on one GPU (estimated at 7-8 minutes on an H200, compile included; not yet run on a GPU):
 
     python bench/gpu_benchmark.py
 
