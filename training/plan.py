@@ -6,8 +6,8 @@
 The YAML and any `run_mopro` flag go through `run_mopro.parse_args`, so the plan reads what the run would read. It
 prints the batch geometry (global batch, per-device batch, accumulation), steps per epoch and in total, the learning
 rate from each milestone step, the steps where the prototype loss and the noise correction start, the precision of
-each part, gradient clipping, backbone initialisation, shuffle-BN mode, and every recipe value that differs from
-the official one (salesforce/MoPro `train.py`, the line named beside it). `--json` gives the same as one object.
+each part, gradient clipping, backbone initialisation, shuffle-BN mode, the speed options that are on (README
+"Speed", with their cost in fidelity), and every recipe value that differs from the official one (salesforce/MoPro `train.py`, the line named beside it). `--json` gives the same as one object.
 
 Steps need the training-set size: `--num_train_samples` (WebVision V1: 2,439,574 images), or `samples_per_epoch`
 from the config for streamed data.
