@@ -75,9 +75,12 @@ class OfficialStyleMoPro(MoProForPreTraining):
             param_k.data = param_k.data * m + param_q.data * (1.0 - m)
 
     @torch.no_grad()
-    def _update_prototypes(self, q: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> None:
+    def _update_prototypes(
+        self, q: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, sizes: list[int] | None = None
+    ) -> None:
         """One EMA step per gathered kept sample, in batch order, then one normalisation (official forward)."""
-        q_all, labels_all, keep_all = concat_all_gather(q), concat_all_gather(labels), concat_all_gather(keep)
+        q_all, labels_all = concat_all_gather(q, sizes), concat_all_gather(labels, sizes)
+        keep_all = concat_all_gather(keep, sizes)
         prototypes, m = self.mopro.prototypes, self.config.prototype_momentum
         for feature, label in zip(q_all[keep_all], labels_all[keep_all], strict=True):
             prototypes[label] = prototypes[label] * m + (1 - m) * feature

@@ -24,24 +24,33 @@ def rank() -> int:
 
 
 @torch.no_grad()
-def _gather_sizes(size: int, device: torch.device) -> list[int]:
+def gather_sizes(size: int, device: torch.device) -> list[int]:
+    """Every process's batch size, in rank order (`[size]` with one process).
+
+    The one host synchronisation a distributed step needs: the gathers below pad to the largest batch and must
+    know how many rows each rank really sent. A step reads it once and passes it to every gather of that step.
+    """
+    if not is_distributed():
+        return [size]
     local = torch.tensor([size], device=device, dtype=torch.long)
     sizes = [torch.zeros_like(local) for _ in range(world_size())]
     dist.all_gather(sizes, local)
-    return [int(s) for s in sizes]
+    return torch.cat(sizes).tolist()
 
 
 @torch.no_grad()
-def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+def concat_all_gather(tensor: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Concatenate `tensor` from every process along dim 0, in rank order.
 
     *No gradient flows through the gather.* Ranks may hold different numbers of rows (a batch that lost
     undecodable images): rows are padded to the largest count for `all_gather`, then the padding is dropped.
-    Bool tensors are sent as uint8 (gloo has no bool all_gather).
+    `sizes` (`gather_sizes`, all the same step's batches) saves gathering them again. Bool tensors are sent as
+    uint8 (gloo has no bool all_gather).
     """
     if not is_distributed():
         return tensor.detach()
-    sizes = _gather_sizes(tensor.shape[0], tensor.device)
+    if sizes is None:
+        sizes = gather_sizes(tensor.shape[0], tensor.device)
     as_bool = tensor.dtype == torch.bool
     send = tensor.detach().to(torch.uint8) if as_bool else tensor.detach()
     max_size = max(sizes)
@@ -55,17 +64,19 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def batch_shuffle(x: torch.Tensor, sizes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """MoCo's shuffle-BN: give each process a random slice of the global batch before the momentum forward.
 
     Without it, BatchNorm in the key encoder sees the same sub-batch as the query and the instance task can be
     solved through batch statistics ("leak"). Returns the local shuffled batch, the global inverse permutation and
-    the per-rank sizes needed by `batch_unshuffle`.
+    the per-rank sizes needed by `batch_unshuffle` (`sizes`, if given, are this step's `gather_sizes`). Any dtype
+    travels: a uint8 image batch is gathered at a quarter of float32's bytes and normalised after.
     """
     if not is_distributed():
         return x, torch.arange(x.shape[0], device=x.device), [x.shape[0]]
-    sizes = _gather_sizes(x.shape[0], x.device)
-    x_all = concat_all_gather(x)  # (sum(sizes), ...)
+    if sizes is None:
+        sizes = gather_sizes(x.shape[0], x.device)
+    x_all = concat_all_gather(x, sizes)  # (sum(sizes), ...)
     perm = torch.randperm(x_all.shape[0], device=x.device)
     dist.broadcast(perm, src=0)  # every rank must use the same permutation
     start = sum(sizes[: rank()])
@@ -78,9 +89,11 @@ def batch_unshuffle(y: torch.Tensor, inverse_perm: torch.Tensor, sizes: list[int
     """Undo `batch_shuffle`: return this process's rows of `y` in their original order."""
     if not is_distributed():
         return y
-    y_all = concat_all_gather(y)
+    y_all = concat_all_gather(y, sizes)
     start = sum(sizes[: rank()])
     return y_all[inverse_perm[start : start + sizes[rank()]]]
 
 
-__all__ = ["batch_shuffle", "batch_unshuffle", "concat_all_gather", "is_distributed", "rank", "world_size"]
+__all__ = [
+    "batch_shuffle", "batch_unshuffle", "concat_all_gather", "gather_sizes", "is_distributed", "rank", "world_size",
+]  # fmt: skip

@@ -48,12 +48,12 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch
 
     A batch with no kept sample gives 0 (connected to the graph, so every parameter still gets a gradient of
     zero and DDP's gradient all-reduce stays in step across processes), where a plain mean would give NaN.
+    Computed as a masked sum over a clamped count: no branch on the mask's values, so no host synchronisation
+    on a GPU (boolean indexing or `mask.any()` would wait for the device at every step).
     """
-    if not mask.any():  # also an empty batch, for which `mask.all()` is True
-        return logits.sum() * 0.0
-    if mask.all():
-        return F.cross_entropy(logits, labels)
-    return F.cross_entropy(logits[mask], labels[mask])
+    per_sample = F.cross_entropy(logits, labels, reduction="none")  # (N,)
+    kept = torch.where(mask, per_sample, per_sample.new_zeros(()))  # a left-out row's gradient is exactly 0
+    return kept.sum() / mask.sum().clamp_min(1).to(per_sample.dtype)
 
 
 __all__ = ["instance_contrastive_loss", "instance_logits", "masked_cross_entropy", "prototype_logits"]

@@ -30,7 +30,7 @@ from transformers.modeling_outputs import BackboneOutput
 from transformers.utils import ModelOutput
 
 from .configuration_mopro import MoProConfig
-from .distributed import batch_shuffle, batch_unshuffle, concat_all_gather, is_distributed
+from .distributed import batch_shuffle, batch_unshuffle, concat_all_gather, gather_sizes, is_distributed
 from .losses import instance_contrastive_loss, instance_logits, masked_cross_entropy, prototype_logits
 from .noise_correction import correct_noisy_labels, correction_thresholds, far_from_prototypes, update_prototypes
 
@@ -608,6 +608,12 @@ class MoProForPreTraining(MoProPreTrainedModel):
         # Strength of the correction in phase NOISE_CORRECTION (1: the official rule). Set by the Trainer from its
         # correction schedule at every step, like the phase, and saved with the schedule, so not a buffer.
         self.correction_strength = 1.0
+        # The label-range check reads the labels' min and max back to the host: one synchronisation per step on a
+        # GPU. `MoProTrainer` turns it off when its collator already checked every label against `num_labels`.
+        self.validate_labels = True
+        # (mean, std) when key batches arrive as uint8 (`set_key_pixel_normalization`); None: they arrive normalised.
+        self.key_pixel_normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        self._key_normalization_tensors = None
         self.post_init()
 
     @torch.no_grad()
@@ -657,6 +663,34 @@ class MoProForPreTraining(MoProPreTrainedModel):
             raise ValueError(f"correction strength must be in (0, 1], got {strength}")
         self.correction_strength = float(strength)
 
+    def set_key_pixel_normalization(self, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
+        """Accept uint8 key batches (`pixel_values_key`), normalised with `mean`/`std` (over [0, 1] pixels, as
+        torchvision's `ToDtype(scale=True)` + `Normalize`) *after* shuffle-BN's gather: every process then receives a
+        quarter of float32's bytes, and the keys are the same as from a batch normalised before (elementwise ops
+        commute with a gather). `None, None` goes back to normalised key batches only."""
+        if mean is None and std is None:
+            self.key_pixel_normalization = None
+            return
+        if mean is None or std is None or len(mean) != 3 or len(std) != 3 or any(v <= 0 for v in std):
+            raise ValueError(f"key pixel normalisation needs 3 means and 3 positive stds, got {mean!r}, {std!r}.")
+        self.key_pixel_normalization = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+    def _normalize_key_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> float32, as `training.transforms.normalize_pixels` (same ops, same bits)."""
+        if self.key_pixel_normalization is None:
+            raise ValueError(
+                "pixel_values_key is uint8 but the model has no key normalisation: call "
+                "`set_key_pixel_normalization(mean, std)` or pass normalised float keys."
+            )
+        # Made once per device (a host-to-device copy at every step could wait for the device).
+        cached = self._key_normalization_tensors
+        if cached is None or cached[0] != (self.key_pixel_normalization, pixels.device):
+            mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(pixels.device)
+                         for v in self.key_pixel_normalization)  # fmt: skip
+            cached = self._key_normalization_tensors = ((self.key_pixel_normalization, pixels.device), mean, std)
+        _, mean, std = cached
+        return pixels.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
+
     def _check_training_precision(self) -> None:
         """Training needs float32 state (see the class docstring); autocast is the way to train in bf16/fp16."""
         dtypes = {self.classifier.weight.dtype, self.mopro.prototypes.dtype, self.queue.dtype}
@@ -678,19 +712,32 @@ class MoProForPreTraining(MoProPreTrainedModel):
         torch._foreach_add_(k, q, alpha=1 - m)
 
     @torch.no_grad()
-    def _momentum_keys(self, pixel_values_key: torch.Tensor) -> torch.Tensor:
+    def _momentum_keys(self, pixel_values_key: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
         """k (N, D, float32) for the strong view, never normalised with the statistics of the batch the query saw.
 
         Several processes: MoCo's shuffle-BN, each process normalises a random slice of the global batch. One process
         (where that shuffle is the identity): a random permutation of the batch is normalised in
         `config.momentum_encoder_bn_groups` virtual groups, then un-permuted. The permutation comes from torch's
         global RNG, which Trainer checkpoints save, so a resumed run draws the same one.
+
+        A uint8 batch (`set_key_pixel_normalization`) is normalised after the shuffle's gather. The batch's memory
+        format (channels_last with `--channels_last`) is kept through the shuffle. `sizes`: this step's
+        `gather_sizes`, read once per step.
         """
         groups = self.config.momentum_encoder_bn_groups
+        channels_last = pixel_values_key.dim() == 4 and not pixel_values_key.is_contiguous()
+        channels_last = channels_last and pixel_values_key.is_contiguous(memory_format=torch.channels_last)
+
+        def encoder_input(pixels: torch.Tensor) -> torch.Tensor:
+            if pixels.dtype == torch.uint8:
+                pixels = self._normalize_key_pixels(pixels)
+            return pixels.contiguous(memory_format=torch.channels_last) if channels_last else pixels
+
         if is_distributed() or groups == 1 or not self.training:  # eval: BatchNorm uses running statistics
-            shuffled, inverse, sizes = batch_shuffle(pixel_values_key)
-            k = self.momentum_encoder(shuffled)
+            shuffled, inverse, sizes = batch_shuffle(pixel_values_key, sizes)
+            k = self.momentum_encoder(encoder_input(shuffled))
             return batch_unshuffle(k, inverse, sizes)  # (N, D)
+        pixel_values_key = encoder_input(pixel_values_key)
         n = pixel_values_key.shape[0]
         # A batch that lost undecodable images may be short: fewer groups then, never fewer than 2 keys in one
         # (BatchNorm needs 2). A per-device batch too small for the groups is refused up front by MoProTrainer.
@@ -703,21 +750,27 @@ class MoProForPreTraining(MoProPreTrainedModel):
 
     @torch.no_grad()
     def _enqueue(self, k_all: torch.Tensor) -> None:
-        """Write the global batch of keys at the pointer, wrapping around (no need for Q % batch == 0)."""
+        """Write the global batch of keys at the pointer, wrapping around (no need for Q % batch == 0).
+
+        The pointer stays on the device: the write positions are computed there, never read back to the host."""
         queue_size = self.queue.shape[1]
         n = k_all.shape[0]
         k_all = k_all[-queue_size:]  # a global batch larger than the queue keeps its newest keys
-        ptr = int(self.queue_ptr)
-        idx = (ptr + n - k_all.shape[0] + torch.arange(k_all.shape[0], device=k_all.device)) % queue_size
+        offsets = n - k_all.shape[0] + torch.arange(k_all.shape[0], device=k_all.device)
+        idx = (self.queue_ptr + offsets) % queue_size
         self.queue[:, idx] = k_all.T.to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + n) % queue_size
+        self.queue_ptr.add_(n).remainder_(queue_size)
 
     @torch.no_grad()
-    def _update_prototypes(self, q: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> None:
-        """Prototype EMA over the *global* batch of kept samples, so every process holds the same prototypes."""
-        q_all, labels_all, keep_all = concat_all_gather(q), concat_all_gather(labels), concat_all_gather(keep)
+    def _update_prototypes(
+        self, q: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, sizes: list[int] | None = None
+    ) -> None:
+        """Prototype EMA over the *global* batch of kept samples, so every process holds the same prototypes.
+        The left-out samples are masked, not indexed away (no host synchronisation)."""
+        q_all, labels_all = concat_all_gather(q, sizes), concat_all_gather(labels, sizes)
+        keep_all = concat_all_gather(keep, sizes)
         new = update_prototypes(
-            self.mopro.prototypes, q_all[keep_all], labels_all[keep_all], self.config.prototype_momentum
+            self.mopro.prototypes, q_all, labels_all, self.config.prototype_momentum, mask=keep_all
         )
         self.mopro.prototypes.copy_(new)
 
@@ -738,14 +791,18 @@ class MoProForPreTraining(MoProPreTrainedModel):
         """
         config = self.config
         if labels is not None:
-            _check_labels(labels, config.num_labels)
+            if self.validate_labels:
+                _check_labels(labels, config.num_labels)
             if self.training:
                 self._check_training_precision()
+        # Every process's batch size, read once for all of this step's gathers (the step's one host sync; none with
+        # one process).
+        sizes = gather_sizes(labels.shape[0], labels.device) if labels is not None and is_distributed() else None
         # Keys first: nothing else depends on the order, and a key batch too small for the BatchNorm groups fails
         # before any state moves. Both backbones run in the caller's autocast dtype; the keys come back in float32.
         k = None
         if labels is not None and pixel_values_key is not None:
-            k = self._momentum_keys(pixel_values_key)  # (N, D)
+            k = self._momentum_keys(pixel_values_key, sizes)  # (N, D)
         pooled = self.mopro.backbone(pixel_values)  # (N, F)
 
         # From here on float32 whatever the caller's autocast (see the class docstring); `.to` keeps the gradient.
@@ -759,37 +816,39 @@ class MoProForPreTraining(MoProPreTrainedModel):
             if labels is None:
                 output = MoProForPreTrainingOutput(logits=logits, embeddings=q, prototype_logits=proto_logits)
                 return output if return_dict is not False else output.to_tuple()
-            phase = self.current_phase
-
-            if phase >= MoProPhase.NOISE_CORRECTION:
-                threshold, ood_threshold = correction_thresholds(
-                    self.correction_strength, config.pseudo_label_threshold, config.num_labels
-                )
-                targets, keep = correct_noisy_labels(
-                    logits.detach(), proto_logits.detach(), labels, config.alpha, threshold, ood_threshold
-                )
-                if config.ood_rule == "prototype_distance":
-                    keep &= ~far_from_prototypes(q.detach(), prototypes, config.ood_similarity_threshold)
-            else:
-                targets, keep = labels, torch.ones_like(labels, dtype=torch.bool)
+            # The phase decides on the device (`torch.where`), never read back to the host: the correction is
+            # always computed (two softmaxes over (N, K)) and used from phase NOISE_CORRECTION on; the prototype
+            # loss is always computed and counted from phase PROTOTYPES on. Same values as branching on the phase.
+            correcting = self.phase >= int(MoProPhase.NOISE_CORRECTION)  # 0-d bool, on the device
+            threshold, ood_threshold = correction_thresholds(
+                self.correction_strength, config.pseudo_label_threshold, config.num_labels
+            )
+            corrected, corrected_keep = correct_noisy_labels(
+                logits.detach(), proto_logits.detach(), labels, config.alpha, threshold, ood_threshold
+            )
+            if config.ood_rule == "prototype_distance":
+                corrected_keep &= ~far_from_prototypes(q.detach(), prototypes, config.ood_similarity_threshold)
+            targets = torch.where(correcting, corrected, labels)
+            keep = torch.where(correcting, corrected_keep, True)
 
             loss_instance = inst_logits = None
             if k is not None:
                 inst_logits = instance_logits(q, k, self.queue.clone(), config.temperature)  # (N, 1 + Q)
                 loss_instance = instance_contrastive_loss(inst_logits)
                 if self.training:
-                    self._enqueue(concat_all_gather(k))  # after the logits: a key is never its own negative
+                    self._enqueue(concat_all_gather(k, sizes))  # after the logits: a key is never its own negative
             if self.training:
-                self._update_prototypes(q.detach(), targets, keep)
+                self._update_prototypes(q.detach(), targets, keep, sizes)
 
             loss_cls = masked_cross_entropy(logits, targets, keep)
             loss = loss_cls
             if loss_instance is not None:
                 loss = loss + config.instance_loss_weight * loss_instance
-            loss_prototype = torch.zeros_like(loss_cls)
-            if phase >= MoProPhase.PROTOTYPES:
-                loss_prototype = masked_cross_entropy(proto_logits, targets, keep)
-                loss = loss + config.prototype_loss_weight * loss_prototype
+            # 0 before phase PROTOTYPES (its gradient too): adding 0 leaves the loss and every gradient as they were.
+            with_prototypes = self.phase >= int(MoProPhase.PROTOTYPES)
+            loss_prototype = masked_cross_entropy(proto_logits, targets, keep)
+            loss_prototype = torch.where(with_prototypes, loss_prototype, torch.zeros_like(loss_prototype))
+            loss = loss + config.prototype_loss_weight * loss_prototype
 
             output = MoProForPreTrainingOutput(
                 loss=loss,

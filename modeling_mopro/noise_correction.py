@@ -76,7 +76,11 @@ def far_from_prototypes(embeddings: torch.Tensor, prototypes: torch.Tensor, min_
 
 @torch.no_grad()
 def update_prototypes(
-    prototypes: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor, momentum: float
+    prototypes: torch.Tensor,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    momentum: float,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Momentum update of the class prototypes, then one L2 normalisation of every row.
 
@@ -85,30 +89,44 @@ def update_prototypes(
     p_c <- m^n p_c + sum_j (1 - m) m^(n - j) z_j. Each sample's weight only depends on how many same-class samples
     come *after* it, so a sort gives all weights at once and `index_add_` does the sums: no Python loop.
 
+    No step reads a value back to the host (no boolean indexing, no `bincount`, whose output size depends on the
+    data): on a GPU the update queues its kernels without waiting for them.
+
     Args:
         prototypes: (K, D) current prototypes.
         embeddings: (N, D) embeddings (detached; gathered over processes in distributed runs).
         labels: (N,) class of each embedding.
         momentum: the prototype momentum m in [0, 1).
+        mask: optional (N,) bool, False for samples that take no part (out-of-distribution ones): the same result as
+            passing `embeddings[mask], labels[mask]`, without the host synchronisation boolean indexing costs.
 
     Returns:
         (K, D) new, L2-normalised prototypes (a new tensor; the input is not modified).
     """
     num_classes = prototypes.shape[0]
     dtype = torch.float64 if prototypes.dtype == torch.float64 else torch.float32
-    counts = torch.bincount(labels, minlength=num_classes)  # (K,)
+    device = labels.device
+    if mask is not None:
+        # Left-out samples go to an extra class K, after every real one: they shift no real sample's position and
+        # their row of the sums is dropped at the end.
+        labels = torch.where(mask, labels, num_classes)
+    slots = num_classes + (mask is not None)
+    counts = torch.zeros(slots, dtype=torch.long, device=device).index_add_(0, labels, torch.ones_like(labels))
     # Position of each sample among the samples of its class, in batch order (stable sort keeps that order).
     order = torch.sort(labels, stable=True).indices  # (N,)
     class_start = torch.cumsum(counts, 0) - counts  # (K,) first sorted index of each class
-    position_sorted = torch.arange(labels.numel(), device=labels.device) - class_start[labels[order]]
+    position_sorted = torch.arange(labels.numel(), device=device) - class_start[labels[order]]
     position = torch.empty_like(position_sorted)
     position[order] = position_sorted
     later = counts[labels] - 1 - position  # (N,) same-class samples after this one
-    weights = (1 - momentum) * torch.pow(torch.tensor(momentum, dtype=dtype, device=labels.device), later.to(dtype))
-    decay = torch.pow(torch.tensor(momentum, dtype=dtype, device=labels.device), counts.to(dtype))  # (K,)
+    momentum_t = torch.full((), momentum, dtype=dtype, device=device)  # a fill, not a host-to-device copy
+    weights = (1 - momentum) * torch.pow(momentum_t, later.to(dtype))
+    decay = torch.pow(momentum_t, counts[:num_classes].to(dtype))  # (K,)
     new = prototypes.to(dtype) * decay[:, None]
+    if mask is not None:
+        new = torch.cat([new, new.new_zeros(1, new.shape[1])])
     new.index_add_(0, labels, embeddings.to(dtype) * weights[:, None])
-    return F.normalize(new, dim=1).to(prototypes.dtype)
+    return F.normalize(new[:num_classes], dim=1).to(prototypes.dtype)
 
 
 __all__ = ["correct_noisy_labels", "correction_thresholds", "far_from_prototypes", "update_prototypes"]

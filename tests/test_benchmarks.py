@@ -224,3 +224,30 @@ def test_bad_inputs_quick_run_classifies_outcomes(tmp_path):
     assert result["totals"]["cases"] == 6 and result["totals"]["lost"] >= 1
     assert json.loads(rows_path.read_text())["rows"] == result["rows"]
     assert json.loads((tmp_path / "bad_inputs.json").read_text())["machine"]["cpu_count"] >= 1
+
+
+def test_gpu_benchmark_quick_run_on_cpu(tmp_path):
+    """`bench/gpu_benchmark.py --device cpu --quick`: every row of the GPU table runs (per-rank and one-GPU, fp32,
+    bf16 + channels_last, compile; both end-to-end paths from JPEG files), and a MoPro step has no host sync."""
+    output = tmp_path / "gpu_benchmark.json"
+    completed = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_benchmark.py"), "--device", "cpu", "--quick", "--output", str(output)],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    result = json.loads(output.read_text())
+    rows = {(row["configuration"], row["setting"]): row for row in result["rows"]}
+    assert set(rows) == {
+        ("per-rank", "fp32"), ("per-rank", "bf16 + channels_last"), ("per-rank", "bf16 + channels_last + compile"),
+        ("one-GPU", "fp32"), ("one-GPU", "bf16 + channels_last"),
+    }  # fmt: skip
+    assert rows[("per-rank", "fp32")]["bn_groups"] == 1 and rows[("one-GPU", "fp32")]["bn_groups"] == 8
+    for row in rows.values():
+        assert "error" not in row, row
+        mopro = row["models"]["MoPro"]
+        assert mopro["host_syncs_per_step"] == 0, mopro["host_syncs_by_name"]
+        assert mopro["img_per_s"] > 0 and row["floor_ratio"] > 1
+        assert mopro["ratio_to_floor"] == pytest.approx(mopro["ratio_to_ce"] / row["floor_ratio"])
+    paths = [row["path"] for row in result["end_to_end"]]
+    assert paths == ["end-to-end, CPU workers", "end-to-end, GPU decode + augment"]
+    assert all(row.get("img_per_s", 0) > 0 and row["ratio_to_model_only"] > 0 for row in result["end_to_end"])
+    assert "host syncs/step" in completed.stdout and "per-rank" in completed.stdout

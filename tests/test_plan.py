@@ -182,3 +182,22 @@ def test_trainer_and_plan_count_the_steps_the_trainer_takes(tmp_path, num_sample
 def test_trainer_streamed_epoch(tmp_path):
     trainer = tiny_trainer(str(tmp_path), tiny_image_dataset(8), samples_per_epoch=70, per_device_train_batch_size=16)
     assert trainer.steps_per_epoch() == 4  # whole steps of 16, as the official drop_last epoch
+
+
+def test_plan_lists_the_speed_options_that_are_on():
+    from training.plan import plan
+
+    config = "training/configs/webvision_v1_r50.yaml"
+    default = plan([config], num_processes=8)
+    assert [o["name"] for o in default["speed_options"]] == ["cudnn_benchmark"]  # on by default, as official
+    assert default["departures_from_official"] == []
+    options = ["--channels_last", "true", "--uint8_key_batches", "true", "--gpu_augment", "true",
+               "--auto_dataloader_workers", "true", "--cudnn_benchmark", "false"]  # fmt: skip
+    listed = plan([config, *options], num_processes=8)["speed_options"]
+    assert [o["name"] for o in listed] == [
+        "channels_last",
+        "uint8_key_batches",
+        "auto_dataloader_workers",
+        "gpu_augment",
+    ]
+    assert all(o["effect"] for o in listed)

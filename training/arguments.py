@@ -169,6 +169,45 @@ class MoProTrainingArguments(TrainingArguments):
         },
     )
 
+    # Speed options (README "Speed"). None changes what the model computes beyond float rounding; those that could
+    # (a different data path) are off by default and listed by `training.plan` when on.
+    channels_last: bool = field(
+        default=False,
+        metadata={
+            "help": "Both encoders' weights and the pixel batches in channels_last memory format (GPU convolutions, "
+            "above all in bf16, run faster on it). Same values to float rounding."
+        },
+    )
+    cudnn_benchmark: bool = field(
+        default=True,
+        metadata={
+            "help": "torch.backends.cudnn.benchmark on CUDA (the official train.py sets it): cuDNN times its "
+            "convolution algorithms once per input shape and keeps the fastest. Off under --full_determinism."
+        },
+    )
+    uint8_key_batches: bool = field(
+        default=False,
+        metadata={
+            "help": "Key (strong-view) batches stay uint8 until after shuffle-BN's all-gather and are normalised "
+            "on the device: a quarter of the bytes through the gather, the same keys."
+        },
+    )
+    auto_dataloader_workers: bool = field(
+        default=False,
+        metadata={
+            "help": "Size the DataLoader to the machine: workers = this process's share of the CPU cores - 1 (one "
+            'core feeds the GPU), prefetch_factor 4 (README "Speed"). Replaces --dataloader_num_workers.'
+        },
+    )
+    gpu_augment: bool = field(
+        default=False,
+        metadata={
+            "help": "The GPU data path (training/gpu_augment.py): JPEGs decoded on the device (batched decode_jpeg), "
+            "the two views' crops, flips, grayscale and colour jitter drawn and applied there. Same distributions "
+            "as the CPU path, other random draws. Off: the workers decode and augment (official)."
+        },
+    )
+
     def __post_init__(self):
         # Kept apart: an explicit per-device batch must agree with `global_batch_size` (checked in
         # `resolve_batch_size`, once the number of processes is known).

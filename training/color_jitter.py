@@ -25,7 +25,8 @@ def _grayscale(image: torch.Tensor) -> torch.Tensor:
 def rotate_hue(image: torch.Tensor, hue_factor: float) -> torch.Tensor:
     """HSV hue shift of a float (3, H, W) image, equal to `torchvision.transforms.v2.functional.adjust_hue` on [0, 1].
 
-    Works on any scale (0-1 or 0-255): the result scales with the input.
+    Works on any scale (0-1 or 0-255): the result scales with the input. `hue_factor` may be a tensor that broadcasts
+    against (H, W) (one shift per row band: `training/gpu_augment.py` runs a batch as one tall image), on any device.
 
     Value V (max) and chroma C (max - min) are kept, so the shifted pixel is, per channel n in (5, 3, 1) for R, G, B,
     `V - C * clamp(min(k, 4 - k), 0, 1)` with `k = (n + 6 h') mod 6`: about 20 tensor ops instead of torchvision's
@@ -42,7 +43,7 @@ def rotate_hue(image: torch.Tensor, hue_factor: float) -> torch.Tensor:
         torch.where(green == value, (blue - red).add_(chroma, alpha=2.0), (red - green).add_(chroma, alpha=4.0)),
     )
     hue6.mul_(chroma.clamp_min(1e-12).reciprocal_()).add_(6.0 * hue_factor)
-    k = (hue6[None] + _HUE_CHANNEL_OFFSETS).remainder_(6.0)
+    k = (hue6[None] + _HUE_CHANNEL_OFFSETS.to(hue6.device)).remainder_(6.0)
     torch.minimum(k, 4.0 - k, out=k).clamp_(0.0, 1.0)
     return torch.addcmul(value, chroma, k, value=-1.0)
 

@@ -6,8 +6,8 @@
 The YAML and any `run_mopro` flag go through `run_mopro.parse_args`, so the plan reads what the run would read. It
 prints the batch geometry (global batch, per-device batch, accumulation), steps per epoch and in total, the learning
 rate from each milestone step, the steps where the prototype loss and the noise correction start, the precision of
-each part, gradient clipping, backbone initialisation, shuffle-BN mode, and every recipe value that differs from
-the official one (salesforce/MoPro `train.py`, the line named beside it). `--json` gives the same as one object.
+each part, gradient clipping, backbone initialisation, shuffle-BN mode, the speed options that are on (README
+"Speed", with their cost in fidelity), and every recipe value that differs from the official one (salesforce/MoPro `train.py`, the line named beside it). `--json` gives the same as one object.
 
 Steps need the training-set size: `--num_train_samples` (WebVision V1: 2,439,574 images), or `samples_per_epoch`
 from the config for streamed data.
@@ -185,6 +185,28 @@ def _backbone_precision(precision: str, tf32: bool | None) -> str:
     return "fp32 (cuDNN convolutions in TF32 on Ampere or newer GPUs, PyTorch's default; --tf32 false for IEEE)"
 
 
+def speed_options(training_args) -> list[dict[str, str]]:
+    """The speed options that are on (README "Speed"), each with what it costs in fidelity."""
+    options = []
+    if training_args.cudnn_benchmark and not training_args.full_determinism:
+        options.append({"name": "cudnn_benchmark", "effect": "on CUDA: cuDNN picks the fastest convolution algorithm "
+                        "per shape, as the official train.py (cudnn.benchmark = True); float rounding may differ from "
+                        "run to run"})  # fmt: skip
+    if training_args.channels_last:
+        options.append({"name": "channels_last", "effect": "both encoders and the pixel batches in channels_last: "
+                        "the same values to float rounding"})  # fmt: skip
+    if training_args.uint8_key_batches:
+        options.append({"name": "uint8_key_batches", "effect": "key batches gathered as uint8 (1/4 of the bytes) and "
+                        "normalised after shuffle-BN's gather: the same keys"})  # fmt: skip
+    if training_args.auto_dataloader_workers:
+        options.append({"name": "auto_dataloader_workers", "effect": "DataLoader workers = the process's share of the "
+                        "CPU cores - 1, prefetch 4: speed only"})  # fmt: skip
+    if training_args.gpu_augment:
+        options.append({"name": "gpu_augment", "effect": "JPEG decode and both views on the GPU: the CPU path's "
+                        "distributions, other random draws (views no longer tied to (seed, epoch, sample id))"})  # fmt: skip
+    return options
+
+
 def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None = None) -> dict[str, Any]:
     """The plan of `run_mopro.py argv` on `num_processes` processes, as a JSON-ready dict."""
     # `use_cpu` only keeps TrainingArguments from asking this machine for the GPU features (bf16) the run will use.
@@ -268,6 +290,7 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
             "momentum": values["momentum"],
             "weight_decay": values["weight_decay"],
         },
+        "speed_options": speed_options(training_args),
         "departures_from_official": departures,
     }
 
@@ -317,6 +340,8 @@ def format_plan(result: dict[str, Any]) -> str:
         ("backbone initialisation", result["backbone_initialisation"]),
         ("shuffle-BN", result["shuffle_bn"]),
     ]
+    for option in result.get("speed_options", []):
+        rows.append((f"speed: {option['name']}", option["effect"]))
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     departures = result["departures_from_official"]

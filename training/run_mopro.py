@@ -45,6 +45,7 @@ from training.arguments import (  # noqa: E402
 from training.cli import run_command  # noqa: E402
 from training.collator import MoProCollator  # noqa: E402
 from training.data import build_datasets, training_set_for_report  # noqa: E402
+from training.gpu_augment import GpuAugmentCollator  # noqa: E402
 from training.trainer import MoProTrainer, accuracy_metrics, check_checkpoint  # noqa: E402
 from training.transforms import MoProViewTransforms  # noqa: E402
 
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=MoProCollator(
+        # --gpu_augment: the workers only read the bytes; MoProTrainer decodes and augments on the device.
+        data_collator=(GpuAugmentCollator if training_args.gpu_augment else MoProCollator)(
             transforms,
             train=True,
             seed=training_args.seed,

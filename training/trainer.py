@@ -27,6 +27,7 @@ from modeling_mopro import MoProForPreTraining, MoProPhase
 
 from .arguments import steps_per_epoch
 from .data import StreamedEpochs
+from .gpu_augment import EncodedImages, GpuViewAugment, decode_on_device
 from .transforms import normalize_pixels
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,23 @@ def _check_momentum_bn_groups(model, args) -> None:
         )
 
 
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity mask, as under a container's or a scheduler's CPU limit)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def auto_dataloader_workers(cores: int, local_processes: int) -> tuple[int, int]:
+    """(workers, prefetch factor) for one of `local_processes` training processes sharing `cores`.
+
+    Each process gets its share of the cores, less one for itself (it feeds the GPU: collation results, copies,
+    the optimizer step's Python). At ~480 images/s per core for the two views (BENCHMARKS.md), a 32-image
+    per-rank step at 2,000 images/s needs 4-5 worker cores: 8 GPUs want 40+ cores. Prefetch 4 batches per worker
+    rides out slow files (web JPEGs vary 10x in size) without much memory (uint8 views: ~10 MB per batch).
+    """
+    share = max(cores // max(local_processes, 1), 1)
+    return max(share - 1, 1), 4
+
+
 class MoProTrainer(Trainer):
     """Trainer for `MoProForPreTraining` (or, with `args.baseline == "ce"`, for a plain CE classifier).
 
@@ -181,6 +199,7 @@ class MoProTrainer(Trainer):
             training_args.resolve_batch_size(training_args.world_size)
         super().__init__(*args, **kwargs)
         _check_momentum_bn_groups(self.accelerator.unwrap_model(self.model), self.args)
+        self._configure_speed_options()
         self.eval_data_collator = eval_data_collator
         self.add_callback(MomentumEncoderCallback())
         if hasattr(self.data_collator, "set_epoch"):
@@ -297,18 +316,100 @@ class MoProTrainer(Trainer):
             if isinstance(callback, (SkippedImagesState, CorrectionScheduleState)):
                 callback.trainer = self
 
+    # ------------------------------------------------------------------------------------------------ speed
+    def _configure_speed_options(self) -> None:
+        """The speed options of `MoProTrainingArguments` (README "Speed"): none changes what is computed beyond float
+        rounding, except `gpu_augment`, whose views have the CPU path's distributions but other random draws."""
+        args, model = self.args, self.accelerator.unwrap_model(self.model)
+        # The official train.py sets cudnn.benchmark: fixed shapes (drop_last) make its one-off search pay. It only
+        # changes which convolution algorithm runs; full determinism wants it off (transformers turns it off).
+        torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark and not args.full_determinism)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)  # 4-d weights: both encoders' convolutions
+        transforms = getattr(self.data_collator, "transforms", None)
+        if isinstance(model, MoProForPreTraining):
+            # The collator already checked every label against the model's classes (on the host, per example):
+            # the model's own check would read the labels back from the device at every step.
+            if getattr(self.data_collator, "num_labels", None) == model.config.num_labels:
+                model.validate_labels = False
+            # Every trainable parameter of MoProForPreTraining takes part in every step's loss (even a step with
+            # nothing kept: the masked losses stay connected), so DDP need not search the graph for unused ones at
+            # every step, as transformers' default (True for a PreTrainedModel) makes it; the official DDP does not.
+            if args.ddp_find_unused_parameters is None:
+                args.ddp_find_unused_parameters = False
+            if args.uint8_key_batches:
+                if transforms is None:
+                    raise ValueError("--uint8_key_batches needs a MoProCollator (its transforms hold mean and std).")
+                model.set_key_pixel_normalization(transforms.mean, transforms.std)
+        if args.auto_dataloader_workers:
+            args.dataloader_num_workers, args.dataloader_prefetch_factor = auto_dataloader_workers(
+                available_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            )
+            logger.info(
+                "--auto_dataloader_workers: %d workers per process, prefetch factor %d",
+                args.dataloader_num_workers, args.dataloader_prefetch_factor,
+            )  # fmt: skip
+        self._view_augment = None
+        if args.gpu_augment:
+            view_augment = getattr(self.data_collator, "view_augment", None)
+            if not isinstance(view_augment, GpuViewAugment):
+                raise ValueError("--gpu_augment needs a `training.gpu_augment.GpuAugmentCollator` as data collator.")
+            self._view_augment = view_augment
+
     # ----------------------------------------------------------------------------------------------- data
     def _prepare_inputs(self, inputs):
+        # The GPU data path's encoded images stay on the host side: nvJPEG reads its input from there.
+        encoded = inputs.pop("encoded_images", None) if isinstance(inputs, dict) else None
         inputs = super()._prepare_inputs(inputs)  # on the model's device now
+        if isinstance(encoded, EncodedImages):
+            inputs = self._views_on_device(encoded, inputs)
         # uint8 views (`MoProCollator(uint8_training_views=True)`) are normalised here, on the device, a batch at a
         # time: cheaper than in the workers, and 4x less data through shared memory and host-to-device copies.
-        # The mean and std are those of the collator's own transforms, which made the views.
+        # The mean and std are those of the collator's own transforms, which made the views. With
+        # --uint8_key_batches the model normalises the key batch itself, after shuffle-BN's gather.
+        model = self.accelerator.unwrap_model(self.model)
+        keys_in_model = getattr(model, "key_pixel_normalization", None) is not None
         for name in ("pixel_values", "pixel_values_key"):
-            if name in inputs and inputs[name].dtype == torch.uint8:
-                transforms = getattr(self.data_collator, "transforms", None)
-                if transforms is None:
-                    raise ValueError("uint8 pixel batches need a `MoProCollator` (its transforms hold mean and std).")
-                inputs[name] = normalize_pixels(inputs[name], transforms.mean, transforms.std)
+            if (
+                name in inputs
+                and inputs[name].dtype == torch.uint8
+                and not (name == "pixel_values_key" and keys_in_model)
+            ):
+                inputs[name] = normalize_pixels(inputs[name], *self._pixel_normalization(inputs[name].device))
+        if self.args.channels_last:
+            for name in ("pixel_values", "pixel_values_key"):
+                if name in inputs and inputs[name].dim() == 4:
+                    inputs[name] = inputs[name].contiguous(memory_format=torch.channels_last)
+        return inputs
+
+    def _pixel_normalization(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The collator's mean and std as (3, 1, 1) tensors on `device`, made once (not copied at every step)."""
+        transforms = getattr(self.data_collator, "transforms", None)
+        if transforms is None:
+            raise ValueError("uint8 pixel batches need a `MoProCollator` (its transforms hold mean and std).")
+        key = (tuple(transforms.mean), tuple(transforms.std), device)
+        cached = getattr(self, "_normalization_cache", None)
+        if cached is None or cached[0] != key:
+            mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(device) for v in key[:2])
+            cached = self._normalization_cache = (key, mean, std)
+        return cached[1], cached[2]
+
+    def _views_on_device(self, encoded: EncodedImages, inputs: dict) -> dict:
+        """`--gpu_augment`: decode the batch on the device and make its (weak, strong) uint8 views there."""
+        device = self.args.device
+        images, kept = decode_on_device(encoded, device)
+        if len(kept) < len(encoded):  # JPEGs that neither nvJPEG nor PIL could read: skipped, as in the CPU path
+            index = torch.tensor(kept, dtype=torch.long, device=inputs["labels"].device)
+            for name in ("labels", "sample_ids"):
+                if name in inputs:
+                    inputs[name] = inputs[name][index]
+            if "num_skipped_images" in inputs:
+                inputs["num_skipped_images"] = inputs["num_skipped_images"] + (len(encoded) - len(kept))
+        model = self.accelerator.unwrap_model(self.model)
+        weak, strong = self._view_augment(images, key_view=isinstance(model, MoProForPreTraining), device=device)
+        inputs["pixel_values"] = weak
+        if strong is not None:
+            inputs["pixel_values_key"] = strong
         return inputs
 
     def get_train_dataloader(self):
@@ -359,8 +460,7 @@ class MoProTrainer(Trainer):
         elif model.training:
             self._end_finished_epochs()
             phase = self.current_phase()
-            if unwrapped.current_phase != phase:
-                unwrapped.set_phase(phase)
+            unwrapped.set_phase(phase)  # a device-side fill: reading the phase first would wait for the device
             if phase == MoProPhase.NOISE_CORRECTION:
                 unwrapped.set_correction_strength(self.correction_schedule.strength(self.current_epoch()))
         outputs = model(**inputs)
@@ -383,7 +483,7 @@ class MoProTrainer(Trainer):
         logits, prototype_logits = outputs.get("logits"), outputs.get("prototype_logits")
         predicted = logits.detach().argmax(1)
         agree = zero if prototype_logits is None else (predicted == prototype_logits.detach().argmax(1)).sum().float()
-        n = torch.tensor(float(labels.numel()), device=device)
+        n = torch.full((), float(labels.numel()), device=device)  # a fill: a host-to-device copy would sync
         stats = torch.stack(
             [
                 value("loss_cls") * n,

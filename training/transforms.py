@@ -216,10 +216,13 @@ def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[
 
     The same kernels (``ToDtype(scale=True)`` then ``Normalize``) as the per-image views, applied to a whole batch
     at once: training batches travel from the DataLoader workers as uint8 (4x less shared memory to fill and
-    copy) and are normalised where the model runs.
+    copy) and are normalised where the model runs. ``mean`` and ``std`` may also be (3, 1, 1) float32 tensors on the
+    pixels' device (`MoProTrainer` keeps them there): a list is copied to the device at every call, and that
+    host-to-device copy waits for the GPU.
     """
     pixels = v2.functional.to_dtype(pixels, torch.float32, scale=True)
-    return v2.functional.normalize(pixels, list(mean), list(std), inplace=True)
+    mean, std = (v if isinstance(v, torch.Tensor) else list(v) for v in (mean, std))
+    return v2.functional.normalize(pixels, mean, std, inplace=True)
 
 
 class MoProViewTransforms:
