@@ -117,8 +117,8 @@ class Launch:
     argv: list[str]
     log: Path
     env: dict = field(default_factory=dict)
+    total: int = 0  # the training progress bar's length: other bars (evaluation, noise report) are not steps
     step: int = 0
-    total: int = 0
 
     def start(self) -> Launch:
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,8 @@ class Launch:
             self._file.flush()
             buffer = (buffer + chunk)[-4096:]
             for match in _PROGRESS.finditer(buffer.decode("utf-8", "replace")):
-                self.step, self.total = int(match.group(1)), int(match.group(2))
+                if int(match.group(2)) == self.total:
+                    self.step = max(self.step, int(match.group(1)))
 
     def wait(self, deadline: float) -> str | None:
         """None when it exited 0; else why not (exit status, or the step it hung at when past `deadline`)."""
@@ -151,7 +152,7 @@ class Launch:
             self.proc.wait()
             self._reader.join(5)
             self._file.close()
-            return f"hung: killed at the time cap, at training step {self.step}/{self.total or '?'} (log {self.log})"
+            return f"hung: killed at the time cap, at training step {self.step}/{self.total} (log {self.log})"
         self._reader.join(5)
         self._file.close()
         if self.proc.returncode:
@@ -279,6 +280,7 @@ class Rehearsal:
         self.counts = build_webvision_tree(self.data, classes)
         self.num_train = self.counts["train"]
         self.steps_per_epoch = self.num_train // GLOBAL_BATCH
+        self.total_steps = EPOCHS * self.steps_per_epoch
         self.straight_run: Path | None = None  # row 1's output, the uninterrupted run of row 4
 
     def run(self, name: str, run_args: list[str], *, fresh: bool = True, **launch) -> tuple[Path, str | None]:
@@ -289,11 +291,12 @@ class Rehearsal:
             shutil.rmtree(out, ignore_errors=True)
         data = [] if "--shard_dir" in run_args else ["--webvision_dir", str(self.data)]
         argv = accelerate([*data, "--output_dir", str(out), *run_args], **launch)
-        return out, Launch(argv, self.work / "logs" / f"{name}.log").start().wait(time.time() + self.cap)
+        launch = Launch(argv, self.work / "logs" / f"{name}.log", total=self.total_steps)
+        return out, launch.start().wait(time.time() + self.cap)
 
     def streamed_flags(self) -> list[str]:
         # A stream has no length: the epoch is --samples_per_epoch, the run --max_steps (the YAML's 90 epochs unused)
-        return ["--samples_per_epoch", str(self.num_train), "--max_steps", str(EPOCHS * self.steps_per_epoch)]
+        return ["--samples_per_epoch", str(self.num_train), "--max_steps", str(self.total_steps)]
 
     def row1(self, row: Row) -> None:
         out, error = self.run("row1-map", [])
@@ -341,7 +344,8 @@ class Rehearsal:
                 ["--webvision_dir", str(self.data), "--output_dir", str(out), *extra],
                 machines=2, machine_rank=machine, port=port,
             )  # fmt: skip
-            launches.append(Launch(argv, self.work / "logs" / f"{name}-machine{machine}.log").start())
+            log = self.work / "logs" / f"{name}-machine{machine}.log"
+            launches.append(Launch(argv, log, total=self.total_steps).start())
         deadline = time.time() + self.cap
         errors = [launch.wait(deadline) for launch in launches]
         if expect_error:
@@ -383,7 +387,7 @@ class Rehearsal:
         out = self.work / name
         shutil.rmtree(out, ignore_errors=True)
         argv = accelerate(["--webvision_dir", str(self.data), "--output_dir", str(out)])
-        launch = Launch(argv, self.work / "logs" / f"{name}.log").start()
+        launch = Launch(argv, self.work / "logs" / f"{name}.log", total=self.total_steps).start()
         kill_at = self.steps_per_epoch + max(self.steps_per_epoch // 2, 1)  # mid second epoch
         deadline = time.time() + self.cap
         while launch.step < kill_at and launch.proc.poll() is None and time.time() < deadline:
@@ -472,6 +476,55 @@ class Rehearsal:
         return failures
 
 
+def measure_make_shards(work: Path, num_images: int) -> dict:
+    """`python -m training.make_shards` time and disk on `num_images` generated JPEGs at WebVision's resized size
+    (shorter side 256), in the official layout; projected linearly to WebVision V1 (2.4M) and V2 (16M) images.
+    JPEG files pass into the shards undecoded, so the cost is reading, tar headers and writing: linear in images
+    and bytes."""
+    root = work / "make_shards_data"
+    shutil.rmtree(root, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    lines, image_bytes = [], 0
+    ramp = np.linspace(0, 255, 320)[None, :, None]
+    for i in range(num_images):
+        rel = f"google/q{i % 1000 + 1:04d}/img_{i:06d}.jpg"
+        pixels = np.clip(ramp * rng.uniform(0.3, 1.0, size=3) + rng.normal(0, 12, size=(256, 320, 3)), 0, 255)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="JPEG", quality=85)
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(buffer.getvalue())
+        image_bytes += len(buffer.getvalue())
+        lines.append(f"{rel} {i % 1000}")
+    (root / "info").mkdir()
+    (root / "info" / "train_filelist_google.txt").write_text("\n".join(lines) + "\n")
+    (root / "info" / "train_filelist_flickr.txt").write_text("")
+    out = work / "make_shards_out"
+    shutil.rmtree(out, ignore_errors=True)
+    argv = [sys.executable, "-m", "training.make_shards", "--webvision_dir", str(root), "--split", "train",
+            "--output_dir", str(out)]  # fmt: skip
+    start = time.time()
+    subprocess.run(argv, cwd=ROOT, check=True, capture_output=True)
+    seconds = time.time() - start
+    shard_bytes = sum(f.stat().st_size for f in (out / "train").glob("*.tar"))
+    per_image_s, per_image_bytes = seconds / num_images, shard_bytes / num_images
+    overhead = (shard_bytes - image_bytes) / num_images
+    result = {
+        "images": num_images,
+        "mean_jpeg_bytes": round(image_bytes / num_images),
+        "seconds": round(seconds, 1),
+        "shard_bytes": shard_bytes,
+        "overhead_bytes_per_image": round(overhead),
+        "note": "seconds include the interpreter start (~a few s); projections are linear, warm page cache",
+    }
+    for name, count in (("v1_2.4M", 2_439_574), ("v2_16M", 16_000_000)):
+        result[f"projected_{name}_hours"] = round(per_image_s * count / 3600, 2)
+        result[f"projected_{name}_overhead_gb"] = round(overhead * count / 1e9, 2)
+        result[f"projected_{name}_gb_at_this_jpeg_size"] = round(per_image_bytes * count / 1e9, 1)
+    shutil.rmtree(root)
+    shutil.rmtree(out)
+    return result
+
+
 ROWS = {
     1: ("2 processes, map-style (--webvision_dir)", Rehearsal.row1),
     2: ("2 processes streamed (make_shards shards; --webvision_dir --streaming true)", Rehearsal.row2),
@@ -488,10 +541,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--work_dir", default=str(ROOT / "bench" / "results" / "rehearsal"))
     parser.add_argument("--result", default=None, help="JSON result file (default WORK_DIR/rehearsal.json)")
     parser.add_argument("--time_cap", type=float, default=900, help="seconds per launch before it counts as hung")
+    parser.add_argument("--measure_make_shards", type=int, default=0, metavar="N",
+                        help="also time make_shards on N generated 256-px JPEGs (projected to 2.4M and 16M)")  # fmt: skip
     args = parser.parse_args(argv)
     if not 1 <= args.classes <= V1_CLASSES:
         parser.error(f"--classes must be in [1, {V1_CLASSES}]")
-    rows = [int(r) for r in args.rows.split(",")]
+    rows = [int(r) for r in args.rows.split(",") if r]
     if not set(rows) <= set(ROWS):
         parser.error(f"--rows: choose from {sorted(ROWS)}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -530,6 +585,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "total_wall_s": round(time.time() - started, 1),
         "rows": [asdict(row) for row in results],
     }
+    if args.measure_make_shards:
+        record["make_shards"] = measure_make_shards(work, args.measure_make_shards)
+        print(f"make_shards: {json.dumps(record['make_shards'])}")
     result_file = Path(args.result or work / "rehearsal.json")
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(record, indent=2) + "\n")
