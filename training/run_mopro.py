@@ -327,13 +327,14 @@ def prepare_output_dir(model_args: ModelArguments, training_args: MoProTrainingA
 
 
 def check_output_dir_shared(training_args: MoProTrainingArguments) -> None:
-    """On several nodes, check that `output_dir` is one folder all of them see, unless `--save_on_each_node true`.
+    """On several nodes, check that `output_dir` is one folder all of them see; refuse it with one line if not.
 
-    The Trainer writes model, optimizer and trainer state from global rank 0 only: on a folder that is not shared,
-    the other nodes' checkpoints would hold only their RNG states and no node but the first could resume. With
-    `save_on_each_node` every node's main process writes a whole checkpoint into its own folder, which must then not
-    be shared (two nodes would write the same files at once). Each node's main process writes a marker file, and
-    every node reports which markers it sees; all processes raise the same one-line error."""
+    The model, optimizer and trainer state of a checkpoint are written from global rank 0 only: on a folder that is
+    not shared, the other nodes' checkpoints would hold only their RNG states and no node but the first could
+    resume. `--save_on_each_node` does not help here: transformers 5's `save_pretrained` writes weights on global
+    rank 0 only whenever torch.distributed is up, so the other nodes' checkpoints lacked `model.safetensors`
+    (`bench/rehearsal.py`, row 3); it is refused on several nodes. Each node's main process writes a marker file,
+    and every node reports which markers it sees; all processes raise the same error."""
     if training_args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
         return
     rank, is_node_main = training_args.process_index, training_args.local_process_index == 0
@@ -354,18 +355,18 @@ def check_output_dir_shared(training_args: MoProTrainingArguments) -> None:
     node_mains = [(r, names) for main, r, names in reports if main]
     if len(node_mains) == 1:
         return
+    if training_args.save_on_each_node:
+        raise ValueError(
+            f"--save_on_each_node true on {len(node_mains)} nodes: transformers writes the model weights from global "
+            "rank 0 only, so the other nodes' checkpoints could not resume; drop the flag and give an --output_dir "
+            "that every node mounts (a shared filesystem)."
+        )
     expected = sorted(f".node-check-{token[0]}-{r}" for r, _ in node_mains)
-    shared = all(names == expected for _, names in node_mains)
-    if not shared and not training_args.save_on_each_node:
+    if any(names != expected for _, names in node_mains):
         raise ValueError(
             f"--output_dir {out} is not one folder shared by the {len(node_mains)} nodes (each node's main process "
             "sees only its own files there): only global rank 0 writes the model and optimizer, so no other node "
-            "could resume; put --output_dir on a filesystem every node mounts, or pass --save_on_each_node true."
-        )
-    if shared and training_args.save_on_each_node:
-        raise ValueError(
-            f"--save_on_each_node true with --output_dir {out} shared by the {len(node_mains)} nodes: every node would "
-            "write the same checkpoint files at once; drop --save_on_each_node (rank 0 saves for all)."
+            "could resume; put --output_dir on a filesystem every node mounts."
         )
 
 
