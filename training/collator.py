@@ -81,10 +81,22 @@ class MoProCollator:
         self.epoch = 0
         self.key_view = key_view
         self.uint8_training_views = uint8_training_views
+        self._skip_batches, self._num_workers, self._batches_collated = 0, 1, 0
 
     def set_epoch(self, epoch: int) -> None:
         """Called by `MoProTrainer` at the start of each epoch (before the DataLoader workers start)."""
         self.epoch = int(epoch)
+
+    def skip_first_batches(self, num_batches: int, num_workers: int) -> None:
+        """Leave the first ``num_batches`` batches of the next DataLoader pass undecoded (a resume skips them).
+
+        Each worker collates every ``num_workers``-th batch of the pass, in turn (the DataLoader's in-order round
+        robin), so worker ``w``'s ``i``-th batch is batch ``i * num_workers + w``, or earlier once another worker
+        has run dry. Those numbered below ``num_batches`` come back as ``{"skipped_examples": n}``: they are all
+        among the pass's first ``num_batches`` batches, which `training.data.StreamedEpochs` drops (it still decodes
+        any of them a worker did not recognise). Called before the pass starts, as the workers copy the collator.
+        """
+        self._skip_batches, self._num_workers, self._batches_collated = num_batches, max(num_workers, 1), 0
 
     def _train_views(self, image, example: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         def views():
@@ -126,6 +138,11 @@ class MoProCollator:
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Collates raw examples into a batch (see the class docstring for the keys)."""
+        if self._skip_batches:
+            info = torch.utils.data.get_worker_info()
+            index, self._batches_collated = self._batches_collated, self._batches_collated + 1
+            if index * self._num_workers + (info.id if info is not None else 0) < self._skip_batches:
+                return {"skipped_examples": torch.tensor(len(examples))}
         has_sample_ids = bool(examples) and all(self.sample_id_column in example for example in examples)
         query_views: list[torch.Tensor] = []
         key_views: list[torch.Tensor] = []

@@ -18,6 +18,12 @@ whole shards (``IterableDataset.shard``) when ``n_shards >= world_size``, and ea
 Splitting here as well would shard twice; splitting here with batch dispatching silently drops data. Choose
 shard counts that are multiples of ``world_size * dataloader_num_workers`` for balanced readers.
 
+Streamed epochs: `StreamedEpochs` (used by `MoProTrainer` for every streamed training set) cuts each process's
+stream into epochs of exactly ``samples_per_epoch // global batch`` optimizer steps, restarting the stream in a new
+order whenever a process runs out, so that every process takes the same number of steps whatever the shard layout.
+Evaluation data is always map-style, also when training streams (`build_datasets`): the Trainer then splits it
+evenly over the processes and counts every image exactly once.
+
 Streaming order: a streamed training set goes through a shuffle buffer (``shuffle_buffer_size``), and the Trainer's
 ``set_epoch`` gives every epoch a new shard order and buffer seed. A buffer only mixes what is near in the
 stream: write shards with `training.make_shards`, whose random sample order puts every class in every shard.
@@ -102,7 +108,6 @@ def _from_demo(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset, 
     train, test = splits["train"], splits["test"]
     if args.streaming:  # in memory anyway; streaming here exercises the streaming code path
         train = train.to_iterable_dataset(num_shards=min(args.num_streaming_shards, len(train)))
-        test = test.to_iterable_dataset(num_shards=min(args.num_streaming_shards, len(test)))
     return train, test, id2label
 
 
@@ -128,7 +133,10 @@ def _from_hub(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset | 
     if "train" not in splits:
         raise ValueError(f"{args.dataset_name} has no train split (splits: {list(splits)})")
     id2label = _id2label_from_features(splits["train"], args.label_column_name, args.dataset_name)
-    return splits["train"], _eval_split(splits, args.dataset_name), id2label
+    eval_dataset = _eval_split(splits, args.dataset_name)
+    if isinstance(eval_dataset, IterableDataset):  # evaluation is map-style (module docstring): load that split
+        eval_dataset = load_dataset(args.dataset_name, args.dataset_config_name, split=eval_dataset.split)
+    return splits["train"], eval_dataset, id2label
 
 
 def _image_folder_dataset(root: str, class_names: list[str] | None = None) -> tuple[Dataset, list[str]]:
@@ -147,22 +155,19 @@ def _from_image_folders(args: DataArguments, seed: int) -> tuple[AnyDataset, Any
         # Sample ids first: a streamed training set cannot number its samples afterwards.
         train = train.add_column("sample_id", np.arange(len(train), dtype=np.int64))
         train = train.to_iterable_dataset(num_shards=max(1, min(args.num_streaming_shards, len(train))))
-        if eval_dataset is not None:
-            eval_dataset = eval_dataset.to_iterable_dataset(
-                num_shards=max(1, min(args.num_streaming_shards, len(eval_dataset)))
-            )
     return train, eval_dataset, dict(enumerate(class_names))
 
 
 def _from_webvision(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset, dict[int, str]]:
-    def load(split: str) -> AnyDataset:
+    def load(split: str, streaming: bool) -> AnyDataset:
         # Streamed, the lines are dealt to the shards in a seeded random order: the file lists are sorted by class.
         return load_webvision(
-            args.webvision_dir, args.webvision_version, split, args.streaming, args.num_streaming_shards, seed
+            args.webvision_dir, args.webvision_version, split, streaming, args.num_streaming_shards, seed
         )
 
     id2label = read_webvision_class_names(args.webvision_dir, webvision_num_classes(args.webvision_version))
-    return load("train"), load("validation"), id2label
+    # Validation is map-style (a list of 50,000 paths): see the module docstring.
+    return load("train", args.streaming), load("validation", False), id2label
 
 
 _TAR_BLOCK = 512
@@ -199,7 +204,8 @@ def _from_shards(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset
     eval_dirs = [root / name for name in EVAL_SPLIT_NAMES if (root / name).is_dir()]
     for folder in [root / "train", *eval_dirs[:1]]:
         check_shards(folder)
-    eval_dataset = load_shards(eval_dirs[0], streaming=args.streaming) if eval_dirs else None
+    # Validation is map-style (converted once into the `datasets` cache): see the module docstring.
+    eval_dataset = load_shards(eval_dirs[0], streaming=False) if eval_dirs else None
     return load_shards(root / "train", streaming=args.streaming), eval_dataset, read_id2label(root)
 
 
@@ -293,3 +299,138 @@ def build_datasets(
         "data source %s: %d classes, streaming=%s", given[0] if given else "demo", len(id2label), args.streaming
     )
     return train, eval_dataset, id2label
+
+
+def _batch_examples(batch: dict) -> int:
+    """Examples a collated batch was made of: its rows plus the undecodable images the collator dropped."""
+    if "skipped_examples" in batch:  # left undecoded (`MoProCollator.skip_first_batches`)
+        return int(batch["skipped_examples"])
+    skipped = batch.get("num_skipped_images")
+    rows = next((len(value) for value in batch.values() if hasattr(value, "__len__") and value.ndim > 0), 0)
+    return rows + (int(skipped) if skipped is not None else 0)
+
+
+class StreamedEpochs:
+    """A streamed training DataLoader cut into epochs of exactly ``batches_per_epoch`` batches on every process.
+
+    Streamed, each process reads its own shards (Accelerate's ``IterableDataset.shard``) and DataLoader workers
+    split them again, so processes hold different numbers of samples whenever the shards are of unequal size or do
+    not divide by processes x workers. A process that ran out first would end its epoch, and evaluate, while the
+    others are still inside training collectives. Here every process takes the same number of batches per epoch:
+    when its stream ends before, it is started again in a new order (a new shard order and shuffle-buffer seed, and
+    new augmentation seeds); at the end of the epoch the rest of the stream is left unread. The next epoch starts
+    the stream afresh (``set_epoch``), so that epoch ``e`` is a function of ``e`` alone, which a resume relies on.
+
+    Pass ``r`` of epoch ``e`` is numbered ``r * num_epochs + e`` (distinct for every pair; the first pass of an
+    epoch is numbered as the epoch) and that number goes to the stream's ``set_epoch`` and the collator's: the
+    views of a sample are seeded by it (`training.collator.MoProCollator`), so no two passes reuse the same views.
+
+    Args:
+        dataloader: The process's DataLoader (as prepared by Accelerate) over a streamed dataset.
+        batches_per_epoch: Batches each process takes per epoch (optimizer steps x gradient accumulation).
+        num_epochs: Epochs in the run (the pass numbering's stride).
+        batch_size: Per-device batch size: with ``drop_last``, shorter batches (the end of a worker's share of a
+            pass) are dropped, as the Trainer's ``dataloader_drop_last`` does for map-style data.
+        drop_last: Drop batches of fewer than ``batch_size`` examples.
+        collator: Told the pass number before each pass (``set_epoch``), if it has the method.
+    """
+
+    def __init__(
+        self,
+        dataloader,
+        batches_per_epoch: int,
+        num_epochs: int,
+        batch_size: int,
+        drop_last: bool = True,
+        collator=None,
+        skip_batches: int = 0,
+    ) -> None:
+        if batches_per_epoch < 1 or num_epochs < 1:
+            raise ValueError(f"need at least one batch and epoch, got {batches_per_epoch} and {num_epochs}")
+        self.dataloader = dataloader
+        self.batches_per_epoch = batches_per_epoch
+        self.num_epochs = num_epochs
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.collator = collator
+        self.skip_batches = skip_batches
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def skipping(self, num_batches: int) -> StreamedEpochs:
+        """The same epochs, the first ``num_batches`` batches of the current one read and left out (a resume).
+
+        The stream is read from the epoch's start (samples are only read, and with a `MoProCollator` not decoded:
+        `MoProCollator.skip_first_batches`), so the batches that follow are those of the interrupted run."""
+        copy = StreamedEpochs(
+            self.dataloader, self.batches_per_epoch, self.num_epochs, self.batch_size, self.drop_last,
+            self.collator, num_batches,
+        )  # fmt: skip
+        copy.epoch = self.epoch
+        return copy
+
+    def pass_number(self, restart: int) -> int:
+        return restart * self.num_epochs + self.epoch
+
+    def __iter__(self):
+        taken, restart = 0, 0
+        while taken < self.batches_per_epoch:
+            number = self.pass_number(restart)
+            self.dataloader.set_epoch(number)
+            if hasattr(self.collator, "set_epoch"):
+                self.collator.set_epoch(number)  # before the workers start (they copy the collator)
+            if hasattr(self.collator, "skip_first_batches"):  # a resume: the batches to leave out, undecoded
+                workers = getattr(self.dataloader, "num_workers", 0)
+                self.collator.skip_first_batches(max(self.skip_batches - taken, 0), workers)
+            full_batches = 0
+            batches = iter(self.dataloader)
+            try:
+                for batch in batches:
+                    if self.drop_last and _batch_examples(batch) < self.batch_size:
+                        continue
+                    full_batches += 1
+                    taken += 1
+                    if taken > self.skip_batches:
+                        if "skipped_examples" in batch:
+                            raise RuntimeError(f"batch {taken} of the epoch was left undecoded, but is to be trained on")
+                        yield batch
+                    if taken == self.batches_per_epoch:
+                        return
+            finally:
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()  # ends the pass's workers now, not when garbage-collected
+            if full_batches == 0:
+                raise ValueError(
+                    f"this process's share of the streamed training set gave no {'full ' if self.drop_last else ''}"
+                    f"batch of {self.batch_size} in a whole pass: each process needs at least one shard per "
+                    "DataLoader worker with a batch's worth of samples (write more, smaller shards, or use fewer "
+                    "processes or --dataloader_num_workers)"
+                )
+            restart += 1
+
+
+def training_set_for_report(data_args: object | None = None, seed: int = 42, **overrides) -> Dataset:
+    """The training set of a streamed run as a map-style dataset, for the noise report at the end of training.
+
+    The report scores every training sample exactly once, in contiguous shares per process
+    (`evaluation.noise_report.process_share`), which a stream cannot give. The same source is read without
+    streaming: a WebVision file list (paths only), `make_shards` shards converted once into the `datasets` cache
+    (the disk of the shards again), the demo or an image folder in memory, a Hub dataset downloaded. A ``path``
+    column names each sample where the source knows it (WebVision: the path relative to the root, as the official
+    ``pseudo_label.json``; shards: the original path kept in each sample), which the report takes as its ``id``.
+    ``max_train_samples`` takes a seeded subset of the map-style set, not the samples the stream took.
+    """
+    args = dataclasses.replace(_as_data_arguments(data_args, overrides), streaming=False)
+    train = build_datasets(args, seed=seed)[0]
+    if args.webvision_dir:
+        root = os.path.abspath(args.webvision_dir)
+        train = train.add_column(
+            "path", [os.path.relpath(os.path.abspath(image), root) for image in train[args.image_column_name]]
+        )
+    return train

@@ -42,7 +42,9 @@ logger = logging.getLogger(__name__)
 
 SHARD_PATTERN = "shard-{index:05d}.tar"
 ID2LABEL_FILE = "id2label.json"
-SHARD_FEATURES = Features({"image": Image(decode=False), "label": Value("int64"), "sample_id": Value("int64")})
+SHARD_FEATURES = Features(
+    {"image": Image(decode=False), "label": Value("int64"), "sample_id": Value("int64"), "path": Value("string")}
+)
 
 # Leading bytes of each format, to pass already encoded files through untouched.
 _MAGIC = {"jpg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n"}
@@ -343,8 +345,9 @@ def load_shards(
         cache_dir: `datasets` cache folder for the non-streaming conversion.
 
     Returns:
-        Columns ``image`` (undecoded ``{"bytes", "path"}``, path being the original location), ``label`` and
-        ``sample_id``.
+        Columns ``image`` (undecoded ``{"bytes", "path"}``, path being the original location), ``label``,
+        ``sample_id`` and ``path`` (the original location, else the sample's key in its shard: what names it in a
+        noise report).
     """
     files = shard_files(shards)
     dataset = load_dataset(
@@ -358,10 +361,12 @@ def load_shards(
 
     def to_columns(example: dict) -> dict:
         image = example[image_field]
+        path = example["json"]["path"] or image["path"]
         return {
-            "image": {"bytes": image["bytes"], "path": example["json"]["path"] or image["path"]},
+            "image": {"bytes": image["bytes"], "path": path},
             "label": example["cls"],
             "sample_id": example["json"]["sample_id"],
+            "path": path,
         }
 
     return dataset.map(to_columns, remove_columns=list(dataset.features), features=SHARD_FEATURES)

@@ -44,7 +44,7 @@ from training.arguments import (  # noqa: E402
 )
 from training.cli import run_command  # noqa: E402
 from training.collator import MoProCollator  # noqa: E402
-from training.data import build_datasets  # noqa: E402
+from training.data import build_datasets, training_set_for_report  # noqa: E402
 from training.trainer import MoProTrainer, accuracy_metrics, check_checkpoint  # noqa: E402
 from training.transforms import MoProViewTransforms  # noqa: E402
 
@@ -412,8 +412,11 @@ def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArgum
     from evaluation.model_card import describe_training_data
     from evaluation.noise_report import write_noise_report
 
-    if isinstance(train_dataset, torch.utils.data.IterableDataset) or not hasattr(train_dataset, "column_names"):
-        logger.info("noise report skipped: it needs a map-style training set")
+    if isinstance(train_dataset, torch.utils.data.IterableDataset):
+        # A stream cannot be split into exact shares: the same source, read map-style (paths, or cached shards).
+        train_dataset = training_set_for_report(data_args, seed=training_args.seed)
+    if not hasattr(train_dataset, "column_names"):
+        logger.info("noise report skipped: it needs a `datasets` training set")
         return {}
     summary = write_noise_report(
         model,

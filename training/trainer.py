@@ -27,6 +27,7 @@ from transformers.trainer_callback import ExportableState
 from modeling_mopro import MoProForPreTraining, MoProPhase
 
 from .arguments import steps_per_epoch
+from .data import StreamedEpochs
 from .transforms import normalize_pixels
 
 logger = logging.getLogger(__name__)
@@ -380,6 +381,33 @@ class MoProTrainer(Trainer):
                     raise ValueError("uint8 pixel batches need a `MoProCollator` (its transforms hold mean and std).")
                 inputs[name] = normalize_pixels(inputs[name], transforms.mean, transforms.std)
         return inputs
+
+    def get_train_dataloader(self):
+        # A streamed training set: epochs of `steps_per_epoch` steps on every process, whatever the shard layout
+        # (`training.data.StreamedEpochs`); map-style data keeps the Trainer's loader.
+        dataloader = super().get_train_dataloader()
+        if hasattr(self.train_dataset, "__len__") or not self.args.samples_per_epoch:
+            return dataloader
+        if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
+            raise ValueError(
+                "--dataloader_persistent_workers true with a streamed training set: persistent workers keep the "
+                "first pass's shard order and augmentation seeds for every pass; leave it false when streaming."
+            )
+        steps = self.steps_per_epoch()
+        budget = self.args.max_steps if self.args.max_steps > 0 else math.ceil(self.args.num_train_epochs) * steps
+        return StreamedEpochs(
+            dataloader,
+            batches_per_epoch=steps * self.args.gradient_accumulation_steps,
+            num_epochs=math.ceil(budget / steps),
+            batch_size=self.args.per_device_train_batch_size,
+            drop_last=self.args.dataloader_drop_last,
+            collator=self.data_collator,
+        )
+
+    def get_resumed_dataloader(self, dataloader, num_batches: int):
+        if isinstance(dataloader, StreamedEpochs):  # the epoch's stream from its start, the first batches left out
+            return dataloader.skipping(num_batches)
+        return super().get_resumed_dataloader(dataloader, num_batches)
 
     def get_eval_dataloader(self, eval_dataset=None):
         # Evaluation sees every sample: `dataloader_drop_last` (needed for equal training batches across
