@@ -319,8 +319,16 @@ class Rehearsal:
                 if error:
                     row.failures.append(f"make_shards {split}: {error}")
                     return
-        sizes = [len(list(p.glob("*"))) for p in sorted((shards / "train").glob("*.tar"))]
-        row.notes.append(f"{len(sizes)} training shards")
+        import tarfile
+
+        with_sizes = []
+        for split in ("train", "validation"):
+            sizes = []
+            for path in sorted((shards / split).glob("*.tar")):
+                with tarfile.open(path) as tar:
+                    sizes.append(len(tar.getnames()) // 3)  # .jpg, .cls, .json per sample
+            with_sizes.append(f"{split} shards of {sizes} samples")
+        row.notes.append(", ".join(with_sizes))
         for name, flags in (
             ("row2-shards", ["--shard_dir", str(shards), "--streaming", "true"]),
             ("row2-webvision-streaming", ["--streaming", "true"]),
