@@ -431,7 +431,11 @@ class Rehearsal:
 
     def row5(self, row: Row) -> None:
         accelerate_config = self.work / "accelerate_bf16.yaml"
-        accelerate_config.write_text("compute_environment: LOCAL_MACHINE\nmixed_precision: bf16\n")
+        # what `accelerate config` writes for one machine, asking for bf16 (launch flags add the CPU process count)
+        accelerate_config.write_text(
+            "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\n"
+            "machine_rank: 0\nmixed_precision: bf16\nuse_cpu: false\n"
+        )
         for name, flags, launch, expect in (
             ("row5-bf16", ["--bf16", "true"], {}, "bf16"),
             ("row5-compile", ["--torch_compile", "true"], {}, "compile"),
