@@ -255,7 +255,9 @@ def _check_noise_report(folder: Path, num_train: int) -> list[str]:
     ids = datasets.load_from_disk(str(folder))["sample_id"]
     if sorted(ids) != list(range(num_train)):
         repeated = len(ids) - len(set(ids))
-        return [f"noise report: {len(ids)} rows, {len(set(ids))} distinct of {num_train} samples ({repeated} repeated)"]
+        return [
+            f"noise report: {len(ids)} rows, {len(set(ids))} distinct of {num_train} samples ({repeated} repeated)"
+        ]
     return []
 
 
@@ -422,10 +424,15 @@ class Rehearsal:
             row.failures.append(f"the resumed run did not start past {checkpoints} (first step shown: {first})")
         row.failures += check_run(out, self.num_train)
         last = f"checkpoint-{EPOCHS * self.steps_per_epoch}"
-        straight, resumed = _weights(self.straight_run / last / "model.safetensors"), _weights(out / last / "model.safetensors")
+        straight, resumed = (
+            _weights(self.straight_run / last / "model.safetensors"),
+            _weights(out / last / "model.safetensors"),
+        )
         differ = [k for k in straight if k not in resumed or not (straight[k] == resumed[k]).all()]
         if differ or set(resumed) != set(straight):
-            row.failures.append(f"{len(differ)} of {len(straight)} tensors differ from the uninterrupted run: {differ[:3]}")
+            row.failures.append(
+                f"{len(differ)} of {len(straight)} tensors differ from the uninterrupted run: {differ[:3]}"
+            )
         else:
             row.notes.append(f"all {len(straight)} tensors of {last} equal the uninterrupted run's")
 

@@ -13,7 +13,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import set_seed
 from transformers.integrations import get_available_reporting_integrations
 
@@ -63,7 +62,9 @@ def test_torch_compile_keeps_every_mopro_loss_and_phase(tmp_path):
     assert all(entry["loss_prototype"] > 0 for entry in logs[8:])
     assert trainer.args.torch_compile and trainer.args.torch_compile_backend == "eager"
     # the backbones' feature extractors are the compiled part; the checkpoint names are the plain model's
-    compiled = [m for m in trainer.model.modules() if hasattr(m.__dict__.get("forward_features"), "_torchdynamo_orig_callable")]
+    compiled = [
+        m for m in trainer.model.modules() if hasattr(m.__dict__.get("forward_features"), "_torchdynamo_orig_callable")
+    ]
     assert len(compiled) == 2
     assert set(trainer.model.state_dict()) == set(MoProForPreTraining(tiny_config()).state_dict())
 
@@ -101,7 +102,9 @@ def test_the_plan_reads_precision_and_dynamo_from_an_accelerate_config(tmp_path,
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
     config = tmp_path / "accelerate.yaml"
-    config.write_text("compute_environment: LOCAL_MACHINE\nmixed_precision: bf16\ndynamo_config:\n  dynamo_backend: INDUCTOR\n")
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\nmixed_precision: bf16\ndynamo_config:\n  dynamo_backend: INDUCTOR\n"
+    )
     v1 = str(ROOT / "training" / "configs" / "webvision_v1_r50.yaml")
     result = plan.main([v1, "--num_processes", "8", "--accelerate_config_file", str(config), "--json"])
     capsys.readouterr()

@@ -304,7 +304,8 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
         "noise_correction_start_step": _first_step(MoProPhase.NOISE_CORRECTION, spe, training_args) if spe else None,
         "noise_correction_schedule": _schedule(training_args),
         "precision": {
-            "backbone": _backbone_precision(values["precision"], training_args.tf32) + _precision_source(training_args),
+            "backbone": _backbone_precision(values["precision"], training_args.tf32)
+            + _precision_source(training_args),
             _HEADS: "fp32",
         },
         "torch_compile": _compile(training_args),

@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from accelerate.utils import DistributedDataParallelKwargs, DynamoBackend, TorchDynamoPlugin
+from safetensors import safe_open
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -250,7 +250,9 @@ class MoProTrainer(Trainer):
             )
         # What ran, where `run_args.json` and the model card read it (the accelerate config may have asked for it).
         self.args.torch_compile, self.args.torch_compile_backend, self.args.torch_compile_mode = True, backend, mode
-        logger.info("torch.compile (backend %s): %s; heads, losses and the MoPro phases run eagerly", backend, compiled)
+        logger.info(
+            "torch.compile (backend %s): %s; heads, losses and the MoPro phases run eagerly", backend, compiled
+        )
 
     def _record_effective_precision(self) -> None:
         """The precision the accelerator trains in, written into `args`: the user's accelerate config
