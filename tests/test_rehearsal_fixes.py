@@ -99,8 +99,10 @@ def test_the_card_says_fp32_when_nothing_asked_for_less(tmp_path):
 
 
 def test_the_plan_reads_precision_and_dynamo_from_an_accelerate_config(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
+    for name in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND"):
+        # set, then removed: monkeypatch then restores the variable's absence after the plan has set it
+        monkeypatch.setenv(name, "no")
+        monkeypatch.delenv(name)
     config = tmp_path / "accelerate.yaml"
     config.write_text(
         "compute_environment: LOCAL_MACHINE\nmixed_precision: bf16\ndynamo_config:\n  dynamo_backend: INDUCTOR\n"
@@ -111,6 +113,7 @@ def test_the_plan_reads_precision_and_dynamo_from_an_accelerate_config(tmp_path,
     assert result["precision"]["backbone"].startswith("bf16 autocast (from the accelerate config")
     assert [d["name"] for d in result["departures_from_official"]] == ["precision"]
     assert "backend inductor" in result["torch_compile"]
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16"  # as `accelerate launch` would set it (undone after)
 
 
 @pytest.mark.parametrize("phase", list(MoProPhase))
