@@ -272,10 +272,11 @@ def test_two_process_streamed_run_evaluates_every_epoch_and_ends_with_its_noise_
         data = ["--webvision_dir", str(root), "--num_streaming_shards", "5"]
         train_ids = sorted(str(path.relative_to(root)) for path in root.glob("*/q*/*.jpg"))
     out = tmp_path / "run"
+    # --ddp_timeout: a collective left waiting fails in 2 minutes, naming the step in the log
     run = [
         *STREAMED_RUN, *data, "--max_steps", "12", "--dataloader_num_workers", "2", "--save_strategy", "epoch",
         "--ddp_timeout", "120", "--report_to", "none", "--output_dir", str(out),
-    ]  # fmt: skip  (a collective left waiting fails in 2 minutes, naming the step in the log)
+    ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}  # fmt: skip
     port = {"shards": "29541", "webvision": "29542"}[source]

@@ -397,7 +397,9 @@ class StreamedEpochs:
                     taken += 1
                     if taken > self.skip_batches:
                         if "skipped_examples" in batch:
-                            raise RuntimeError(f"batch {taken} of the epoch was left undecoded, but is to be trained on")
+                            raise RuntimeError(
+                                f"batch {taken} of the epoch was left undecoded, but is to be trained on"
+                            )
                         yield batch
                     if taken == self.batches_per_epoch:
                         return
