@@ -337,6 +337,12 @@ def _schedule_rows(training_args: Mapping[str, Any] | None) -> list[tuple[str, A
         if key in skip or value in (None, "") or (key == "max_steps" and value in (-1, 0)):
             continue
         rows.append((label, value))
+    # What ran: MoProTrainer writes the accelerator's precision and its compile decision into these arguments, so
+    # an accelerate config asking for bf16 or dynamo shows here too (`MoProTrainer._record_effective_precision`).
+    reduced = next((name for name in ("bf16", "fp16") if training_args.get(name)), None)
+    rows.append(("precision", f"{reduced} autocast in the backbones, fp32 heads and losses" if reduced else "fp32"))
+    if training_args.get("torch_compile"):
+        rows.append(("torch.compile", f"backbones, backend {training_args.get('torch_compile_backend')}"))
     return rows
 
 

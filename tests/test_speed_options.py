@@ -202,7 +202,8 @@ def test_trainer_turns_off_the_model_label_check_only_when_its_collator_checks(t
     transforms = MoProViewTransforms(IMAGE_SIZE)
     checked = tiny_trainer(str(tmp_path / "a"), tiny_image_dataset(12))
     assert checked.model.validate_labels is False
-    assert checked.args.ddp_find_unused_parameters is False  # every MoPro parameter is used at every step
+    # every MoPro parameter is used at every step (`MoProTrainer._build_accelerator_args`)
+    assert checked.accelerator.ddp_handler.find_unused_parameters is False
     unchecked = tiny_trainer(
         str(tmp_path / "b"), tiny_image_dataset(12), collator=MoProCollator(transforms, uint8_training_views=True)
     )

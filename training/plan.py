@@ -18,10 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
 
@@ -84,11 +87,52 @@ def _sgd_momentum(training_args) -> float | None:
 
 
 def _precision(training_args) -> str:
-    if training_args.bf16:
+    # `mixed_precision` is what the run's Accelerator uses: --bf16/--fp16, else ACCELERATE_MIXED_PRECISION, which
+    # `accelerate launch` sets from the user's accelerate config (MoProTrainer records it in the run's arguments).
+    mixed = getattr(training_args, "mixed_precision", "no")
+    if training_args.bf16 or mixed == "bf16":
         return "bf16"
-    if training_args.fp16:
+    if training_args.fp16 or mixed == "fp16":
         return "fp16"
     return "tf32" if training_args.tf32 else "fp32"
+
+
+def _precision_source(training_args) -> str:
+    if training_args.bf16 or training_args.fp16 or _precision(training_args) not in ("bf16", "fp16"):
+        return ""
+    return f" (from the accelerate config: ACCELERATE_MIXED_PRECISION={training_args.mixed_precision})"
+
+
+def apply_accelerate_config(path: str | None) -> str | None:
+    """Set what `accelerate launch` would set from the accelerate config file `path` (default: accelerate's own
+    default file, when it exists) and the environment does not already: the mixed precision and the dynamo backend.
+    Returns the file read, or None."""
+    if path is None:
+        from accelerate.commands.config import default_config_file
+
+        path = default_config_file if os.path.isfile(default_config_file) else None
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise ValueError(f"--accelerate_config_file {path}: no such file.")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    precision = str(values.get("mixed_precision") or "no").lower()
+    if precision != "no":
+        os.environ.setdefault("ACCELERATE_MIXED_PRECISION", precision)
+    backend = str((values.get("dynamo_config") or {}).get("dynamo_backend") or "no").lower()
+    if backend != "no":
+        os.environ.setdefault("ACCELERATE_DYNAMO_BACKEND", backend.upper())
+    return path
+
+
+def _compile(training_args) -> str:
+    """What MoProTrainer compiles: the backbones, with the backend of --torch_compile or of the accelerate config."""
+    backend = training_args.torch_compile_backend if training_args.torch_compile else None
+    backend = backend or os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if backend == "no":
+        return "off"
+    return f"the backbones' forward_features (backend {backend}); heads, losses and phases eager"
 
 
 def _first_step(phase: MoProPhase, spe: int, training_args) -> int:
@@ -281,7 +325,12 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
         "prototype_loss_start_step": _first_step(MoProPhase.PROTOTYPES, spe, training_args) if spe else None,
         "noise_correction_start_step": _first_step(MoProPhase.NOISE_CORRECTION, spe, training_args) if spe else None,
         "noise_correction_schedule": _schedule(training_args),
-        "precision": {"backbone": _backbone_precision(values["precision"], training_args.tf32), _HEADS: "fp32"},
+        "precision": {
+            "backbone": _backbone_precision(values["precision"], training_args.tf32)
+            + _precision_source(training_args),
+            _HEADS: "fp32",
+        },
+        "torch_compile": _compile(training_args),
         "max_grad_norm": training_args.max_grad_norm or None,
         "backbone_initialisation": initialisation,
         "shuffle_bn": shuffle_bn,
@@ -336,6 +385,7 @@ def format_plan(result: dict[str, Any]) -> str:
         ("noise correction from", _correction_row(result)),
         ("precision, backbone", result["precision"]["backbone"]),
         ("precision, the rest", f"{result['precision'][_HEADS]}: {_HEADS}"),
+        ("torch.compile", result["torch_compile"]),
         ("gradient clipping", "off" if result["max_grad_norm"] is None else f"max norm {result['max_grad_norm']}"),
         ("backbone initialisation", result["backbone_initialisation"]),
         ("shuffle-BN", result["shuffle_bn"]),
@@ -359,9 +409,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num_processes", type=int, required=True, help="processes (GPUs) the run will use")
     parser.add_argument("--num_train_samples", type=int, default=None, help="training images (V1: 2439574)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--accelerate_config_file",
+        default=None,
+        help="the accelerate config the run will be launched with (default: accelerate's default config, if any): "
+        "its mixed precision and dynamo backend apply, as `accelerate launch` applies them",
+    )
     own, run_argv = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if own.num_processes < 1:
         raise ValueError(f"--num_processes must be >= 1, got {own.num_processes}.")
+    apply_accelerate_config(own.accelerate_config_file)
     # A bad recipe (e.g. a global batch that does not split) raises a ValueError: `run_command` makes it one line.
     result = plan(run_argv, own.num_processes, own.num_train_samples)
     print(json.dumps(result, indent=2) if own.json else format_plan(result))

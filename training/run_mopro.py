@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.do_train:
         training_args.resume_from_checkpoint = resolve_checkpoint(training_args)
     prepare_output_dir(model_args, training_args)
+    check_output_dir_shared(training_args)
     start_config = load_config(model_args) if model_args.model_name_or_path else None  # flags checked before data
     set_seed(training_args.seed)
 
@@ -329,6 +330,50 @@ def prepare_output_dir(model_args: ModelArguments, training_args: MoProTrainingA
         logger.warning("--overwrite_output_dir: removing the earlier run's %s from %s", found + checkpoints, out)
         for path in [out / name for name in found] + checkpoints:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def check_output_dir_shared(training_args: MoProTrainingArguments) -> None:
+    """On several nodes, check that `output_dir` is one folder all of them see; refuse it with one line if not.
+
+    The model, optimizer and trainer state of a checkpoint are written from global rank 0 only: on a folder that is
+    not shared, the other nodes' checkpoints would hold only their RNG states and no node but the first could
+    resume. `--save_on_each_node` does not help here: transformers 5's `save_pretrained` writes weights on global
+    rank 0 only whenever torch.distributed is up, so the other nodes' checkpoints lacked `model.safetensors`
+    (`bench/rehearsal.py`, row 3); it is refused on several nodes. Each node's main process writes a marker file,
+    and every node reports which markers it sees; all processes raise the same error."""
+    if training_args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    rank, is_node_main = training_args.process_index, training_args.local_process_index == 0
+    token = [os.urandom(8).hex() if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)  # one name for this launch, so a stale marker never counts
+    out = Path(training_args.output_dir)
+    marker = out / f".node-check-{token[0]}-{rank}"
+    if is_node_main:
+        out.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    dist.barrier()
+    seen = sorted(p.name for p in out.glob(f".node-check-{token[0]}-*")) if is_node_main else None
+    reports: list = [None] * training_args.world_size
+    dist.all_gather_object(reports, (is_node_main, rank, seen))
+    dist.barrier()  # every node has looked before any marker goes
+    if is_node_main:
+        marker.unlink(missing_ok=True)
+    node_mains = [(r, names) for main, r, names in reports if main]
+    if len(node_mains) == 1:
+        return
+    if training_args.save_on_each_node:
+        raise ValueError(
+            f"--save_on_each_node true on {len(node_mains)} nodes: transformers writes the model weights from global "
+            "rank 0 only, so the other nodes' checkpoints could not resume; drop the flag and give an --output_dir "
+            "that every node mounts (a shared filesystem)."
+        )
+    expected = sorted(f".node-check-{token[0]}-{r}" for r, _ in node_mains)
+    if any(names != expected for _, names in node_mains):
+        raise ValueError(
+            f"--output_dir {out} is not one folder shared by the {len(node_mains)} nodes (each node's main process "
+            "sees only its own files there): only global rank 0 writes the model and optimizer, so no other node "
+            "could resume; put --output_dir on a filesystem every node mounts."
+        )
 
 
 def check_train_size(train_dataset, training_args: MoProTrainingArguments) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedDataParallelKwargs, DynamoBackend, TorchDynamoPlugin
 from safetensors import safe_open
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
@@ -184,6 +185,24 @@ def auto_dataloader_workers(cores: int, local_processes: int) -> tuple[int, int]
     return max(share - 1, 1), 4
 
 
+def compile_backbones(model: torch.nn.Module, backend: str, mode: str | None = None) -> list[str]:
+    """`torch.compile` the feature extractor of every timm backbone in `model` (query and momentum encoder), in
+    place; returns the names of the compiled backbones.
+
+    Why not the whole model (what the Trainer's `torch_compile` does): the compiled wrapper hides the MoPro class
+    from `compute_loss`, which then drops the key view and never advances the phase; and MoPro's forward branches on
+    the phase and updates the queue and prototypes in place, which would break graphs and recompile. The backbones
+    hold nearly all the compute. `forward_features` is what both encoders call (timm's `forward` is
+    `forward_head(forward_features(x))`), and replacing it on the instance leaves the parameters, their names and
+    the checkpoints unchanged."""
+    compiled = []
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "backbone" and hasattr(module, "forward_features"):
+            module.forward_features = torch.compile(module.forward_features, backend=backend, mode=mode)
+            compiled.append(name)
+    return compiled
+
+
 class MoProTrainer(Trainer):
     """Trainer for `MoProForPreTraining` (or, with `args.baseline == "ce"`, for a plain CE classifier).
 
@@ -197,7 +216,10 @@ class MoProTrainer(Trainer):
         if hasattr(training_args, "resolve_batch_size"):
             # `global_batch_size` -> per-device batch for the real number of processes, before Trainer reads it.
             training_args.resolve_batch_size(training_args.world_size)
+        self._compile_request: tuple[str, str | None] | None = None
         super().__init__(*args, **kwargs)
+        self._apply_compile_request()
+        self._record_effective_precision()
         _check_momentum_bn_groups(self.accelerator.unwrap_model(self.model), self.args)
         self._configure_speed_options()
         self.eval_data_collator = eval_data_collator
@@ -213,6 +235,57 @@ class MoProTrainer(Trainer):
         self._epoch_signals: torch.Tensor | None = None
         self._signals_epoch = 0
         self.add_callback(CorrectionScheduleState(self))
+
+    # ------------------------------------------------------------------------------ compile and precision
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        args = super()._build_accelerator_args(**kwargs)
+        # torch.compile asked by `--torch_compile true` or by the accelerate config (ACCELERATE_DYNAMO_BACKEND): taken
+        # from Accelerate, which would compile the whole model, and applied to the backbones (`compile_backbones`).
+        plugin = args.get("dynamo_plugin")
+        if plugin is not None and plugin.backend != DynamoBackend.NO:
+            self._compile_request = (plugin.backend.value.lower(), plugin.mode)
+            args["dynamo_plugin"] = TorchDynamoPlugin(backend="no")
+        if self.args.ddp_find_unused_parameters is None and isinstance(self.model, MoProForPreTraining):
+            # MoPro uses every trainable parameter in every phase (tests/test_rehearsal_fixes.py checks it), so DDP
+            # need not search the graph for unused ones after each backward (the Trainer's default for a
+            # PreTrainedModel). The CE baseline leaves the projection head unused and keeps the default.
+            args["kwargs_handlers"] = [
+                DistributedDataParallelKwargs(**{**handler.to_kwargs(), "find_unused_parameters": False})
+                if isinstance(handler, DistributedDataParallelKwargs)
+                else handler
+                for handler in args["kwargs_handlers"]
+            ]
+        return args
+
+    def _apply_compile_request(self) -> None:
+        if self._compile_request is None:
+            return
+        backend, mode = self._compile_request
+        compiled = compile_backbones(self.model, backend, mode)
+        if not compiled:
+            raise ValueError(
+                f"torch.compile was asked (backend {backend}) but {type(self.model).__name__} has no timm backbone to "
+                "compile: drop --torch_compile (and ACCELERATE_DYNAMO_BACKEND)."
+            )
+        # What ran, where `run_args.json` and the model card read it (the accelerate config may have asked for it).
+        self.args.torch_compile, self.args.torch_compile_backend, self.args.torch_compile_mode = True, backend, mode
+        logger.info(
+            "torch.compile (backend %s): %s; heads, losses and the MoPro phases run eagerly", backend, compiled
+        )
+
+    def _record_effective_precision(self) -> None:
+        """The precision the accelerator trains in, written into `args`: the user's accelerate config
+        (ACCELERATE_MIXED_PRECISION) applies bf16/fp16 autocast without `--bf16`, and `run_args.json`, the model card
+        and the logs must say what ran."""
+        precision = self.accelerator.mixed_precision
+        for name in ("bf16", "fp16"):
+            if precision == name and not getattr(self.args, name):
+                logger.warning(
+                    "precision %s from the accelerate config (ACCELERATE_MIXED_PRECISION=%s), not from --%s: the "
+                    "backbones train under %s autocast, a departure from the official fp32",
+                    name, precision, name, name,
+                )  # fmt: skip
+                setattr(self.args, name, True)
 
     # ------------------------------------------------------------------------------------------- schedule
     def steps_per_epoch(self) -> int:
@@ -332,11 +405,6 @@ class MoProTrainer(Trainer):
             # the model's own check would read the labels back from the device at every step.
             if getattr(self.data_collator, "num_labels", None) == model.config.num_labels:
                 model.validate_labels = False
-            # Every trainable parameter of MoProForPreTraining takes part in every step's loss (even a step with
-            # nothing kept: the masked losses stay connected), so DDP need not search the graph for unused ones at
-            # every step, as transformers' default (True for a PreTrainedModel) makes it; the official DDP does not.
-            if args.ddp_find_unused_parameters is None:
-                args.ddp_find_unused_parameters = False
             if args.uint8_key_batches:
                 if transforms is None:
                     raise ValueError("--uint8_key_batches needs a MoProCollator (its transforms hold mean and std).")
