@@ -178,7 +178,8 @@ def load_cifar10n(blob: bytes) -> dict[str, np.ndarray]:
     import torch
     from numpy._core.multiarray import _reconstruct
 
-    allowed = [(_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype("int64"))]
+    allowed = [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+               type(np.dtype("int64"))]  # fmt: skip
     with torch.serialization.safe_globals(allowed):
         data = torch.load(io.BytesIO(blob), weights_only=True)
     labels = {key: np.asarray(data[key], dtype=np.int64) for key in ("clean_label", "worse_label", "aggre_label")}
@@ -197,10 +198,12 @@ def official_to_file(clean: np.ndarray) -> list[str]:
     return paths
 
 
-def check_order(images: GitSnapshot, reference: GitSnapshot, clean: np.ndarray, count: int = 200) -> dict:
+def check_order(images: GitSnapshot, reference: GitSnapshot, clean: np.ndarray, count: int = 200,
+                candidates_per_class: int = 40) -> dict:  # fmt: skip
     """Pixel check of the index -> file map on the first ``count`` official images against the Kaggle PNGs
     (``image_data_format_1/train/<i+1>.png``, lossless, official order). For each image: the mean absolute pixel
-    error to its mapped JPEG, and to the nearest other JPEG of the same class among the first 40 of that class."""
+    error to its mapped JPEG, and to the nearest other JPEG of the same class among the first
+    ``candidates_per_class`` of that class. An image whose mapped file is not its nearest is an error."""
     kaggle_labels = reference.read(["image_data_format_1/trainLabels.csv"])[0].decode().split()
     kaggle = np.array([CLASSES.index(line.split(",")[1]) for line in kaggle_labels[:count]])
     if not np.array_equal(kaggle, clean[:count]):
@@ -209,7 +212,7 @@ def check_order(images: GitSnapshot, reference: GitSnapshot, clean: np.ndarray, 
                                                                     for i in range(count)])]  # fmt: skip
     candidates = {}
     for c, name in enumerate(CLASSES):
-        paths = [f"train/{name}/{k:04d}.jpg" for k in range(40)]
+        paths = [f"train/{name}/{k:04d}.jpg" for k in range(candidates_per_class)]
         for path, blob in zip(paths, images.read(paths)):
             candidates[path] = decode_rgb(blob).astype(np.int16)
     mapped = official_to_file(clean)
@@ -220,6 +223,8 @@ def check_order(images: GitSnapshot, reference: GitSnapshot, clean: np.ndarray, 
         own.append(errors[mapped[i]])
         other.append(min(e for p, e in errors.items() if p != mapped[i]))
         nearest += min(errors, key=errors.get) == mapped[i]
+    if nearest != count:
+        raise ValueError(f"order check: only {nearest} of {count} images are nearest to their mapped file")
     return {
         "images": count, "labels_equal": True, "mapped_is_nearest": nearest,
         "mapped_error_max": round(max(own), 2), "mapped_error_mean": round(float(np.mean(own)), 2),
@@ -237,8 +242,10 @@ def to_cifar_like(blob: bytes) -> np.ndarray:
 
 
 def extract(cifar10_images: GitSnapshot, cifar10n: GitSnapshot, tiny_imagenet: GitSnapshot,
-            order_check: GitSnapshot | None, out: Path) -> dict:  # fmt: skip
-    """Reads the snapshots, checks the label -> file map, and writes the pool (`out`) and `PROVENANCE.json`."""
+            order_check: GitSnapshot | None, out: Path, train_per_class: int = TRAIN_PER_CLASS,
+            test_per_class: int = TEST_PER_CLASS, order_count: int = 200, candidates_per_class: int = 40) -> dict:
+    """Reads the snapshots, checks the label -> file map, and writes the pool (`out`) and `PROVENANCE.json`
+    beside it. The sizes are parameters for the tests' tiny fake snapshots; the benchmark uses the defaults."""  # fmt: skip
     labels = load_cifar10n(cifar10n.read([SOURCES["cifar10n"]["path"]])[0])
     clean = labels["clean_label"]
     file_counts = {name: len([p for p in cifar10_images.paths(f"train/{name}") if p.endswith(".jpg")])
@@ -248,10 +255,10 @@ def extract(cifar10_images: GitSnapshot, cifar10n: GitSnapshot, tiny_imagenet: G
         raise ValueError(f"class sizes differ: image files {file_counts}, CIFAR-10N clean labels {label_counts}")
     provenance = {"sources": SOURCES, "class_sizes": file_counts, "cifar10n_size": int(len(clean))}
     if order_check is not None:
-        provenance["order_check"] = check_order(cifar10_images, order_check, clean)
+        provenance["order_check"] = check_order(cifar10_images, order_check, clean, order_count, candidates_per_class)
 
     rng = np.random.default_rng(SPLIT_SEED)
-    train_index = np.sort(np.concatenate([rng.choice(np.flatnonzero(clean == c), TRAIN_PER_CLASS, replace=False)
+    train_index = np.sort(np.concatenate([rng.choice(np.flatnonzero(clean == c), train_per_class, replace=False)
                                           for c in range(len(CLASSES))]))  # fmt: skip
     paths = official_to_file(clean)
     train_images = np.stack([decode_rgb(b) for b in cifar10_images.read([paths[i] for i in train_index])])
@@ -259,8 +266,8 @@ def extract(cifar10_images: GitSnapshot, cifar10n: GitSnapshot, tiny_imagenet: G
     test_paths, test_labels = [], []
     for c, name in enumerate(CLASSES):
         files = sorted(p for p in cifar10_images.paths(f"test/{name}") if p.endswith(".jpg"))
-        test_paths += [files[k] for k in sorted(rng.choice(len(files), TEST_PER_CLASS, replace=False))]
-        test_labels += [c] * TEST_PER_CLASS
+        test_paths += [files[k] for k in sorted(rng.choice(len(files), test_per_class, replace=False))]
+        test_labels += [c] * test_per_class
     test_images = np.stack([decode_rgb(b) for b in cifar10_images.read(test_paths)])
 
     annotations = tiny_imagenet.read(["tiny-imagenet-200/val/val_annotations.txt"])[0].decode().splitlines()
