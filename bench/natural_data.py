@@ -211,9 +211,9 @@ def check_order(images: GitSnapshot, reference: GitSnapshot, clean: np.ndarray, 
     png = [decode_rgb(b).astype(np.int16) for b in reference.read([f"image_data_format_1/train/{i + 1}.png"
                                                                     for i in range(count)])]  # fmt: skip
     candidates = {}
-    for c, name in enumerate(CLASSES):
+    for name in CLASSES:
         paths = [f"train/{name}/{k:04d}.jpg" for k in range(candidates_per_class)]
-        for path, blob in zip(paths, images.read(paths)):
+        for path, blob in zip(paths, images.read(paths), strict=True):
             candidates[path] = decode_rgb(blob).astype(np.int16)
     mapped = official_to_file(clean)
     own, other, nearest = [], [], 0
@@ -241,11 +241,19 @@ def to_cifar_like(blob: bytes) -> np.ndarray:
     return decode_rgb(buffer.getvalue())
 
 
-def extract(cifar10_images: GitSnapshot, cifar10n: GitSnapshot, tiny_imagenet: GitSnapshot,
-            order_check: GitSnapshot | None, out: Path, train_per_class: int = TRAIN_PER_CLASS,
-            test_per_class: int = TEST_PER_CLASS, order_count: int = 200, candidates_per_class: int = 40) -> dict:
+def extract(
+    cifar10_images: GitSnapshot,
+    cifar10n: GitSnapshot,
+    tiny_imagenet: GitSnapshot,
+    order_check: GitSnapshot | None,
+    out: Path,
+    train_per_class: int = TRAIN_PER_CLASS,
+    test_per_class: int = TEST_PER_CLASS,
+    order_count: int = 200,
+    candidates_per_class: int = 40,
+) -> dict:
     """Reads the snapshots, checks the label -> file map, and writes the pool (`out`) and `PROVENANCE.json`
-    beside it. The sizes are parameters for the tests' tiny fake snapshots; the benchmark uses the defaults."""  # fmt: skip
+    beside it. The sizes are parameters for the tests' tiny fake snapshots; the benchmark uses the defaults."""
     labels = load_cifar10n(cifar10n.read([SOURCES["cifar10n"]["path"]])[0])
     clean = labels["clean_label"]
     file_counts = {name: len([p for p in cifar10_images.paths(f"train/{name}") if p.endswith(".jpg")])
@@ -342,12 +350,14 @@ def build(pool_path: Path, setting: str, seed: int, out: Path) -> dict:
         name = f"c10_{int(index):05d}.png"
         save(pool["train_images"][k], out / "train" / CLASSES[given[k]], name)
         rows.append((f"{CLASSES[given[k]]}/{name}", int(clean[k]), int(given[k]), 0, f"cifar10-train:{int(index)}"))
-    for pick, label in zip(ood_pick, ood_labels):
+    for pick, label in zip(ood_pick, ood_labels, strict=True):
         source = str(pool["ood_source"][pick])
         name = f"tin_{Path(source).stem}.png"
         save(pool["ood_images"][pick], out / "train" / CLASSES[label], name)
-        rows.append((f"{CLASSES[label]}/{name}", -1, int(label), 1, f"tiny-imagenet-val:{source}:{pool['ood_wnid'][pick]}"))
-    for image, label, source in zip(pool["test_images"], pool["test_label"], pool["test_source"]):
+        rows.append(
+            (f"{CLASSES[label]}/{name}", -1, int(label), 1, f"tiny-imagenet-val:{source}:{pool['ood_wnid'][pick]}")
+        )
+    for image, label, source in zip(pool["test_images"], pool["test_label"], pool["test_source"], strict=True):
         save(image, out / "test" / CLASSES[label], f"c10test_{Path(str(source)).stem}.png")
 
     with open(out / "ground_truth.csv", "w", newline="") as handle:
@@ -371,6 +381,33 @@ def build(pool_path: Path, setting: str, seed: int, out: Path) -> dict:
     }  # fmt: skip
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def load_training_set(out: str | Path):
+    """A built setting's training images with their truth, in the columns of `training.noisy_fashion_mnist` (so the
+    cleanlab comparison of `label_noise_benchmark.py` can score them): ``image``, ``label`` (given), ``sample_id``
+    (the row), ``true_label`` (-1 for OOD), ``is_ood``, and ``path`` (relative to ``out/train``, the report's id).
+
+    The rows are in ``ground_truth.csv`` order, sorted by path: the order in which `training.image_folder` reads
+    ``out/train`` (classes sorted by name, files by path), so a positional id of a run on that folder is a row here.
+    """
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    out = Path(out)
+    with open(out / "ground_truth.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    features = Features({"image": ImageFeature(), "label": Value("int64"), "sample_id": Value("int64"),
+                         "true_label": Value("int64"), "is_ood": Value("bool"), "path": Value("string")})  # fmt: skip
+    dataset = Dataset.from_dict({
+        "image": [str(out / "train" / row["path"]) for row in rows],
+        "label": [int(row["given_label"]) for row in rows],
+        "sample_id": list(range(len(rows))),
+        "true_label": [int(row["true_label"]) for row in rows],
+        "is_ood": [row["is_ood"] == "1" for row in rows],
+        "path": [row["path"] for row in rows],
+    }, features=features)  # fmt: skip
+    return dataset, dict(enumerate(CLASSES))
 
 
 # ---------------------------------------------------------------------------------------------------------- command

@@ -177,7 +177,7 @@ def test_build_folders_agree_with_the_ground_truth_and_the_setting(pool, fake_so
     ood = len(rows) - len(in_dist)
     if setting == "human":
         with np.load(path) as stored:
-            by_index = dict(zip(stored["train_index"].tolist(), stored["train_worse"].tolist()))
+            by_index = dict(zip(stored["train_index"].tolist(), stored["train_worse"].tolist(), strict=True))
         assert all(int(r["given_label"]) == by_index[int(r["source"].split(":")[1])] for r in in_dist)
         assert ood == 0
     elif setting.startswith("asym"):
@@ -212,3 +212,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert natural_data.main(["extract", "--cifar10n", str(tmp_path)]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and all(line.startswith("error: ") for line in errors)
+
+
+def test_loaded_training_set_follows_the_image_folder_reader(pool, tmp_path):
+    """Row i of the ground truth is image i of `training.image_folder` on the same folder (positional report ids)."""
+    from training.image_folder import read_image_folder
+
+    path, _ = pool
+    build(path, "ood20", 0, tmp_path / "ood20")
+    dataset, id2label = natural_data.load_training_set(tmp_path / "ood20")
+    files, labels, class_names = read_image_folder(tmp_path / "ood20" / "train")
+    assert class_names == list(id2label.values())
+    assert [Path(f).relative_to(tmp_path / "ood20" / "train").as_posix() for f in files] == dataset["path"]
+    assert labels == dataset["label"]
+    assert sum(dataset["is_ood"]) == sum(t == -1 for t in dataset["true_label"]) > 0
