@@ -226,3 +226,21 @@ def test_loaded_training_set_follows_the_image_folder_reader(pool, tmp_path):
     assert [Path(f).relative_to(tmp_path / "ood20" / "train").as_posix() for f in files] == dataset["path"]
     assert labels == dataset["label"]
     assert sum(dataset["is_ood"]) == sum(t == -1 for t in dataset["true_label"]) > 0
+
+
+def test_label_noise_benchmark_reads_a_built_setting_for_its_own_seed_only(pool, tmp_path):
+    """`label_noise_benchmark.py --natural_dir`: the cleanlab comparison trains and scores on the built folder, and
+    refuses a folder built for another seed (its noise draw would not be the run's)."""
+    import argparse
+
+    import label_noise_benchmark
+
+    path, _ = pool
+    build(path, "asym20", 2, tmp_path / "asym20_s2")
+    args = argparse.Namespace(natural_dir=tmp_path / "asym20_s2", num_train=4000)
+    dataset, id2label = label_noise_benchmark.noisy_data(2, args)
+    assert list(id2label.values()) == list(CLASSES)
+    assert dataset["path"] == [row["path"] for row in _read_truth(tmp_path / "asym20_s2")]
+    assert {"image", "label", "sample_id", "true_label", "is_ood"} <= set(dataset.column_names)
+    with pytest.raises(SystemExit, match="built for seed 2, not --seed 0"):
+        label_noise_benchmark.noisy_data(0, args)
