@@ -244,3 +244,47 @@ def test_label_noise_benchmark_reads_a_built_setting_for_its_own_seed_only(pool,
     assert {"image", "label", "sample_id", "true_label", "is_ood"} <= set(dataset.column_names)
     with pytest.raises(SystemExit, match="built for seed 2, not --seed 0"):
         label_noise_benchmark.noisy_data(0, args)
+
+
+def test_natural_benchmark_plans_every_run_with_the_pinned_recipe(tmp_path, capsys):
+    import natural_benchmark
+
+    assert natural_benchmark.main(["plan", "--built_dir", str(tmp_path / "b"), "--results_dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 * 4 * (3 + 2) + 4  # seeds x settings x (3 accuracy + 2 detection runs), 4 reports
+    accuracy = [line for line in lines if "run_mopro.py" in line]
+    assert len(accuracy) == 36
+    assert all("training/configs/demo.yaml" in line and "--num_train_epochs 30 --lr_milestones 15 25" in line
+               for line in accuracy)  # fmt: skip
+    assert sum("--noise_correction_schedule fixed --noise_correction_start_epoch 4" in line for line in accuracy) == 12
+    assert all(f"_s{line.split('--seed ')[1].split()[0]}/" in line for line in accuracy)  # data of the run's seed
+
+
+def test_natural_benchmark_run_skips_finished_jobs_and_counts_failures(tmp_path):
+    import natural_benchmark
+    from natural_benchmark import Job
+
+    def job(name, code, marker):
+        return Job(name, (sys.executable, "-c", code), tmp_path / marker)
+
+    (tmp_path / "finished").write_text("")
+    made = tmp_path / "made"
+    jobs = [
+        job("finished", "raise SystemExit(3)", "finished"),  # skipped: its marker exists
+        job("ok", f"open({str(made)!r}, 'w').write('1')", "ok_marker"),
+        job("broken", "raise SystemExit(3)", "broken_marker"),
+        job("report_x", "print('report')", "report_marker"),  # reports always run, after training
+    ]
+    assert natural_benchmark.run(jobs, lanes=2, log_dir=tmp_path / "logs") == 1
+    assert made.read_text() == "1"
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["broken.log", "ok.log", "report_x.log"]
+    assert (tmp_path / "logs" / "report_x.log").read_text().strip() == "report"
+
+
+def test_natural_benchmark_run_without_data_is_a_one_line_error(tmp_path, capsys):
+    import natural_benchmark
+
+    code = natural_benchmark.main(["run", "--built_dir", str(tmp_path / "b"), "--results_dir", str(tmp_path),
+                                   "--pool", str(tmp_path / "missing.npz")])  # fmt: skip
+    assert code == 2
+    assert capsys.readouterr().err.strip().startswith("error: ")
