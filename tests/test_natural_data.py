@@ -299,3 +299,30 @@ def test_label_noise_plot_draws_a_setting_without_ood_images(tmp_path):
               for name in label_noise_benchmark.METHODS}  # fmt: skip
     label_noise_benchmark.plot(scores, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_human_label_signal_separates_a_right_map_from_a_mixed_up_one():
+    """Images with a wrong human label lean towards that label's class: the right map shows it in every batch, a
+    map mixed up within classes in one batch shows it in the other batch only."""
+    rng = np.random.default_rng(0)
+    clean = np.repeat(np.arange(10), 200)
+    rng.shuffle(clean)
+    human = clean.copy()
+    wrong = rng.choice(len(clean), 400, replace=False)
+    human[wrong] = (clean[wrong] + 1 + rng.integers(0, 9, len(wrong))) % 10
+    centres = rng.normal(size=(10, 16))
+    features = centres[clean] + 0.9 * rng.normal(size=(len(clean), 16))
+    features[wrong] += 0.6 * centres[human[wrong]]  # the look of what people saw
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+
+    right = natural_data.human_label_signal(features, clean, human, batch=1000)
+    assert [r["indices"] for r in right] == ["0-999", "1000-1999"]
+    assert all(r["difference"] > 4 * r["standard_error"] for r in right)
+
+    mixed = features.copy()  # batch 2: each image's file swapped with another of its class in that batch
+    for c in range(10):
+        members = 1000 + np.flatnonzero(clean[1000:] == c)
+        mixed[members] = features[rng.permutation(members)]
+    result = natural_data.human_label_signal(mixed, clean, human, batch=1000)
+    assert result[0]["difference"] > 4 * result[0]["standard_error"]
+    assert abs(result[1]["difference"]) < 3 * result[1]["standard_error"]
