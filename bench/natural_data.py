@@ -7,7 +7,7 @@ a run takes (``run_mopro.py --train_dir <out>/train --validation_dir <out>/test`
 setting and seed. The protocol (sizes, seeds, settings, commands) is in BENCHMARKS.md, "Natural images".
 
     python bench/natural_data.py extract --cifar10_images <git dir> --cifar10n <git dir> --tiny_imagenet <git dir> \
-        [--order_check <git dir>]
+        [--order_check <git dir>] [--content_check]
     python bench/natural_data.py build --setting human --seed 0 --out /tmp/natural/human_s0
     python bench/natural_data.py build-all --seeds 0,1,2 --out /tmp/natural     # every setting x seed
 
@@ -17,7 +17,8 @@ Sources (see `SOURCES`):
   batches (data_batch_1..5). That numbering is what maps CIFAR-10N's labels onto files: CIFAR-10N is indexed in the
   official order, so official index ``i`` of clean class ``c`` is file ``train/<c>/<rank of i among class c>.jpg``.
   `extract` checks the counts; ``--order_check`` compares pixels with an independent lossless copy of the first
-  official images (the Kaggle CIFAR-10 PNGs, numbered in the official order).
+  official images (the Kaggle CIFAR-10 PNGs, numbered in the official order); ``--content_check`` tests every
+  official batch statistically (`human_label_signal`).
 - CIFAR-10N: the human re-annotations (``worse_label``, ``aggre_label``) and the clean labels, in official order.
 - Tiny-ImageNet validation photos of 20 classes that are neither CIFAR-10 classes nor animals or vehicles, downscaled
   to 32 px and re-encoded as JPEG at the CIFAR files' quality (75, 4:2:0) so that compression artefacts are no cue.
