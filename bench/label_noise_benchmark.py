@@ -15,6 +15,8 @@ RandomResizedCrop 0.2-1 + flip), optimiser and number of epochs, through `MoProT
     python bench/label_noise_benchmark.py train --method cleanlab --seed 0 --epochs 30
     python bench/label_noise_benchmark.py report               # table + figure from every finished run
     python bench/label_noise_benchmark.py cost --epochs 3      # training time of each method alone, A/B
+    python bench/label_noise_benchmark.py train --method mopro --seed 0 --natural_dir DIR --results_dir R
+                                        # the natural-image benchmark: a setting built by bench/natural_data.py
 
 Each `train` writes `bench/results/label_noise/<method>_s<seed>/` (`run.json` with the compute used; MoPro: the saved
 model; cleanlab: `out_of_fold.npz` with probabilities and features). `report` scores them all: a label error is a
@@ -52,7 +54,15 @@ IMAGE_SIZE = 32
 
 
 def noisy_data(seed: int, args) -> tuple:
-    """The benchmark's training set (with its truth columns) and class names, for one seed."""
+    """The benchmark's training set (with its truth columns) and class names, for one seed: noisy Fashion-MNIST, or
+    with `args.natural_dir` a setting built by `bench/natural_data.py` for that seed (the natural-image benchmark)."""
+    if getattr(args, "natural_dir", None):
+        from bench.natural_data import load_training_set
+
+        built_seed = json.loads((Path(args.natural_dir) / "meta.json").read_text())["seed"]
+        if built_seed != seed:
+            raise SystemExit(f"error: {args.natural_dir} was built for seed {built_seed}, not --seed {seed}")
+        return load_training_set(args.natural_dir)
     splits, id2label = build_noisy_fashion_mnist(
         num_train=args.num_train, noise_rate=0.4, asymmetric_fraction=0.5, ood_fraction=0.2, num_test=1, seed=seed
     )
@@ -149,6 +159,7 @@ def run_train(args) -> None:
     compute = (train_mopro if args.method == "mopro" else train_cleanlab)(args.seed, args, output_dir)
     record = {
         "method": args.method, "seed": args.seed, "epochs": args.epochs, "num_train": args.num_train, **compute,
+        "natural_dir": str(args.natural_dir) if args.natural_dir else None,
         "machine": {"threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
     }  # fmt: skip
@@ -240,7 +251,7 @@ def report(results_dir: Path = RESULTS, only_seeds: list[int] | None = None) -> 
     scores: dict[str, dict[int, dict]] = {name: {} for name in METHODS}
     for seed in seeds:
         mopro, cleanlab = runs[f"mopro_s{seed}"], runs[f"cleanlab_s{seed}"]
-        arguments = argparse.Namespace(num_train=mopro["num_train"])
+        arguments = argparse.Namespace(num_train=mopro["num_train"], natural_dir=mopro.get("natural_dir"))
         dataset, _ = noisy_data(seed, arguments)
         dataset = dataset.select_columns(["image", "label", "sample_id", "true_label", "is_ood"])
         for name, summary in {**score_mopro(results_dir / f"mopro_s{seed}", dataset),
@@ -284,12 +295,21 @@ def report(results_dir: Path = RESULTS, only_seeds: list[int] | None = None) -> 
     (results_dir / f"scores{tag}.json").write_text(
         json.dumps({k: {str(s): v for s, v in d.items()} for k, d in scores.items()}, indent=1)
     )
-    plot(scores, results_dir / f"label_noise{tag}.png")
+    natural = {runs[f"mopro_s{seed}"].get("natural_dir") for seed in seeds} - {None}
+    if natural:  # the natural-image benchmark: one setting per results folder
+        plot(scores, results_dir / f"label_noise{tag}.png", "Finding wrong labels and OOD images: natural images, "
+             + ", ".join(sorted(Path(d).name.rsplit("_s", 1)[0] for d in natural)))  # fmt: skip
+    else:
+        plot(scores, results_dir / f"label_noise{tag}.png")
     print(table)
     return table
 
 
-def plot(scores: dict[str, dict[int, dict]], path: Path) -> None:
+def plot(
+    scores: dict[str, dict[int, dict]],
+    path: Path,
+    title: str = "Finding wrong labels and OOD images: noisy Fashion-MNIST (40% wrong labels + 20% OOD)",
+) -> None:
     """Label-error F1 and OOD AUROC per method: one dot per seed, a bar for the mean."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -308,11 +328,12 @@ def plot(scores: dict[str, dict[int, dict]], path: Path) -> None:
         axes.set_xticks(range(len(names)), [n.replace(", ", "\n") for n in names], fontsize=8)
         axes.set_title(title, fontsize=10)
         axes.grid(axis="y", alpha=0.3)
-        low = min(scale * s[key] for n in names for s in scores[n].values())
-        axes.set_ylim(max(0, low - 0.1 * scale), scale)
-    figure.suptitle(
-        "Finding wrong labels and OOD images: noisy Fashion-MNIST (40% wrong labels + 20% OOD)", fontsize=10
-    )
+        values = [scale * s[key] for n in names for s in scores[n].values() if s.get(key) is not None]
+        if not values:  # e.g. OOD AUROC on a natural-image setting without OOD images
+            axes.text(0.5, 0.5, "not defined here", ha="center", va="center", transform=axes.transAxes)
+            continue
+        axes.set_ylim(max(0, min(values) - 0.1 * scale), scale)
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     figure.savefig(str(path), format="png")
 
@@ -332,6 +353,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue_size", type=int, default=4096)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--results_dir", type=Path, default=RESULTS)
+    parser.add_argument("--natural_dir", type=Path, default=None,
+                        help="train: a setting folder of `bench/natural_data.py build` instead of Fashion-MNIST "
+                        "(pass a --results_dir per setting)")  # fmt: skip
     return parser.parse_args(argv)
 
 

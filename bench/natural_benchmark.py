@@ -1,0 +1,139 @@
+"""The natural-image benchmark's runs (issue 24; protocol in BENCHMARKS.md, "Natural images"), in one command.
+
+    python bench/natural_benchmark.py plan                 # the commands, one a line, nothing run
+    python bench/natural_benchmark.py run --lanes 2        # runs what is not finished yet, two at a time
+
+Per setting (human, asym20, asym40, ood20) and seed (0, 1, 2), built by `bench/natural_data.py build-all` into
+`--built_dir` (built here from the pool when missing):
+- clean accuracy: `training/run_mopro.py` with the demo's recipe pinned (`training/configs/demo.yaml`), 30 epochs,
+  lr steps at 15 and 25: CE, MoPro with the adaptive schedule, MoPro with the fixed one from epoch 4 (11/90);
+  outputs `<results_dir>/accuracy/<setting>_s<seed>/<method>/`;
+- the noise report vs cleanlab: `bench/label_noise_benchmark.py train --natural_dir ...` for both methods, then its
+  `report` per setting; outputs `<results_dir>/detection/<setting>/`.
+A run whose output is complete (`all_results.json`, `run.json`) is skipped, so an interrupted table resumes (an
+unfinished run_mopro folder is started afresh: `--overwrite_output_dir true`). The
+order is seed-major: each finished seed is a complete set of rows. Every command runs with one thread
+(`OMP_NUM_THREADS=1`) and writes its log to `<results_dir>/logs/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import natural_data  # noqa: E402
+
+EPOCHS = 30
+LR_MILESTONES = ("15", "25")
+FIXED_START_EPOCH = "4"  # round(30 * 11 / 90): the official start of the correction, scaled to 30 epochs
+SEEDS = (0, 1, 2)
+ACCURACY_METHODS = {
+    "ce": ["--baseline", "ce"],
+    "mopro_adaptive": [],  # the demo config's schedule
+    "mopro_fixed": ["--noise_correction_schedule", "fixed", "--noise_correction_start_epoch", FIXED_START_EPOCH],
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    argv: tuple[str, ...]
+    done_marker: Path  # the job's output is complete when this file exists
+
+
+def jobs(built_dir: Path, results_dir: Path, seeds=SEEDS, settings=natural_data.SETTINGS) -> list[Job]:
+    """Every training run of the table, seed-major; then the detection reports (which need all seeds)."""
+    python = sys.executable
+    out = []
+    for seed in seeds:
+        for setting in settings:
+            data = built_dir / f"{setting}_s{seed}"
+            for method, flags in ACCURACY_METHODS.items():
+                output = results_dir / "accuracy" / f"{setting}_s{seed}" / method
+                argv = (python, "training/run_mopro.py", "training/configs/demo.yaml",
+                        "--train_dir", str(data / "train"), "--validation_dir", str(data / "test"),
+                        "--seed", str(seed), "--num_train_epochs", str(EPOCHS), "--lr_milestones", *LR_MILESTONES,
+                        "--dataloader_num_workers", "1", "--output_dir", str(output),
+                        "--overwrite_output_dir", "true", *flags)  # fmt: skip
+                out.append(Job(f"accuracy_{setting}_s{seed}_{method}", argv, output / "all_results.json"))
+            for method in ("mopro", "cleanlab"):
+                detection = results_dir / "detection" / setting
+                argv = (python, "bench/label_noise_benchmark.py", "train", "--method", method, "--seed", str(seed),
+                        "--epochs", str(EPOCHS), "--natural_dir", str(data), "--results_dir", str(detection))  # fmt: skip
+                out.append(
+                    Job(f"detection_{setting}_s{seed}_{method}", argv, detection / f"{method}_s{seed}" / "run.json")
+                )
+    for setting in settings:
+        detection = results_dir / "detection" / setting
+        argv = (python, "bench/label_noise_benchmark.py", "report", "--results_dir", str(detection))
+        out.append(Job(f"report_{setting}", argv, detection / "table.md"))
+    return out
+
+
+def run(all_jobs: list[Job], lanes: int, log_dir: Path) -> int:
+    """Runs the unfinished jobs, `lanes` at a time (reports after every training run); returns the failures."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
+    training = [j for j in all_jobs if not j.name.startswith("report_") and not j.done_marker.is_file()]
+    reports = [j for j in all_jobs if j.name.startswith("report_")]
+    failures = 0
+    for batch, width in ((training, lanes), (reports, 1)):
+        pending, running = list(batch), []
+        while pending or running:
+            while pending and len(running) < width:
+                job = pending.pop(0)
+                log = open(log_dir / f"{job.name}.log", "w")
+                print(f"start {job.name}", flush=True)
+                running.append((job, subprocess.Popen(job.argv, cwd=ROOT, env=env, stdout=log, stderr=log), log))
+            time.sleep(2)
+            for entry in [e for e in running if e[1].poll() is not None]:
+                job, process, log = entry
+                log.close()
+                running.remove(entry)
+                failures += process.returncode != 0
+                print(f"{'done' if process.returncode == 0 else 'FAILED'} {job.name} (rc {process.returncode})",
+                      flush=True)  # fmt: skip
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("plan", "run"))
+    parser.add_argument("--built_dir", type=Path, default=natural_data.ROOT / "data" / "natural" / "built")
+    parser.add_argument("--results_dir", type=Path, default=natural_data.ROOT / "results" / "natural")
+    parser.add_argument("--pool", type=Path, default=natural_data.DEFAULT_POOL)
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--lanes", type=int, default=2, help="run: runs side by side (one thread each)")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    all_jobs = jobs(args.built_dir, args.results_dir, seeds)
+    if args.command == "plan":
+        for job in all_jobs:
+            print(("# done: " if job.done_marker.is_file() else "") + " ".join(job.argv))
+        return 0
+    try:
+        for setting in natural_data.SETTINGS:
+            for seed in seeds:
+                folder = args.built_dir / f"{setting}_s{seed}"
+                if not (folder / "meta.json").is_file():
+                    if not args.pool.is_file():
+                        raise FileNotFoundError(f"{folder} is not built and the pool {args.pool} is missing; run "
+                                                "`python bench/natural_data.py extract ...` first (BENCHMARKS.md)")  # fmt: skip
+                    natural_data.build(args.pool, setting, seed, folder)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 1 if run(all_jobs, args.lanes, args.results_dir / "logs") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

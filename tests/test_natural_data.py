@@ -1,0 +1,328 @@
+"""`bench/natural_data.py` on tiny fake snapshots it builds itself (no fetched data): the CIFAR-10N index -> file map,
+the order check, and the consistency of every setting's folders with its ground-truth file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import natural_data  # noqa: E402
+from natural_data import CLASSES, CONFUSIONS, GitSnapshot, build, extract  # noqa: E402
+
+FILES_PER_CLASS = 6  # fake CIFAR-10 training files per class (the official order is 60 indices)
+TRAIN_PER_CLASS = 5  # 20% and 40% of 5 are whole images
+OOD_WNIDS = natural_data.OOD_WNIDS[:3]  # 3 x 5 fake Tiny-ImageNet photos: ood20 needs round(0.25 * 50) = 12
+
+
+def _colour(index: int) -> tuple[int, int, int]:
+    """A flat colour that names an official index (JPEG keeps a flat colour within a few levels)."""
+    return (4 * index, 255 - 4 * index, 128)
+
+
+def _jpeg(colour, size=32) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="JPEG", quality=75)
+    return buffer.getvalue()
+
+
+def _png(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _commit(root: Path, files: dict[str, bytes]) -> tuple[str, str]:
+    """A git repository holding `files`; returns (git dir, commit)."""
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "fake"]):
+        subprocess.run(["git", "-C", str(root), *args], check=True, env=env)
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    return str(root / ".git"), commit.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def fake_sources(tmp_path_factory):
+    """Fake snapshots: CIFAR-10 files numbered by rank within class in the official order, CIFAR-10N labels
+    (a pickled dict of numpy arrays, as the real `.pt`), Kaggle PNGs of the first 20 official images, Tiny-ImageNet
+    validation photos of 3 OOD classes and 1 class that must not be used."""
+    root = tmp_path_factory.mktemp("sources")
+    rng = np.random.default_rng(0)
+    clean = rng.permutation(np.repeat(np.arange(len(CLASSES)), FILES_PER_CLASS))
+    worse = clean.copy()
+    flip = rng.choice(len(clean), 24, replace=False)
+    worse[flip] = (clean[flip] + 1 + rng.integers(0, 9, len(flip))) % len(CLASSES)
+
+    rank = np.zeros(len(CLASSES), dtype=int)
+    images = {}
+    for index, label in enumerate(clean):
+        images[f"train/{CLASSES[label]}/{rank[label]:04d}.jpg"] = _jpeg(_colour(index))
+        rank[label] += 1
+    for c, name in enumerate(CLASSES):
+        for k in range(3):
+            images[f"test/{name}/{k:04d}.jpg"] = _jpeg((20 * c, 10 * k, 200))
+    buffer = io.BytesIO()
+    torch.save({"clean_label": clean, "worse_label": worse, "aggre_label": clean.copy(),
+                "random_label1": worse.copy()}, buffer)  # fmt: skip
+    kaggle = {"image_data_format_1/trainLabels.csv":
+              "\n".join(f"{i + 1}.png,{CLASSES[clean[i]]}" for i in range(20)).encode()}  # fmt: skip
+    kaggle.update({f"image_data_format_1/train/{i + 1}.png": _png(_colour(i)) for i in range(20)})
+    annotations, tiny = [], {}
+    for w, wnid in enumerate((*OOD_WNIDS, "n02124075")):  # the last one (Egyptian cat) is not an OOD class
+        for k in range(5):
+            name = f"val_{w * 5 + k}.JPEG"
+            annotations.append(f"{name}\t{wnid}\t0\t0\t63\t63")
+            tiny[f"tiny-imagenet-200/val/images/{name}"] = _jpeg((250, 10 * k, 40 * w), size=64)
+    tiny["tiny-imagenet-200/val/val_annotations.txt"] = "\n".join(annotations).encode()
+    return {
+        "clean": clean, "worse": worse,
+        "cifar10_images": _commit(root / "images", images),
+        "cifar10n": _commit(root / "cifar10n", {natural_data.SOURCES["cifar10n"]["path"]: buffer.getvalue()}),
+        "order_check": _commit(root / "kaggle", kaggle),
+        "tiny_imagenet": _commit(root / "tiny", tiny),
+    }  # fmt: skip
+
+
+def _extract(sources, out: Path, **overrides):
+    snap = {key: GitSnapshot(*sources[key]) for key in ("cifar10_images", "cifar10n", "tiny_imagenet", "order_check")}
+    snap.update(overrides)
+    return extract(snap["cifar10_images"], snap["cifar10n"], snap["tiny_imagenet"], snap["order_check"], out,
+                   train_per_class=TRAIN_PER_CLASS, test_per_class=2, order_count=20,
+                   candidates_per_class=FILES_PER_CLASS)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pool(fake_sources, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pool") / "pool.npz"
+    provenance = _extract(fake_sources, out)
+    return out, provenance
+
+
+def test_extract_maps_cifar10n_indices_to_their_images_and_records_the_check(pool, fake_sources):
+    path, provenance = pool
+    assert provenance["order_check"]["mapped_is_nearest"] == 20
+    assert provenance["order_check"]["mapped_error_max"] < 3
+    assert json.loads((path.parent / "PROVENANCE.json").read_text())["pool_digest"] == provenance["pool_digest"]
+    with np.load(path) as stored:
+        index, images = stored["train_index"], stored["train_images"]
+        assert (np.bincount(stored["train_clean"], minlength=10) == TRAIN_PER_CLASS).all()
+        assert (stored["train_clean"] == fake_sources["clean"][index]).all()
+        assert (stored["train_worse"] == fake_sources["worse"][index]).all()
+        assert sorted(set(stored["ood_wnid"])) == sorted(OOD_WNIDS)  # the non-OOD class is left out
+        assert stored["ood_images"].shape == (15, 32, 32, 3)
+    # every stored image is the file of its own official index (its colour names the index)
+    expected = np.array([_colour(i) for i in index], dtype=float)
+    assert np.abs(images.reshape(len(index), -1, 3).mean(axis=1) - expected).max() < 3
+
+
+def test_extract_refuses_files_numbered_in_another_order(fake_sources, tmp_path):
+    """Swap two files of one class: the class sizes still match, the pixel check does not."""
+    git_dir, commit = fake_sources["cifar10_images"]
+    work = Path(git_dir).parent
+    clone = tmp_path / "swapped"
+    subprocess.run(["git", "clone", "-q", str(work), str(clone)], check=True)
+    name = CLASSES[fake_sources["clean"][0]]
+    first, second = clone / f"train/{name}/0000.jpg", clone / f"train/{name}/0001.jpg"
+    a, b = first.read_bytes(), second.read_bytes()
+    first.write_bytes(b)
+    second.write_bytes(a)
+    env = {**os.environ, "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t"}  # fmt: skip
+    subprocess.run(["git", "-C", str(clone), "commit", "-qam", "swap"], check=True, env=env)
+    swapped = subprocess.run(["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    with pytest.raises(ValueError, match="order check"):
+        _extract(fake_sources, tmp_path / "pool.npz",
+                 cifar10_images=GitSnapshot(str(clone / ".git"), swapped.strip()))  # fmt: skip
+
+
+def _read_truth(out: Path) -> list[dict]:
+    with open(out / "ground_truth.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("setting", natural_data.SETTINGS)
+def test_build_folders_agree_with_the_ground_truth_and_the_setting(pool, fake_sources, tmp_path, setting):
+    path, _ = pool
+    meta = build(path, setting, 1, tmp_path / setting)
+    rows = _read_truth(tmp_path / setting)
+    files = sorted(p.relative_to(tmp_path / setting / "train").as_posix()
+                   for p in (tmp_path / setting / "train").rglob("*.png"))  # fmt: skip
+    assert [row["path"] for row in rows] == files  # one row per training file, nothing else
+    for row in rows:
+        assert row["path"].split("/")[0] == CLASSES[int(row["given_label"])]  # the folder is the given label
+        assert (row["is_ood"] == "1") == (row["true_label"] == "-1") == row["source"].startswith("tiny-imagenet")
+    in_dist = [row for row in rows if row["is_ood"] == "0"]
+    true = np.array([int(row["true_label"]) for row in in_dist])
+    given = np.array([int(row["given_label"]) for row in in_dist])
+    assert (np.bincount(true, minlength=10) == TRAIN_PER_CLASS).all()
+    test_files = list((tmp_path / setting / "test").rglob("*.png"))
+    assert len(test_files) == 2 * len(CLASSES) == meta["test_images"]
+
+    ood = len(rows) - len(in_dist)
+    if setting == "human":
+        with np.load(path) as stored:
+            by_index = dict(zip(stored["train_index"].tolist(), stored["train_worse"].tolist(), strict=True))
+        assert all(int(r["given_label"]) == by_index[int(r["source"].split(":")[1])] for r in in_dist)
+        assert ood == 0
+    elif setting.startswith("asym"):
+        rate = int(setting[4:]) / 100
+        for source, target in CONFUSIONS.items():
+            wrong = given[true == source] != source
+            assert wrong.mean() == pytest.approx(rate)  # exactly the rate of each confusable class
+            assert (given[true == source][wrong] == target).all()  # and only to its natural confusion
+        others = [c for c in range(10) if c not in CONFUSIONS]
+        assert (given[np.isin(true, others)] == true[np.isin(true, others)]).all()
+        assert ood == 0
+    else:
+        assert (given == true).all()
+        assert ood / len(rows) == pytest.approx(natural_data.OOD_FRACTION, abs=0.02)
+    assert meta["ood_images"] == ood and meta["train_images"] == len(rows)
+    assert meta["label_errors_all"] == pytest.approx(np.mean([r["true_label"] != r["given_label"] for r in rows]),
+                                                     abs=1e-4)  # fmt: skip
+
+
+def test_build_is_a_function_of_setting_and_seed(pool, tmp_path):
+    path, _ = pool
+    same = [_read_truth(tmp_path / name) for name in ("a", "b") if build(path, "asym40", 3, tmp_path / name)]
+    other = build(path, "asym40", 4, tmp_path / "c") and _read_truth(tmp_path / "c")
+    assert same[0] == same[1]
+    # the rows are sorted by path, whose folder is the given label: compare which image went where
+    assert {r["path"] for r in other} != {r["path"] for r in same[0]}
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert natural_data.main(["build", "--setting", "human", "--out", str(tmp_path / "x"),
+                              "--pool", str(tmp_path / "missing.npz")]) == 2  # fmt: skip
+    assert natural_data.main(["extract", "--cifar10n", str(tmp_path)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("error: ") for line in errors)
+
+
+def test_loaded_training_set_follows_the_image_folder_reader(pool, tmp_path):
+    """Row i of the ground truth is image i of `training.image_folder` on the same folder (positional report ids)."""
+    from training.image_folder import read_image_folder
+
+    path, _ = pool
+    build(path, "ood20", 0, tmp_path / "ood20")
+    dataset, id2label = natural_data.load_training_set(tmp_path / "ood20")
+    files, labels, class_names = read_image_folder(tmp_path / "ood20" / "train")
+    assert class_names == list(id2label.values())
+    assert [Path(f).relative_to(tmp_path / "ood20" / "train").as_posix() for f in files] == dataset["path"]
+    assert labels == dataset["label"]
+    assert sum(dataset["is_ood"]) == sum(t == -1 for t in dataset["true_label"]) > 0
+
+
+def test_label_noise_benchmark_reads_a_built_setting_for_its_own_seed_only(pool, tmp_path):
+    """`label_noise_benchmark.py --natural_dir`: the cleanlab comparison trains and scores on the built folder, and
+    refuses a folder built for another seed (its noise draw would not be the run's)."""
+    import argparse
+
+    import label_noise_benchmark
+
+    path, _ = pool
+    build(path, "asym20", 2, tmp_path / "asym20_s2")
+    args = argparse.Namespace(natural_dir=tmp_path / "asym20_s2", num_train=4000)
+    dataset, id2label = label_noise_benchmark.noisy_data(2, args)
+    assert list(id2label.values()) == list(CLASSES)
+    assert dataset["path"] == [row["path"] for row in _read_truth(tmp_path / "asym20_s2")]
+    assert {"image", "label", "sample_id", "true_label", "is_ood"} <= set(dataset.column_names)
+    with pytest.raises(SystemExit, match="built for seed 2, not --seed 0"):
+        label_noise_benchmark.noisy_data(0, args)
+
+
+def test_natural_benchmark_plans_every_run_with_the_pinned_recipe(tmp_path, capsys):
+    import natural_benchmark
+
+    assert natural_benchmark.main(["plan", "--built_dir", str(tmp_path / "b"), "--results_dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 * 4 * (3 + 2) + 4  # seeds x settings x (3 accuracy + 2 detection runs), 4 reports
+    accuracy = [line for line in lines if "run_mopro.py" in line]
+    assert len(accuracy) == 36
+    assert all("training/configs/demo.yaml" in line and "--num_train_epochs 30 --lr_milestones 15 25" in line
+               for line in accuracy)  # fmt: skip
+    assert sum("--noise_correction_schedule fixed --noise_correction_start_epoch 4" in line for line in accuracy) == 12
+    assert all(f"_s{line.split('--seed ')[1].split()[0]}/" in line for line in accuracy)  # data of the run's seed
+
+
+def test_natural_benchmark_run_skips_finished_jobs_and_counts_failures(tmp_path):
+    import natural_benchmark
+    from natural_benchmark import Job
+
+    def job(name, code, marker):
+        return Job(name, (sys.executable, "-c", code), tmp_path / marker)
+
+    (tmp_path / "finished").write_text("")
+    made = tmp_path / "made"
+    jobs = [
+        job("finished", "raise SystemExit(3)", "finished"),  # skipped: its marker exists
+        job("ok", f"open({str(made)!r}, 'w').write('1')", "ok_marker"),
+        job("broken", "raise SystemExit(3)", "broken_marker"),
+        job("report_x", "print('report')", "report_marker"),  # reports always run, after training
+    ]
+    assert natural_benchmark.run(jobs, lanes=2, log_dir=tmp_path / "logs") == 1
+    assert made.read_text() == "1"
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["broken.log", "ok.log", "report_x.log"]
+    assert (tmp_path / "logs" / "report_x.log").read_text().strip() == "report"
+
+
+def test_natural_benchmark_run_without_data_is_a_one_line_error(tmp_path, capsys):
+    import natural_benchmark
+
+    code = natural_benchmark.main(["run", "--built_dir", str(tmp_path / "b"), "--results_dir", str(tmp_path),
+                                   "--pool", str(tmp_path / "missing.npz")])  # fmt: skip
+    assert code == 2
+    assert capsys.readouterr().err.strip().startswith("error: ")
+
+
+def test_label_noise_plot_draws_a_setting_without_ood_images(tmp_path):
+    """On `human` and `asym*` no OOD image exists, so OOD AUROC is None for every method: the plot marks that panel
+    instead of failing (it raised on an empty min() before)."""
+    import label_noise_benchmark
+
+    scores = {name: {0: {"label_error_f1": 0.5, "ood_auroc": None, "label_quality_auroc": 0.6}}
+              for name in label_noise_benchmark.METHODS}  # fmt: skip
+    label_noise_benchmark.plot(scores, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_human_label_signal_separates_a_right_map_from_a_mixed_up_one():
+    """Images with a wrong human label lean towards that label's class: the right map shows it in every batch, a
+    map mixed up within classes in one batch shows it in the other batch only."""
+    rng = np.random.default_rng(0)
+    clean = np.repeat(np.arange(10), 200)
+    rng.shuffle(clean)
+    human = clean.copy()
+    wrong = rng.choice(len(clean), 400, replace=False)
+    human[wrong] = (clean[wrong] + 1 + rng.integers(0, 9, len(wrong))) % 10
+    centres = rng.normal(size=(10, 16))
+    features = centres[clean] + 0.9 * rng.normal(size=(len(clean), 16))
+    features[wrong] += 0.6 * centres[human[wrong]]  # the look of what people saw
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+
+    right = natural_data.human_label_signal(features, clean, human, batch=1000)
+    assert [r["indices"] for r in right] == ["0-999", "1000-1999"]
+    assert all(r["difference"] > 4 * r["standard_error"] for r in right)
+
+    mixed = features.copy()  # batch 2: each image's file swapped with another of its class in that batch
+    for c in range(10):
+        members = 1000 + np.flatnonzero(clean[1000:] == c)
+        mixed[members] = features[rng.permutation(members)]
+    result = natural_data.human_label_signal(mixed, clean, human, batch=1000)
+    assert result[0]["difference"] > 4 * result[0]["standard_error"]
+    assert abs(result[1]["difference"]) < 3 * result[1]["standard_error"]
