@@ -229,26 +229,26 @@ def _backbone_precision(precision: str, tf32: bool | None) -> str:
     return "fp32 (cuDNN convolutions in TF32 on Ampere or newer GPUs, PyTorch's default; --tf32 false for IEEE)"
 
 
+# The speed options (README "Speed"): flag, whether it is on, and what it costs in fidelity.
+SPEED_OPTIONS = (
+    ("cudnn_benchmark", lambda args: args.cudnn_benchmark and not args.full_determinism,
+     "on CUDA: cuDNN picks the fastest convolution algorithm per shape, as the official train.py "
+     "(cudnn.benchmark = True); float rounding may differ from run to run"),
+    ("channels_last", lambda args: args.channels_last,
+     "both encoders and the pixel batches in channels_last: the same values to float rounding"),
+    ("uint8_key_batches", lambda args: args.uint8_key_batches,
+     "key batches gathered as uint8 (1/4 of the bytes) and normalised after shuffle-BN's gather: the same keys"),
+    ("auto_dataloader_workers", lambda args: args.auto_dataloader_workers,
+     "DataLoader workers = the process's share of the CPU cores - 1, prefetch 4: speed only"),
+    ("gpu_augment", lambda args: args.gpu_augment,
+     "JPEG decode and both views on the GPU: the CPU path's distributions, other random draws (views no longer "
+     "tied to (seed, epoch, sample id))"),
+)  # fmt: skip
+
+
 def speed_options(training_args) -> list[dict[str, str]]:
-    """The speed options that are on (README "Speed"), each with what it costs in fidelity."""
-    options = []
-    if training_args.cudnn_benchmark and not training_args.full_determinism:
-        options.append({"name": "cudnn_benchmark", "effect": "on CUDA: cuDNN picks the fastest convolution algorithm "
-                        "per shape, as the official train.py (cudnn.benchmark = True); float rounding may differ from "
-                        "run to run"})  # fmt: skip
-    if training_args.channels_last:
-        options.append({"name": "channels_last", "effect": "both encoders and the pixel batches in channels_last: "
-                        "the same values to float rounding"})  # fmt: skip
-    if training_args.uint8_key_batches:
-        options.append({"name": "uint8_key_batches", "effect": "key batches gathered as uint8 (1/4 of the bytes) and "
-                        "normalised after shuffle-BN's gather: the same keys"})  # fmt: skip
-    if training_args.auto_dataloader_workers:
-        options.append({"name": "auto_dataloader_workers", "effect": "DataLoader workers = the process's share of the "
-                        "CPU cores - 1, prefetch 4: speed only"})  # fmt: skip
-    if training_args.gpu_augment:
-        options.append({"name": "gpu_augment", "effect": "JPEG decode and both views on the GPU: the CPU path's "
-                        "distributions, other random draws (views no longer tied to (seed, epoch, sample id))"})  # fmt: skip
-    return options
+    """The speed options that are on, each with what it costs in fidelity."""
+    return [{"name": name, "effect": effect} for name, is_on, effect in SPEED_OPTIONS if is_on(training_args)]
 
 
 def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None = None) -> dict[str, Any]:
