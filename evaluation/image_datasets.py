@@ -209,15 +209,19 @@ def image_folder_dataset(
     """
     root = Path(root)
     if class_to_idx is None:
-        paths, labels, classes = read_image_folder(root)
+        listing = read_image_folder(root)
+        paths, labels, classes = listing
     else:
-        paths, positions, names = read_image_folder(root, list(class_to_idx))
+        listing = read_image_folder(root, list(class_to_idx))
+        paths, positions, names = listing
         labels = [class_to_idx[names[position]] for position in positions]
         classes = sorted(class_to_idx, key=class_to_idx.__getitem__)
     if not paths:
         raise FileNotFoundError(f"no images under {root}")
     ids = [os.path.relpath(p, root) for p in paths]
-    return ImageLabelDataset(paths, labels, ids, transform, classes)
+    dataset = ImageLabelDataset(paths, labels, ids, transform, classes)
+    dataset.passed_over = listing.passed_over  # what the reader passed over, by reason, for the results
+    return dataset
 
 
 def check_class_names(dataset: Any, config: Any, source: str = "the evaluation data") -> None:

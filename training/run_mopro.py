@@ -45,7 +45,9 @@ from training.arguments import (  # noqa: E402
 from training.cli import run_command  # noqa: E402
 from training.collator import MoProCollator  # noqa: E402
 from training.data import build_datasets  # noqa: E402
+from training.image_folder import passed_over_counts  # noqa: E402
 from training.trainer import MoProTrainer, accuracy_metrics, check_checkpoint  # noqa: E402
+from training.run_folder import claim_output_dir, newest_complete_checkpoint, release_output_dir  # noqa: E402
 from training.transforms import MoProViewTransforms  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Path checks first: a wrong folder is known before any data is read or model built.
     if training_args.do_train:
         training_args.resume_from_checkpoint = resolve_checkpoint(training_args)
-    prepare_output_dir(model_args, training_args)
+    prepare_output_dir(model_args, training_args, remove=False)
     start_config = load_config(model_args) if model_args.model_name_or_path else None  # flags checked before data
     set_seed(training_args.seed)
 
@@ -211,6 +213,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         config.image_size, mean=processor.image_mean, std=processor.image_std,
         crop_scale=(data_args.crop_min_scale, 1.0),
     )  # fmt: skip
+    if training_args.should_save:
+        # The folder is this run's from its first write to its last (`training.run_folder`): a second run started
+        # into it now is refused, and the start-up check is repeated under the lock.
+        claim_output_dir(training_args.output_dir)
+        prepare_output_dir(model_args, training_args)
     collator_kwargs = {
         "image_column": data_args.image_column_name,
         "label_column": data_args.label_column_name,
@@ -239,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         metrics.update(result.metrics)
         metrics["train_skipped_images"] = trainer.skipped_images
+        metrics.update(passed_over_metrics(data_args))
         if isinstance(model, MoProForPreTraining):
             # When correction began (an adaptive schedule decides it during the run; -1: it never did).
             start = trainer.correction_schedule.start_epoch
@@ -249,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics.update(trainer.evaluate())
 
     if trainer.is_world_process_zero():
+        claim_output_dir(training_args.output_dir)  # still ours (not removed or replaced during the run)
         release = model.to_release_model() if isinstance(model, MoProForPreTraining) else model
         release.save_pretrained(training_args.output_dir)
         processor.save_pretrained(training_args.output_dir)
@@ -257,8 +266,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # Every process scores its share of the training set; the main process writes the report.
         metrics.update(noise_report(model, train_dataset, data_args, training_args))
     if trainer.is_world_process_zero():
+        claim_output_dir(training_args.output_dir)
         trainer.save_metrics("all", metrics, combined=False)
         logger.info("results: %s", json.dumps(metrics, indent=2))
+        release_output_dir(training_args.output_dir)
 
     if dist.is_available() and dist.is_initialized():
         # Without this, some gloo runs aborted at exit (see shared notes).
@@ -282,12 +293,19 @@ def resolve_checkpoint(training_args: MoProTrainingArguments) -> str | None:
     if path is None:
         return None
     if str(path).lower() in ("true", "last"):
-        path = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        # The newest checkpoint that can resume: one cut short (a full disk, a kill during the save) is passed over,
+        # named in a warning, and the one before it is taken.
+        path, refused = newest_complete_checkpoint(training_args.output_dir, check_checkpoint)
+        for reason in refused:
+            logger.warning("--resume_from_checkpoint last: passing over an incomplete checkpoint: %s", reason)
         if path is None:
+            refused_note = f" ({len(refused)} incomplete: {refused[0]})" if refused else ""
             raise ValueError(
-                f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint-* folder in "
-                f"--output_dir {training_args.output_dir}; name a checkpoint folder, or start without the flag."
+                f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no complete checkpoint-* folder in "
+                f"--output_dir {training_args.output_dir}{refused_note}; name a checkpoint folder, or start without "
+                "the flag."
             )
+        return path
     elif not os.path.isdir(path):
         raise ValueError(
             f"--resume_from_checkpoint {path}: no such folder; give a checkpoint-N folder of an earlier run "
@@ -297,9 +315,14 @@ def resolve_checkpoint(training_args: MoProTrainingArguments) -> str | None:
     return str(path)
 
 
-def prepare_output_dir(model_args: ModelArguments, training_args: MoProTrainingArguments) -> None:
-    """Refuse an `output_dir` that holds a run, unless resuming or `--overwrite_output_dir true` (then the old
-    run's outputs are removed, so no stale noise report or results sit beside the new model)."""
+def prepare_output_dir(
+    model_args: ModelArguments, training_args: MoProTrainingArguments, remove: bool = True
+) -> None:
+    """Refuse an `output_dir` that holds a run, unless resuming or `--overwrite_output_dir true` (then, with
+    `remove`, the old run's outputs are removed, so no stale noise report or results sit beside the new model).
+
+    Called twice: at start-up to refuse early (`remove=False`), and again under the folder's lock
+    (`claim_output_dir`) just before the first write, where a run that began meanwhile is seen."""
     out = Path(training_args.output_dir)
     if not out.is_dir() or (training_args.do_train and training_args.resume_from_checkpoint):
         return
@@ -319,7 +342,7 @@ def prepare_output_dir(model_args: ModelArguments, training_args: MoProTrainingA
             f"--output_dir {out} already holds a run ({held}): pass another --output_dir, {resume}"
             "or --overwrite_output_dir true to replace it."
         )
-    if training_args.should_save:  # one process removes
+    if remove and training_args.should_save:  # one process removes
         logger.warning("--overwrite_output_dir: removing the earlier run's %s from %s", found + checkpoints, out)
         for path in [out / name for name in found] + checkpoints:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -341,6 +364,13 @@ def check_train_size(train_dataset, training_args: MoProTrainingArguments) -> No
             f"{training_args.world_size} processes) with --dataloader_drop_last true: no training step would run. "
             "Give more data, or a smaller --global_batch_size (or --per_device_train_batch_size)."
         )
+
+
+def passed_over_metrics(data_args: DataArguments) -> dict[str, int]:
+    """`train_passed_over_<reason>`: the files of `--train_dir` its reader passed over (`training.image_folder`),
+    by reason, so that a folder half made of unreadable entries shows in the results, not only in the log."""
+    counts = passed_over_counts(data_args.train_dir) if data_args.train_dir else None
+    return {f"train_passed_over_{reason.replace(' ', '_')}": count for reason, count in (counts or {}).items()}
 
 
 def save_run_args(output_dir: str, model_args, data_args, training_args) -> None:
@@ -381,6 +411,7 @@ def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArgum
         label_column=data_args.label_column_name,
         data_description=f"the training set of {describe_training_data({'data_args': vars(data_args)}).name}",
         model_name=training_args.output_dir,  # where the model is saved
+        passed_over=passed_over_counts(data_args.train_dir) if data_args.train_dir else None,
     )
     # None (e.g. relabel precision with nothing relabelled) is kept: undefined, not zero.
     return {f"noise_{k}": v for k, v in summary.items() if v is None or isinstance(v, (int, float))}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -96,7 +97,7 @@ def describe_image_source(source: Any) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _read_encoded(source: ImageSource) -> tuple[bytes | bytearray | memoryview, str]:
+def read_encoded_image(source: ImageSource) -> tuple[bytes | bytearray | memoryview, str]:
     """The encoded bytes of a non-PIL image source, and its description for messages."""
     description = describe_image_source(source)
     if isinstance(source, dict):
@@ -111,11 +112,38 @@ def _read_encoded(source: ImageSource) -> tuple[bytes | bytearray | memoryview, 
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"unsupported image source type {type(source).__name__}")
     try:
+        # Only a regular file is opened: a named pipe would block `open` (and the run) forever, a device or a
+        # folder is no image. `stat` follows links, as the read would.
+        if not stat.S_ISREG(os.stat(source).st_mode):
+            raise BadImageError(description, "not a regular file (a pipe, socket, device or folder)")
         # Reading the whole file first means no file handle outlives the decode (PIL keeps multi-frame files
         # open until garbage collection) and the decoded image needs no defensive copy.
         return Path(source).read_bytes(), description
     except OSError as error:
         raise BadImageError(description, f"{type(error).__name__}: {error}") from error
+
+
+# The image-geometry guard of every decode (`check_image_geometry`). PIL's own limit applies to the pixel count at
+# decode time; the aspect ratio matters later: the views resize the short side to the crop size, so a 100000 x 1
+# image would become 25.6M x 256 pixels (~26 GB at 224 px) before the crop.
+MAX_ASPECT_RATIO = 50.0
+
+
+def check_image_geometry(width: int, height: int, description: str) -> None:
+    """Refuse an image (`BadImageError`, reason starting "too large") whose pixel count exceeds PIL's
+    ``Image.MAX_IMAGE_PIXELS`` or whose sides differ by more than `MAX_ASPECT_RATIO`; called with the header's size,
+    before any pixel is decoded."""
+    if width <= 0 or height <= 0:
+        raise BadImageError(description, f"empty image ({width} x {height} pixels)")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise BadImageError(
+            description, f"too large: {width} x {height} pixels, more than {limit} (PIL.Image.MAX_IMAGE_PIXELS)"
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise BadImageError(
+            description, f"too large in one dimension: {width} x {height} pixels, aspect ratio above {MAX_ASPECT_RATIO:g}"
+        )
 
 
 def decode_image(source: ImageSource) -> Image.Image:
@@ -133,8 +161,9 @@ def decode_image(source: ImageSource) -> Image.Image:
         TypeError: ``source`` is of an unsupported type (a programming error, not a data error).
     """
     if isinstance(source, Image.Image):
+        check_image_geometry(*source.size, describe_image_source(source))
         return _to_rgb(source)
-    return _decode_with_pil(*_read_encoded(source))
+    return _decode_with_pil(*read_encoded_image(source))
 
 
 # PIL signals broken data with OSError (incl. UnidentifiedImageError, FileNotFoundError), SyntaxError or
@@ -168,6 +197,7 @@ def _decode_with_pil(data: bytes | bytearray | memoryview, description: str) -> 
             # Image.open reads only the header and refuses images above 2x Image.MAX_IMAGE_PIXELS before any
             # pixel is decoded (and warns above 1x).
             image = Image.open(buffer)
+            check_image_geometry(*image.size, description)  # from the header, before the pixels
             image.load()
         return _to_rgb(image)
     except _PIL_ERRORS as error:
@@ -183,12 +213,13 @@ def _check_jpeg_size(data: bytes | bytearray | memoryview, description: str) -> 
     """
     buffer = io.BytesIO(data)
     try:
-        with Image.open(buffer):
-            pass
+        with Image.open(buffer) as image:
+            size = image.size
     except Image.DecompressionBombError as error:
         raise _bad_image(error, buffer, description) from error
     except _PIL_ERRORS:
-        pass
+        return
+    check_image_geometry(*size, description)
 
 
 def decode_image_tensor(source: ImageSource) -> torch.Tensor:
@@ -201,7 +232,7 @@ def decode_image_tensor(source: ImageSource) -> torch.Tensor:
     """
     if isinstance(source, Image.Image):
         return v2.functional.pil_to_tensor(decode_image(source))
-    data, description = _read_encoded(source)
+    data, description = read_encoded_image(source)
     if bytes(data[:3]) == b"\xff\xd8\xff":  # JPEG start-of-image marker
         _check_jpeg_size(data, description)
         try:
