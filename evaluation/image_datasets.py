@@ -109,6 +109,8 @@ class ImageLabelDataset(Dataset):
             raise ValueError(f"images ({len(images)}), labels ({len(self.labels)}) and ids ({len(self.ids)}) differ")
         self.transform = transform or eval_transform()
         self.classes = list(classes) if classes is not None else None
+        # Entries of an image folder its reader passed over, by reason (`training.image_folder`); None otherwise.
+        self.passed_over: dict[str, int] | None = None
 
     @property
     def is_multilabel(self) -> bool:

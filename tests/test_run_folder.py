@@ -103,10 +103,13 @@ def test_two_runs_into_the_same_empty_folder_one_is_refused_the_other_intact(dat
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     wait_for(paused, first)
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # claimed, nothing written yet
-    # The second run sees a folder without finished outputs (the start-up check passes) and is refused at its lock.
-    with pytest.raises(OutputFolderInUseError, match=rf"--output_dir .*run is in use by another run \(pid {first.pid}\)"):
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "run_args.json"]  # claimed, no step saved yet
+    with pytest.raises(ValueError, match=r"already holds a run \(run_args.json\)"):
         main(train_argv(data, out, "--baseline", "ce", *flags))
+    # Even asked to replace the folder, the second run is refused while the first one holds it.
+    with pytest.raises(OutputFolderInUseError, match=rf"--output_dir .*run is in use by another run \(pid {first.pid}\)"):
+        main(train_argv(data, out, "--baseline", "ce", "--overwrite_output_dir", "true", *flags))
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "run_args.json"]
     go.touch()
     _, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr

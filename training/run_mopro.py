@@ -44,6 +44,7 @@ from training.arguments import (  # noqa: E402
 )
 from training.cli import run_command  # noqa: E402
 from training.collator import MoProCollator  # noqa: E402
+from training.data import _SOURCES as DATA_SOURCES  # noqa: E402  (the data-source flags)
 from training.data import build_datasets  # noqa: E402
 from training.image_folder import passed_over_counts  # noqa: E402
 from training.trainer import MoProTrainer, accuracy_metrics, check_checkpoint  # noqa: E402
@@ -178,6 +179,7 @@ def build_processor(model_args: ModelArguments, config: MoProConfig):
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    check_data_source(model_args.config_file, data_args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     for name in (__name__, "training"):
         logging.getLogger(name).setLevel(logging.INFO)
@@ -204,6 +206,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             training_args.eval_strategy.value,
         )
         training_args.eval_strategy = IntervalStrategy.NO
+    if len(id2label) < 2:
+        raise ValueError(
+            f"the training data has {len(id2label)} class ({', '.join(map(str, id2label.values()))}): a classifier "
+            "needs at least 2 (with one, every sample is called clean); check the data source flags"
+        )
     if training_args.do_train:
         check_train_size(train_dataset, training_args)
     model = build_model(model_args, training_args, id2label, start_config)
@@ -213,11 +220,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         config.image_size, mean=processor.image_mean, std=processor.image_std,
         crop_scale=(data_args.crop_min_scale, 1.0),
     )  # fmt: skip
+    resume_changes = []
+    if training_args.do_train and training_args.resume_from_checkpoint:
+        check_resume_model(training_args.resume_from_checkpoint, config)
+        resume_changes = check_resume_arguments(training_args.resume_from_checkpoint, model_args, data_args, training_args)
     if training_args.should_save:
         # The folder is this run's from its first write to its last (`training.run_folder`): a second run started
         # into it now is refused, and the start-up check is repeated under the lock.
         claim_output_dir(training_args.output_dir)
         prepare_output_dir(model_args, training_args)
+        # Written now (and again at the end): a resume of this run, finished or not, is compared with it.
+        save_run_args(training_args.output_dir, model_args, data_args, training_args, resume_changes)
     collator_kwargs = {
         "image_column": data_args.image_column_name,
         "label_column": data_args.label_column_name,
@@ -261,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         release = model.to_release_model() if isinstance(model, MoProForPreTraining) else model
         release.save_pretrained(training_args.output_dir)
         processor.save_pretrained(training_args.output_dir)
-        save_run_args(training_args.output_dir, model_args, data_args, training_args)
+        save_run_args(training_args.output_dir, model_args, data_args, training_args, resume_changes)
     if data_args.noise_report and isinstance(model, MoProForPreTraining):
         # Every process scores its share of the training set; the main process writes the report.
         metrics.update(noise_report(model, train_dataset, data_args, training_args))
@@ -348,6 +361,20 @@ def prepare_output_dir(
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def check_data_source(config_file: str | os.PathLike, data_args: DataArguments) -> None:
+    """Only the demo config may train on the built-in demo data: another YAML (a WebVision recipe) without a data
+    source would otherwise train on Fashion-MNIST and save the result under the recipe's name."""
+    if Path(config_file).resolve() == DEMO_CONFIG.resolve():
+        return
+    if any(getattr(data_args, name) for name in DATA_SOURCES):
+        return
+    raise ValueError(
+        f"{config_file} gives no data source and none was passed: add {' or '.join(f'--{n}' for n in DATA_SOURCES)} "
+        "(e.g. --webvision_dir /data/webvision for a WebVision recipe); the built-in Fashion-MNIST data is the demo "
+        "config's only."
+    )
+
+
 def check_train_size(train_dataset, training_args: MoProTrainingArguments) -> None:
     """A training set smaller than one batch per process gives no step with `drop_last`: a run that would
     silently train nothing is refused."""
@@ -373,18 +400,96 @@ def passed_over_metrics(data_args: DataArguments) -> dict[str, int]:
     return {f"train_passed_over_{reason.replace(' ', '_')}": count for reason, count in (counts or {}).items()}
 
 
-def save_run_args(output_dir: str, model_args, data_args, training_args) -> None:
+def save_run_args(output_dir: str, model_args, data_args, training_args, resume_changes: list[str] = ()) -> None:
     """The run's arguments as plain JSON (`run_args.json`), which the release's model card reads to describe the
-    data and schedule this model was trained with (the Trainer's `training_args.bin` is a pickle, never read)."""
+    data and schedule this model was trained with (the Trainer's `training_args.bin` is a pickle, never read).
+
+    A resume allowed to change arguments (`--allow_changed_resume`) appends its changes to ``resumes``, which keeps
+    those of earlier resumes: the file then says that the run was not trained with one set of arguments."""
     from evaluation.model_card import RUN_ARGS_FILE
 
+    path = os.path.join(output_dir, RUN_ARGS_FILE)
+    resumes = []
+    if training_args.resume_from_checkpoint and os.path.isfile(path):
+        with open(path) as f:
+            resumes = json.load(f).get("resumes", [])
+        entry = {"from": str(training_args.resume_from_checkpoint), "changes": list(resume_changes)}
+        if entry not in resumes:
+            resumes.append(entry)
     run_args = {
         "model_args": dataclasses.asdict(model_args),
         "data_args": dataclasses.asdict(data_args),
         "training_args": training_args.to_dict(),  # tokens masked
+        "resumes": resumes,
     }
-    with open(os.path.join(output_dir, RUN_ARGS_FILE), "w") as f:
+    with open(path, "w") as f:
         json.dump(run_args, f, indent=2, default=str)
+
+
+# What a resume must keep from the run it continues (else the checkpoint's optimizer state, sample order and queue
+# belong to another run): compared with the run's `run_args.json`.
+RESUME_FIXED_ARGUMENTS = {
+    "training_args": ("seed", "global_batch_size", "gradient_accumulation_steps", "baseline"),
+    "data_args": (
+        "dataset_name", "dataset_config_name", "train_dir", "webvision_dir", "webvision_version", "shard_dir",
+        "max_train_samples", "num_train", "noise_rate", "asymmetric_fraction", "ood_fraction",
+    ),
+}  # fmt: skip
+
+
+def check_resume_arguments(checkpoint: str, model_args, data_args, training_args) -> list[str]:
+    """The differences ("group.name: old -> new") between this resume's arguments and those of the run that wrote
+    `checkpoint` (its folder's `run_args.json`, when there is one).
+
+    Raises:
+        ValueError: Differences, without `--allow_changed_resume`.
+    """
+    from evaluation.model_card import RUN_ARGS_FILE
+
+    earlier = Path(checkpoint).resolve().parent / RUN_ARGS_FILE
+    if not earlier.is_file():
+        return []
+    try:
+        old = json.loads(earlier.read_text())
+    except ValueError as error:
+        raise ValueError(f"{earlier} is not valid JSON ({error}): cannot compare the resume with its run") from error
+    new = {"training_args": training_args.to_dict(), "data_args": dataclasses.asdict(data_args)}
+    changes = []
+    for group, names in RESUME_FIXED_ARGUMENTS.items():
+        for name in names:
+            before, now = old.get(group, {}).get(name), new[group].get(name)
+            if name in old.get(group, {}) and before != now and str(before) != str(now):
+                changes.append(f"{name}: {before!r} -> {now!r}")
+    if changes and not training_args.allow_changed_resume:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint}: this run differs from the one that wrote it ({'; '.join(changes)}): "
+            "resume with its arguments, or pass --allow_changed_resume true (the changes are recorded in run_args.json)."
+        )
+    for change in changes:
+        logger.warning("resuming with a changed argument (--allow_changed_resume): %s", change)
+    return changes
+
+
+def check_resume_model(checkpoint: str, config: MoProConfig) -> None:
+    """The checkpoint's weights must fit the model of this run: the same classes, in the same order, and the same
+    architecture (loading them would fail on shapes, or silently give the classifier's rows other meanings)."""
+    try:
+        saved = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # `check_checkpoint` names a checkpoint that cannot be read
+    differences = []
+    saved_labels = [str(saved.get("id2label", {}).get(str(i))) for i in range(int(saved.get("num_labels", len(saved.get("id2label", {})))))]
+    labels = [str(config.id2label[i]) for i in range(config.num_labels)]
+    if saved_labels != labels:
+        differences.append(f"classes {saved_labels[:5]} in the checkpoint, {labels[:5]} in the data")
+    for name in ARCHITECTURE_FIELDS:
+        if name in saved and saved[name] != getattr(config, name):
+            differences.append(f"{name} {saved[name]!r} in the checkpoint, {getattr(config, name)!r} here")
+    if differences:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} belongs to another model: {'; '.join(differences)}; resume with "
+            "the run's data and model flags, or start a new run without the flag."
+        )
 
 
 def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArguments, training_args) -> dict:
