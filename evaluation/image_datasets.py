@@ -324,8 +324,11 @@ def apply_pseudo_labels(dataset: ImageLabelDataset, annotation: str | os.PathLik
     images, labels = read_pseudo_labels(annotation)
     position = {sample_id: i for i, sample_id in enumerate(dataset.ids)}
     missing = [image for image in images if image not in position]
-    if missing:
-        raise KeyError(f"{len(missing)} pseudo-labelled images are not in the dataset, e.g. {missing[:3]}")
+    if missing:  # the user's annotation file and data disagree: a user error (ValueError), not a lookup bug
+        raise ValueError(
+            f"{annotation}: {len(missing)} pseudo-labelled images are not in the dataset, e.g. {missing[:3]}; give the "
+            "data the report was made on"
+        )
     return dataset.subset([position[image] for image in images], np.asarray(labels, dtype=np.int64))
 
 
@@ -423,6 +426,25 @@ def add_dataset_arguments(
     parser.add_argument(f"--{prefix}id_column", default=None)
 
 
+def result_key(args: argparse.Namespace) -> str:
+    """The name a result is filed under (`--dataset`): as given, or "webvision" for a WebVision val root (the one
+    layout that names itself). Never a default: a folder evaluated without `--dataset` would otherwise land in the
+    model card as a WebVision result.
+
+    Raises:
+        ValueError: No `--dataset` for data that does not name itself.
+    """
+    if args.dataset:
+        return args.dataset
+    path = Path(args.data_dir)
+    if args.data_format == "webvision_val" or (args.data_format == "auto" and (path / "info" / VAL_FILELIST).exists()):
+        return "webvision"
+    raise ValueError(
+        f"--dataset is required for --data_dir {args.data_dir}: name the data the result is filed under (e.g. "
+        "--dataset imagenet); only a WebVision root (info/val_filelist.txt) names itself"
+    )
+
+
 def dataset_from_arguments(
     args: argparse.Namespace, transform: Transform, prefix: str = "", default_split: str = "validation"
 ) -> ImageLabelDataset:
@@ -469,6 +491,7 @@ __all__ = [
     "places205_dataset",
     "pseudo_label_dataset",
     "read_pseudo_labels",
+    "result_key",
     "train_transform",
     "transforms_from_config",
     "voc07_dataset",

@@ -385,9 +385,10 @@ def test_knn_accuracy_matches_brute_force():
 def test_knn_script(workspace):
     metrics = knn.main(
         ["--model_name_or_path", str(workspace["model"]), "--train_data_dir", str(workspace["train"]),
-         "--data_dir", str(workspace["val"]), "--k", "10", "--majority_k", "5", "--num_workers", "0"]
+         "--data_dir", str(workspace["val"]), "--k", "10", "--majority_k", "5", "--num_workers", "0",
+         "--dataset", "imagenet"]
     )  # fmt: skip
-    saved = read_result(workspace["model"], "eval_knn_webvision.json")
+    saved = read_result(workspace["model"], "eval_knn_imagenet.json")
     model = load_model(workspace["model"])
     view = transforms_from_config(model.config)
     train, _ = forward_all(model, image_folder_dataset(workspace["train"], view))

@@ -62,14 +62,36 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTra
     cli = list(argv)
     config_file = cli.pop(0) if cli and cli[0].endswith((".yaml", ".yml")) else DEMO_CONFIG
     with open(config_file) as f:
-        defaults = yaml.safe_load(f) or {}
+        try:
+            defaults = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{config_file} is not valid YAML: {' '.join(str(error).split())}") from error
+    if not isinstance(defaults, dict):
+        raise ValueError(
+            f"{config_file} holds a YAML {type(defaults).__name__}, not a mapping of flag names to values "
+            "(e.g. `learning_rate: 0.1`)"
+        )
     given = {arg[2:].split("=", 1)[0] for arg in cli if arg.startswith("--")}
+    argument_classes = (ModelArguments, DataArguments, MoProTrainingArguments)
+    _check_yaml_booleans(config_file, defaults, argument_classes)
     cli = _yaml_to_flags(defaults) + cli  # later flags win in argparse
-    parser = HfArgumentParser((ModelArguments, DataArguments, MoProTrainingArguments))
+    parser = HfArgumentParser(argument_classes)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=cli)
     model_args.command_line_fields = given
     model_args.config_file = str(config_file)
     return model_args, data_args, training_args
+
+
+def _check_yaml_booleans(config_file, values: dict, argument_classes) -> None:
+    """YAML reads an unquoted yes/no/on/off/true/false as a boolean: for a flag that is not a boolean (e.g.
+    `eval_strategy: no`) that is never what was meant, and argparse would only say "invalid choice: 'False'"."""
+    kinds = {f.name: str(f.type) for cls in argument_classes for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if isinstance(value, bool) and key in kinds and "bool" not in kinds[key]:
+            raise ValueError(
+                f"{config_file}: `{key}: {value}` was read as a YAML boolean, but {key} is not a boolean flag; quote "
+                f"the value (e.g. {key}: \"no\")"
+            )
 
 
 def _yaml_to_flags(values: dict) -> list[str]:

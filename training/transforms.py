@@ -130,15 +130,15 @@ MAX_ASPECT_RATIO = 50.0
 
 
 def check_image_geometry(width: int, height: int, description: str) -> None:
-    """Refuse an image (`BadImageError`, reason starting "too large") whose pixel count exceeds PIL's
-    ``Image.MAX_IMAGE_PIXELS`` or whose sides differ by more than `MAX_ASPECT_RATIO`; called with the header's size,
-    before any pixel is decoded."""
+    """Refuse an image (`BadImageError`, reason starting "too large") whose pixel count exceeds PIL's refusal limit
+    (twice ``Image.MAX_IMAGE_PIXELS``; PIL warns above once) or whose sides differ by more than `MAX_ASPECT_RATIO`;
+    called with the header's size, before any pixel is decoded."""
     if width <= 0 or height <= 0:
         raise BadImageError(description, f"empty image ({width} x {height} pixels)")
-    limit = Image.MAX_IMAGE_PIXELS
+    limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS is not None else None
     if limit is not None and width * height > limit:
         raise BadImageError(
-            description, f"too large: {width} x {height} pixels, more than {limit} (PIL.Image.MAX_IMAGE_PIXELS)"
+            description, f"too large: {width} x {height} pixels, more than {limit} (2 x PIL.Image.MAX_IMAGE_PIXELS)"
         )
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise BadImageError(
