@@ -326,7 +326,7 @@ def test_subset_logit_indices():
     assert robustness.subset_logit_indices(folders, [40, 4, 9]).tolist() == [4, 9, 40]
     with pytest.raises(ValueError, match="imagenet_classes"):
         robustness.subset_logit_indices(folders, ["n1", "n3", "n7"])
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="class folders not in the class subset"):
         robustness.subset_logit_indices(folders, {"n1": 1, "n3": 3})
 
 

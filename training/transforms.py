@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, v2
 
@@ -178,16 +178,31 @@ def _bad_image(error: Exception, buffer: io.BytesIO, description: str) -> BadIma
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB of any PIL mode; 16/32-bit integer greyscale is scaled to 8 bits first.
+    """RGB of any PIL mode, as the transformers pipeline sees the image (`IMAGE_SEMANTICS`): turned upright by its
+    EXIF orientation, transparency composited on white; 16/32-bit integer greyscale is scaled to 8 bits first.
 
     PIL's own ``convert("RGB")`` clips integer modes at 255, so a 16-bit greyscale PNG (mode "I;16", or "I" as
     older Pillow versions and PGM files give it) would come out almost all white. Such images hold 16-bit
     samples: the top 8 bits (``value >> 8``) are the 8-bit image, as libpng's ``png_set_strip_16`` gives it.
     """
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I"):  # "I;16", "I;16B", "I;16L", "I"
         samples = np.asarray(image).astype(np.int64)
         image = Image.fromarray((np.clip(samples, 0, 0xFFFF) >> 8).astype(np.uint8), mode="L")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        # transformers' `convert_to_rgb`: a transparent pixel is white, whatever colour it holds underneath.
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+# One image semantics for training, evaluation, the noise report and the saved image processor / pipeline: EXIF
+# orientation applied and transparency composited on white, as transformers' `load_image` + `convert_to_rgb` and
+# `datasets.Image` do. The official code applies neither (PIL `convert("RGB")` of the stored pixels); its web images
+# rarely carry either, and where they do, the upright, white-backed image is the one a user's pipeline classifies.
+IMAGE_SEMANTICS = "exif_transposed_alpha_on_white"
+_EXIF_ORIENTATION = 0x0112
 
 
 def _decode_with_pil(data: bytes | bytearray | memoryview, description: str) -> Image.Image:
@@ -236,7 +251,10 @@ def decode_image_tensor(source: ImageSource) -> torch.Tensor:
     if bytes(data[:3]) == b"\xff\xd8\xff":  # JPEG start-of-image marker
         _check_jpeg_size(data, description)
         try:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return decode_jpeg(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                apply_exif_orientation=True,  # IMAGE_SEMANTICS, as `decode_image`
+            )  # fmt: skip
         except RuntimeError:
             pass  # truncated or unusual: PIL is more tolerant, and raises BadImageError if it cannot decode either
     return v2.functional.pil_to_tensor(_decode_with_pil(data, description))
