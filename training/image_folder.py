@@ -90,6 +90,7 @@ def _image_files(folder: Path, extensions: set[str], passed_over: Counter, examp
     found = []
     seen_folders = {os.path.realpath(folder)}
     for directory, subfolders, files in os.walk(folder, followlinks=True):
+        subfolders.sort()  # a deterministic walk: of two links to one folder, the first by name is listed
         for name in list(subfolders):
             real = os.path.realpath(os.path.join(directory, name))
             if real in seen_folders:  # a link back into a listed folder (or a loop): listed once
