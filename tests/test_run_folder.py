@@ -186,3 +186,21 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_earlier_checkpoint_and_resum
     assert digests(out / "checkpoint-2") == before
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
     assert (out / "checkpoint-4" / "optimizer.pt").is_file() and not list(out.glob(".partial-*"))
+
+
+def test_a_resume_with_other_classes_seed_or_data_is_refused_or_recorded(data, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--noise_report", "false"]
+    main(train_argv(data, out, *flags))
+    resume = ["--resume_from_checkpoint", str(out / "checkpoint-2"), "--max_steps", "3"]
+    other = image_folder(tmp_path / "other", classes=("bird", "fish"))
+    with pytest.raises(ValueError, match=r"belongs to another model: classes \['cat', 'dog'\] in the checkpoint, "
+                                         r"\['bird', 'fish'\] in the data"):  # fmt: skip
+        main(train_argv(other, out, *flags, *resume))
+    with pytest.raises(ValueError, match=r"differs from the one that wrote it \(seed: 0 -> 7\).*--allow_changed_resume"):
+        main(train_argv(data, out, *flags, *resume, "--seed", "7"))
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2  # refused before any step
+    main(train_argv(data, out, *flags, *resume, "--seed", "7", "--allow_changed_resume", "true"))
+    run_args = json.loads((out / "run_args.json").read_text())
+    assert run_args["resumes"] == [{"from": str(out / "checkpoint-2"), "changes": ["seed: 0 -> 7"]}]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
