@@ -316,6 +316,12 @@ def pseudo_label_dataset(
 ) -> ImageLabelDataset:
     """The cleaned training set of classifier retraining: `root/<image>` with the labels of `pseudo_label.json`."""
     images, labels = read_pseudo_labels(annotation)
+    missing = [image for image in images if not os.path.isfile(os.path.join(root, image))]
+    if missing:  # else every batch of them is skipped, and training fails far from the cause
+        raise ValueError(
+            f"{annotation}: {len(missing)} of {len(images)} pseudo-labelled images are not files under {root}, e.g. "
+            f"{missing[:3]}; give the data the report was made on"
+        )
     return file_list_dataset(root, images, labels, transform)
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import transformers
 import yaml
 from transformers import HfArgumentParser, IntervalStrategy, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a clone, uninstalled
 
@@ -370,7 +370,7 @@ def prepare_output_dir(
             f"--output_dir {out} is the --model_name_or_path folder: write the new run to another --output_dir."
         )
     if not training_args.overwrite_output_dir:
-        last = get_last_checkpoint(str(out))
+        last = newest_complete_checkpoint(out, check_checkpoint)[0]
         resume = f"--resume_from_checkpoint {last} to continue it, " if last else ""
         held = ", ".join(found + ([f"{len(checkpoints)} checkpoint folders"] if checkpoints else []))
         raise ValueError(
