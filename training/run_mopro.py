@@ -460,7 +460,7 @@ RESUME_FIXED_ARGUMENTS = {
 
 
 def check_resume_arguments(checkpoint: str, model_args, data_args, training_args) -> list[str]:
-    """The differences ("group.name: old -> new") between this resume's arguments and those of the run that wrote
+    """The differences ("name: old -> new") between this resume's arguments and those of the run that wrote
     `checkpoint` (its folder's `run_args.json`, when there is one).
 
     Raises:

@@ -298,6 +298,10 @@ class MoProTrainer(Trainer):
         finally:
             self._staging_root = None
         if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best and Path(best).parent == staged_root:  # set by the Trainer to this checkpoint, where it is staged
+                self.state.best_model_checkpoint = str(Path(run_dir) / Path(best).name)
+                self.state.save_to_json(str(staged_root / name / "trainer_state.json"))
             publish_checkpoint(staged_root / name, Path(run_dir) / name)
             shutil.rmtree(staged_root, ignore_errors=True)
             # The Trainer rotated inside the staging folder (one checkpoint): rotate among the published ones.
