@@ -73,6 +73,8 @@ TINY_TRAIN = [
     "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true",
 ]  # fmt: skip
 EVAL_TINY = ["--batch_size", "8", "--num_workers", "0", "--device", "cpu"]
+# The result key of classification and kNN (required since issue 20: never defaulted to WebVision).
+NAMED = ["--dataset", "imagenet"]
 
 
 ARCHITECTURE_FLAGS = (
@@ -605,10 +607,10 @@ def evaluation_cases() -> list[Case]:
 
     def classify_on(folder: Callable[[Setup, Path], Path], *extra: str):
         return lambda s, w: ["--model_name_or_path", str(s.model), "--data_dir", str(folder(s, w)), *EVAL_TINY,
-                             *out(w), *extra]  # fmt: skip
+                             *NAMED, *out(w), *extra]  # fmt: skip
 
     def grey16_right(s: Setup, w: Path, r: Run) -> bool:
-        metrics = results(w, "out", "eval_classification_webvision.json")
+        metrics = results(w, "out", "eval_classification_imagenet.json")
         return abs(float(metrics["top1"]) - s.grey16[1]) < 1e-3
 
     other_names = lambda s, w: write_folder(w / "data", dict.fromkeys(["w", "x", "y", "z"], 1))  # noqa: E731
@@ -618,7 +620,7 @@ def evaluation_cases() -> list[Case]:
 
     def knn(train: Callable[[Setup, Path], Path], *extra: str):
         return lambda s, w: ["--model_name_or_path", str(s.model), "--train_data_dir", str(train(s, w)),
-                             "--data_dir", str(s.val_images), *EVAL_TINY, *out(w), "--k", "3", *extra]  # fmt: skip
+                             "--data_dir", str(s.val_images), *EVAL_TINY, *NAMED, *out(w), "--k", "3", *extra]  # fmt: skip
 
     def svm(data: Callable[[Setup, Path], Path], *extra: str):
         return lambda s, w: ["--model_name_or_path", str(s.model), "--task", "voc07", "--data_dir", str(data(s, w)),
@@ -660,16 +662,18 @@ def evaluation_cases() -> list[Case]:
         Case("classify_data_missing", "classification", "error", classify_on(lambda s, w: w / "nope")),
         Case("classify_data_is_a_file", "classification", "error", classify_on(lambda s, w: s.a_file)),
         Case("classify_model_not_mopro", "classification", "error",
-             lambda s, w: ["--model_name_or_path", str(s.not_mopro), "--data_dir", str(s.val_images), *EVAL_TINY, *out(w)]),
+             lambda s, w: ["--model_name_or_path", str(s.not_mopro), "--data_dir", str(s.val_images), *EVAL_TINY,
+                           *NAMED, *out(w)]),
         Case("classify_model_missing", "classification", "error",
-             lambda s, w: ["--model_name_or_path", str(w / "none"), "--data_dir", str(s.val_images), *EVAL_TINY, *out(w)]),
+             lambda s, w: ["--model_name_or_path", str(w / "none"), "--data_dir", str(s.val_images), *EVAL_TINY,
+                           *NAMED, *out(w)]),
         Case("classify_negative_batch", "classification", "error",
              lambda s, w: [*classify_on(lambda s, w: s.val_images)(s, w), "--batch_size", "-1"]),
         Case("classify_unknown_flag", "classification", "error", classify_on(lambda s, w: s.val_images, "--topk", "5")),
         Case("classify_grey16_png", "classification", "handled", classify_on(lambda s, w: s.grey16[0]),
              check=grey16_right, note="16-bit greyscale PNG: must score as its 8-bit twin"),
         Case("classify_truncated_jpeg", "classification", "handled", classify_on(with_bad("cut.jpg", truncated_jpeg())),
-             check=lambda s, w, r: results(w, "out", "eval_classification_webvision.json")["num_samples"] == 5,
+             check=lambda s, w, r: results(w, "out", "eval_classification_imagenet.json")["num_samples"] == 5,
              note="decoded as the official code does: all 5 images scored"),
         Case("classify_not_an_image", "classification", "error|skip", classify_on(with_bad("x.jpg", b"plain text")),
              check=named_in_output("x.jpg")),
@@ -786,6 +790,245 @@ def tool_cases() -> list[Case]:
     ]  # fmt: skip
 
 
+# Processes that stand in for a run still going on (a held output folder); ended when the harness ends.
+_HOLDERS: list[subprocess.Popen] = []
+
+
+def issue20_cases() -> list[Case]:
+    """Issue 20's inputs, one per defect found by trying the commands as a new user (and each kind's neighbour)."""
+    out = lambda w: ["--output_dir", str(w / "out")]  # noqa: E731
+    val = lambda w: str(write_folder(w / "val", dict.fromkeys(CLASSES, 1), seed=2))  # noqa: E731
+
+    def train_on(folder: Callable[[Setup, Path], Path], *extra: str, validation: bool = True):
+        return lambda s, w: ["--train_dir", str(folder(s, w)), *(["--validation_dir", val(w)] if validation else []),
+                             *TINY_TRAIN, *extra, *out(w)]  # fmt: skip
+
+    def with_fifo(s, w):
+        folder = bad_train_folder(w / "train", {})
+        os.mkfifo(folder / "apple" / "x.png")  # a named pipe named like an image: open() would block forever
+        return folder
+
+    def with_odd_entries(s, w):
+        folder = write_folder(w / "train", dict.fromkeys(CLASSES, 2))
+        (folder / "apple" / "readme.txt").write_text("not an image")
+        (w / "extra").mkdir()
+        (w / "extra" / "linked.png").write_bytes(png_bytes(0, 77))
+        (folder / "apple" / "more").symlink_to(w / "extra")  # a linked sub-folder: followed and read
+        return folder
+
+    def parent_of_splits(s, w):
+        write_folder(w / "data" / "train", dict.fromkeys(CLASSES, 2))
+        write_folder(w / "data" / "val", dict.fromkeys(CLASSES, 1))
+        return w / "data"
+
+    def held_folder(s, w):
+        """An output folder another run holds (a process that claimed it and is still going)."""
+        (w / "out").mkdir(parents=True, exist_ok=True)
+        (w / "out" / "checkpoint-1").mkdir(exist_ok=True)
+        (w / "out" / "checkpoint-1" / "optimizer.pt").write_bytes(b"the other run's state")
+        code = ("import sys, time; from training.run_folder import claim_output_dir; claim_output_dir(sys.argv[1]); "
+                "print('held', flush=True); time.sleep(600)")  # fmt: skip
+        env = {**os.environ, **ENV, "PYTHONPATH": str(REPO)}
+        holder = subprocess.Popen([sys.executable, "-c", code, str(w / "out")], env=env, stdout=subprocess.PIPE,
+                                  text=True)  # fmt: skip
+        _HOLDERS.append(holder)
+        if holder.stdout.readline().strip() != "held":
+            raise RuntimeError("the holder process did not claim the folder")
+        return [*s.train(), "--overwrite_output_dir", "true", *out(w)]
+
+    def model_copy(s, w):
+        if not (w / "model").exists():
+            shutil.copytree(s.model, w / "model")
+        return w / "model"
+
+    def broken_model(change: Callable[[Path], None]):
+        def argv(s, w):
+            model = model_copy(s, w)
+            change(model)
+            return ["--model_name_or_path", str(model), "--data_dir", str(s.val_images), *EVAL_TINY, *NAMED, *out(w)]
+
+        return argv
+
+    def truncate_weights(model: Path) -> None:
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+
+    def wrong_num_labels(model: Path) -> None:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "num_labels": 7}))
+
+    def yaml_file(text: str):
+        def argv(s, w):
+            (w / "run.yaml").write_text(text)
+            return [str(w / "run.yaml"), *s.train(), *out(w)]
+
+        return argv
+
+    def resumed_with(*flags: str, data: Callable[[Setup, Path], list[str]] | None = None):
+        def argv(s, w):
+            run = w / "run"
+            if not run.exists():
+                shutil.copytree(s.trained_run, run)
+            train = data(s, w) if data else ["--train_dir", str(s.images), "--validation_dir", str(s.val_images)]
+            return [*train, *TINY_TRAIN, "--max_steps", "4", "--resume_from_checkpoint", str(run / "checkpoint-2"),
+                    "--output_dir", str(run), *flags]  # fmt: skip
+
+        return argv
+
+    def disk_full(s, w):
+        run = w / "run"
+        if not run.exists():
+            shutil.copytree(s.trained_run, run)
+        code = (
+            "import errno\n"
+            "from training.trainer import MoProTrainer\n"
+            "def full(self, output_dir): raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "MoProTrainer._save_optimizer_and_scheduler = full\n"
+            "from training.cli import run_command; from training.run_mopro import main; run_command(main)\n"
+        )
+        argv = [*s.train("--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"),
+                "--resume_from_checkpoint", str(run / "checkpoint-2"), "--output_dir", str(run)]  # fmt: skip
+        return ["-c", code, *argv]  # `python -c CODE ARGS`: run_mopro's main reads ARGS from sys.argv[1:]
+
+    def missing_ids(s, w):
+        (w / "pseudo_label.json").write_text(json.dumps({"images": ["apple/none.png"], "labels": [0]}))
+        return w / "pseudo_label.json"
+
+    def subset_out_of_range(s, w):
+        (w / "subset.txt").write_text("apple 0\nbee 1\ncat 2\ndog 4000\n")
+        return w / "subset.txt"
+
+    def subset_missing_folder(s, w):
+        (w / "subset.txt").write_text("apple 0\nbee 1\ncat 2\n")  # dog/ has no entry
+        return w / "subset.txt"
+
+    def wide_png(s, w):
+        import numpy as np
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(np.zeros((1, 100_000, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        return write_folder(w / "data", dict.fromkeys(CLASSES, 1), extra={"bee/line.png": buffer.getvalue()})
+
+    def fifo_eval(s, w):
+        folder = write_folder(w / "data", dict.fromkeys(CLASSES, 1))
+        os.mkfifo(folder / "bee" / "x.png")
+        return folder
+
+    def passed_over(reason: str, count: int, name: str):
+        def check(s: Setup, w: Path, r: Run) -> bool:
+            return results(w, "out", "all_results.json").get(f"train_passed_over_{reason}") == count and name in r.output
+
+        return check
+
+    def protect_model(s, w):
+        return [model_copy(s, w)]
+
+    def svm_small(s, w):
+        from tests.fixtures_eval import write_voc07
+
+        if not (w / "voc").exists():
+            write_voc07(w / "voc", num_trainval=24, num_test=10)
+        return w / "voc"
+
+    return [
+        # lost
+        Case("i20_train_folder_held_by_another_run", "run_mopro", "error", held_folder,
+             protect=lambda s, w: [w / "out"], note="another run holds --output_dir; even --overwrite_output_dir"),
+        Case("i20_noise_report_into_model_folder", "noise_report", "error",
+             lambda s, w: ["--model_name_or_path", str(model_copy(s, w)), "--data_dir", str(s.images), *EVAL_TINY,
+                           "--output_dir", str(model_copy(s, w)), "--overwrite"],
+             protect=protect_model, note="--output_dir is the model folder (its README.md is the model card)"),
+        Case("i20_train_disk_full_during_save", "python", "error", disk_full,
+             protect=lambda s, w: [w / "run" / "checkpoint-2"],
+             check=lambda s, w, r: False, note="ENOSPC while saving checkpoint-4: checkpoint-2 intact, no partial"),
+        # hangs
+        Case("i20_train_named_pipe", "run_mopro", "skip", train_on(with_fifo, "--max_steps", "4"),
+             check=passed_over("not_a_regular_file", 1, "x.png"), note="apple/x.png is a named pipe"),
+        Case("i20_classify_named_pipe", "classification", "skip", lambda s, w: [
+             "--model_name_or_path", str(s.model), "--data_dir", str(fifo_eval(s, w)), *EVAL_TINY, *NAMED, *out(w)],
+             check=named_in_output("x.png", "not a regular file"), note="bee/x.png is a named pipe"),
+        # silent
+        Case("i20_train_webvision_yaml_without_dir", "run_mopro", "error",
+             lambda s, w: [str(REPO / "training" / "configs" / "webvision_v1_r50.yaml"), *TINY_TRAIN, *out(w)],
+             check=lambda s, w, r: False, note="the WebVision recipe without --webvision_dir"),
+        Case("i20_classify_without_dataset", "classification", "error",
+             lambda s, w: ["--model_name_or_path", str(s.model), "--data_dir", str(s.val_images), *EVAL_TINY, *out(w)],
+             check=lambda s, w, r: not (w / "out" / "eval_classification_webvision.json").exists(),
+             note="an image folder without --dataset (was filed as WebVision)"),
+        Case("i20_knn_without_dataset", "knn", "error",
+             lambda s, w: ["--model_name_or_path", str(s.model), "--train_data_dir", str(s.images), "--data_dir",
+                           str(s.val_images), *EVAL_TINY, "--k", "3", *out(w)],
+             check=lambda s, w, r: not (w / "out" / "eval_knn_webvision.json").exists()),
+        Case("i20_train_dir_parent_of_splits", "run_mopro", "error", train_on(parent_of_splits, validation=False),
+             check=lambda s, w, r: False, note="--train_dir data/ holding train/ and val/"),
+        Case("i20_train_single_class", "run_mopro", "error",
+             train_on(lambda s, w: write_folder(w / "train", {"apple": 8}), validation=False),
+             check=lambda s, w, r: False, note="one class folder"),
+        Case("i20_train_odd_entries_counted", "run_mopro", "skip", train_on(with_odd_entries, "--max_steps", "2"),
+             check=passed_over("extension", 1, "readme.txt"),
+             note="an unknown extension (counted) and a linked sub-folder (followed)"),
+        Case("i20_train_max_steps_zero", "run_mopro", "error", lambda s, w: [*s.train("--max_steps", "0"), *out(w)],
+             check=lambda s, w, r: False),
+        Case("i20_train_epochs_zero", "run_mopro", "error",
+             lambda s, w: [*s.train("--max_steps", "-1", "--num_train_epochs", "0"), *out(w)],
+             check=lambda s, w, r: False),
+        Case("i20_train_resume_other_seed", "run_mopro", "error", resumed_with("--seed", "7"),
+             check=lambda s, w, r: "seed" in json.dumps(results(w, "run", "run_args.json").get("resumes")),
+             protect=lambda s, w: [w / "run" / "checkpoint-2"], note="or recorded with --allow_changed_resume"),
+        Case("i20_train_resume_other_batch", "run_mopro", "error", resumed_with("--global_batch_size", "2"),
+             check=lambda s, w, r: False, protect=lambda s, w: [w / "run" / "checkpoint-2"]),
+        Case("i20_knn_k_above_data", "knn", "error",
+             lambda s, w: ["--model_name_or_path", str(s.model), "--train_data_dir", str(s.images), "--data_dir",
+                           str(s.val_images), *EVAL_TINY, *NAMED, "--k", "200", *out(w)],
+             check=lambda s, w, r: False, note="k 200 on 12 images (ran k = 12, filed as k200)"),
+        Case("i20_svm_shots_above_data", "lowshot_svm", "error",
+             lambda s, w: ["--model_name_or_path", str(s.model), "--task", "voc07", "--data_dir", str(svm_small(s, w)),
+                           *EVAL_TINY, *out(w), "--shots", "64", "--runs", "1"],
+             check=lambda s, w, r: False, note="64 shots, 24 training images"),
+        # unclear
+        Case("i20_classify_100000x1_png", "classification", "skip|error",
+             lambda s, w: ["--model_name_or_path", str(s.model), "--data_dir", str(wide_png(s, w)), *EVAL_TINY,
+                           *NAMED, *out(w)],
+             check=named_in_output("line.png", "too large"), note="a 100000 x 1 PNG (~26 GB once resized at 224 px)"),
+        Case("i20_train_nan_lr", "run_mopro", "error", lambda s, w: [*s.train("--learning_rate", "nan"), *out(w)],
+             check=lambda s, w, r: False),
+        Case("i20_train_inf_lr", "run_mopro", "error", lambda s, w: [*s.train("--learning_rate=-inf"), *out(w)],
+             check=lambda s, w, r: False),
+        Case("i20_train_yaml_list", "run_mopro", "error", yaml_file("- a\n- b\n"), check=lambda s, w, r: False),
+        Case("i20_train_yaml_syntax", "run_mopro", "error", yaml_file("a: [1,\n"), check=lambda s, w, r: False),
+        Case("i20_train_yaml_eval_strategy_no", "run_mopro", "error", yaml_file("eval_strategy: no\n"),
+             check=lambda s, w, r: False, note="unquoted: YAML reads it as False"),
+        Case("i20_classify_config_num_labels", "classification", "error", broken_model(wrong_num_labels),
+             note="config.json num_labels 7, id2label 4"),
+        Case("i20_classify_truncated_safetensors", "classification", "error", broken_model(truncate_weights)),
+        Case("i20_train_resume_other_classes", "run_mopro", "error",
+             resumed_with(data=lambda s, w: ["--train_dir", str(write_folder(w / "other", dict.fromkeys("wxyz", 2)))]),
+             check=lambda s, w, r: False, protect=lambda s, w: [w / "run" / "checkpoint-2"]),
+        Case("i20_train_resume_other_architecture", "run_mopro", "error", resumed_with("--embedding_size", "16"),
+             check=lambda s, w, r: False, protect=lambda s, w: [w / "run" / "checkpoint-2"]),
+        Case("i20_retrain_ids_missing", "classifier_retrain", "error",
+             lambda s, w: ["--model_name_or_path", str(s.model), "--output_dir", str(w / "rt"), "--annotation",
+                           str(missing_ids(s, w)), "--train_data_dir", str(s.images), "--results_dir", str(w / "out")],
+             note="pseudo_label.json names an image the data lacks (a file list)"),
+        Case("i20_retrain_ids_missing_imagefolder", "classifier_retrain", "error",
+             lambda s, w: ["--model_name_or_path", str(s.model), "--output_dir", str(w / "rt"), "--annotation",
+                           str(missing_ids(s, w)), "--train_data_dir", str(s.images), "--train_data_format",
+                           "imagefolder", "--results_dir", str(w / "out")],
+             note="the same, matched on an image folder's ids (was a KeyError)"),
+        Case("i20_robustness_index_out_of_range", "robustness", "error",
+             lambda s, w: ["--model_name_or_path", str(s.model), "--data_dir", str(s.images), "--class_subset",
+                           str(subset_out_of_range(s, w)), *EVAL_TINY, *out(w)]),
+        Case("i20_robustness_folder_not_in_subset", "robustness", "error",
+             lambda s, w: ["--model_name_or_path", str(s.model), "--data_dir", str(s.images), "--class_subset",
+                           str(subset_missing_folder(s, w)), *EVAL_TINY, *out(w)]),
+        Case("i20_classify_device_cuda_without_gpu", "classification", "error",
+             lambda s, w: ["--model_name_or_path", str(s.model), "--data_dir", str(s.val_images), "--batch_size", "8",
+                           "--num_workers", "0", "--device", "cuda", *NAMED, *out(w)],
+             check=lambda s, w, r: __import__("torch").cuda.is_available(), note="handled where a GPU exists"),
+    ]  # fmt: skip
+
+
 def self_check_cases() -> list[Case]:
     """Fake commands with known outcomes, so the classifier itself is tested (tests/test_benchmarks.py)."""
     py = lambda code: lambda s, w: ["-c", code]  # noqa: E731
@@ -803,7 +1046,7 @@ def self_check_cases() -> list[Case]:
 
 
 def all_cases() -> list[Case]:
-    return [*training_cases(), *evaluation_cases(), *tool_cases()]
+    return [*training_cases(), *evaluation_cases(), *tool_cases(), *issue20_cases()]
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -856,6 +1099,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[{len(rows) + 1}/{len(cases)}] {row.name}: {row.outcome} ({row.seconds:.0f}s)", flush=True)
             rows.append(row)
     finally:
+        for holder in _HOLDERS:
+            holder.kill()
+            holder.wait()
         if args.keep:
             print(f"kept {root}")
         else:

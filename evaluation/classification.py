@@ -23,6 +23,7 @@ from .image_datasets import (
     add_dataset_arguments,
     check_class_names,
     dataset_from_arguments,
+    result_key,
     transforms_from_config,
 )
 
@@ -86,9 +87,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     add_dataset_arguments(parser)
-    parser.add_argument("--dataset", default="webvision", help="result key: webvision, imagenet or any name")
+    parser.add_argument(
+        "--dataset", default=None, help="result key: webvision, imagenet or any name (required unless WebVision val)"
+    )
     parser.add_argument("--dataset_name", default=None, help="human-readable dataset name for the result file")
     args = parser.parse_args(argv)
+    args.dataset = result_key(args)  # before any work: a result must say which data it was measured on
 
     model = load_model(args.model_name_or_path, args.device)
     dataset = dataset_from_arguments(args, transforms_from_config(model.config))

@@ -32,7 +32,16 @@ FEATURE_KINDS = ("pooled", "embeddings", "prototype_similarities", "logits")
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """The given device, else CUDA when available, else CPU."""
     if device is not None:
-        return torch.device(device)
+        try:
+            device = torch.device(device)
+        except RuntimeError as error:  # "Expected one of cpu, cuda, ... device type at start of device string"
+            raise ValueError(f"--device {device}: not a device ({error})") from error
+        available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+        if device.type in available and not available[device.type]():
+            raise ValueError(f"--device {device}: no {device.type} device on this machine; use --device cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -47,15 +56,42 @@ def load_model(
     """
     if isinstance(model_or_path, nn.Module):
         return model_or_path.to(resolve_device(device)).eval()
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
     import modeling_mopro  # noqa: F401  (registers the MoPro Auto classes)
 
+    device = resolve_device(device)  # a device this machine lacks is refused before any loading
     config = AutoConfig.from_pretrained(model_or_path)
+    _check_label_count(model_or_path)
     architecture = (getattr(config, "architectures", None) or [""])[0]
     auto_class = AutoModel if architecture == "MoProModel" else AutoModelForImageClassification
-    model = auto_class.from_pretrained(model_or_path, **from_pretrained_kwargs)
-    return model.to(resolve_device(device)).eval()
+    try:
+        model = auto_class.from_pretrained(model_or_path, **from_pretrained_kwargs)
+    except SafetensorError as error:  # a truncated or garbled weights file
+        raise ValueError(
+            f"{model_or_path}: the weights cannot be read ({error}; the file is cut short or not safetensors)"
+        ) from error
+    except RuntimeError as error:
+        if "mismatched" not in str(error):
+            raise
+        raise ValueError(
+            f"{model_or_path}: the weights do not fit its config.json (tensor shapes differ; was config.json edited?)"
+        ) from error
+    return model.to(device).eval()
+
+
+def _check_label_count(folder: str | os.PathLike) -> None:
+    """A config.json whose `num_labels` disagrees with its `id2label` describes no model (transformers would build a
+    classifier of one size and fail on weights of the other)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return
+    raw = json.loads(path.read_text())
+    if "num_labels" in raw and isinstance(raw.get("id2label"), dict) and raw["num_labels"] != len(raw["id2label"]):
+        raise ValueError(
+            f"{path}: num_labels {raw['num_labels']} but id2label names {len(raw['id2label'])} classes; make them agree"
+        )
 
 
 def mopro_parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:

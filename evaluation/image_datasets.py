@@ -109,6 +109,8 @@ class ImageLabelDataset(Dataset):
             raise ValueError(f"images ({len(images)}), labels ({len(self.labels)}) and ids ({len(self.ids)}) differ")
         self.transform = transform or eval_transform()
         self.classes = list(classes) if classes is not None else None
+        # Entries of an image folder its reader passed over, by reason (`training.image_folder`); None otherwise.
+        self.passed_over: dict[str, int] | None = None
 
     @property
     def is_multilabel(self) -> bool:
@@ -209,15 +211,19 @@ def image_folder_dataset(
     """
     root = Path(root)
     if class_to_idx is None:
-        paths, labels, classes = read_image_folder(root)
+        listing = read_image_folder(root)
+        paths, labels, classes = listing
     else:
-        paths, positions, names = read_image_folder(root, list(class_to_idx))
+        listing = read_image_folder(root, list(class_to_idx))
+        paths, positions, names = listing
         labels = [class_to_idx[names[position]] for position in positions]
         classes = sorted(class_to_idx, key=class_to_idx.__getitem__)
     if not paths:
         raise FileNotFoundError(f"no images under {root}")
     ids = [os.path.relpath(p, root) for p in paths]
-    return ImageLabelDataset(paths, labels, ids, transform, classes)
+    dataset = ImageLabelDataset(paths, labels, ids, transform, classes)
+    dataset.passed_over = listing.passed_over  # what the reader passed over, by reason, for the results
+    return dataset
 
 
 def check_class_names(dataset: Any, config: Any, source: str = "the evaluation data") -> None:
@@ -310,6 +316,12 @@ def pseudo_label_dataset(
 ) -> ImageLabelDataset:
     """The cleaned training set of classifier retraining: `root/<image>` with the labels of `pseudo_label.json`."""
     images, labels = read_pseudo_labels(annotation)
+    missing = [image for image in images if not os.path.isfile(os.path.join(root, image))]
+    if missing:  # else every batch of them is skipped, and training fails far from the cause
+        raise ValueError(
+            f"{annotation}: {len(missing)} of {len(images)} pseudo-labelled images are not files under {root}, e.g. "
+            f"{missing[:3]}; give the data the report was made on"
+        )
     return file_list_dataset(root, images, labels, transform)
 
 
@@ -318,8 +330,11 @@ def apply_pseudo_labels(dataset: ImageLabelDataset, annotation: str | os.PathLik
     images, labels = read_pseudo_labels(annotation)
     position = {sample_id: i for i, sample_id in enumerate(dataset.ids)}
     missing = [image for image in images if image not in position]
-    if missing:
-        raise KeyError(f"{len(missing)} pseudo-labelled images are not in the dataset, e.g. {missing[:3]}")
+    if missing:  # the user's annotation file and data disagree: a user error (ValueError), not a lookup bug
+        raise ValueError(
+            f"{annotation}: {len(missing)} pseudo-labelled images are not in the dataset, e.g. {missing[:3]}; give the "
+            "data the report was made on"
+        )
     return dataset.subset([position[image] for image in images], np.asarray(labels, dtype=np.int64))
 
 
@@ -417,6 +432,25 @@ def add_dataset_arguments(
     parser.add_argument(f"--{prefix}id_column", default=None)
 
 
+def result_key(args: argparse.Namespace) -> str:
+    """The name a result is filed under (`--dataset`): as given, or "webvision" for a WebVision val root (the one
+    layout that names itself). Never a default: a folder evaluated without `--dataset` would otherwise land in the
+    model card as a WebVision result.
+
+    Raises:
+        ValueError: No `--dataset` for data that does not name itself.
+    """
+    if args.dataset:
+        return args.dataset
+    path = Path(args.data_dir)
+    if args.data_format == "webvision_val" or (args.data_format == "auto" and (path / "info" / VAL_FILELIST).exists()):
+        return "webvision"
+    raise ValueError(
+        f"--dataset is required for --data_dir {args.data_dir}: name the data the result is filed under (e.g. "
+        "--dataset imagenet); only a WebVision root (info/val_filelist.txt) names itself"
+    )
+
+
 def dataset_from_arguments(
     args: argparse.Namespace, transform: Transform, prefix: str = "", default_split: str = "validation"
 ) -> ImageLabelDataset:
@@ -463,6 +497,7 @@ __all__ = [
     "places205_dataset",
     "pseudo_label_dataset",
     "read_pseudo_labels",
+    "result_key",
     "train_transform",
     "transforms_from_config",
     "voc07_dataset",

@@ -25,6 +25,7 @@ from .image_datasets import (
     add_dataset_arguments,
     check_same_classes,
     dataset_from_arguments,
+    result_key,
     transforms_from_config,
 )
 
@@ -106,6 +107,13 @@ def evaluate_knn(
 ) -> dict[str, float]:
     """Extracts `feature` ("embeddings" or "pooled") of both sets and returns the weighted kNN accuracy (%) and,
     unless `majority_k` is None, the plain majority-vote accuracy with `majority_k` neighbours."""
+    for name, value in (("k", k), ("majority_k", majority_k)):
+        # `knn_class_scores` would take all of a smaller set: the result, filed under k, would be another protocol.
+        if value and value > len(train_dataset):
+            raise ValueError(
+                f"--{name} {value} is more than the {len(train_dataset)} training samples; give --{name} at most "
+                f"{len(train_dataset)}"
+            )
     model = load_model(model, device)
     extract = dict(kinds=(feature,), batch_size=batch_size, num_workers=num_workers, device=device, amp=amp)
     train = extract_features(model, train_dataset, desc="knn train", **extract)
@@ -124,13 +132,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     add_model_arguments(parser)
     add_dataset_arguments(parser, prefix="train_")
     add_dataset_arguments(parser)
-    parser.add_argument("--dataset", default="webvision", help="result key (the test set)")
+    parser.add_argument("--dataset", default=None, help="result key (the test set; required unless it is WebVision val)")
     parser.add_argument("--dataset_name", default=None)
     parser.add_argument("--feature", choices=("embeddings", "pooled"), default="embeddings")
     parser.add_argument("--k", type=positive_int, default=200)
     parser.add_argument("--temperature", type=float, default=0.1)
     parser.add_argument("--majority_k", type=int, default=20, help="0 disables the majority-vote accuracy")
     args = parser.parse_args(argv)
+    args.dataset = result_key(args)  # before any work: a result must say which data it was measured on
 
     model = load_model(args.model_name_or_path, args.device)
     transform = transforms_from_config(model.config)

@@ -98,6 +98,25 @@ def sample_low_shot(labels: np.ndarray, k: int, rng: np.random.Generator) -> np.
     return np.concatenate([rng.permutation(m)[:k] for m in members]).astype(np.int64)
 
 
+def check_shots(labels: np.ndarray, shots: Sequence[int], class_names: Sequence[str] | None = None) -> None:
+    """A k-shot result needs k training samples of every class: with fewer, `sample_low_shot` takes what there is,
+    and a figure filed as k-shot would have been measured on fewer shots.
+
+    Raises:
+        ValueError: The largest of `shots` exceeds the samples of some class (the class is named).
+    """
+    labels = np.asarray(labels)
+    counts = (labels > 0).sum(axis=0) if labels.ndim == 2 else np.bincount(labels)
+    present = np.nonzero(counts)[0] if labels.ndim == 1 else np.arange(len(counts))
+    smallest = int(present[np.argmin(counts[present])])
+    if max(shots) > counts[smallest]:
+        name = class_names[smallest] if class_names is not None and smallest < len(class_names) else smallest
+        raise ValueError(
+            f"--shots {max(shots)}: class {name} has only {int(counts[smallest])} training sample(s); give shots of "
+            f"at most {int(counts[smallest])}, or more training data"
+        )
+
+
 def sample_low_shot_runs(
     labels: np.ndarray, shots: Sequence[int] = DEFAULT_SHOTS, runs: int = 5, seed: int = 0
 ) -> dict[int, list[np.ndarray]]:
@@ -222,6 +241,7 @@ def evaluate_lowshot_svm(
 ) -> dict[str, float]:
     """The whole protocol: sample every subset first, extract pooled features of their union only (Places205
     train has 2.4M images; the subsets a few thousand), then fit and score the SVMs."""
+    check_shots(train_dataset.labels, shots, getattr(train_dataset, "classes", None))
     model = load_model(model, device)
     subsets = sample_low_shot_runs(train_dataset.labels, shots, runs, seed)
     union = np.unique(np.concatenate([rows for per_k in subsets.values() for rows in per_k]))

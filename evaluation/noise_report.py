@@ -54,7 +54,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import datasets
@@ -406,6 +406,7 @@ def write_noise_report(
     model_name: str | None = None,
     flagged_images_per_class: int = DEFAULT_PER_CLASS,
     thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
+    passed_over: Mapping[str, int] | None = None,
 ) -> dict[str, float | int | str | None]:
     """Builds the report and writes it to `output_dir` as a `datasets` dataset (`datasets.load_from_disk`), with its
     dataset card (README.md), `pseudo_label.json`, `noise_report_summary.json` and `noise_report.png`; and, unless
@@ -436,11 +437,15 @@ def write_noise_report(
     summary = None
     if report is not None:  # the main process
         output_dir = Path(output_dir)
+        if any((output_dir / name).exists() for name in _MODEL_FILES):
+            raise FileExistsError(f"{output_dir} is a model folder: a noise report is never written into one")
         output_dir.mkdir(parents=True, exist_ok=True)
         summary = summarize_noise_report(report, model.config, decision_rule)
         summary.update(num_neighbours=num_neighbours)
         # Undecodable images have no row; the summary counts and names them (training skipped them too).
         summary.update(num_skipped_images=len(skipped), skipped_images=skipped)
+        if passed_over is not None:  # files the folder reader passed over (not images, not regular files), by reason
+            summary.update(num_passed_over_files=sum(passed_over.values()), passed_over_files=dict(passed_over))
         id2label = getattr(model.config, "id2label", None) or {}
         names = [str(id2label.get(i, i)) for i in range(model.config.num_labels)]
         report = report.cast_column("given_label", datasets.ClassLabel(names=names))
@@ -577,6 +582,42 @@ def _is_noise_report(folder: Path) -> bool:
     return (folder / SUMMARY_FILE).is_file() or (folder / "state.json").is_file()
 
 
+# Files of a model folder (`save_pretrained`, a release): a report written there would replace the model card
+# (README.md) and mix its dataset files with the model's.
+_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "preprocessor_config.json")
+
+
+def check_report_folder(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """A report is written only into a new or empty folder, or over an earlier report with `overwrite`; never into a
+    model folder (even with `overwrite`: its README.md is the model card) or a folder of anything else.
+
+    Raises:
+        FileExistsError: The folder holds a model, an earlier report (without `overwrite`), or other files.
+    """
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"--output_dir {folder} is a file, not a folder; pass a folder for the report")
+    if not folder.is_dir():
+        return
+    model_files = [name for name in _MODEL_FILES if (folder / name).exists()]
+    if model_files:
+        raise FileExistsError(
+            f"--output_dir {folder} is a model folder (it holds {', '.join(model_files)}): the report would replace "
+            "its model card (README.md); leave --output_dir out (the report goes to MODEL/noise_report) or pass "
+            "another folder"
+        )
+    if _is_noise_report(folder):
+        if not overwrite:
+            raise FileExistsError(f"{folder} already holds a noise report; pass --overwrite or another --output_dir")
+        return
+    others = sorted(p.name for p in folder.iterdir())
+    if others:
+        raise FileExistsError(
+            f"--output_dir {folder} holds files that are not a noise report ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); pass a new or empty folder"
+        )
+
+
 def _load_data(args, model) -> tuple[object, str]:
     """The dataset named by the arguments (every source the trainer reads) and a one-line description of it."""
     path = Path(args.data_dir)
@@ -653,8 +694,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         check_repo_id(args.push_to_hub, "--push_to_hub")
         check_hub_reachable(output="noise report")
         check_hub_login(output="noise report")
-    if _is_noise_report(output_dir) and not args.overwrite:
-        raise FileExistsError(f"{output_dir} already holds a noise report; pass --overwrite or another --output_dir")
+    check_report_folder(output_dir, args.overwrite)
 
     # Under `accelerate launch`, this joins the process group (one device per process); alone, it does nothing.
     state = PartialState()
@@ -665,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model, dataset, output_dir, args.batch_size, args.num_workers, device, args.amp,
         decision_rule=args.decision_rule, num_neighbours=args.num_neighbours, max_reference=args.max_reference,
         data_description=description, flagged_images_per_class=args.flagged_images_per_class,
-        thumbnail_size=args.thumbnail_size,
+        thumbnail_size=args.thumbnail_size, passed_over=getattr(dataset, "passed_over", None),
     )  # fmt: skip
     if state.is_main_process:
         if args.push_to_hub:

@@ -123,10 +123,13 @@ def subset_logit_indices(
         if imagenet_classes is None:
             raise ValueError("wnids without indices need `imagenet_classes` (the wnid of every logit, in order)")
         position = {wnid: i for i, wnid in enumerate(imagenet_classes)}
+        unknown = [wnid for wnid in class_subset if wnid not in position]
+        if unknown:
+            raise ValueError(f"class subset wnids not among the {len(position)} ImageNet classes: {unknown[:5]}")
         mapping = {wnid: position[wnid] for wnid in class_subset}
     missing = [wnid for wnid in folder_wnids if wnid not in mapping]
-    if missing:
-        raise KeyError(f"class folders not in the class subset: {missing[:5]}")
+    if missing:  # user data that disagrees with the subset file: a ValueError, one line through training.cli
+        raise ValueError(f"class folders not in the class subset: {missing[:5]}")
     return np.asarray([mapping[wnid] for wnid in folder_wnids], dtype=np.int64)
 
 
@@ -145,6 +148,12 @@ def evaluate_robustness(
     model = load_model(model, device)
     folders = sorted(p.name for p in Path(data_dir).iterdir() if p.is_dir())
     indices = subset_logit_indices(folders, class_subset, imagenet_classes)
+    num_labels = model.config.num_labels
+    if len(indices) and (indices.min() < 0 or indices.max() >= num_labels):
+        raise ValueError(
+            f"the class subset maps to logit {int(indices.max() if indices.max() >= num_labels else indices.min())}, "
+            f"outside the model's {num_labels} classes"
+        )
     dataset = image_folder_dataset(
         data_dir, transforms_from_config(model.config), {w: i for i, w in enumerate(folders)}
     )

@@ -115,7 +115,7 @@ def test_a_second_run_into_the_same_folder_is_refused_or_replaces_it_cleanly(dat
     assert json.loads((out / "config.json").read_text())["architectures"] == ["MoProForImageClassification"]
     assert "noise_ood_recall" not in json.loads((out / "all_results.json").read_text())
     # after the overwrite no checkpoint is left to resume from
-    with pytest.raises(ValueError, match="no checkpoint-\\* folder"):
+    with pytest.raises(ValueError, match="no complete checkpoint-\\* folder"):
         train(data, out, "--resume_from_checkpoint", "last")
 
 

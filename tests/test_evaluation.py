@@ -326,7 +326,7 @@ def test_subset_logit_indices():
     assert robustness.subset_logit_indices(folders, [40, 4, 9]).tolist() == [4, 9, 40]
     with pytest.raises(ValueError, match="imagenet_classes"):
         robustness.subset_logit_indices(folders, ["n1", "n3", "n7"])
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="class folders not in the class subset"):
         robustness.subset_logit_indices(folders, {"n1": 1, "n3": 3})
 
 
@@ -385,9 +385,10 @@ def test_knn_accuracy_matches_brute_force():
 def test_knn_script(workspace):
     metrics = knn.main(
         ["--model_name_or_path", str(workspace["model"]), "--train_data_dir", str(workspace["train"]),
-         "--data_dir", str(workspace["val"]), "--k", "10", "--majority_k", "5", "--num_workers", "0"]
+         "--data_dir", str(workspace["val"]), "--k", "10", "--majority_k", "5", "--num_workers", "0",
+         "--dataset", "imagenet"]
     )  # fmt: skip
-    saved = read_result(workspace["model"], "eval_knn_webvision.json")
+    saved = read_result(workspace["model"], "eval_knn_imagenet.json")
     model = load_model(workspace["model"])
     view = transforms_from_config(model.config)
     train, _ = forward_all(model, image_folder_dataset(workspace["train"], view))

@@ -6,6 +6,7 @@ the schedule (phase starts, learning-rate milestones), which belongs to training
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ class ModelArguments:
         default=None,
         metadata={"help": "One process only: virtual BN groups of the momentum encoder, stand-in for shuffle-BN (8)."},
     )
+
+    def __post_init__(self):
+        _check_finite(self)
 
     def config_values(self) -> dict:
         """The MoProConfig fields that were given (YAML or command line), `backbone_kwargs` decoded."""
@@ -207,6 +211,13 @@ class MoProTrainingArguments(TrainingArguments):
             "as the CPU path, other random draws. Off: the workers decode and augment (official)."
         },
     )
+    allow_changed_resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume although the seed, batch size or data differ from the run's `run_args.json` (each change "
+            "is recorded there). Without it such a resume is refused, the differences named."
+        },
+    )
 
     def __post_init__(self):
         # Kept apart: an explicit per-device batch must agree with `global_batch_size` (checked in
@@ -215,6 +226,14 @@ class MoProTrainingArguments(TrainingArguments):
         if self.per_device_train_batch_size is None:
             self.per_device_train_batch_size = 8  # Trainer's default; replaced when a global batch is derived
         super().__post_init__()
+        _check_finite(self)
+        if self.do_train and self.max_steps == 0:
+            raise ValueError("`max_steps` 0 would train nothing: give a positive number of steps, or -1 for epochs.")
+        if self.do_train and self.max_steps < 0 and not self.num_train_epochs > 0:
+            raise ValueError(
+                f"`num_train_epochs` {self.num_train_epochs} would train nothing (and save an untrained model as a "
+                "finished run): give a positive number of epochs, or --max_steps."
+            )
         if self.global_batch_size is not None and self.global_batch_size <= 0:
             raise ValueError(f"`global_batch_size` must be positive, got {self.global_batch_size}.")
         if self.scale_lr_with_global_batch:
@@ -268,6 +287,16 @@ class MoProTrainingArguments(TrainingArguments):
             )
             self.requested_per_device_train_batch_size = self.per_device_train_batch_size
         return self.per_device_train_batch_size
+
+
+def _check_finite(arguments) -> None:
+    """Every float argument must be a finite number: a NaN or infinite learning rate (or momentum, weight decay,
+    ...) trains to the end on NaN weights and fails much later, far from the flag."""
+    for argument in dataclasses.fields(arguments):
+        value = getattr(arguments, argument.name, None)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ValueError(f"`{argument.name}` must be a finite number, got {value}.")
 
 
 # The official recipe's global batch, for which its learning rate 0.1 is set (train.py L45, L49).

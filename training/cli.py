@@ -13,9 +13,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from safetensors import SafetensorError
+from yaml import YAMLError
+
 # ValueError covers the project's own validation (configs, arguments, labels, readers); OSError covers paths
-# that do not exist, are not readable, or are of the wrong kind.
-USER_ERRORS = (ValueError, OSError)
+# that do not exist, are not readable, or are of the wrong kind (and a folder another run holds). The library
+# errors below are only ever raised about a file the user gave: a YAML file that does not parse, a weights file
+# whose header or data cannot be read. Nothing broader (no KeyError, RuntimeError, TypeError): a lookup or type
+# error is a bug, and the readers turn the user-data cases of those into ValueErrors naming the input.
+USER_ERRORS = (ValueError, OSError, YAMLError, SafetensorError)
 
 
 def run_command(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:

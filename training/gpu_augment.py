@@ -32,7 +32,7 @@ from torchvision.transforms import v2
 
 from .collator import MoProCollator
 from .color_jitter import _GRAY_WEIGHTS, rotate_hue
-from .transforms import BadImageError, _check_jpeg_size, _read_encoded, decode_image_tensor
+from .transforms import BadImageError, _check_jpeg_size, decode_image_tensor, read_encoded_image
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +80,12 @@ class GpuAugmentCollator(MoProCollator):
                 if _is_pil(source):
                     item = decode_image_tensor(source)
                 else:
-                    data, description = _read_encoded(source)
-                    if bytes(data[:3]) == _JPEG_MAGIC:
-                        _check_jpeg_size(data, description)  # PIL's decompression-bomb rule, as the CPU path
+                    data, description = read_encoded_image(source)
+                    # PIL's decompression-bomb rule, as the CPU path; nvJPEG ignores EXIF orientation, so a JPEG
+                    # stored rotated is decoded here, upright as everywhere else (`transforms.IMAGE_SEMANTICS`).
+                    if bytes(data[:3]) == _JPEG_MAGIC and _check_jpeg_size(data, description) == 1:
                         item = bytes(data)
-                    else:  # PNG, GIF, ...: decoded here, as the CPU path does
+                    else:  # PNG, GIF, ..., rotated JPEGs: decoded here, as the CPU path does
                         item = decode_image_tensor(source)
             except BadImageError as error:
                 num_skipped += 1

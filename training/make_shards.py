@@ -35,7 +35,7 @@ import numpy as np
 from datasets import Dataset, Features, Image, IterableDataset, Value, load_dataset
 
 from .image_folder import image_folder_classes, read_image_folder
-from .transforms import BadImageError, ImageSource, decode_image, describe_image_source
+from .transforms import BadImageError, ImageSource, decode_image, describe_image_source, read_encoded_image
 from .webvision import WEBVISION_NUM_CLASSES, load_webvision, read_webvision_class_names, webvision_num_classes
 
 logger = logging.getLogger(__name__)
@@ -82,10 +82,7 @@ def _encoded_image(source: ImageSource, image_format: str) -> bytes:
     if isinstance(raw, dict):
         raw = raw.get("bytes") if raw.get("bytes") is not None else raw.get("path")
     if isinstance(raw, (str, os.PathLike)):
-        try:
-            raw = Path(raw).read_bytes()
-        except OSError as error:
-            raise BadImageError(describe_image_source(source), f"{type(error).__name__}: {error}") from error
+        raw = read_encoded_image(raw)[0]  # regular files only (a pipe would block), a missing one a BadImageError
     if isinstance(raw, (bytes, bytearray, memoryview)) and bytes(raw[:8]).startswith(_MAGIC[image_format]):
         return bytes(raw)
     image = decode_image(raw if raw is not None else source)

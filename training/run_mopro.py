@@ -23,7 +23,7 @@ import torch.distributed as dist
 import transformers
 import yaml
 from transformers import HfArgumentParser, IntervalStrategy, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a clone, uninstalled
 
@@ -44,8 +44,11 @@ from training.arguments import (  # noqa: E402
 )
 from training.cli import run_command  # noqa: E402
 from training.collator import MoProCollator  # noqa: E402
+from training.data import _SOURCES as DATA_SOURCES  # noqa: E402  (the data-source flags)
 from training.data import build_datasets, training_set_for_report  # noqa: E402
 from training.gpu_augment import GpuAugmentCollator  # noqa: E402
+from training.image_folder import passed_over_counts  # noqa: E402
+from training.run_folder import claim_output_dir, newest_complete_checkpoint, release_output_dir  # noqa: E402
 from training.trainer import MoProTrainer, accuracy_metrics, check_checkpoint  # noqa: E402
 from training.transforms import MoProViewTransforms  # noqa: E402
 
@@ -60,14 +63,36 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTra
     cli = list(argv)
     config_file = cli.pop(0) if cli and cli[0].endswith((".yaml", ".yml")) else DEMO_CONFIG
     with open(config_file) as f:
-        defaults = yaml.safe_load(f) or {}
+        try:
+            defaults = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{config_file} is not valid YAML: {' '.join(str(error).split())}") from error
+    if not isinstance(defaults, dict):
+        raise ValueError(
+            f"{config_file} holds a YAML {type(defaults).__name__}, not a mapping of flag names to values "
+            "(e.g. `learning_rate: 0.1`)"
+        )
     given = {arg[2:].split("=", 1)[0] for arg in cli if arg.startswith("--")}
+    argument_classes = (ModelArguments, DataArguments, MoProTrainingArguments)
+    _check_yaml_booleans(config_file, defaults, argument_classes)
     cli = _yaml_to_flags(defaults) + cli  # later flags win in argparse
-    parser = HfArgumentParser((ModelArguments, DataArguments, MoProTrainingArguments))
+    parser = HfArgumentParser(argument_classes)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=cli)
     model_args.command_line_fields = given
     model_args.config_file = str(config_file)
     return model_args, data_args, training_args
+
+
+def _check_yaml_booleans(config_file, values: dict, argument_classes) -> None:
+    """YAML reads an unquoted yes/no/on/off/true/false as a boolean: for a flag that is not a boolean (e.g.
+    `eval_strategy: no`) that is never what was meant, and argparse would only say "invalid choice: 'False'"."""
+    kinds = {f.name: str(f.type) for cls in argument_classes for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if isinstance(value, bool) and key in kinds and "bool" not in kinds[key]:
+            raise ValueError(
+                f"{config_file}: `{key}: {value}` was read as a YAML boolean, but {key} is not a boolean flag; quote "
+                f"the value (e.g. {key}: \"no\")"
+            )
 
 
 def _yaml_to_flags(values: dict) -> list[str]:
@@ -177,6 +202,7 @@ def build_processor(model_args: ModelArguments, config: MoProConfig):
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    check_data_source(model_args.config_file, data_args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     for name in (__name__, "training"):
         logging.getLogger(name).setLevel(logging.INFO)
@@ -184,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Path checks first: a wrong folder is known before any data is read or model built.
     if training_args.do_train:
         training_args.resume_from_checkpoint = resolve_checkpoint(training_args)
-    prepare_output_dir(model_args, training_args)
+    prepare_output_dir(model_args, training_args, remove=False)
     check_output_dir_shared(training_args)
     start_config = load_config(model_args) if model_args.model_name_or_path else None  # flags checked before data
     set_seed(training_args.seed)
@@ -204,6 +230,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             training_args.eval_strategy.value,
         )
         training_args.eval_strategy = IntervalStrategy.NO
+    if len(id2label) < 2:
+        raise ValueError(
+            f"the training data has {len(id2label)} class ({', '.join(map(str, id2label.values()))}): a classifier "
+            "needs at least 2 (with one, every sample is called clean); check the data source flags"
+        )
     if training_args.do_train:
         check_train_size(train_dataset, training_args)
     model = build_model(model_args, training_args, id2label, start_config)
@@ -213,6 +244,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         config.image_size, mean=processor.image_mean, std=processor.image_std,
         crop_scale=(data_args.crop_min_scale, 1.0),
     )  # fmt: skip
+    resume_changes = []
+    if training_args.do_train and training_args.resume_from_checkpoint:
+        check_resume_model(training_args.resume_from_checkpoint, config)
+        resume_changes = check_resume_arguments(training_args.resume_from_checkpoint, model_args, data_args, training_args)
+    if training_args.should_save:
+        # The folder is this run's from its first write to its last (`training.run_folder`): a second run started
+        # into it now is refused, and the start-up check is repeated under the lock.
+        claim_output_dir(training_args.output_dir)
+        prepare_output_dir(model_args, training_args)
+        # Written now (and again at the end): a resume of this run, finished or not, is compared with it.
+        save_run_args(training_args.output_dir, model_args, data_args, training_args, resume_changes)
     collator_kwargs = {
         "image_column": data_args.image_column_name,
         "label_column": data_args.label_column_name,
@@ -242,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         metrics.update(result.metrics)
         metrics["train_skipped_images"] = trainer.skipped_images
+        metrics.update(passed_over_metrics(data_args))
         if isinstance(model, MoProForPreTraining):
             # When correction began (an adaptive schedule decides it during the run; -1: it never did).
             start = trainer.correction_schedule.start_epoch
@@ -252,20 +295,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics.update(trainer.evaluate())
 
     if trainer.is_world_process_zero():
+        claim_output_dir(training_args.output_dir)  # still ours (not removed or replaced during the run)
         release = model.to_release_model() if isinstance(model, MoProForPreTraining) else model
         release.save_pretrained(training_args.output_dir)
         processor.save_pretrained(training_args.output_dir)
-        save_run_args(training_args.output_dir, model_args, data_args, training_args)
+        save_run_args(training_args.output_dir, model_args, data_args, training_args, resume_changes)
     if data_args.noise_report and isinstance(model, MoProForPreTraining):
         # Every process scores its share of the training set; the main process writes the report.
         metrics.update(noise_report(model, train_dataset, data_args, training_args))
     if trainer.is_world_process_zero():
+        claim_output_dir(training_args.output_dir)
         trainer.save_metrics("all", metrics, combined=False)
         logger.info("results: %s", json.dumps(metrics, indent=2))
         if training_args.do_train:  # the run as one picture, linked from the release's model card
             from evaluation.training_curves import plot_training_curves
 
             logger.info("training curves: %s", plot_training_curves(training_args.output_dir))
+        release_output_dir(training_args.output_dir)
 
     if dist.is_available() and dist.is_initialized():
         # Without this, some gloo runs aborted at exit (see shared notes).
@@ -289,12 +335,19 @@ def resolve_checkpoint(training_args: MoProTrainingArguments) -> str | None:
     if path is None:
         return None
     if str(path).lower() in ("true", "last"):
-        path = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        # The newest checkpoint that can resume: one cut short (a full disk, a kill during the save) is passed over,
+        # named in a warning, and the one before it is taken.
+        path, refused = newest_complete_checkpoint(training_args.output_dir, check_checkpoint)
+        for reason in refused:
+            logger.warning("--resume_from_checkpoint last: passing over an incomplete checkpoint: %s", reason)
         if path is None:
+            refused_note = f" ({len(refused)} incomplete: {refused[0]})" if refused else ""
             raise ValueError(
-                f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint-* folder in "
-                f"--output_dir {training_args.output_dir}; name a checkpoint folder, or start without the flag."
+                f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no complete checkpoint-* folder in "
+                f"--output_dir {training_args.output_dir}{refused_note}; name a checkpoint folder, or start without "
+                "the flag."
             )
+        return path
     elif not os.path.isdir(path):
         raise ValueError(
             f"--resume_from_checkpoint {path}: no such folder; give a checkpoint-N folder of an earlier run "
@@ -304,9 +357,14 @@ def resolve_checkpoint(training_args: MoProTrainingArguments) -> str | None:
     return str(path)
 
 
-def prepare_output_dir(model_args: ModelArguments, training_args: MoProTrainingArguments) -> None:
-    """Refuse an `output_dir` that holds a run, unless resuming or `--overwrite_output_dir true` (then the old
-    run's outputs are removed, so no stale noise report or results sit beside the new model)."""
+def prepare_output_dir(
+    model_args: ModelArguments, training_args: MoProTrainingArguments, remove: bool = True
+) -> None:
+    """Refuse an `output_dir` that holds a run, unless resuming or `--overwrite_output_dir true` (then, with
+    `remove`, the old run's outputs are removed, so no stale noise report or results sit beside the new model).
+
+    Called twice: at start-up to refuse early (`remove=False`), and again under the folder's lock
+    (`claim_output_dir`) just before the first write, where a run that began meanwhile is seen."""
     out = Path(training_args.output_dir)
     if not out.is_dir() or (training_args.do_train and training_args.resume_from_checkpoint):
         return
@@ -319,14 +377,14 @@ def prepare_output_dir(model_args: ModelArguments, training_args: MoProTrainingA
             f"--output_dir {out} is the --model_name_or_path folder: write the new run to another --output_dir."
         )
     if not training_args.overwrite_output_dir:
-        last = get_last_checkpoint(str(out))
+        last = newest_complete_checkpoint(out, check_checkpoint)[0]
         resume = f"--resume_from_checkpoint {last} to continue it, " if last else ""
         held = ", ".join(found + ([f"{len(checkpoints)} checkpoint folders"] if checkpoints else []))
         raise ValueError(
             f"--output_dir {out} already holds a run ({held}): pass another --output_dir, {resume}"
             "or --overwrite_output_dir true to replace it."
         )
-    if training_args.should_save:  # one process removes
+    if remove and training_args.should_save:  # one process removes
         logger.warning("--overwrite_output_dir: removing the earlier run's %s from %s", found + checkpoints, out)
         for path in [out / name for name in found] + checkpoints:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -376,6 +434,20 @@ def check_output_dir_shared(training_args: MoProTrainingArguments) -> None:
         )
 
 
+def check_data_source(config_file: str | os.PathLike, data_args: DataArguments) -> None:
+    """Only the demo config may train on the built-in demo data: another YAML (a WebVision recipe) without a data
+    source would otherwise train on Fashion-MNIST and save the result under the recipe's name."""
+    if Path(config_file).resolve() == DEMO_CONFIG.resolve():
+        return
+    if any(getattr(data_args, name) for name in DATA_SOURCES):
+        return
+    raise ValueError(
+        f"{config_file} gives no data source and none was passed: add {' or '.join(f'--{n}' for n in DATA_SOURCES)} "
+        "(e.g. --webvision_dir /data/webvision for a WebVision recipe); the built-in Fashion-MNIST data is the demo "
+        "config's only."
+    )
+
+
 def check_train_size(train_dataset, training_args: MoProTrainingArguments) -> None:
     """A training set smaller than one batch per process gives no step with `drop_last`: a run that would
     silently train nothing is refused."""
@@ -394,18 +466,103 @@ def check_train_size(train_dataset, training_args: MoProTrainingArguments) -> No
         )
 
 
-def save_run_args(output_dir: str, model_args, data_args, training_args) -> None:
+def passed_over_metrics(data_args: DataArguments) -> dict[str, int]:
+    """`train_passed_over_<reason>`: the files of `--train_dir` its reader passed over (`training.image_folder`),
+    by reason, so that a folder half made of unreadable entries shows in the results, not only in the log."""
+    counts = passed_over_counts(data_args.train_dir) if data_args.train_dir else None
+    return {f"train_passed_over_{reason.replace(' ', '_')}": count for reason, count in (counts or {}).items()}
+
+
+def save_run_args(output_dir: str, model_args, data_args, training_args, resume_changes: list[str] = ()) -> None:
     """The run's arguments as plain JSON (`run_args.json`), which the release's model card reads to describe the
-    data and schedule this model was trained with (the Trainer's `training_args.bin` is a pickle, never read)."""
+    data and schedule this model was trained with (the Trainer's `training_args.bin` is a pickle, never read).
+
+    A resume allowed to change arguments (`--allow_changed_resume`) appends its changes to ``resumes``, which keeps
+    those of earlier resumes: the file then says that the run was not trained with one set of arguments."""
     from evaluation.model_card import RUN_ARGS_FILE
 
+    path = os.path.join(output_dir, RUN_ARGS_FILE)
+    resumes = []
+    if training_args.resume_from_checkpoint and os.path.isfile(path):
+        with open(path) as f:
+            resumes = json.load(f).get("resumes", [])
+        entry = {"from": str(training_args.resume_from_checkpoint), "changes": list(resume_changes)}
+        if entry not in resumes:
+            resumes.append(entry)
     run_args = {
         "model_args": dataclasses.asdict(model_args),
         "data_args": dataclasses.asdict(data_args),
         "training_args": training_args.to_dict(),  # tokens masked
+        "resumes": resumes,
     }
-    with open(os.path.join(output_dir, RUN_ARGS_FILE), "w") as f:
+    with open(path, "w") as f:
         json.dump(run_args, f, indent=2, default=str)
+
+
+# What a resume must keep from the run it continues (else the checkpoint's optimizer state, sample order and queue
+# belong to another run): compared with the run's `run_args.json`.
+RESUME_FIXED_ARGUMENTS = {
+    "training_args": ("seed", "global_batch_size", "gradient_accumulation_steps", "baseline"),
+    "data_args": (
+        "dataset_name", "dataset_config_name", "train_dir", "webvision_dir", "webvision_version", "shard_dir",
+        "max_train_samples", "num_train", "noise_rate", "asymmetric_fraction", "ood_fraction",
+    ),
+}  # fmt: skip
+
+
+def check_resume_arguments(checkpoint: str, model_args, data_args, training_args) -> list[str]:
+    """The differences ("name: old -> new") between this resume's arguments and those of the run that wrote
+    `checkpoint` (its folder's `run_args.json`, when there is one).
+
+    Raises:
+        ValueError: Differences, without `--allow_changed_resume`.
+    """
+    from evaluation.model_card import RUN_ARGS_FILE
+
+    earlier = Path(checkpoint).resolve().parent / RUN_ARGS_FILE
+    if not earlier.is_file():
+        return []
+    try:
+        old = json.loads(earlier.read_text())
+    except ValueError as error:
+        raise ValueError(f"{earlier} is not valid JSON ({error}): cannot compare the resume with its run") from error
+    new = {"training_args": training_args.to_dict(), "data_args": dataclasses.asdict(data_args)}
+    changes = []
+    for group, names in RESUME_FIXED_ARGUMENTS.items():
+        for name in names:
+            before, now = old.get(group, {}).get(name), new[group].get(name)
+            if name in old.get(group, {}) and before != now and str(before) != str(now):
+                changes.append(f"{name}: {before!r} -> {now!r}")
+    if changes and not training_args.allow_changed_resume:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint}: this run differs from the one that wrote it ({'; '.join(changes)}): "
+            "resume with its arguments, or pass --allow_changed_resume true (the changes are recorded in run_args.json)."
+        )
+    for change in changes:
+        logger.warning("resuming with a changed argument (--allow_changed_resume): %s", change)
+    return changes
+
+
+def check_resume_model(checkpoint: str, config: MoProConfig) -> None:
+    """The checkpoint's weights must fit the model of this run: the same classes, in the same order, and the same
+    architecture (loading them would fail on shapes, or silently give the classifier's rows other meanings)."""
+    try:
+        saved = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # `check_checkpoint` names a checkpoint that cannot be read
+    differences = []
+    saved_labels = [str(saved.get("id2label", {}).get(str(i))) for i in range(int(saved.get("num_labels", len(saved.get("id2label", {})))))]
+    labels = [str(config.id2label[i]) for i in range(config.num_labels)]
+    if saved_labels != labels:
+        differences.append(f"classes {saved_labels[:5]} in the checkpoint, {labels[:5]} in the data")
+    for name in ARCHITECTURE_FIELDS:
+        if name in saved and saved[name] != getattr(config, name):
+            differences.append(f"{name} {saved[name]!r} in the checkpoint, {getattr(config, name)!r} here")
+    if differences:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} belongs to another model: {'; '.join(differences)}; resume with "
+            "the run's data and model flags, or start a new run without the flag."
+        )
 
 
 def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArguments, training_args) -> dict:
@@ -435,6 +592,7 @@ def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArgum
         label_column=data_args.label_column_name,
         data_description=f"the training set of {describe_training_data({'data_args': vars(data_args)}).name}",
         model_name=training_args.output_dir,  # where the model is saved
+        passed_over=passed_over_counts(data_args.train_dir) if data_args.train_dir else None,
     )
     # None (e.g. relabel precision with nothing relabelled) is kept: undefined, not zero.
     return {f"noise_{k}": v for k, v in summary.items() if v is None or isinstance(v, (int, float))}

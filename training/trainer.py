@@ -14,21 +14,25 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate.utils import DistributedDataParallelKwargs, DynamoBackend, TorchDynamoPlugin
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from modeling_mopro import MoProForPreTraining, MoProPhase
 
 from .arguments import steps_per_epoch
 from .data import StreamedEpochs
 from .gpu_augment import EncodedImages, GpuViewAugment, decode_on_device
+from .run_folder import claim_output_dir, publish_checkpoint, staging_folder
 from .transforms import normalize_pixels
 
 logger = logging.getLogger(__name__)
@@ -121,15 +125,29 @@ def check_checkpoint(folder: str | os.PathLike) -> None:
             f"checkpoint {folder} lacks {', '.join(missing)}: it cannot resume the run exactly; resume from another "
             "checkpoint-N folder, or start without --resume_from_checkpoint."
         )
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"checkpoint {folder}: trainer_state.json is not valid JSON ({error}; cut short?): resume from another "
+            "checkpoint-N folder."
+        ) from error
     for name in weight_files:
-        with safe_open(os.path.join(folder, name), framework="pt") as weights:
-            for key in weights.keys():
-                tensor = weights.get_tensor(key)
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise ValueError(
-                        f"checkpoint {folder}: {name} holds non-finite values in {key!r} (corrupted, or the run "
-                        "diverged): resume from an earlier checkpoint-N folder."
-                    )
+        try:
+            with safe_open(os.path.join(folder, name), framework="pt") as weights:
+                for key in weights.keys():
+                    tensor = weights.get_tensor(key)
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        raise ValueError(
+                            f"checkpoint {folder}: {name} holds non-finite values in {key!r} (corrupted, or the run "
+                            "diverged): resume from an earlier checkpoint-N folder."
+                        )
+        except SafetensorError as error:  # a truncated or garbled file: its header or data cannot be read
+            raise ValueError(
+                f"checkpoint {folder}: {name} cannot be read ({error}; cut short?): resume from another "
+                "checkpoint-N folder."
+            ) from error
 
 
 def phase_for_epoch(epoch: float, prototype_start_epoch: float, noise_correction_start_epoch: float) -> MoProPhase:
@@ -351,6 +369,45 @@ class MoProTrainer(Trainer):
         return [name for name, _ in model.named_parameters()]
 
     # ------------------------------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written under a staging name and renamed to ``checkpoint-N`` once complete
+        (`training.run_folder`): a full disk or a kill during the save leaves no ``checkpoint-N`` that cannot
+        resume. The main process checks first that it still owns the output folder."""
+        run_dir = super()._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged_root = staging_folder(run_dir, name)
+        if self.args.should_save:
+            claim_output_dir(run_dir)
+            shutil.rmtree(staged_root, ignore_errors=True)  # left by a run killed while saving this step
+        self.accelerator.wait_for_everyone()  # every process writes its RNG state into the staging folder
+        self._staging_root = str(staged_root)
+        try:
+            super()._save_checkpoint(model, trial)  # into staged_root/checkpoint-N (`_get_output_dir`)
+            self.accelerator.wait_for_everyone()
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(staged_root, ignore_errors=True)
+            raise
+        finally:
+            self._staging_root = None
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best and Path(best).parent == staged_root:  # set by the Trainer to this checkpoint, where it is staged
+                self.state.best_model_checkpoint = str(Path(run_dir) / Path(best).name)
+                self.state.save_to_json(str(staged_root / name / "trainer_state.json"))
+            publish_checkpoint(staged_root / name, Path(run_dir) / name)
+            shutil.rmtree(staged_root, ignore_errors=True)
+            # The Trainer rotated inside the staging folder (one checkpoint): rotate among the published ones.
+            rotate_checkpoints(
+                output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False,
+            )  # fmt: skip
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is saved, the Trainer's "run folder" is the staging folder (`_save_checkpoint`).
+        return getattr(self, "_staging_root", None) or super()._get_output_dir(trial=trial)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         check_checkpoint(resume_from_checkpoint)  # before any weight is loaded
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, v2
 
@@ -96,7 +97,7 @@ def describe_image_source(source: Any) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _read_encoded(source: ImageSource) -> tuple[bytes | bytearray | memoryview, str]:
+def read_encoded_image(source: ImageSource) -> tuple[bytes | bytearray | memoryview, str]:
     """The encoded bytes of a non-PIL image source, and its description for messages."""
     description = describe_image_source(source)
     if isinstance(source, dict):
@@ -111,11 +112,38 @@ def _read_encoded(source: ImageSource) -> tuple[bytes | bytearray | memoryview, 
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"unsupported image source type {type(source).__name__}")
     try:
+        # Only a regular file is opened: a named pipe would block `open` (and the run) forever, a device or a
+        # folder is no image. `stat` follows links, as the read would.
+        if not stat.S_ISREG(os.stat(source).st_mode):
+            raise BadImageError(description, "not a regular file (a pipe, socket, device or folder)")
         # Reading the whole file first means no file handle outlives the decode (PIL keeps multi-frame files
         # open until garbage collection) and the decoded image needs no defensive copy.
         return Path(source).read_bytes(), description
     except OSError as error:
         raise BadImageError(description, f"{type(error).__name__}: {error}") from error
+
+
+# The image-geometry guard of every decode (`check_image_geometry`). PIL's own limit applies to the pixel count at
+# decode time; the aspect ratio matters later: the views resize the short side to the crop size, so a 100000 x 1
+# image would become 25.6M x 256 pixels (~26 GB at 224 px) before the crop.
+MAX_ASPECT_RATIO = 50.0
+
+
+def check_image_geometry(width: int, height: int, description: str) -> None:
+    """Refuse an image (`BadImageError`, reason starting "too large") whose pixel count exceeds PIL's refusal limit
+    (twice ``Image.MAX_IMAGE_PIXELS``; PIL warns above once) or whose sides differ by more than `MAX_ASPECT_RATIO`;
+    called with the header's size, before any pixel is decoded."""
+    if width <= 0 or height <= 0:
+        raise BadImageError(description, f"empty image ({width} x {height} pixels)")
+    limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS is not None else None
+    if limit is not None and width * height > limit:
+        raise BadImageError(
+            description, f"too large: {width} x {height} pixels, more than {limit} (2 x PIL.Image.MAX_IMAGE_PIXELS)"
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise BadImageError(
+            description, f"too large in one dimension: {width} x {height} pixels, aspect ratio above {MAX_ASPECT_RATIO:g}"
+        )
 
 
 def decode_image(source: ImageSource) -> Image.Image:
@@ -133,8 +161,9 @@ def decode_image(source: ImageSource) -> Image.Image:
         TypeError: ``source`` is of an unsupported type (a programming error, not a data error).
     """
     if isinstance(source, Image.Image):
+        check_image_geometry(*source.size, describe_image_source(source))
         return _to_rgb(source)
-    return _decode_with_pil(*_read_encoded(source))
+    return _decode_with_pil(*read_encoded_image(source))
 
 
 # PIL signals broken data with OSError (incl. UnidentifiedImageError, FileNotFoundError), SyntaxError or
@@ -149,16 +178,31 @@ def _bad_image(error: Exception, buffer: io.BytesIO, description: str) -> BadIma
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB of any PIL mode; 16/32-bit integer greyscale is scaled to 8 bits first.
+    """RGB of any PIL mode, as the transformers pipeline sees the image (`IMAGE_SEMANTICS`): turned upright by its
+    EXIF orientation, transparency composited on white; 16/32-bit integer greyscale is scaled to 8 bits first.
 
     PIL's own ``convert("RGB")`` clips integer modes at 255, so a 16-bit greyscale PNG (mode "I;16", or "I" as
     older Pillow versions and PGM files give it) would come out almost all white. Such images hold 16-bit
     samples: the top 8 bits (``value >> 8``) are the 8-bit image, as libpng's ``png_set_strip_16`` gives it.
     """
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I"):  # "I;16", "I;16B", "I;16L", "I"
         samples = np.asarray(image).astype(np.int64)
         image = Image.fromarray((np.clip(samples, 0, 0xFFFF) >> 8).astype(np.uint8), mode="L")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        # transformers' `convert_to_rgb`: a transparent pixel is white, whatever colour it holds underneath.
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+# One image semantics for training, evaluation, the noise report and the saved image processor / pipeline: EXIF
+# orientation applied and transparency composited on white, as transformers' `load_image` + `convert_to_rgb` and
+# `datasets.Image` do. The official code applies neither (PIL `convert("RGB")` of the stored pixels); its web images
+# rarely carry either, and where they do, the upright, white-backed image is the one a user's pipeline classifies.
+IMAGE_SEMANTICS = "exif_transposed_alpha_on_white"
+_EXIF_ORIENTATION = 0x0112
 
 
 def _decode_with_pil(data: bytes | bytearray | memoryview, description: str) -> Image.Image:
@@ -168,14 +212,16 @@ def _decode_with_pil(data: bytes | bytearray | memoryview, description: str) -> 
             # Image.open reads only the header and refuses images above 2x Image.MAX_IMAGE_PIXELS before any
             # pixel is decoded (and warns above 1x).
             image = Image.open(buffer)
+            check_image_geometry(*image.size, description)  # from the header, before the pixels
             image.load()
         return _to_rgb(image)
     except _PIL_ERRORS as error:
         raise _bad_image(error, buffer, description) from error
 
 
-def _check_jpeg_size(data: bytes | bytearray | memoryview, description: str) -> None:
-    """Applies PIL's decompression-bomb rule to a JPEG before torchvision decodes it.
+def _check_jpeg_size(data: bytes | bytearray | memoryview, description: str) -> int:
+    """Applies PIL's decompression-bomb rule to a JPEG before torchvision decodes it; returns its EXIF orientation
+    (1: upright, or no header PIL can parse), which decoders without EXIF support (nvJPEG) must leave to `decode_image`.
 
     ``decode_jpeg`` has no size limit (a 20000 x 20000 JPEG takes GBs). ``Image.open`` parses only the header and
     applies ``Image.MAX_IMAGE_PIXELS`` (warning above it, `BadImageError` above twice it), as every PIL decode does.
@@ -183,12 +229,14 @@ def _check_jpeg_size(data: bytes | bytearray | memoryview, description: str) -> 
     """
     buffer = io.BytesIO(data)
     try:
-        with Image.open(buffer):
-            pass
+        with Image.open(buffer) as image:
+            size, orientation = image.size, image.getexif().get(_EXIF_ORIENTATION, 1)
     except Image.DecompressionBombError as error:
         raise _bad_image(error, buffer, description) from error
     except _PIL_ERRORS:
-        pass
+        return 1
+    check_image_geometry(*size, description)
+    return orientation
 
 
 def decode_image_tensor(source: ImageSource) -> torch.Tensor:
@@ -201,11 +249,14 @@ def decode_image_tensor(source: ImageSource) -> torch.Tensor:
     """
     if isinstance(source, Image.Image):
         return v2.functional.pil_to_tensor(decode_image(source))
-    data, description = _read_encoded(source)
+    data, description = read_encoded_image(source)
     if bytes(data[:3]) == b"\xff\xd8\xff":  # JPEG start-of-image marker
         _check_jpeg_size(data, description)
         try:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return decode_jpeg(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                apply_exif_orientation=True,  # IMAGE_SEMANTICS, as `decode_image`
+            )  # fmt: skip
         except RuntimeError:
             pass  # truncated or unusual: PIL is more tolerant, and raises BadImageError if it cannot decode either
     return v2.functional.pil_to_tensor(_decode_with_pil(data, description))
