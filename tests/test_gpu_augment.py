@@ -185,3 +185,23 @@ def test_decode_on_device_matches_the_cpu_decoder_and_skips_what_no_decoder_read
     assert torch.equal(images[1], png)
     assert images[2].shape == (3, 33, 17)
     assert torch.equal(images[3], decode_image_tensor(truncated))
+
+
+def test_gpu_collator_decodes_exif_rotated_jpegs_upright_on_the_host(tmp_path):
+    # nvJPEG ignores EXIF orientation: a JPEG stored rotated must reach the device decoded and upright, as the CPU
+    # path and the transformers pipeline read it; an upright JPEG stays encoded for the device decoder.
+    from training.gpu_augment import GpuAugmentCollator
+    from training.transforms import decode_image_tensor
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (30, 50, 3)).astype(np.uint8))
+    image.save(tmp_path / "upright.jpg", quality=95)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    collator = GpuAugmentCollator(MoProViewTransforms(16), num_labels=2)
+    batch = collator([{"image": str(tmp_path / name), "label": 0} for name in ("upright.jpg", "rotated.jpg")])
+    upright, rotated = batch["encoded_images"].items
+    assert isinstance(upright, bytes)
+    assert rotated.shape == (3, 50, 30)
+    assert torch.equal(rotated, decode_image_tensor(str(tmp_path / "rotated.jpg")))
