@@ -16,6 +16,15 @@ from torch import nn
 from modeling_mopro import MoProConfig, MoProForPreTraining
 
 
+def tiny_model_flags(queue_size: int, bn_groups: int | None = 2) -> list[str]:
+    """`run_mopro.py` flags for a tiny model: ResNet-18 with one block per stage (8-64 channels), small heads."""
+    flags = [
+        "--backbone", "resnet18", "--backbone_kwargs", '{"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}',
+        "--projection_hidden_size", "32", "--embedding_size", "16", "--queue_size", str(queue_size),
+    ]  # fmt: skip
+    return flags + (["--momentum_encoder_bn_groups", str(bn_groups)] if bn_groups is not None else [])
+
+
 class MoProModelTester:
     """Builds a ~64k-parameter MoPro (ResNet with one block per stage, 32 px inputs) and random inputs for it.
 

@@ -14,14 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests._tiny import tiny_model_flags
 from training.run_mopro import main
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = [
-    "--backbone", "resnet18", "--backbone_kwargs", '{"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}',
-    "--projection_hidden_size", "32", "--embedding_size", "16", "--queue_size", "64",
-    "--momentum_encoder_bn_groups", "2",
-]  # fmt: skip
+MODEL = tiny_model_flags(queue_size=64)
 RUN = [
     "--global_batch_size", "8", "--max_steps", "2", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
     "--logging_steps", "1", "--per_device_eval_batch_size", "16",

@@ -13,12 +13,11 @@ from transformers import AutoModelForImageClassification
 
 from evaluation.model_card import describe_training_data
 from modeling_mopro import MoProForImageClassification
+from tests._tiny import tiny_model_flags
 from training.noisy_fashion_mnist import FASHION_MNIST_DIR
 from training.run_mopro import DEMO_CONFIG, main, parse_args
 
-TINY = [
-    "--backbone", "resnet18", "--backbone_kwargs", '{"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}',
-    "--projection_hidden_size", "32", "--embedding_size", "16", "--queue_size", "64",
+TINY = tiny_model_flags(queue_size=64, bn_groups=None) + [
     "--num_train", "160", "--num_test", "64", "--global_batch_size", "16",
     "--per_device_eval_batch_size", "64", "--num_train_epochs", "3", "--dataloader_num_workers", "0",
     "--prototype_start_epoch", "1", "--noise_correction_start_epoch", "2", "--lr_milestones", "2",

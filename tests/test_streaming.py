@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from transformers import IntervalStrategy, TrainerCallback, set_seed
 
+from tests._tiny import tiny_model_flags
 from tests.trainer_fixtures import tiny_image_dataset, tiny_trainer
 from training.collator import MoProCollator
 from training.make_shards import main as make_shards_main
@@ -24,11 +25,7 @@ from training.run_mopro import main
 from training.transforms import MoProViewTransforms
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = [
-    "--backbone", "resnet18", "--backbone_kwargs", '{"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}',
-    "--projection_hidden_size", "32", "--embedding_size", "16", "--queue_size", "32",
-    "--momentum_encoder_bn_groups", "2",
-]  # fmt: skip
+MODEL = tiny_model_flags(queue_size=32)
 
 
 class EpochCollator(MoProCollator):
