@@ -9,7 +9,7 @@ Model-only rows, ResNet-50 at 224 px, 1000 classes, embedding 128, queue 8192, S
   rank's batch, one group: on one GPU the cross-rank gathers are identities, see BENCHMARKS.md), and "one-GPU", the
   recipe's global batch of 256 on one device with the key encoder's BatchNorm in 8 virtual groups;
 * settings: fp32 (PyTorch defaults), bf16 autocast + channels_last, and the same + `torch.compile` of the encoders'
-  backbones (per-rank only; the MoPro losses and updates stay eager);
+  backbone features as `MoProTrainer` compiles them (per-rank only; the MoPro losses and updates stay eager);
 * per row: img/s of CE, of MoPro and of the key forward alone (timed in rotation in the same run), MoPro's ratio to
   CE and to its floor (CE + key forward), peak memory (`torch.cuda.max_memory_allocated` over that model's steps, less
   what was resident before) and host syncs/step (the calls that wait for the device, counted by
@@ -66,6 +66,7 @@ from environment import machine_info, write_result  # noqa: E402
 from training.collator import MoProCollator  # noqa: E402
 from training.gpu_augment import GpuAugmentCollator, decode_on_device  # noqa: E402
 from training.host_syncs import count_host_syncs  # noqa: E402
+from training.trainer import compile_backbones  # noqa: E402
 from training.transforms import MoProViewTransforms, normalize_pixels  # noqa: E402
 
 
@@ -120,10 +121,12 @@ def _build(name: str, args: argparse.Namespace, bn_groups: int, device: torch.de
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     if setting.compile:
-        # The backbones carry the compute; the MoPro losses and state updates stay eager.
-        modules = [model] if name == "CE" else [model.mopro.backbone, model.momentum_encoder.backbone]
-        for module in modules:
-            module.compile(backend=args.compile_backend)
+        # What MoProTrainer compiles (`compile_backbones`): both encoders' `forward_features`; the heads, MoPro
+        # losses and state updates stay eager. CE gets the same scope: its features compiled, its classifier eager.
+        if name == "CE":
+            model.forward_features = torch.compile(model.forward_features, backend=args.compile_backend)
+        elif not compile_backbones(model, args.compile_backend):
+            raise ValueError("no backbone to compile")
     return model
 
 
