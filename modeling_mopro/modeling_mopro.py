@@ -13,6 +13,7 @@ Three classes share one weight layout (`mopro.backbone.*`, `mopro.projection.*`,
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -572,6 +573,15 @@ class MoProBackbone(BackboneMixin, MoProPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+@functools.lru_cache(maxsize=16)
+def pixel_statistics_on(
+    device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mean` and `std` as (3, 1, 1) float32 tensors on `device`, made once per (device, mean, std): a host-to-device
+    copy at every step would wait for the device. Callers must not modify them in place."""
+    return tuple(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(device) for v in (mean, std))
+
+
 class MoProForPreTraining(MoProPreTrainedModel):
     """The MoPro training model: query encoder + classifier, momentum encoder, MoCo queue and momentum prototypes.
 
@@ -613,7 +623,6 @@ class MoProForPreTraining(MoProPreTrainedModel):
         self.validate_labels = True
         # (mean, std) when key batches arrive as uint8 (`set_key_pixel_normalization`); None: they arrive normalised.
         self.key_pixel_normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-        self._key_normalization_tensors = None
         self.post_init()
 
     @torch.no_grad()
@@ -682,13 +691,7 @@ class MoProForPreTraining(MoProPreTrainedModel):
                 "pixel_values_key is uint8 but the model has no key normalisation: call "
                 "`set_key_pixel_normalization(mean, std)` or pass normalised float keys."
             )
-        # Made once per device (a host-to-device copy at every step could wait for the device).
-        cached = self._key_normalization_tensors
-        if cached is None or cached[0] != (self.key_pixel_normalization, pixels.device):
-            mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(pixels.device)
-                         for v in self.key_pixel_normalization)  # fmt: skip
-            cached = self._key_normalization_tensors = ((self.key_pixel_normalization, pixels.device), mean, std)
-        _, mean, std = cached
+        mean, std = pixel_statistics_on(pixels.device, *self.key_pixel_normalization)
         return pixels.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
     def _check_training_precision(self) -> None:

@@ -28,6 +28,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from modeling_mopro import MoProForPreTraining, MoProPhase
+from modeling_mopro.modeling_mopro import pixel_statistics_on
 
 from .arguments import steps_per_epoch
 from .data import StreamedEpochs
@@ -512,12 +513,7 @@ class MoProTrainer(Trainer):
         transforms = getattr(self.data_collator, "transforms", None)
         if transforms is None:
             raise ValueError("uint8 pixel batches need a `MoProCollator` (its transforms hold mean and std).")
-        key = (tuple(transforms.mean), tuple(transforms.std), device)
-        cached = getattr(self, "_normalization_cache", None)
-        if cached is None or cached[0] != key:
-            mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(device) for v in key[:2])
-            cached = self._normalization_cache = (key, mean, std)
-        return cached[1], cached[2]
+        return pixel_statistics_on(device, tuple(transforms.mean), tuple(transforms.std))
 
     def _views_on_device(self, encoded: EncodedImages, inputs: dict) -> dict:
         """`--gpu_augment`: decode the batch on the device and make its (weak, strong) uint8 views there."""
