@@ -1,0 +1,138 @@
+"""Collects the natural-image benchmark's runs into the committed result file its tables are rendered from.
+
+    python bench/collect_natural.py --commit COMMIT --load "two lanes of one thread, load 2-4 on 2 cores"
+    python bench/render_benchmarks.py          # then: the tables of BENCHMARKS.md and the plot
+
+Reads what `bench/natural_benchmark.py run` leaves under `--results_dir` (default `bench/results/natural`, which git
+ignores):
+- `accuracy/<setting>_s<seed>/<method>/all_results.json` (final clean test accuracy `eval_accuracy`, the adaptive
+  schedule's `train_noise_correction_start_epoch`) and `trainer_state.json` (the per-epoch `eval_accuracy`, for the
+  best epoch);
+- `detection/<setting>/scores.json`, written by `bench/label_noise_benchmark.py report` per setting: per detector
+  and seed, the noise report's or cleanlab's decisions scored against the ground truth.
+and writes `--output` (default `bench/results-committed/natural_benchmark.json`) in the schema documented in
+`bench/render_benchmarks.py`. A run that is not finished (no `all_results.json`, or a setting whose report is not
+made yet) is recorded as `null`, so the tables show it as missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.environment import machine_info  # noqa: E402
+from bench.natural_benchmark import ACCURACY_METHODS, EPOCHS, SEEDS  # noqa: E402
+from bench.natural_data import SETTINGS  # noqa: E402
+
+DETECTION_KEYS = ("label_error_precision", "label_error_recall", "label_error_f1", "label_quality_auroc", "ood_auroc")
+
+
+def accuracy_cell(run_dir: Path) -> dict | None:
+    """Final and best-epoch clean test accuracy of one finished `run_mopro.py` run; None if it is not finished."""
+    results_file = run_dir / "all_results.json"
+    if not results_file.is_file():
+        return None
+    results = json.loads(results_file.read_text())
+    evaluations = []
+    state_file = run_dir / "trainer_state.json"
+    if state_file.is_file():
+        history = json.loads(state_file.read_text())["log_history"]
+        evaluations = [(entry["eval_accuracy"], entry.get("epoch")) for entry in history if "eval_accuracy" in entry]
+    best, best_epoch = max(evaluations, key=lambda item: item[0], default=(results["eval_accuracy"], None))
+    start = results.get("train_noise_correction_start_epoch")
+    return {
+        "final": results["eval_accuracy"],
+        "best": max(best, results["eval_accuracy"]),
+        "best_epoch": None if best_epoch is None else round(best_epoch),
+        "correction_start_epoch": None if start is None or start < 0 else round(start),
+    }
+
+
+def detection_cells(setting_dir: Path, seeds) -> dict:
+    """Per detector and seed, the scores of `label_noise_benchmark.py report` (`scores.json`); {} if not made."""
+    scores_file = setting_dir / "scores.json"
+    if not scores_file.is_file():
+        return {}
+    out = {}
+    for detector, by_seed in json.loads(scores_file.read_text()).items():
+        out[detector] = {}
+        for seed in seeds:
+            summary = by_seed.get(str(seed))
+            if summary is None:
+                out[detector][str(seed)] = None
+                continue
+            cell = {key: summary.get(key) for key in DETECTION_KEYS}
+            cell["fraction_flagged"] = 1 - summary["fraction_clean"]
+            precision, recall = summary.get("label_error_precision"), summary.get("label_error_recall")
+            # flagged / truly wrong = (TP / precision) / (TP / recall) = recall / precision
+            cell["flagged_vs_true"] = recall / precision if precision and recall else None
+            out[detector][str(seed)] = cell
+    return out
+
+
+def collect(results_dir: Path, commit: str, load: str, command: str, settings=SETTINGS, seeds=SEEDS) -> dict:
+    accuracy: dict = {}
+    finished = []
+    for setting in settings:
+        accuracy[setting] = {}
+        for seed in seeds:
+            accuracy[setting][str(seed)] = {}
+            for method in ACCURACY_METHODS:
+                run_dir = results_dir / "accuracy" / f"{setting}_s{seed}" / method
+                accuracy[setting][str(seed)][method] = accuracy_cell(run_dir)
+                if (run_dir / "all_results.json").is_file():
+                    finished.append((run_dir / "all_results.json").stat().st_mtime)
+    detection = {setting: detection_cells(results_dir / "detection" / setting, seeds) for setting in settings}
+
+    def day(stamp: float) -> str:
+        return datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc).date().isoformat()
+
+    return {
+        "_run": {
+            "command": "python bench/natural_benchmark.py run --lanes 2",
+            "collected_by": command,
+            "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+            "run_dates": [day(min(finished)), day(max(finished))] if finished else ["none finished"],
+            "machine": machine_info(),
+            "load": load,
+        },
+        "settings": list(settings),
+        "seeds": list(seeds),
+        "methods": list(ACCURACY_METHODS),
+        "epochs": EPOCHS,
+        "accuracy": accuracy,
+        "detection": detection,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results_dir", type=Path, default=ROOT / "bench" / "results" / "natural")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results-committed" / "natural_benchmark.json")
+    parser.add_argument("--commit", default=None, help="the commit the runs were made at (default: this checkout's)")
+    parser.add_argument("--load", required=True, help="how the machine was shared while the runs ran, in words")
+    args = parser.parse_args(argv)
+    if not (args.results_dir / "accuracy").is_dir():
+        print(f"error: {args.results_dir} holds no accuracy/ folder of `bench/natural_benchmark.py run`", file=sys.stderr)
+        return 2
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True, check=True).stdout.strip()  # fmt: skip
+    command = " ".join(["python", "bench/collect_natural.py", *(argv if argv is not None else sys.argv[1:])])
+    result = collect(args.results_dir, commit, args.load, command)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=1) + "\n")
+    missing = sum(cell is None for s in result["accuracy"].values() for seed in s.values() for cell in seed.values())
+    print(f"wrote {args.output} ({missing} accuracy runs missing)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
