@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", required=True, help="how the machine was shared while the runs ran, in words")
     args = parser.parse_args(argv)
     if not (args.results_dir / "accuracy").is_dir():
-        print(f"error: {args.results_dir} holds no accuracy/ folder of `bench/natural_benchmark.py run`", file=sys.stderr)
+        print(
+            f"error: {args.results_dir} holds no accuracy/ folder of `bench/natural_benchmark.py run`", file=sys.stderr
+        )
         return 2
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                            text=True, check=True).stdout.strip()  # fmt: skip

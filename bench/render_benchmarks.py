@@ -59,6 +59,8 @@ MISSING = "missing"
 
 @dataclass(frozen=True)
 class Renderer:
+    """What a block of one kind shows: `render` maps the parsed result file to the block's markdown."""
+
     render: Callable[[dict], str]
     block: bool  # a table on lines of its own, or a figure inside a sentence
 
@@ -87,7 +89,8 @@ def _mean_sd(values: list[float], digits: int = 2, scale: float = 100, signed: b
 
 
 def _minutes_seconds(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {round(seconds % 60)} s"
+    whole = round(seconds)
+    return f"{whole // 60} min {whole % 60} s"
 
 
 # --------------------------------------------------------------------------------------- the README's main command
@@ -127,7 +130,10 @@ def demo_report(data: dict) -> str:
 # ------------------------------------------------------------------------------------------------ the rehearsal
 @renderer("rehearsal_table", block=True)
 def rehearsal_table(data: dict) -> str:
-    lines = ["| row | what (the script's name) | result | wall time (s) | checked on the way |", "|---|---|---|---|---|"]
+    lines = [
+        "| row | what (the script's name) | result | wall time (s) | checked on the way |",
+        "|---|---|---|---|---|",
+    ]
     for row in data["rows"]:
         result = "pass" if row["passed"] else "FAIL: " + "; ".join(row["failures"])
         notes = "; ".join(row["notes"]) or "–"
@@ -202,6 +208,11 @@ def _load(data: dict) -> str:
     return f"load average {before:.1f} → {after:.1f} on {data['machine']['cpu_count']} cores"
 
 
+def _at_commit(data: dict) -> str:
+    """`at commit X` from the `_run` stamp added to result files whose script does not record its commit."""
+    return f"at commit `{data['_run']['commit']}`"
+
+
 @renderer("prototype_update_table", block=True)
 def prototype_update_table(data: dict) -> str:
     shape = data["shape"]
@@ -214,7 +225,7 @@ def prototype_update_table(data: dict) -> str:
         f"| `update_prototypes`, back to back | {data['update_prototypes_warm_ms']['median']:.3f} |",
         "",
         f"N × K × D = {shape['samples']} × {shape['classes']} × {shape['dim']}, {data['repetitions']} repetitions, "
-        f"{data['machine']['torch_threads']} thread, {data['date'][:10]}, load average "
+        f"{data['machine']['torch_threads']} thread, {data['date'][:10]} {_at_commit(data)}, load average "
         f"{data['machine']['load_average'][0]:.1f} on {data['machine']['cpu_count']} cores: "
         f"**{data['speedup_median']:.1f}×** alternated, {data['speedup_median_warm']:.1f}× back to back; "
         f"largest difference to the loop {data['max_abs_diff']:.1e}.",
@@ -252,7 +263,8 @@ def step_time_table(data: dict) -> str:
         )
     lines.append(
         f"\n{settings['momentum_encoder_bn_groups']} key BatchNorm group(s), {settings['repetitions']} repetitions × "
-        f"{settings['steps_per_repetition']} step, {data['machine']['torch_threads']} thread, {data['date'][:10]}, "
+        f"{settings['steps_per_repetition']} step, {data['machine']['torch_threads']} thread, {data['date'][:10]} "
+        f"{_at_commit(data)}, "
         f"{_load(data)}."
     )
     return "\n".join(lines)
@@ -280,7 +292,7 @@ def data_pipeline_table(data: dict) -> str:
     decode, jitter = data["decode_ms_per_image"], data["colour_jitter_ms_per_crop"]
     lines.append(
         f"\n{setup['images']} JPEGs ({setup['mean_file_kb']:.1f} kB on average), {setup['repetitions']} repetitions, "
-        f"{data['date'][:10]}, {_load(data)}. Decoding (ms per image): "
+        f"{data['date'][:10]} {_at_commit(data)}, {_load(data)}. Decoding (ms per image): "
         + ", ".join(f"{name} {ms:.2f}" for name, ms in decode.items())
         + "; colour jitter (ms per crop): "
         + ", ".join(f"{name} {ms:.2f}" for name, ms in jitter.items())
@@ -327,9 +339,9 @@ def natural_accuracy(data: dict) -> str:
             best = _seed_values(data, setting, method, "best")
             per_seed = " / ".join(MISSING if v is None else _pct(v, 2) for v in final)
             have, have_best = _available(final), _available(best)
-            paired = [f - c for f, c in zip(final, ce_final) if f is not None and c is not None]
+            paired = [f - c for f, c in zip(final, ce_final, strict=True) if f is not None and c is not None]
             vs_ce = "" if method == "ce" else _mean_sd(paired, signed=True) + _of_seeds(paired, len(seeds))
-            drop = [b - f for f, b in zip(final, best) if f is not None and b is not None]
+            drop = [b - f for f, b in zip(final, best, strict=True) if f is not None and b is not None]
             lines.append(
                 f"| {setting} | {METHOD_NAMES.get(method, method)} | {per_seed} | "
                 f"{_mean_sd(have)}{_of_seeds(have, len(seeds))} | {_mean_sd(have_best).split(' ±')[0]} | {vs_ce} | "
@@ -365,7 +377,7 @@ def natural_detection(data: dict) -> str:
             continue
         for detector, by_seed in detectors.items():
             present = [by_seed.get(str(s)) for s in seeds]
-            scored = ", ".join(str(s) for s, p in zip(seeds, present) if p) or "none"
+            scored = ", ".join(str(s) for s, p in zip(seeds, present, strict=True) if p) or "none"
             cells = []
             for key, _, rate in DETECTION_COLUMNS:
                 values = _available([p.get(key) for p in present if p])
@@ -437,7 +449,10 @@ def render_text(text: str, root: Path, document: str = "") -> tuple[str, list[Fi
             data = json.loads((root / source).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise RenderError(f"{document}:{line}: block {kind} cannot read {source}: {error}") from error
-        rendered = RENDERERS[kind].render(data)
+        try:
+            rendered = RENDERERS[kind].render(data)
+        except (KeyError, TypeError, IndexError) as error:  # a result file of another kind, or an older layout
+            raise RenderError(f"{document}:{line}: block {kind} cannot render {source}: {error!r}") from error
         if RENDERERS[kind].block:  # blank lines: a table or code block is a block of its own in any markdown
             rendered = f"\n\n{rendered}\n\n"
         findings.append(Finding(document, line, kind, source, body, rendered))

@@ -80,6 +80,7 @@ def test_bad_blocks_are_one_line_errors(tmp_path):
     marker = "<!-- rendered: {} from {}; edit the run, not this -->x<!-- end rendered -->"
     cases = (("text ", "no_such_kind", "rehearsal.json", "unknown renderer"),
              ("text ", "rehearsal_summary", "nope.json", "cannot read"),
+             ("text ", "rehearsal_summary", "demo_main_command.json", "cannot render"),  # another kind's file
              ("", "rehearsal_summary", "rehearsal.json", "must follow text on its line"),  # would end the paragraph
              ("text ", "rehearsal_table", "rehearsal.json", "must start a line"))  # fmt: skip
     for before, kind, source, expected in cases:
