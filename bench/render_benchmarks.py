@@ -94,14 +94,20 @@ def _minutes_seconds(seconds: float) -> str:
 
 
 # --------------------------------------------------------------------------------------- the README's main command
+def _demo_result(results: dict) -> str:
+    """What the run gave, from its `all_results.json`."""
+    return (
+        f"{_pct(results['eval_accuracy'], 2)}% clean test accuracy, correction from epoch "
+        f"{results['train_noise_correction_start_epoch']:.0f}"
+    )
+
+
 @renderer("demo_command")
 def demo_command(data: dict) -> str:
     """Wall time and result of the README's main command (`demo_main_command.json`)."""
-    results = data["all_results"]
     return (
         f"{data['wall_seconds']:.0f} s measured on {data['date']} from a clean clone (commit `{data['commit']}`), "
-        f"noise report included; {_pct(results['eval_accuracy'], 2)}% clean test accuracy, correction from epoch "
-        f"{results['train_noise_correction_start_epoch']:.0f}"
+        f"noise report included; {_demo_result(data['all_results'])}"
     )
 
 
@@ -110,8 +116,7 @@ def demo_training(data: dict) -> str:
     results = data["all_results"]
     return (
         f"{data['date']}: {results['train_runtime']:.0f} s of training, {data['wall_seconds']:.0f} s for the whole "
-        f"command; {_pct(results['eval_accuracy'], 2)}% clean test accuracy, correction from epoch "
-        f"{results['train_noise_correction_start_epoch']:.0f}"
+        f"command; {_demo_result(results)}"
     )
 
 
