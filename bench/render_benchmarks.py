@@ -326,7 +326,8 @@ def _available(values: list) -> list:
 
 
 def _of_seeds(values: list, total: int) -> str:
-    return "" if len(values) == total else f" ({len(values)} of {total} seeds)"
+    """How many seeds a mean stands on, where that is not all of them (none: the cell says missing)."""
+    return "" if len(values) in (0, total) else f" ({len(values)} of {total} seeds)"
 
 
 @renderer("natural_accuracy", block=True)
@@ -410,8 +411,9 @@ def plot_natural(data: dict, path: Path) -> None:
                 axes.plot([x] * len(have), have, "k.", markersize=6)
             missing = len(values) - len(have)
             if missing:
-                axes.text(x, 2, f"{missing} missing", ha="center", rotation=90, fontsize=7)
+                axes.text(x, 2, f"{missing} missing", ha="center", va="bottom", rotation=90, fontsize=7)
         axes.set_xticks(range(len(methods)), [METHOD_NAMES.get(m, m).replace(", ", "\n") for m in methods], fontsize=7)
+        axes.set_xlim(-0.6, len(methods) - 0.4)
         axes.set_ylim(0, 100)
         axes.set_title(setting, fontsize=10)
         axes.grid(axis="y", alpha=0.3)
