@@ -29,8 +29,9 @@ because the whole dataset is at hand:
   them to at most `MAX_DIP` of its lower peak (two components can fit one skewed mode with D > 2: on natural photos
   the OOD scores of a weak embedding are one mode skewed towards 1, and the fit's high component held 75% of the
   data); and (2) the OOD share is plausible: a minority (at most 1/2 of the samples: the neighbour vote assumes most
-  of an image's neighbours are in distribution), and no larger than the share of samples whose given label gets
-  less than half of their neighbours' vote (an OOD image has no right label, so its neighbours cannot confirm it).
+  of an image's neighbours are in distribution), and mostly made of label errors: at least half of the samples it
+  calls OOD have a given label that gets less than half of their neighbours' vote (an OOD image has no right label
+  for its neighbours to confirm), so the OOD share is at most twice the share of such samples.
   Otherwise the **fallback** flags as OOD only the samples whose neighbour vote is within 1 - `FALLBACK_OOD_SCORE`
   of uniform, at most `FALLBACK_MAX_SHARE` of the data (highest scores first), and the report says why.
   The label-quality fit keeps its own check (BIC and D > 2): a relabelling also needs the neighbours' vote to name
@@ -208,11 +209,12 @@ def check_ood_fit(fit: TwoModeFit, label_quality: np.ndarray) -> str:
             f"the fit would call {share:.0%} of the samples OOD (its OOD mode weighs {fit.weight:.0%}): OOD must be a "
             "minority, since the neighbour vote behind the OOD score assumes most neighbours are in distribution"
         )
-    unconfirmed = float((np.asarray(label_quality) < 0.5).mean())
-    if share > unconfirmed:
+    flagged = fit.posterior > 0.5
+    confirmed = float((np.asarray(label_quality)[flagged] >= 0.5).mean()) if flagged.any() else 0.0
+    if confirmed > 0.5:
         return (
-            f"the fit would call {share:.0%} of the samples OOD, more than the {unconfirmed:.0%} whose given label gets "
-            "less than half of their neighbours' vote (an OOD image has no right label for them to confirm)"
+            f"{confirmed:.0%} of the samples the fit would call OOD have neighbours that give their label at least half "
+            "of the vote, which an OOD image, with no right label, cannot have"
         )
     return ""
 
