@@ -190,7 +190,7 @@ def with_report_ids(
     relative to it, added as a `path` column (image folders and WebVision lists read by `training.data`, whose image
     column holds the files' paths: `pseudo_label.json` then reads back from that root); one of `ID_COLUMNS`;
     `sample_id` (row indices, which the summary says); else positions. An `ImageLabelDataset` keeps its own ids
-    (relative paths for the file layouts of `evaluation.image_datasets`).
+    (relative paths for the file layouts of `evaluation.image_datasets`; `id_root` names their folder).
 
     Raises:
         ValueError: `id_column` is not a column of the dataset.
@@ -199,6 +199,8 @@ def with_report_ids(
         ids = getattr(dataset, "ids", None)
         if ids is None or list(ids) == [str(i) for i in range(len(dataset))]:
             return dataset, None, "positions in the data (it names no file)"
+        if id_root is not None:  # a file layout read from that folder
+            return dataset, None, f"paths relative to {os.path.abspath(id_root)}"
         return dataset, None, "the data's own ids (paths relative to its folder for file layouts)"
     columns = dataset.column_names
     if id_column is not None:
@@ -808,6 +810,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         data_description=description, flagged_images_per_class=args.flagged_images_per_class,
         thumbnail_size=args.thumbnail_size, passed_over=getattr(dataset, "passed_over", None),
         id_column=args.id_column if isinstance(dataset, datasets.Dataset) else None,
+        id_root=None if isinstance(dataset, datasets.Dataset) else args.data_dir,  # file layouts: paths under it
     )  # fmt: skip
     if state.is_main_process:
         if args.push_to_hub:

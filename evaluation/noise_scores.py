@@ -311,7 +311,10 @@ def noise_scores(
 
     scored = fitted_decisions(label_quality, ood_score, suggested, labels.cpu().numpy(), seed)
     scored.update(
-        label_quality=label_quality, ood_score=ood_score, suggested_label=suggested, class_evidence=evidence.cpu().numpy()
+        label_quality=label_quality,
+        ood_score=ood_score,
+        suggested_label=suggested,
+        class_evidence=evidence.cpu().numpy(),
     )
     return scored
 

@@ -153,6 +153,7 @@ def test_noise_report_script_on_image_folder(tmp_path):
     assert cleaned.ids == [report["id"][i] for i in kept]
     assert cleaned.labels.tolist() == [report["suggested_label"][i] for i in kept]
     assert report["id"] == image_folder_dataset(data).ids
+    assert json.loads((out / "noise_report_summary.json").read_text())["ids"] == f"paths relative to {data.resolve()}"
     assert (out / "noise_report.png").read_bytes()[:8] == PNG_SIGNATURE
     # A second run does not overwrite the report unless asked to.
     with pytest.raises(FileExistsError, match="already holds a noise report"):
@@ -371,7 +372,7 @@ def test_an_untrusted_ood_fit_is_said_in_summary_card_gallery_and_output(noisy_d
     assert warning.startswith("the fitted OOD threshold was not used: ") and scores_module.FALLBACK_OOD_RULE in warning
     assert json.loads((tmp_path / "out" / "noise_report_summary.json").read_text())["warning"] == warning
     card = (tmp_path / "out" / "README.md").read_text()
-    assert f"> **Warning:** The fitted OOD threshold was not used: {warning[len('the fitted OOD threshold was not used: '):]}" in card
+    assert f"> **Warning:** The fitted OOD threshold was not used: {warning.split(': ', 1)[1]}" in card
     page = (tmp_path / "out" / "index.html").read_text()
     assert '<p class="warning"><b>Warning:</b> the fitted OOD threshold was not used' in page
     assert f"noise report: WARNING: {warning}" in capsys.readouterr().out
@@ -385,8 +386,12 @@ def test_report_ids_come_from_paths_an_id_column_or_row_indices(tmp_path):
 
     train = build_datasets(train_dir=str(folder))[0]  # what run_mopro trains on: image dicts with absolute paths
     with_ids, column, source = noise_report.with_report_ids(train, id_root=folder)
-    assert column == "path" and with_ids["path"] == image_folder_dataset(folder).ids == ["a/a_0.png", "a/a_1.png",
-                                                                                          "b/b_0.png", "b/b_1.png"]
+    assert column == "path" and with_ids["path"] == image_folder_dataset(folder).ids == [
+        "a/a_0.png",
+        "a/a_1.png",
+        "b/b_0.png",
+        "b/b_1.png",
+    ]
     assert source == f"paths relative to {folder.resolve()}"
     # A `datasets` source: its file or id column when it has one, else the row index, said as such.
     named = train.add_column("file_name", [f"img{i}.png" for i in range(4)])
@@ -438,7 +443,9 @@ def test_run_mopro_report_names_files_and_its_pseudo_labels_retrain_the_classifi
 
     before, after = load_file(out / "model.safetensors"), load_file(crt / "model.safetensors")
     assert not torch.equal(before["classifier.weight"], after["classifier.weight"])  # it trained the classifier
-    backbone = [name for name in before if ".backbone." in name and "running" not in name and "num_batches" not in name]
+    backbone = [
+        name for name in before if ".backbone." in name and "running" not in name and "num_batches" not in name
+    ]
     assert backbone and all(torch.equal(before[name], after[name]) for name in backbone)  # on a frozen backbone
     # The image-folder reading of the same annotation (`--train_data_format imagefolder`) matches it too.
     from evaluation.image_datasets import apply_pseudo_labels

@@ -177,9 +177,13 @@ def test_an_implausible_ood_share_falls_back():
     """Separated modes, but (a) the OOD mode is the majority, or (b) the neighbours confirm the flagged samples'
     labels (an OOD image has no right label): the split is not an OOD split."""
     rng = np.random.default_rng(0)
-    majority = np.clip(np.where(rng.random(2000) < 0.7, rng.normal(0.95, 0.02, 2000), rng.normal(0.5, 0.1, 2000)), 0, 1)
+    majority = np.clip(
+        np.where(rng.random(2000) < 0.7, rng.normal(0.95, 0.02, 2000), rng.normal(0.5, 0.1, 2000)), 0, 1
+    )
     assert "OOD must be a minority" in decide(majority).ood_fallback_reason
-    minority = np.clip(np.where(rng.random(2000) < 0.2, rng.normal(0.95, 0.02, 2000), rng.normal(0.5, 0.1, 2000)), 0, 1)
+    minority = np.clip(
+        np.where(rng.random(2000) < 0.2, rng.normal(0.95, 0.02, 2000), rng.normal(0.5, 0.1, 2000)), 0, 1
+    )
     confirmed = np.full(2000, 0.9)  # every sample's neighbours give its label 90% of their vote
     reason = decide(minority, confirmed).ood_fallback_reason
     assert reason.startswith("100% of the samples the fit would call OOD have neighbours that give their label")
