@@ -211,7 +211,7 @@ def with_report_ids(
         root = os.path.abspath(id_root)
         paths = [_image_path(value) for value in dataset.select_columns([image_column])[image_column]]
         relative = [None if p is None else os.path.relpath(os.path.join(root, p), root) for p in paths]
-        if all(r is not None and not r.startswith(os.pardir) for r in relative):
+        if all(r is not None and r != os.pardir and not r.startswith(os.pardir + os.sep) for r in relative):
             return dataset.add_column("path", relative), "path", f"paths relative to {root}"
     found = next((name for name in ID_COLUMNS if name in columns), None)
     if found is not None:

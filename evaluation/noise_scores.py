@@ -27,8 +27,8 @@ because the whole dataset is at hand:
 - **A guard on the OOD fit** (`check_ood_fit`): an OOD decision drops the sample and nothing else stands behind it,
   so its fit is used only when (1) its two modes are separated: Ashman's D > 2 *and* the fitted density dips between
   them to at most `MAX_DIP` of its lower peak (two components can fit one skewed mode with D > 2: on natural photos
-  the OOD scores of a weak embedding are one mode skewed towards 1, and the fit's high component held 75% of the
-  data); and (2) the OOD share is plausible: a minority (at most 1/2 of the samples: the neighbour vote assumes most
+  the OOD scores of a weak embedding are one mode skewed towards 1, and the fit's high component held 55-75% of
+  the data); and (2) the OOD share is plausible: a minority (at most 1/2 of the samples: the neighbour vote assumes most
   of an image's neighbours are in distribution), and mostly made of label errors: at least half of the samples it
   calls OOD have a given label that gets less than half of their neighbours' vote (an OOD image has no right label
   for its neighbours to confirm), so the OOD share is at most twice the share of such samples.
@@ -38,8 +38,9 @@ because the whole dataset is at hand:
   another class, which bounds it by the samples that their neighbours outvote; on Fashion-MNIST its fitted density
   has no dip (a spike of wrong labels near 0 beside a broad hump), and it is right there.
 
-Decisions: OOD when flagged by the OOD score; else "relabelled" to the argmax of the class evidence when the label
-quality is flagged and the argmax differs from the given label; else "clean".
+Decisions: OOD when flagged by the OOD-score fit (or, when it is not trusted, by the fallback); else "relabelled" to
+the argmax of the class evidence when the label quality is flagged and the argmax differs from the given label; else
+"clean".
 """
 
 from __future__ import annotations
