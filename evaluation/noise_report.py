@@ -426,20 +426,28 @@ def fit_summary(scores: ScoredSamples, decision_rule: str = "fitted") -> dict[st
     """What the summary says of the fits behind the fitted decisions (`evaluation.noise_scores`).
 
     - `ood_fallback`: True when the OOD fit was not trusted and the OOD decisions follow `ood_fallback_rule`;
-      `ood_fallback_reason` says why. `warning` says so in a sentence (only under the fitted decision rule).
+      `ood_fallback_reason` says why. `relabel_refused`: True when the label-quality fit would have relabelled more
+      than `MAX_RELABEL_SHARE` of the samples and nothing was relabelled (`relabel_refused_reason`). `warning` says
+      so in sentences (only under the fitted decision rule).
     - `ood_fit_separation` (Ashman's D), `ood_fit_dip` (the fitted density's dip between the modes, 1: none),
       `ood_fit_weight` (the OOD mode's weight), `ood_fit_share` (the share the fit alone would call OOD); the same
       `label_quality_fit_*` for the label-quality fit, and `label_quality_fit_used` (False: nothing is relabelled).
     """
     ood_fit, quality_fit, reason = scores.ood_fit, scores.label_quality_fit, scores.ood_fallback_reason
-    summary: dict[str, float | int | str | None] = {"ood_fallback": bool(reason)}
+    refused = scores.relabel_refused_reason
+    summary: dict[str, float | int | str | None] = {"ood_fallback": bool(reason), "relabel_refused": bool(refused)}
+    warnings = []
     if reason:
         summary.update(ood_fallback_reason=reason, ood_fallback_rule=FALLBACK_OOD_RULE)
-        if decision_rule == "fitted":
-            summary["warning"] = (
-                f"the fitted OOD threshold was not used: {reason}. The `ood` decisions follow a conservative fallback "
-                f"instead ({FALLBACK_OOD_RULE}); read the OOD scores as a ranking, not as a decision."
-            )
+        warnings.append(
+            f"the fitted OOD threshold was not used: {reason}. The `ood` decisions follow a conservative fallback "
+            f"instead ({FALLBACK_OOD_RULE}); read the OOD scores as a ranking, not as a decision."
+        )
+    if refused:
+        summary["relabel_refused_reason"] = refused
+        warnings.append(f"{refused}; read `label_quality` as a ranking, not as a decision.")
+    if warnings and decision_rule == "fitted":
+        summary["warning"] = " ".join(w[0].upper() + w[1:] if k else w for k, w in enumerate(warnings))
     for name, fit in (("ood_fit", ood_fit), ("label_quality_fit", quality_fit)):
         summary.update({f"{name}_{key}": getattr(fit, key) for key in ("separation", "dip", "weight")})
         summary[f"{name}_share"] = fit.flagged_share

@@ -150,7 +150,8 @@ whose given label is not its true class, counting every out-of-distribution samp
         "one component and its modes are apart (Ashman's D > 2), flags a sample when its posterior exceeds 1/2. The "
         "OOD fit is used only when its fitted density also dips between the two modes and the share it calls OOD is "
         "a minority, mostly of samples whose neighbours outvote their given label; otherwise a conservative "
-        "fallback decides and a warning above says why"
+        "fallback decides and a warning above says why. The label-quality fit relabels at most half of the samples; "
+        "beyond that it relabels nothing, and the warning says so too"
         if rule == "fitted"
         else "the training rule's fixed thresholds (the model config's `pseudo_label_threshold` and 1/K)"
     )

@@ -34,9 +34,11 @@ because the whole dataset is at hand:
   for its neighbours to confirm), so the OOD share is at most twice the share of such samples.
   Otherwise the **fallback** flags as OOD only the samples whose neighbour vote is within 1 - `FALLBACK_OOD_SCORE`
   of uniform, at most `FALLBACK_MAX_SHARE` of the data (highest scores first), and the report says why.
-  The label-quality fit keeps its own check (BIC and D > 2): a relabelling also needs the neighbours' vote to name
-  another class, which bounds it by the samples that their neighbours outvote; on Fashion-MNIST its fitted density
-  has no dip (a spike of wrong labels near 0 beside a broad hump), and it is right there.
+  The label-quality fit keeps its own separation check (BIC and D > 2; no dip is required: on Fashion-MNIST its
+  fitted density has none, a spike of wrong labels near 0 beside a broad hump, and it is right there), and a
+  plausibility check of the same kind: it may relabel at most `MAX_RELABEL_SHARE` (1/2) of the samples (the vote
+  suggests the right class only where most neighbours' labels are right). Otherwise nothing is relabelled (as for a
+  fit that finds one mode), and the report says why.
 
 Decisions: OOD when flagged by the OOD-score fit (or, when it is not trusted, by the fallback); else "relabelled" to
 the argmax of the class evidence when the label quality is flagged and the argmax differs from the given label; else
@@ -60,6 +62,8 @@ MAX_DIP = 0.5
 # entropy (within 5% of uniform: the neighbours agree on no class), and at most this share of the samples, by score.
 FALLBACK_OOD_SCORE = 0.95
 FALLBACK_MAX_SHARE = 0.05
+# The label-quality fit may relabel at most this share of all samples; beyond it, nothing is relabelled.
+MAX_RELABEL_SHARE = 0.5
 FALLBACK_OOD_RULE = (
     f"OOD only where the neighbours' label vote is within {1 - FALLBACK_OOD_SCORE:.0%} of uniform "
     f"(ood_score >= {FALLBACK_OOD_SCORE}), at most {FALLBACK_MAX_SHARE:.0%} of the samples, highest scores first"
@@ -240,11 +244,13 @@ class ScoredSamples(dict):
         ood_fit / label_quality_fit: `TwoModeFit` of the OOD scores and of the label quality (the latter fitted to
             the samples not called OOD).
         ood_fallback_reason: why the OOD decisions come from `FALLBACK_OOD_RULE` ("" when from the fit).
+        relabel_refused_reason: why nothing is relabelled although the label-quality fit was used ("" otherwise).
     """
 
     ood_fit: TwoModeFit
     label_quality_fit: TwoModeFit
     ood_fallback_reason: str
+    relabel_refused_reason: str
 
 
 def fitted_decisions(
@@ -252,7 +258,8 @@ def fitted_decisions(
 ) -> ScoredSamples:
     """The fitted decisions from the two scores: OOD by the OOD-score fit when `check_ood_fit` passes it, else by
     the fallback rule; relabelled when the label-quality fit (on the samples not called OOD) flags the sample and
-    its neighbours' vote names another class; else clean.
+    its neighbours' vote names another class, unless that would relabel more than `MAX_RELABEL_SHARE` of the samples
+    (then nothing is); else clean.
 
     Returns:
         `label_issue_probability`, `ood_probability` (the fits' posteriors; 0 where a fit is not used) and
@@ -267,11 +274,20 @@ def fitted_decisions(
     quality_fit = fit_two_modes(-label_quality[~ood], seed)
     issue_probability[~ood] = quality_fit.posterior
     relabel = (issue_probability > 0.5) & (np.asarray(suggested_label) != np.asarray(labels)) & ~ood
+    refused = ""
+    if relabel.mean() > MAX_RELABEL_SHARE:
+        refused = (
+            f"the label-quality fit would relabel {relabel.mean():.0%} of the samples, more than "
+            f"{MAX_RELABEL_SHARE:.0%}: the neighbour vote suggests the right class only where most neighbours' labels "
+            "are right, so nothing is relabelled"
+        )
+        relabel, issue_probability = np.zeros_like(relabel), np.zeros_like(issue_probability)
     decision = np.where(ood, DECISIONS.index("ood"), np.where(relabel, DECISIONS.index("relabelled"), 0))
     # An untrusted fit's posterior is not a decision: the column reads 0, as for a fit that found one mode.
     ood_probability = np.zeros(len(ood_score)) if reason else ood_fit.posterior
     out = ScoredSamples(label_issue_probability=issue_probability, ood_probability=ood_probability, decision=decision)
     out.ood_fit, out.label_quality_fit, out.ood_fallback_reason = ood_fit, quality_fit, reason
+    out.relabel_refused_reason = refused
     return out
 
 
@@ -326,6 +342,7 @@ __all__ = [
     "FALLBACK_OOD_RULE",
     "FALLBACK_OOD_SCORE",
     "MAX_DIP",
+    "MAX_RELABEL_SHARE",
     "ScoredSamples",
     "TwoModeFit",
     "check_ood_fit",

@@ -17,6 +17,7 @@ from evaluation.noise_scores import (
     FALLBACK_MAX_SHARE,
     FALLBACK_OOD_RULE,
     FALLBACK_OOD_SCORE,
+    MAX_RELABEL_SHARE,
     check_ood_fit,
     fit_two_modes,
     fitted_decisions,
@@ -190,6 +191,28 @@ def test_an_implausible_ood_share_falls_back():
     assert (decide(minority, confirmed)["decision"] == OOD).mean() <= FALLBACK_MAX_SHARE
 
 
+def test_a_fit_that_would_relabel_most_of_the_data_relabels_nothing():
+    """Two separated label-quality modes, the low one (neighbours outvote the label) holding 70% of the samples:
+    the vote cannot be right about most of the data, so nothing is relabelled and the summary says why."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    low = rng.random(n) < 0.7
+    label_quality = np.clip(np.where(low, rng.normal(0.1, 0.03, n), rng.normal(0.8, 0.05, n)), 0, 1)
+    ood_score = np.clip(rng.normal(0.3, 0.05, n), 0, 1)  # one mode: no OOD
+    labels, suggested = np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64)  # the vote names another class
+    out = fitted_decisions(label_quality, ood_score, suggested, labels)
+    assert out.label_quality_fit.used and out.label_quality_fit.flagged_share > 0.6  # the fit alone: 70% relabelled
+    assert (out["decision"] != DECISIONS.index("relabelled")).all() and (out["label_issue_probability"] == 0).all()
+    assert out.relabel_refused_reason.startswith("the label-quality fit would relabel 70% of the samples")
+    summary = fit_summary(out)
+    assert summary["relabel_refused"] is True and "read `label_quality` as a ranking" in summary["warning"]
+    # The same shape with the low mode a minority (30%) relabels exactly it.
+    label_quality = np.clip(np.where(~low, rng.normal(0.1, 0.03, n), rng.normal(0.8, 0.05, n)), 0, 1)
+    out = fitted_decisions(label_quality, ood_score, suggested, labels)
+    assert out.relabel_refused_reason == ""
+    np.testing.assert_array_equal(out["decision"] == DECISIONS.index("relabelled"), ~low)
+
+
 @st.composite
 def score_mixtures(draw):
     """OOD scores from a random mixture of 1-3 clipped Gaussians, and random label qualities."""
@@ -212,6 +235,9 @@ def test_property_the_fallback_never_flags_more_than_its_bound(scores):
     ood_score, label_quality = scores
     out = decide(ood_score, label_quality)
     ood = out["decision"] == OOD
+    # Never relabels most of the data (here every sample's suggestion differs from its label).
+    out_relabel = fitted_decisions(label_quality, ood_score, np.ones(len(ood), dtype=np.int64), np.zeros(len(ood)))
+    assert (out_relabel["decision"] == DECISIONS.index("relabelled")).mean() <= MAX_RELABEL_SHARE
     if out.ood_fallback_reason:  # the check failed: the stated bound holds, and only near-uniform votes are flagged
         assert ood.sum() <= FALLBACK_MAX_SHARE * len(ood) and (ood_score[ood] >= FALLBACK_OOD_SCORE).all()
         assert check_ood_fit(out.ood_fit, label_quality) == out.ood_fallback_reason
