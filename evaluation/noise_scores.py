@@ -261,9 +261,13 @@ def fitted_decisions(
     its neighbours' vote names another class, unless that would relabel more than `MAX_RELABEL_SHARE` of the samples
     (then nothing is); else clean.
 
+    Args:
+        suggested_label: (N,) the class the neighbours' vote names (its argmax); labels: (N,) the given labels.
+
     Returns:
-        `label_issue_probability`, `ood_probability` (the fits' posteriors; 0 where a fit is not used) and
-        `decision` (indices into DECISIONS), with the fits.
+        `label_issue_probability`, `ood_probability` (the fits' posteriors; 0 where a fit is not used), `decision`
+        (indices into DECISIONS) and `suggested_label` (the vote's class for relabelled samples, else the given
+        label), with the fits.
     """
     label_quality, ood_score = np.asarray(label_quality), np.asarray(ood_score)
     ood_fit = fit_two_modes(ood_score, seed)
@@ -285,7 +289,12 @@ def fitted_decisions(
     decision = np.where(ood, DECISIONS.index("ood"), np.where(relabel, DECISIONS.index("relabelled"), 0))
     # An untrusted fit's posterior is not a decision: the column reads 0, as for a fit that found one mode.
     ood_probability = np.zeros(len(ood_score)) if reason else ood_fit.posterior
-    out = ScoredSamples(label_issue_probability=issue_probability, ood_probability=ood_probability, decision=decision)
+    # Only a relabelled sample gets the vote's class; every other keeps its given label (`pseudo_label.json`).
+    suggested = np.where(relabel, np.asarray(suggested_label), np.asarray(labels))
+    out = ScoredSamples(
+        label_issue_probability=issue_probability, ood_probability=ood_probability, decision=decision,
+        suggested_label=suggested,
+    )  # fmt: skip
     out.ood_fit, out.label_quality_fit, out.ood_fallback_reason = ood_fit, quality_fit, reason
     out.relabel_refused_reason = refused
     return out
@@ -312,8 +321,8 @@ def noise_scores(
         max_reference: see `nearest_neighbours`.
 
     Returns:
-        numpy arrays: `label_quality` (N,) in [0, 1], `ood_score` (N,) in [0, 1], `suggested_label` (N,),
-        `class_evidence` (N, K), `label_issue_probability` and `ood_probability` (the fitted posteriors),
+        numpy arrays: `label_quality` (N,) in [0, 1], `ood_score` (N,) in [0, 1], `suggested_label` (N,) (the
+        evidence's argmax for relabelled samples, the given label otherwise), `class_evidence` (N, K), `label_issue_probability` and `ood_probability` (the fitted posteriors),
         `decision` (N,) indices into DECISIONS; the fits behind them as attributes (`ScoredSamples`).
     """
     embeddings = torch.as_tensor(embeddings).float()
@@ -327,12 +336,7 @@ def noise_scores(
     ood_score = (entropy / (math.log(num_classes) if num_classes > 1 else 1.0)).cpu().numpy()
 
     scored = fitted_decisions(label_quality, ood_score, suggested, labels.cpu().numpy(), seed)
-    scored.update(
-        label_quality=label_quality,
-        ood_score=ood_score,
-        suggested_label=suggested,
-        class_evidence=evidence.cpu().numpy(),
-    )
+    scored.update(label_quality=label_quality, ood_score=ood_score, class_evidence=evidence.cpu().numpy())
     return scored
 
 

@@ -428,6 +428,10 @@ def test_run_mopro_report_names_files_and_its_pseudo_labels_retrain_the_classifi
     pseudo = json.loads(annotation.read_text())
     kept = [i for i, d in enumerate(report["decision"]) if d != "ood"]
     assert pseudo["images"] == [report["id"][i] for i in kept] and len(kept) > 0
+    given = report["given_label"]  # only relabelled samples change label; clean ones keep theirs
+    assert pseudo["labels"] == [
+        given[i] if report["decision"][i] == "clean" else report["suggested_label"][i] for i in kept
+    ]
 
     trained_on = {}
     real_retrain = classifier_retrain.classifier_retrain

@@ -203,6 +203,7 @@ def test_a_fit_that_would_relabel_most_of_the_data_relabels_nothing():
     out = fitted_decisions(label_quality, ood_score, suggested, labels)
     assert out.label_quality_fit.used and out.label_quality_fit.flagged_share > 0.6  # the fit alone: 70% relabelled
     assert (out["decision"] != DECISIONS.index("relabelled")).all() and (out["label_issue_probability"] == 0).all()
+    assert (out["suggested_label"] == labels).all()  # what is not relabelled keeps its label (pseudo_label.json)
     assert out.relabel_refused_reason.startswith("the label-quality fit would relabel 70% of the samples")
     summary = fit_summary(out)
     assert summary["relabel_refused"] is True and "read `label_quality` as a ranking" in summary["warning"]
