@@ -12,7 +12,7 @@ one row per sample:
 
 | column | meaning |
 |---|---|
-| `id` | the relative path when known (file layouts, a `path` column), else `sample_id`, else the position |
+| `id` | the relative path when known (file layouts, a `path` column), else a file or id column, else `sample_id` |
 | `sample_id` | the dataset's own id, when it has one |
 | `given_label`, `suggested_label` | class labels; suggested = given for clean samples |
 | `decision` | "clean", "relabelled" or "ood" (by `--decision_rule`) |
@@ -25,7 +25,8 @@ one row per sample:
 
 Beside it: `README.md` (the dataset card: counts, per-class table, plot, how it was made), `noise_report.png`
 (decisions per given class), `noise_report_summary.json` (counts; with ground truth, precision / recall / F1 of the
-label errors, AUROC of both scores; `num_skipped_images` and the ids of undecodable images, which have no row) and
+label errors, AUROC of both scores; `num_skipped_images` and the ids of undecodable images, which have no row; `ids`,
+what the ids are; `ood_fallback` / `relabel_refused` and a `warning` when a fitted threshold was not trusted) and
 `pseudo_label.json` (the official format: kept samples with their suggested labels, the input of
 `evaluation.classifier_retrain`). The flagged samples' images (`evaluation.gallery`; `--flagged_images_per_class N`,
 default 12: the N relabelled samples with the lowest label quality and the N OOD samples with the highest OOD score

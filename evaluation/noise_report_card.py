@@ -16,7 +16,7 @@ from .noise_scores import DECISIONS
 MAX_CLASS_ROWS = 50  # beyond this, the card lists the classes with the most non-clean samples
 
 COLUMN_DOCS = (
-    ("id", "the sample's relative path when known, else its `sample_id`, else its position"),
+    ("id", "the sample's relative path when known, else a file or id column, else its `sample_id` (row index)"),
     ("sample_id", "the source dataset's own id (when it has one)"),
     ("given_label", "the label the sample came with"),
     ("suggested_label", "the label the report suggests (the given one for clean samples)"),

@@ -378,7 +378,7 @@ def test_an_untrusted_ood_fit_is_said_in_summary_card_gallery_and_output(noisy_d
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"> **Warning:** The fitted OOD threshold was not used: {warning.split(': ', 1)[1]}" in card
     page = (tmp_path / "out" / "index.html").read_text()
-    assert '<p class="warning"><b>Warning:</b> the fitted OOD threshold was not used' in page
+    assert '<p class="warning"><b>Warning:</b> The fitted OOD threshold was not used' in page
     assert f"noise report: WARNING: {warning}" in capsys.readouterr().out
     report = datasets.load_from_disk(str(tmp_path / "out"))
     assert max(report["ood_probability"]) == 0  # the untrusted posterior is not shown as a decision
