@@ -211,6 +211,7 @@ def write_gallery(
 relabelled (given &rarr; suggested) and the ones it found out of distribution, at most {per_class} of each per class,
 as {thumbnail_size}-px thumbnails ({len(flagged)} images shown). The full per-sample table is the report dataset;
 these images are also its <code>{FLAGGED_CONFIG}</code> configuration.</p>
+{f'<p class="warning"><b>Warning:</b> {_code_spans(summary["warning"][:1].upper() + summary["warning"][1:])}</p>' if summary.get("warning") else ""}
 <div class="layout"><div><h3>Decisions</h3><table><tr><th>decision</th><th>samples</th><th>share</th></tr>
 {decision_rows}</table>
 <h3>Classes with flagged samples ({len(flagged_classes)} of {num_classes}{f"; {unflagged} with none are not shown" if unflagged else ""})</h3>

@@ -12,7 +12,7 @@ one row per sample:
 
 | column | meaning |
 |---|---|
-| `id` | the relative path when known (file layouts, a `path` column), else `sample_id`, else the position |
+| `id` | the relative path when known (file layouts, a `path` column), else a file or id column, else `sample_id` |
 | `sample_id` | the dataset's own id, when it has one |
 | `given_label`, `suggested_label` | class labels; suggested = given for clean samples |
 | `decision` | "clean", "relabelled" or "ood" (by `--decision_rule`) |
@@ -25,7 +25,8 @@ one row per sample:
 
 Beside it: `README.md` (the dataset card: counts, per-class table, plot, how it was made), `noise_report.png`
 (decisions per given class), `noise_report_summary.json` (counts; with ground truth, precision / recall / F1 of the
-label errors, AUROC of both scores; `num_skipped_images` and the ids of undecodable images, which have no row) and
+label errors, AUROC of both scores; `num_skipped_images` and the ids of undecodable images, which have no row; `ids`,
+what the ids are; `ood_fallback` / `relabel_refused` and a `warning` when a fitted threshold was not trusted) and
 `pseudo_label.json` (the official format: kept samples with their suggested labels, the input of
 `evaluation.classifier_retrain`). The flagged samples' images (`evaluation.gallery`; `--flagged_images_per_class N`,
 default 12: the N relabelled samples with the lowest label quality and the N OOD samples with the highest OOD score
@@ -56,6 +57,7 @@ import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 import numpy as np
@@ -91,7 +93,7 @@ from .image_datasets import (
     transforms_from_config,
 )
 from .noise_report_card import noise_report_card
-from .noise_scores import DECISIONS, noise_scores
+from .noise_scores import DECISIONS, FALLBACK_OOD_RULE, ScoredSamples, noise_scores
 
 DECISION_RULES = ("fitted", "training")
 SCORE_COLUMNS = ("label_quality", "ood_score", "label_issue_probability", "ood_probability")
@@ -167,6 +169,68 @@ def _gather_columns(columns: dict[str, list | np.ndarray]) -> dict[str, list | n
     }
 
 
+# A dataset's own names of its samples, in the order the report prefers them as its `id`: `path` (written by the file
+# layouts, WebVision lists and `make_shards`), then the file and id columns that image datasets on the Hub commonly
+# carry. `sample_id` (the row index `training.data` adds) comes last.
+ID_COLUMNS = ("path", "file_name", "filename", "file", "image_id", "id")
+
+
+def _image_path(value) -> str | None:
+    """The file path of an undecoded image value (a path string or a `datasets.Image` dict), None without one."""
+    if isinstance(value, str):
+        return value
+    return value.get("path") if isinstance(value, Mapping) else None
+
+
+def with_report_ids(
+    dataset, image_column: str = "image", id_root: str | os.PathLike | None = None, id_column: str | None = None
+) -> tuple[object, str | None, str]:
+    """The dataset as the report reads it, the column its `id`s come from, and what those ids are (for the summary).
+
+    For a `datasets.Dataset`, in order: `id_column` when given; a `path` column; with `id_root`, every image's path
+    relative to it, added as a `path` column (image folders and WebVision lists read by `training.data`, whose image
+    column holds the files' paths: `pseudo_label.json` then reads back from that root); one of `ID_COLUMNS`;
+    `sample_id` (row indices, which the summary says); else positions. An `ImageLabelDataset` keeps its own ids
+    (relative paths for the file layouts of `evaluation.image_datasets`; `id_root` names their folder).
+
+    Raises:
+        ValueError: `id_column` is not a column of the dataset.
+    """
+    if not isinstance(dataset, datasets.Dataset):
+        ids = getattr(dataset, "ids", None)
+        if ids is None or list(ids) == [str(i) for i in range(len(dataset))]:
+            return dataset, None, "positions in the data (it names no file)"
+        if id_root is not None:  # a file layout read from that folder
+            return dataset, None, f"paths relative to {os.path.abspath(id_root)}"
+        return dataset, None, "the data's own ids (paths relative to its folder for file layouts)"
+    columns = dataset.column_names
+    if id_column is not None:
+        if id_column not in columns:
+            raise ValueError(f"id column {id_column!r} is not in the data (columns: {', '.join(columns)})")
+        return dataset, id_column, f"the data's `{id_column}` column"
+    if "path" not in columns and id_root is not None and image_column in columns:
+        root = os.path.abspath(id_root)
+        paths = [_image_path(value) for value in dataset.select_columns([image_column])[image_column]]
+        relative = [None if p is None else os.path.relpath(os.path.join(root, p), root) for p in paths]
+        if all(r is not None and r != os.pardir and not r.startswith(os.pardir + os.sep) for r in relative):
+            return dataset.add_column("path", relative), "path", f"paths relative to {root}"
+    found = next((name for name in ID_COLUMNS if name in columns), None)
+    if found is not None:
+        return dataset, found, f"the data's `{found}` column"
+    if "sample_id" in columns:
+        return dataset, "sample_id", "row indices (`sample_id`): the data has no path, file or id column"
+    return dataset, None, "positions in the data: it has no path, file or id column"
+
+
+class _BuiltReport(NamedTuple):
+    """What `_build_noise_report` returns: the report, the ids of the skipped images, and `noise_scores`' result (its
+    fits, for the summary). All None off the main process."""
+
+    report: datasets.Dataset | None
+    skipped: list[str] | None
+    scores: ScoredSamples | None
+
+
 def build_noise_report(
     model,
     dataset,
@@ -179,6 +243,8 @@ def build_noise_report(
     decision_rule: str = "fitted",
     num_neighbours: int = 50,
     max_reference: int | None = 200_000,
+    id_root: str | os.PathLike | None = None,
+    id_column: str | None = None,
 ):
     """Runs the model over `dataset` and returns the per-sample report as a `datasets.Dataset`.
 
@@ -189,13 +255,15 @@ def build_noise_report(
         model: A MoPro model with classifier (or its folder).
         dataset: An `ImageLabelDataset`, or a `datasets.Dataset` with image and label columns and optional
             `sample_id` / `path` (ids) and `true_label` / `is_ood` (ground truth, copied to the report).
+        id_root / id_column: where the report's `id`s come from (`with_report_ids`).
 
     Undecodable images are skipped (logged with their ids) and have no row; `write_noise_report` counts them.
     """
+    dataset, id_column, _ = with_report_ids(dataset, image_column, id_root, id_column)
     return _build_noise_report(
         model, dataset, batch_size, num_workers, device, amp, image_column, label_column, decision_rule,
-        num_neighbours, max_reference,
-    )[0]  # fmt: skip
+        num_neighbours, max_reference, id_column,
+    ).report  # fmt: skip
 
 
 def _build_noise_report(
@@ -210,8 +278,10 @@ def _build_noise_report(
     decision_rule="fitted",
     num_neighbours=50,
     max_reference=200_000,
-) -> tuple[object | None, list[str] | None]:
-    """`build_noise_report`, plus the ids of the skipped (undecodable) images (main process; None elsewhere)."""
+    id_column=None,
+) -> _BuiltReport:
+    """`build_noise_report`, plus the ids of the skipped (undecodable) images and the fits behind the decisions
+    (main process; None elsewhere). `id_column` names the ids of a `datasets.Dataset` (`with_report_ids`)."""
     if decision_rule not in DECISION_RULES:
         raise ValueError(f"decision_rule must be one of {DECISION_RULES}, got {decision_rule!r}")
     model = load_model(model, device)
@@ -223,7 +293,7 @@ def _build_noise_report(
         rows = hf.select_columns([c for c in ("sample_id", *GROUND_TRUTH_COLUMNS) if c in hf.column_names])
         extra = rows[share.start : share.stop] if rows.column_names else {}
         extra = {name: np.asarray(values) for name, values in extra.items()}
-        dataset = hf_image_dataset(hf, transforms_from_config(model.config), image_column, label_column)
+        dataset = hf_image_dataset(hf, transforms_from_config(model.config), image_column, label_column, id_column)
     check_class_names(dataset, model.config, "the noise report's data")
     if len(share) < len(dataset):
         dataset = dataset.subset(np.arange(share.start, share.stop))  # keeps the dataset-wide ids
@@ -254,7 +324,7 @@ def _build_noise_report(
     columns = _gather_columns(columns)
     skipped = _gather_columns({"skipped": list(features.skipped_ids)})
     if columns is None:
-        return None, None
+        return _BuiltReport(None, None, None)
     # The neighbour vote needs every sample's embedding: scored on the main process, on the model's device.
     embeddings = torch.as_tensor(columns.pop("embeddings"), device=next(model.parameters()).device)
     fitted = noise_scores(
@@ -275,7 +345,7 @@ def _build_noise_report(
         **{name: fitted[name].astype(np.float32) for name in SCORE_COLUMNS},
         **columns,
     )
-    return datasets.Dataset.from_dict(ordered), skipped["skipped"]
+    return _BuiltReport(datasets.Dataset.from_dict(ordered), skipped["skipped"], fitted)
 
 
 def _ratio(numerator: int, denominator: int) -> float | None:
@@ -353,6 +423,39 @@ def summarize_noise_report(
     return summary
 
 
+def fit_summary(scores: ScoredSamples, decision_rule: str = "fitted") -> dict[str, float | int | str | None]:
+    """What the summary says of the fits behind the fitted decisions (`evaluation.noise_scores`).
+
+    - `ood_fallback`: True when the OOD fit was not trusted and the OOD decisions follow `ood_fallback_rule`;
+      `ood_fallback_reason` says why. `relabel_refused`: True when the label-quality fit would have relabelled more
+      than `MAX_RELABEL_SHARE` of the samples and nothing was relabelled (`relabel_refused_reason`). `warning` says
+      so in sentences (only under the fitted decision rule).
+    - `ood_fit_separation` (Ashman's D), `ood_fit_dip` (the fitted density's dip between the modes, 1: none),
+      `ood_fit_weight` (the OOD mode's weight), `ood_fit_share` (the share the fit alone would call OOD); the same
+      `label_quality_fit_*` for the label-quality fit, and `label_quality_fit_used` (False: nothing is relabelled).
+    """
+    ood_fit, quality_fit, reason = scores.ood_fit, scores.label_quality_fit, scores.ood_fallback_reason
+    refused = scores.relabel_refused_reason
+    summary: dict[str, float | int | str | None] = {"ood_fallback": bool(reason), "relabel_refused": bool(refused)}
+    warnings = []
+    if reason:
+        summary.update(ood_fallback_reason=reason, ood_fallback_rule=FALLBACK_OOD_RULE)
+        warnings.append(
+            f"the fitted OOD threshold was not used: {reason}. The `ood` decisions follow a conservative fallback "
+            f"instead ({FALLBACK_OOD_RULE}); read the OOD scores as a ranking, not as a decision."
+        )
+    if refused:
+        summary["relabel_refused_reason"] = refused
+        warnings.append(f"{refused}; read `label_quality` as a ranking, not as a decision.")
+    if warnings and decision_rule == "fitted":
+        summary["warning"] = " ".join(w[0].upper() + w[1:] if k else w for k, w in enumerate(warnings))
+    for name, fit in (("ood_fit", ood_fit), ("label_quality_fit", quality_fit)):
+        summary.update({f"{name}_{key}": getattr(fit, key) for key in ("separation", "dip", "weight")})
+        summary[f"{name}_share"] = fit.flagged_share
+    summary["label_quality_fit_used"] = quality_fit.used
+    return summary
+
+
 def pseudo_labels(report) -> dict[str, list]:
     """The official `pseudo_label.json` content: the ids (relative paths when known) of the kept samples with their
     suggested labels."""
@@ -407,6 +510,8 @@ def write_noise_report(
     flagged_images_per_class: int = DEFAULT_PER_CLASS,
     thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
     passed_over: Mapping[str, int] | None = None,
+    id_root: str | os.PathLike | None = None,
+    id_column: str | None = None,
 ) -> dict[str, float | int | str | None]:
     """Builds the report and writes it to `output_dir` as a `datasets` dataset (`datasets.load_from_disk`), with its
     dataset card (README.md), `pseudo_label.json`, `noise_report_summary.json` and `noise_report.png`; and, unless
@@ -419,6 +524,10 @@ def write_noise_report(
     by its absolute path, so the card says which model on this machine wrote it (`push_noise_report` names the
     Hub repo or the folder's name instead).
 
+    `id_root` / `id_column`: where the report's `id`s come from (`with_report_ids`; the summary's `ids` says what
+    they are). When the OOD fit is not trusted (`evaluation.noise_scores.check_ood_fit`), the summary's `warning`,
+    the card, the gallery page and the printed output say why and which fallback rule decided.
+
     In several processes, each scores its share (see `build_noise_report`) and the main process writes the files.
 
     Returns:
@@ -430,9 +539,10 @@ def write_noise_report(
             f"{thumbnail_size}"
         )
     model = load_model(model, device)
-    report, skipped = _build_noise_report(
+    dataset, id_column, id_source = with_report_ids(dataset, image_column, id_root, id_column)
+    report, skipped, scores = _build_noise_report(
         model, dataset, batch_size, num_workers, device, amp, image_column, label_column, decision_rule,
-        num_neighbours, max_reference,
+        num_neighbours, max_reference, id_column,
     )  # fmt: skip
     summary = None
     if report is not None:  # the main process
@@ -441,7 +551,9 @@ def write_noise_report(
             raise FileExistsError(f"{output_dir} is a model folder: a noise report is never written into one")
         output_dir.mkdir(parents=True, exist_ok=True)
         summary = summarize_noise_report(report, model.config, decision_rule)
-        summary.update(num_neighbours=num_neighbours)
+        summary.update(num_neighbours=num_neighbours, ids=id_source, **fit_summary(scores, decision_rule))
+        if summary.get("warning"):
+            print(f"noise report: WARNING: {summary['warning']}")
         # Undecodable images have no row; the summary counts and names them (training skipped them too).
         summary.update(num_skipped_images=len(skipped), skipped_images=skipped)
         if passed_over is not None:  # files the folder reader passed over (not images, not regular files), by reason
@@ -465,7 +577,7 @@ def write_noise_report(
             elif stale.exists():
                 stale.unlink()
         if flagged_images_per_class:
-            images = _image_sources(dataset, image_column, label_column)
+            images = _image_sources(dataset, image_column, label_column, id_column)
             position = {sample_id: k for k, sample_id in enumerate(images.ids)}
             sources = _Sources(images.images, [position[sample_id] for sample_id in report["id"]])
             flagged = flagged_images_dataset(
@@ -570,11 +682,11 @@ class _Sources:
         return self.images[self.positions[i]]
 
 
-def _image_sources(dataset, image_column: str, label_column: str):
+def _image_sources(dataset, image_column: str, label_column: str, id_column: str | None = None):
     """The scored data as an `ImageLabelDataset` (its `ids` are the report's `id` column, its `images` the raw
     sources), without decoding anything."""
     if isinstance(dataset, datasets.Dataset):
-        return hf_image_dataset(dataset, None, image_column, label_column)
+        return hf_image_dataset(dataset, None, image_column, label_column, id_column)
     return dataset
 
 
@@ -706,6 +818,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         decision_rule=args.decision_rule, num_neighbours=args.num_neighbours, max_reference=args.max_reference,
         data_description=description, flagged_images_per_class=args.flagged_images_per_class,
         thumbnail_size=args.thumbnail_size, passed_over=getattr(dataset, "passed_over", None),
+        id_column=args.id_column if isinstance(dataset, datasets.Dataset) else None,
+        id_root=None if isinstance(dataset, datasets.Dataset) else args.data_dir,  # file layouts: paths under it
     )  # fmt: skip
     if state.is_main_process:
         if args.push_to_hub:
@@ -720,6 +834,7 @@ __all__ = [
     "DECISIONS",
     "DECISION_RULES",
     "build_noise_report",
+    "fit_summary",
     "hub_card",
     "noise_decisions",
     "plot_noise_report",
@@ -727,6 +842,7 @@ __all__ = [
     "pseudo_labels",
     "push_noise_report",
     "summarize_noise_report",
+    "with_report_ids",
     "write_noise_report",
 ]
 

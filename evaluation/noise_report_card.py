@@ -16,15 +16,15 @@ from .noise_scores import DECISIONS
 MAX_CLASS_ROWS = 50  # beyond this, the card lists the classes with the most non-clean samples
 
 COLUMN_DOCS = (
-    ("id", "the sample's relative path when known, else its `sample_id`, else its position"),
+    ("id", "the sample's relative path when known, else a file or id column, else its `sample_id` (row index)"),
     ("sample_id", "the source dataset's own id (when it has one)"),
     ("given_label", "the label the sample came with"),
     ("suggested_label", "the label the report suggests (the given one for clean samples)"),
     ("decision", "`clean`, `relabelled` or `ood` (out of distribution: no class fits)"),
     ("label_quality", "0-1, high when the given label is likely right"),
     ("ood_score", "0-1, high when the image likely belongs to no class"),
-    ("label_issue_probability", "posterior of the low-quality mode of the label-quality mixture"),
-    ("ood_probability", "posterior of the high mode of the OOD-score mixture"),
+    ("label_issue_probability", "posterior of the low-quality mode of the label-quality mixture (0: fit not used)"),
+    ("ood_probability", "posterior of the high mode of the OOD-score mixture (0: fit not used, see the warning)"),
     ("training_rule_decision", "the decision of MoPro's training rule (fixed thresholds)"),
     ("training_rule_label", "the label of MoPro's training rule"),
     ("prob_given_label", "the classifier's softmax probability of the given label"),
@@ -147,10 +147,21 @@ whose given label is not its true class, counting every out-of-distribution samp
     rule = summary.get("decision_rule", "fitted")
     how = (
         "thresholds fitted to this data: a two-component Gaussian mixture on each score, kept when BIC prefers it to "
-        "one component, flags a sample when its posterior exceeds 1/2"
+        "one component and its modes are apart (Ashman's D > 2), flags a sample when its posterior exceeds 1/2. The "
+        "OOD fit is used only when its fitted density also dips between the two modes and the share it calls OOD is "
+        "a minority, mostly of samples whose neighbours outvote their given label; otherwise a conservative "
+        "fallback decides and a warning above says why. The label-quality fit relabels at most half of the samples; "
+        "beyond that it relabels nothing, and the warning says so too"
         if rule == "fitted"
         else "the training rule's fixed thresholds (the model config's `pseudo_label_threshold` and 1/K)"
     )
+    warning_section = ""
+    if summary.get("warning"):
+        warning_section = f"""
+> **Warning:** {summary["warning"][0].upper()}{summary["warning"][1:]}
+"""
+    ids = summary.get("ids")
+    ids_line = f"\nThe `id` column holds {ids}." if ids else ""
     images_section = ""
     if flagged_images is not None:
         images_section = f"""
@@ -179,8 +190,8 @@ flagged = load_dataset("<this repo>", "flagged_images", split="train")
 # MoPro noise report of {data}
 
 {n} rows, one per sample of {data}: whether its label looks right, which label the report suggests, and whether
-the image belongs to any class at all. Scored by {model_name}.{skipped_line}
-
+the image belongs to any class at all. Scored by {model_name}.{skipped_line}{ids_line}
+{warning_section}
 | decision | samples | share |
 |---|---|---|
 {counts}

@@ -23,20 +23,51 @@ because the whole dataset is at hand:
   carry one class's label: they then look like that class.
 - **Thresholds from the data**: a two-component Gaussian mixture is fitted to each score (as DivideMix does on
   losses) and kept when BIC prefers it to one component and its modes are apart; a sample is flagged when the
-  posterior of the bad component exceeds 1/2. A score with one mode (a clean dataset) flags nothing.
+  posterior of the bad component exceeds 1/2. A label-quality score with one mode (a clean dataset) flags nothing.
+- **A guard on the OOD fit** (`check_ood_fit`): an OOD decision drops the sample and nothing else stands behind it,
+  so its fit is used only when (1) its two modes are separated: Ashman's D > 2 *and* the fitted density dips between
+  them to at most `MAX_DIP` of its lower peak (two components can fit one skewed mode with D > 2: on natural photos
+  the OOD scores of a weak embedding are one mode skewed towards 1, and the fit's high component held 55-75% of
+  the data); and (2) the OOD share is plausible: a minority (at most 1/2 of the samples: the neighbour vote assumes most
+  of an image's neighbours are in distribution), and mostly made of label errors: at least half of the samples it
+  calls OOD have a given label that gets less than half of their neighbours' vote (an OOD image has no right label
+  for its neighbours to confirm), so the OOD share is at most twice the share of such samples.
+  Otherwise the **fallback** flags as OOD only the samples whose neighbour vote is within 1 - `FALLBACK_OOD_SCORE`
+  of uniform, at most `FALLBACK_MAX_SHARE` of the data (highest scores first), and the report says why.
+  The label-quality fit keeps its own separation check (BIC and D > 2; no dip is required: on Fashion-MNIST its
+  fitted density has none, a spike of wrong labels near 0 beside a broad hump, and it is right there), and a
+  plausibility check of the same kind: it may relabel at most `MAX_RELABEL_SHARE` (1/2) of the samples (the vote
+  suggests the right class only where most neighbours' labels are right). Otherwise nothing is relabelled (as for a
+  fit that finds one mode), and the report says why.
 
-Decisions: OOD when flagged by the OOD score; else "relabelled" to the argmax of the class evidence when the label
-quality is flagged and the argmax differs from the given label; else "clean".
+Decisions: OOD when flagged by the OOD-score fit (or, when it is not trusted, by the fallback); else "relabelled" to
+the argmax of the class evidence when the label quality is flagged and the argmax differs from the given label; else
+"clean".
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 DECISIONS = ("clean", "relabelled", "ood")
+
+# Separated modes: the fitted mixture's density between its two means falls to at most this share of its lower peak
+# (1: no dip at all, one skewed mode).
+MAX_DIP = 0.5
+# The fallback OOD rule when the fit is not trusted: only samples whose neighbour vote has at least this normalised
+# entropy (within 5% of uniform: the neighbours agree on no class), and at most this share of the samples, by score.
+FALLBACK_OOD_SCORE = 0.95
+FALLBACK_MAX_SHARE = 0.05
+# The label-quality fit may relabel at most this share of all samples; beyond it, nothing is relabelled.
+MAX_RELABEL_SHARE = 0.5
+FALLBACK_OOD_RULE = (
+    f"OOD only where the neighbours' label vote is within {1 - FALLBACK_OOD_SCORE:.0%} of uniform "
+    f"(ood_score >= {FALLBACK_OOD_SCORE}), at most {FALLBACK_MAX_SHARE:.0%} of the samples, highest scores first"
+)
 
 
 @torch.no_grad()
@@ -90,29 +121,183 @@ def neighbour_label_distribution(
     return votes.scatter_add_(1, labels[indices], weights)
 
 
-def two_mode_posterior(scores: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Posterior of the high-mean component of a two-component Gaussian mixture fitted to `scores`.
+@dataclass(frozen=True)
+class TwoModeFit:
+    """A two-component Gaussian mixture fitted to one score, and whether its threshold is used.
 
-    The mixture is kept only when BIC prefers it to a single Gaussian and its modes are apart (Ashman's D > 2);
-    otherwise every posterior is 0 (one mode: nothing stands out). Deterministic for a seed.
+    Attributes:
+        posterior: (N,) posterior of the high-mean component; all 0 when the fit is not used.
+        used: BIC prefers two components and they are apart (Ashman's D > 2).
+        reason: why the fit is not used ("" when it is).
+        separation: Ashman's D of the two components (None: no mixture was fitted).
+        dip: the mixture density's lowest point between the two means over the lower of its peaks on either side
+            (1: no dip, one mode; a Gaussian mixture's modes lie between its means).
+        weight: the high component's mixture weight.
     """
+
+    posterior: np.ndarray
+    used: bool
+    reason: str = ""
+    separation: float | None = None
+    dip: float | None = None
+    weight: float | None = None
+
+    @property
+    def flagged_share(self) -> float:
+        return float((self.posterior > 0.5).mean()) if len(self.posterior) else 0.0
+
+
+def _mixture_dip(mixture, low: float, high: float, points: int = 513) -> float:
+    """Lowest density of a fitted 1-D mixture between `low` and `high`, over the lower of the highest densities on
+    either side of that point (1.0 when the density has no interior minimum there)."""
+    grid = np.linspace(low, high, points).reshape(-1, 1)
+    density = np.exp(mixture.score_samples(grid))
+    j = int(np.argmin(density))
+    return float(density[j] / min(density[: j + 1].max(), density[j:].max()))
+
+
+def fit_two_modes(scores: np.ndarray, seed: int = 0) -> TwoModeFit:
+    """Fits a two-component Gaussian mixture to `scores`; its posterior is used only when BIC prefers it to a single
+    Gaussian and its modes are apart (Ashman's D > 2), else every posterior is 0 (one mode: nothing stands out).
+    Deterministic for a seed."""
     from sklearn.mixture import GaussianMixture
 
     x = np.asarray(scores, dtype=np.float64).reshape(-1, 1)
     if len(x) < 4 or np.ptp(x) < 1e-6:  # (numerically) one value: nothing stands out
-        return np.zeros(len(x))
+        return TwoModeFit(np.zeros(len(x)), False, "the scores take (numerically) one value")
     one = GaussianMixture(1, random_state=seed).fit(x)
     two = GaussianMixture(2, random_state=seed, reg_covar=1e-6 * float(x.var()) + 1e-12, n_init=3).fit(x)
     means, variances = two.means_.ravel(), two.covariances_.ravel()
+    high = int(np.argmax(means))
+    separation = math.sqrt(2) * abs(means[0] - means[1]) / math.sqrt(variances.sum())
+    diagnostics = {
+        "separation": float(separation),
+        "dip": _mixture_dip(two, float(means.min()), float(means.max())),
+        "weight": float(two.weights_[high]),
+    }
     # Two modes only when BIC prefers them and they are apart (Ashman's D > 2): a split inside one mode, e.g. at
     # 1e-3 scale in a clean set, must not flag half of it.
-    separation = math.sqrt(2) * abs(means[0] - means[1]) / math.sqrt(variances.sum())
-    if two.bic(x) >= one.bic(x) or separation <= 2:
-        return np.zeros(len(x))
-    posterior = two.predict_proba(x)[:, int(np.argmax(means))]
+    if two.bic(x) >= one.bic(x):
+        return TwoModeFit(np.zeros(len(x)), False, "BIC prefers one Gaussian to two", **diagnostics)
+    if separation <= 2:
+        return TwoModeFit(np.zeros(len(x)), False, f"the two modes overlap (Ashman's D {separation:.2f} <= 2)",
+                          **diagnostics)  # fmt: skip
+    posterior = two.predict_proba(x)[:, high]
     # A wide low mode can out-weigh a narrow high one on its own far tail; nothing below the low mean is flagged.
     posterior[x.ravel() <= means.min()] = 0.0
-    return posterior
+    return TwoModeFit(posterior, True, **diagnostics)
+
+
+def two_mode_posterior(scores: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Posterior of the high-mean component of a two-component Gaussian mixture fitted to `scores` (`fit_two_modes`:
+    all 0 unless BIC prefers two components and Ashman's D > 2)."""
+    return fit_two_modes(scores, seed).posterior
+
+
+def check_ood_fit(fit: TwoModeFit, label_quality: np.ndarray) -> str:
+    """Why the OOD-score fit `fit` must not decide ("" when it may): see the module docstring.
+
+    Args:
+        fit: `fit_two_modes` of the OOD scores.
+        label_quality: (N,) the given label's share of each sample's neighbour vote.
+    """
+    if not fit.used:
+        return fit.reason
+    if fit.dip > MAX_DIP:
+        return (
+            f"the OOD scores have no dip between the fitted modes (the fitted density falls only to {fit.dip:.2f} of "
+            f"its lower peak; separated modes fall to {MAX_DIP} or less): one skewed mode, not two"
+        )
+    share = fit.flagged_share
+    if max(share, fit.weight) > 0.5:
+        return (
+            f"the fit would call {share:.0%} of the samples OOD (its OOD mode weighs {fit.weight:.0%}): OOD must be a "
+            "minority, since the neighbour vote behind the OOD score assumes most neighbours are in distribution"
+        )
+    flagged = fit.posterior > 0.5
+    confirmed = float((np.asarray(label_quality)[flagged] >= 0.5).mean()) if flagged.any() else 0.0
+    if confirmed > 0.5:
+        return (
+            f"{confirmed:.0%} of the samples the fit would call OOD have neighbours that give their label at least half "
+            "of the vote, which an OOD image, with no right label, cannot have"
+        )
+    return ""
+
+
+def fallback_ood(ood_score: np.ndarray) -> np.ndarray:
+    """(N,) bool: the conservative OOD rule used when the fit is not trusted (`FALLBACK_OOD_RULE`); it never flags
+    more than `FALLBACK_MAX_SHARE` of the samples."""
+    ood_score = np.asarray(ood_score)
+    candidates = np.flatnonzero(ood_score >= FALLBACK_OOD_SCORE)
+    limit = int(FALLBACK_MAX_SHARE * len(ood_score))
+    # Highest scores first; ties broken by position (a stable sort), so the rule is deterministic.
+    kept = candidates[np.argsort(-ood_score[candidates], kind="stable")[:limit]]
+    flagged = np.zeros(len(ood_score), dtype=bool)
+    flagged[kept] = True
+    return flagged
+
+
+class ScoredSamples(dict):
+    """`noise_scores`' per-sample arrays by name, with the fits behind the decisions as attributes.
+
+    Attributes:
+        ood_fit / label_quality_fit: `TwoModeFit` of the OOD scores and of the label quality (the latter fitted to
+            the samples not called OOD).
+        ood_fallback_reason: why the OOD decisions come from `FALLBACK_OOD_RULE` ("" when from the fit).
+        relabel_refused_reason: why nothing is relabelled although the label-quality fit was used ("" otherwise).
+    """
+
+    ood_fit: TwoModeFit
+    label_quality_fit: TwoModeFit
+    ood_fallback_reason: str
+    relabel_refused_reason: str
+
+
+def fitted_decisions(
+    label_quality: np.ndarray, ood_score: np.ndarray, suggested_label: np.ndarray, labels: np.ndarray, seed: int = 0
+) -> ScoredSamples:
+    """The fitted decisions from the two scores: OOD by the OOD-score fit when `check_ood_fit` passes it, else by
+    the fallback rule; relabelled when the label-quality fit (on the samples not called OOD) flags the sample and
+    its neighbours' vote names another class, unless that would relabel more than `MAX_RELABEL_SHARE` of the samples
+    (then nothing is); else clean.
+
+    Args:
+        suggested_label: (N,) the class the neighbours' vote names (its argmax); labels: (N,) the given labels.
+
+    Returns:
+        `label_issue_probability`, `ood_probability` (the fits' posteriors; 0 where a fit is not used), `decision`
+        (indices into DECISIONS) and `suggested_label` (the vote's class for relabelled samples, else the given
+        label), with the fits.
+    """
+    label_quality, ood_score = np.asarray(label_quality), np.asarray(ood_score)
+    ood_fit = fit_two_modes(ood_score, seed)
+    reason = check_ood_fit(ood_fit, label_quality)
+    ood = fallback_ood(ood_score) if reason else ood_fit.posterior > 0.5
+    # The label-quality mixture is fitted to the in-distribution samples only: OOD images would be a third mode.
+    issue_probability = np.zeros(len(label_quality))
+    quality_fit = fit_two_modes(-label_quality[~ood], seed)
+    issue_probability[~ood] = quality_fit.posterior
+    relabel = (issue_probability > 0.5) & (np.asarray(suggested_label) != np.asarray(labels)) & ~ood
+    refused = ""
+    if relabel.mean() > MAX_RELABEL_SHARE:
+        refused = (
+            f"the label-quality fit would relabel {relabel.mean():.0%} of the samples, more than "
+            f"{MAX_RELABEL_SHARE:.0%}: the neighbour vote suggests the right class only where most neighbours' labels "
+            "are right, so nothing is relabelled"
+        )
+        relabel, issue_probability = np.zeros_like(relabel), np.zeros_like(issue_probability)
+    decision = np.where(ood, DECISIONS.index("ood"), np.where(relabel, DECISIONS.index("relabelled"), 0))
+    # An untrusted fit's posterior is not a decision: the column reads 0, as for a fit that found one mode.
+    ood_probability = np.zeros(len(ood_score)) if reason else ood_fit.posterior
+    # Only a relabelled sample gets the vote's class; every other keeps its given label (`pseudo_label.json`).
+    suggested = np.where(relabel, np.asarray(suggested_label), np.asarray(labels))
+    out = ScoredSamples(
+        label_issue_probability=issue_probability, ood_probability=ood_probability, decision=decision,
+        suggested_label=suggested,
+    )  # fmt: skip
+    out.ood_fit, out.label_quality_fit, out.ood_fallback_reason = ood_fit, quality_fit, reason
+    out.relabel_refused_reason = refused
+    return out
 
 
 @torch.no_grad()
@@ -124,8 +309,8 @@ def noise_scores(
     num_neighbours: int = 50,
     max_reference: int | None = 200_000,
     seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """Scores, suggested labels and fitted decisions of every sample.
+) -> ScoredSamples:
+    """Scores, suggested labels and fitted decisions of every sample (`fitted_decisions`).
 
     Args:
         embeddings: (N, D) L2-normalised embeddings (a tensor on a GPU runs the neighbour search there).
@@ -136,9 +321,9 @@ def noise_scores(
         max_reference: see `nearest_neighbours`.
 
     Returns:
-        numpy arrays: `label_quality` (N,) in [0, 1], `ood_score` (N,) in [0, 1], `suggested_label` (N,),
-        `class_evidence` (N, K), `label_issue_probability` and `ood_probability` (the fitted posteriors),
-        `decision` (N,) indices into DECISIONS.
+        numpy arrays: `label_quality` (N,) in [0, 1], `ood_score` (N,) in [0, 1], `suggested_label` (N,) (the
+        evidence's argmax for relabelled samples, the given label otherwise), `class_evidence` (N, K), `label_issue_probability` and `ood_probability` (the fitted posteriors),
+        `decision` (N,) indices into DECISIONS; the fits behind them as attributes (`ScoredSamples`).
     """
     embeddings = torch.as_tensor(embeddings).float()
     labels = torch.as_tensor(labels).long().to(embeddings.device)
@@ -150,22 +335,26 @@ def noise_scores(
     entropy = -(evidence * evidence.clamp_min(1e-12).log()).sum(1)
     ood_score = (entropy / (math.log(num_classes) if num_classes > 1 else 1.0)).cpu().numpy()
 
-    ood_probability = two_mode_posterior(ood_score, seed)
-    ood = ood_probability > 0.5
-    # The label-quality mixture is fitted to the in-distribution samples only: OOD images would be a third mode.
-    issue_probability = np.zeros(len(labels))
-    issue_probability[~ood] = two_mode_posterior(-label_quality[~ood], seed)
-    relabel = (issue_probability > 0.5) & (suggested != labels.cpu().numpy()) & ~ood
-    decision = np.where(ood, DECISIONS.index("ood"), np.where(relabel, DECISIONS.index("relabelled"), 0))
-    return {
-        "label_quality": label_quality,
-        "ood_score": ood_score,
-        "suggested_label": suggested,
-        "class_evidence": evidence.cpu().numpy(),
-        "label_issue_probability": issue_probability,
-        "ood_probability": ood_probability,
-        "decision": decision,
-    }
+    scored = fitted_decisions(label_quality, ood_score, suggested, labels.cpu().numpy(), seed)
+    scored.update(label_quality=label_quality, ood_score=ood_score, class_evidence=evidence.cpu().numpy())
+    return scored
 
 
-__all__ = ["DECISIONS", "nearest_neighbours", "neighbour_label_distribution", "noise_scores", "two_mode_posterior"]
+__all__ = [
+    "DECISIONS",
+    "FALLBACK_MAX_SHARE",
+    "FALLBACK_OOD_RULE",
+    "FALLBACK_OOD_SCORE",
+    "MAX_DIP",
+    "MAX_RELABEL_SHARE",
+    "ScoredSamples",
+    "TwoModeFit",
+    "check_ood_fit",
+    "fallback_ood",
+    "fit_two_modes",
+    "fitted_decisions",
+    "nearest_neighbours",
+    "neighbour_label_distribution",
+    "noise_scores",
+    "two_mode_posterior",
+]

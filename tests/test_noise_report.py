@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import datasets
 import numpy as np
@@ -153,6 +154,10 @@ def test_noise_report_script_on_image_folder(tmp_path):
     assert cleaned.ids == [report["id"][i] for i in kept]
     assert cleaned.labels.tolist() == [report["suggested_label"][i] for i in kept]
     assert report["id"] == image_folder_dataset(data).ids
+    assert (
+        json.loads((out / "noise_report_summary.json").read_text())["ids"]
+        == f"paths relative to {os.path.abspath(data)}"
+    )
     assert (out / "noise_report.png").read_bytes()[:8] == PNG_SIGNATURE
     # A second run does not overwrite the report unless asked to.
     with pytest.raises(FileExistsError, match="already holds a noise report"):
@@ -355,3 +360,102 @@ def test_report_reads_every_source_the_trainer_reads(source, tmp_path):
         f"MoPro noise report of {source} {data} (train split)"
         in (tmp_path / "model" / "noise_report" / "README.md").read_text()
     )
+
+
+# --- decisions that know when they do not know; ids that name files; pseudo labels that read back --------------------
+def test_an_untrusted_ood_fit_is_said_in_summary_card_gallery_and_output(noisy_data, tmp_path, monkeypatch, capsys):
+    """Whatever the OOD scores of this tiny model, no dip passes MAX_DIP < 0: the fallback decides, and every
+    human-readable output says so."""
+    from evaluation import noise_scores as scores_module
+
+    monkeypatch.setattr(scores_module, "MAX_DIP", -1.0)
+    summary = noise_report.write_noise_report(tiny_model(seed=1), noisy_data, tmp_path / "out", num_workers=0)
+    assert summary["ood_fallback"] is True and summary["ood_fallback_rule"] == scores_module.FALLBACK_OOD_RULE
+    assert summary["fraction_ood"] <= scores_module.FALLBACK_MAX_SHARE
+    warning = summary["warning"]
+    assert warning.startswith("the fitted OOD threshold was not used: ") and scores_module.FALLBACK_OOD_RULE in warning
+    assert json.loads((tmp_path / "out" / "noise_report_summary.json").read_text())["warning"] == warning
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"> **Warning:** The fitted OOD threshold was not used: {warning.split(': ', 1)[1]}" in card
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert '<p class="warning"><b>Warning:</b> The fitted OOD threshold was not used' in page
+    assert f"noise report: WARNING: {warning}" in capsys.readouterr().out
+    report = datasets.load_from_disk(str(tmp_path / "out"))
+    assert max(report["ood_probability"]) == 0  # the untrusted posterior is not shown as a decision
+
+
+def test_report_ids_come_from_paths_an_id_column_or_row_indices(tmp_path):
+    folder = write_image_folder(tmp_path / "train", 2, ["a", "b"])
+    from training.data import build_datasets
+
+    train = build_datasets(train_dir=str(folder))[0]  # what run_mopro trains on: image dicts with absolute paths
+    with_ids, column, source = noise_report.with_report_ids(train, id_root=folder)
+    assert column == "path" and with_ids["path"] == image_folder_dataset(folder).ids == [
+        "a/a_0.png",
+        "a/a_1.png",
+        "b/b_0.png",
+        "b/b_1.png",
+    ]
+    assert source == f"paths relative to {os.path.abspath(folder)}"
+    # A `datasets` source: its file or id column when it has one, else the row index, said as such.
+    named = train.add_column("file_name", [f"img{i}.png" for i in range(4)])
+    assert noise_report.with_report_ids(named)[1:] == ("file_name", "the data's `file_name` column")
+    _, column, source = noise_report.with_report_ids(train)
+    assert column == "sample_id" and source.startswith("row indices (`sample_id`)")
+    with pytest.raises(ValueError, match="id column 'name' is not in the data"):
+        noise_report.with_report_ids(train, id_column="name")
+    # A WebVision list read by training.data: root-relative or absolute path strings.
+    strings = datasets.Dataset.from_dict({"image": [str(folder / "a" / "a_0.png"), "b/b_1.png"], "label": [0, 1]})
+    assert noise_report.with_report_ids(strings, id_root=folder)[0]["path"] == ["a/a_0.png", "b/b_1.png"]
+
+
+def test_run_mopro_report_names_files_and_its_pseudo_labels_retrain_the_classifier(tmp_path, monkeypatch):
+    """End of `training/run_mopro.py` on an image folder: the report's ids are the files' paths relative to the
+    folder, and `evaluation.classifier_retrain` trains on its `pseudo_label.json` over the same folder."""
+    from evaluation import classifier_retrain
+    from tests.test_cli_errors import MODEL, RUN, image_folder
+    from training.run_mopro import main as run_mopro
+
+    data = image_folder(tmp_path / "train", per_class=8, classes=("cat", "dog", "fox"))
+    out = tmp_path / "run"
+    run_mopro([*MODEL, *RUN, "--image_size", "32", "--train_dir", str(data), "--output_dir", str(out),
+               "--report_to", "none", "--noise_report", "true"])  # fmt: skip
+    report = datasets.load_from_disk(str(out / "noise_report"))
+    assert report["id"] == image_folder_dataset(data).ids  # "cat/0.png", ...: every file, in the folder's order
+    summary = json.loads((out / "noise_report" / "noise_report_summary.json").read_text())
+    assert summary["ids"] == f"paths relative to {os.path.abspath(data)}"
+    annotation = out / "noise_report" / "pseudo_label.json"
+    pseudo = json.loads(annotation.read_text())
+    kept = [i for i, d in enumerate(report["decision"]) if d != "ood"]
+    assert pseudo["images"] == [report["id"][i] for i in kept] and len(kept) > 0
+    given = report["given_label"]  # only relabelled samples change label; clean ones keep theirs
+    assert pseudo["labels"] == [
+        given[i] if report["decision"][i] == "clean" else report["suggested_label"][i] for i in kept
+    ]
+
+    trained_on = {}
+    real_retrain = classifier_retrain.classifier_retrain
+
+    def recording(model, train_dataset, *args, **kwargs):
+        trained_on["ids"], trained_on["labels"] = list(train_dataset.ids), train_dataset.labels.tolist()
+        return real_retrain(model, train_dataset, *args, **kwargs)
+
+    monkeypatch.setattr(classifier_retrain, "classifier_retrain", recording)
+    crt = tmp_path / "crt"
+    classifier_retrain.main([
+        "--model_name_or_path", str(out), "--annotation", str(annotation), "--train_data_dir", str(data),
+        "--output_dir", str(crt), "--epochs", "1", "--batch_size", "4", "--num_workers", "0", "--logging_steps", "1",
+    ])  # fmt: skip
+    assert trained_on == {"ids": pseudo["images"], "labels": pseudo["labels"]}  # the cleaned labels, by file
+    from safetensors.torch import load_file
+
+    before, after = load_file(out / "model.safetensors"), load_file(crt / "model.safetensors")
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])  # it trained the classifier
+    backbone = [
+        name for name in before if ".backbone." in name and "running" not in name and "num_batches" not in name
+    ]
+    assert backbone and all(torch.equal(before[name], after[name]) for name in backbone)  # on a frozen backbone
+    # The image-folder reading of the same annotation (`--train_data_format imagefolder`) matches it too.
+    from evaluation.image_datasets import apply_pseudo_labels
+
+    assert apply_pseudo_labels(image_folder_dataset(data), annotation).labels.tolist() == pseudo["labels"]

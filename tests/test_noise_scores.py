@@ -8,9 +8,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from evaluation.noise_report import fit_summary
 from evaluation.noise_scores import (
     DECISIONS,
+    FALLBACK_MAX_SHARE,
+    FALLBACK_OOD_RULE,
+    FALLBACK_OOD_SCORE,
+    MAX_RELABEL_SHARE,
+    check_ood_fit,
+    fit_two_modes,
+    fitted_decisions,
     nearest_neighbours,
     neighbour_label_distribution,
     noise_scores,
@@ -101,3 +111,136 @@ def test_neighbour_vote_weights_by_similarity():
     vote = neighbour_label_distribution(similarities, indices, labels, num_classes=3, temperature=0.1)
     expected = torch.softmax(torch.tensor([9.0, 1.0]), 0)
     torch.testing.assert_close(vote, torch.tensor([[expected[1], 0.0, expected[0]]]))
+
+
+# --- the guard on the fitted OOD threshold ---------------------------------------------------------------------------
+OOD = DECISIONS.index("ood")
+
+
+def natural_photo_ood_scores(n: int, seed: int) -> np.ndarray:
+    """OOD scores drawn from the two-component fit to a natural-photo run's scores (CIFAR-10 + Tiny-ImageNet, 2
+    epochs): one mode skewed towards 1, which two Gaussians fit with Ashman's D > 2 and a high component of 75%."""
+    rng = np.random.default_rng(seed)
+    high = rng.random(n) < 0.75
+    return np.clip(np.where(high, rng.normal(0.88, 0.057, n), rng.normal(0.693, 0.093, n)), 0, 1)
+
+
+def decide(ood_score: np.ndarray, label_quality: np.ndarray | None = None, seed: int = 0):
+    """`fitted_decisions` with every given label suggested back (nothing relabelled): only OOD decisions differ."""
+    n = len(ood_score)
+    label_quality = np.full(n, 0.1) if label_quality is None else label_quality  # neighbours confirm no label
+    labels = np.zeros(n, dtype=np.int64)
+    return fitted_decisions(label_quality, ood_score, labels, labels, seed)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_skewed_mode_falls_back_instead_of_flagging_the_bulk(seed):
+    ood_score = natural_photo_ood_scores(2000, seed)
+    fit = fit_two_modes(ood_score)
+    # What the fitted rule alone did: BIC and Ashman's D accept the split and it calls most of the data OOD.
+    assert fit.used and fit.separation > 2 and fit.flagged_share > 0.7
+    out = decide(ood_score)
+    ood = out["decision"] == OOD
+    assert out.ood_fallback_reason.startswith("the OOD scores have no dip between the fitted modes")
+    assert ood.mean() <= FALLBACK_MAX_SHARE and ood.any()  # the fallback flags a few, by its own cut
+    assert (ood_score[ood] >= FALLBACK_OOD_SCORE).all() and (out["ood_probability"] == 0).all()
+    summary = fit_summary(out)
+    assert summary["ood_fallback"] is True and summary["ood_fallback_rule"] == FALLBACK_OOD_RULE
+    assert summary["warning"].startswith("the fitted OOD threshold was not used: the OOD scores have no dip")
+    assert FALLBACK_OOD_RULE in summary["warning"] and summary["ood_fit_share"] == pytest.approx(fit.flagged_share)
+    assert "warning" not in fit_summary(out, decision_rule="training")  # the training rule decided, not the fit
+
+
+def test_overlapping_modes_and_one_blob_flag_no_bulk():
+    rng = np.random.default_rng(0)
+    blob = np.clip(rng.normal(0.8, 0.08, 1500), 0, 1)
+    overlapping = np.clip(np.r_[rng.normal(0.6, 0.1, 1000), rng.normal(0.75, 0.1, 1000)], 0, 1)
+    for scores in (blob, overlapping):
+        out = decide(scores)
+        assert out.ood_fallback_reason and (out["decision"] == OOD).mean() <= FALLBACK_MAX_SHARE
+
+
+def test_separated_modes_still_decide_by_the_fit():
+    """The Fashion-MNIST shape: a broad in-distribution mode and a narrow OOD mode near 1 (20%)."""
+    rng = np.random.default_rng(0)
+    is_ood = rng.random(2000) < 0.2
+    ood_score = np.clip(np.where(is_ood, rng.normal(0.95, 0.02, 2000), rng.normal(0.55, 0.15, 2000)), 0, 1)
+    label_quality = np.where(is_ood, 0.1, 0.6)  # an OOD image's given label gets ~1/K of its neighbours' vote
+    out = decide(ood_score, label_quality)
+    ood = out["decision"] == OOD
+    assert out.ood_fallback_reason == "" and out.ood_fit.dip < 0.5
+    np.testing.assert_array_equal(ood, out.ood_fit.posterior > 0.5)  # the fit decides
+    assert (ood & is_ood).sum() >= 0.95 * is_ood.sum() and (ood & ~is_ood).sum() <= 0.02 * (~is_ood).sum()
+    assert fit_summary(out) == {**fit_summary(out), "ood_fallback": False} and "warning" not in fit_summary(out)
+
+
+def test_an_implausible_ood_share_falls_back():
+    """Separated modes, but (a) the OOD mode is the majority, or (b) the neighbours confirm the flagged samples'
+    labels (an OOD image has no right label): the split is not an OOD split."""
+    rng = np.random.default_rng(0)
+    majority = np.clip(
+        np.where(rng.random(2000) < 0.7, rng.normal(0.95, 0.02, 2000), rng.normal(0.5, 0.1, 2000)), 0, 1
+    )
+    assert "OOD must be a minority" in decide(majority).ood_fallback_reason
+    minority = np.clip(
+        np.where(rng.random(2000) < 0.2, rng.normal(0.95, 0.02, 2000), rng.normal(0.5, 0.1, 2000)), 0, 1
+    )
+    confirmed = np.full(2000, 0.9)  # every sample's neighbours give its label 90% of their vote
+    reason = decide(minority, confirmed).ood_fallback_reason
+    assert reason.startswith("100% of the samples the fit would call OOD have neighbours that give their label")
+    assert (decide(minority, confirmed)["decision"] == OOD).mean() <= FALLBACK_MAX_SHARE
+
+
+def test_a_fit_that_would_relabel_most_of_the_data_relabels_nothing():
+    """Two separated label-quality modes, the low one (neighbours outvote the label) holding 70% of the samples:
+    the vote cannot be right about most of the data, so nothing is relabelled and the summary says why."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    low = rng.random(n) < 0.7
+    label_quality = np.clip(np.where(low, rng.normal(0.1, 0.03, n), rng.normal(0.8, 0.05, n)), 0, 1)
+    ood_score = np.clip(rng.normal(0.3, 0.05, n), 0, 1)  # one mode: no OOD
+    labels, suggested = np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64)  # the vote names another class
+    out = fitted_decisions(label_quality, ood_score, suggested, labels)
+    assert out.label_quality_fit.used and out.label_quality_fit.flagged_share > 0.6  # the fit alone: 70% relabelled
+    assert (out["decision"] != DECISIONS.index("relabelled")).all() and (out["label_issue_probability"] == 0).all()
+    assert (out["suggested_label"] == labels).all()  # what is not relabelled keeps its label (pseudo_label.json)
+    assert out.relabel_refused_reason.startswith("the label-quality fit would relabel 70% of the samples")
+    summary = fit_summary(out)
+    assert summary["relabel_refused"] is True and "read `label_quality` as a ranking" in summary["warning"]
+    # The same shape with the low mode a minority (30%) relabels exactly it.
+    label_quality = np.clip(np.where(~low, rng.normal(0.1, 0.03, n), rng.normal(0.8, 0.05, n)), 0, 1)
+    out = fitted_decisions(label_quality, ood_score, suggested, labels)
+    assert out.relabel_refused_reason == ""
+    np.testing.assert_array_equal(out["decision"] == DECISIONS.index("relabelled"), ~low)
+
+
+@st.composite
+def score_mixtures(draw):
+    """OOD scores from a random mixture of 1-3 clipped Gaussians, and random label qualities."""
+    n = draw(st.integers(20, 600))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    components = draw(st.integers(1, 3))
+    means = [draw(st.floats(0.0, 1.0)) for _ in range(components)]
+    sds = [draw(st.floats(0.005, 0.3)) for _ in range(components)]
+    weights = rng.dirichlet(np.ones(components))
+    which = rng.choice(components, size=n, p=weights)
+    ood_score = np.clip(rng.normal(np.take(means, which), np.take(sds, which)), 0, 1)
+    label_quality = rng.uniform(0, draw(st.floats(0.05, 1.0)), n)
+    return ood_score, label_quality
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(score_mixtures())
+def test_property_the_fallback_never_flags_more_than_its_bound(scores):
+    ood_score, label_quality = scores
+    out = decide(ood_score, label_quality)
+    ood = out["decision"] == OOD
+    # Never relabels most of the data (here every sample's suggestion differs from its label).
+    out_relabel = fitted_decisions(label_quality, ood_score, np.ones(len(ood), dtype=np.int64), np.zeros(len(ood)))
+    assert (out_relabel["decision"] == DECISIONS.index("relabelled")).mean() <= MAX_RELABEL_SHARE
+    if out.ood_fallback_reason:  # the check failed: the stated bound holds, and only near-uniform votes are flagged
+        assert ood.sum() <= FALLBACK_MAX_SHARE * len(ood) and (ood_score[ood] >= FALLBACK_OOD_SCORE).all()
+        assert check_ood_fit(out.ood_fit, label_quality) == out.ood_fallback_reason
+    else:  # the fit decided: a minority, a dip between its modes, mostly samples whose neighbours outvote the label
+        assert ood.mean() <= 0.5 and out.ood_fit.dip <= 0.5 and ood.mean() <= 2 * (label_quality < 0.5).mean()

@@ -593,6 +593,9 @@ def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArgum
         data_description=f"the training set of {describe_training_data({'data_args': vars(data_args)}).name}",
         model_name=training_args.output_dir,  # where the model is saved
         passed_over=passed_over_counts(data_args.train_dir) if data_args.train_dir else None,
+        # Rows named by their files: paths relative to the image folder or WebVision root, as `pseudo_label.json`
+        # is read back (`evaluation.classifier_retrain --train_data_dir`); a `datasets` source by its id column.
+        id_root=data_args.train_dir or data_args.webvision_dir,
     )
     # None (e.g. relabel precision with nothing relabelled) is kept: undefined, not zero.
     return {f"noise_{k}": v for k, v in summary.items() if v is None or isinstance(v, (int, float))}
