@@ -328,7 +328,9 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
     return {
         "config": _shown_path(model_args.config_file),
         # Which source supplied which values (`run_mopro.parse_args`; the run logs the same lines at start).
-        "config_sources": [dataclasses.asdict(source) for source in model_args.config_sources],
+        "config_sources": [
+            {"name": source.name, "why": source.why, "fields": list(source.fields)} for source in model_args.config_sources
+        ],
         "num_processes": num_processes,
         "global_batch_size": global_batch,
         "per_device_train_batch_size": per_device,
