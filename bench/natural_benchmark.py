@@ -87,11 +87,9 @@ def jobs(built_dir: Path, results_dir: Path, seeds=SEEDS, settings=natural_data.
             data = built_dir / f"{setting}_s{seed}"
             for method, flags in OWN_DATA_METHODS.items():
                 output = results_dir / "accuracy" / f"{setting}_s{seed}" / f"own_{method}"
-                # No checkpoints: a run that is cut short is started afresh anyway (see the module docstring).
                 argv = (python, "training/run_mopro.py", "--train_dir", str(data / "train"),
                         "--validation_dir", str(data / "test"), "--seed", str(seed), "--dataloader_num_workers", "1",
-                        "--save_strategy", "no", "--output_dir", str(output), "--overwrite_output_dir", "true",
-                        *flags)  # fmt: skip
+                        "--output_dir", str(output), "--overwrite_output_dir", "true", *flags)  # fmt: skip
                 out.append(Job(f"accuracy_{setting}_s{seed}_own_{method}", argv, output / "all_results.json"))
     return out
 

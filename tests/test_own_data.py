@@ -152,19 +152,18 @@ def test_command_line_flags_win_over_both(large_images, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ log and plan
-def test_the_run_logs_one_line_per_source(small_images, tmp_path, caplog):
-    """Logged at start, before anything is read or built (here the run stops at its output-folder check)."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "all_results.json").write_text("{}")  # a finished run: refused right after the log lines
+def test_the_run_logs_one_line_per_source(tmp_path, caplog):
+    """Logged at start, after the argument and folder checks (whose errors stay one line) and before the data is
+    read: here the run stops at its first data check, a training set of one class."""
+    folder = write_images(tmp_path / "train", [(32, 32)] * 3, classes=("only",))
     caplog.set_level(logging.INFO, logger="training")
-    with pytest.raises(ValueError, match="already holds a run"):
-        main(["--train_dir", str(small_images), "--output_dir", str(out), "--use_cpu", "true"])
+    with pytest.raises(ValueError, match="the training data has 1 class"):
+        main(["--train_dir", str(folder), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config: ")]
     assert [line.split(" (", 1)[0] for line in lines] == [
         "config: own_data.yaml", "config: resolution rule", "config: command line", "config: built-in defaults"
     ]  # fmt: skip
-    assert "median shorter side 32 px of 6 images" in lines[1] and lines[1].endswith(": image_size")
+    assert "median shorter side 32 px of 3 images" in lines[1] and lines[1].endswith(": image_size")
     assert lines[2].endswith(": output_dir, train_dir, use_cpu")
 
 
@@ -176,5 +175,8 @@ def test_the_plan_prints_the_sources(small_images, capsys):
     capsys.readouterr()
     plan_module.main(["--num_processes", "1"])
     text = capsys.readouterr().out
-    assert "config                         training/configs/demo.yaml" in text
-    assert "values from demo.yaml" in text and "the offline demo" in text and "resolution rule" not in text
+    lines = text.splitlines()
+    assert lines[0] == "values from (a later source wins):"
+    assert lines[1].startswith("  demo.yaml (no YAML file and no --train_dir/--dataset_name: the offline demo): ")
+    assert lines[2].startswith("  built-in defaults (") and "resolution rule" not in text
+    assert "config                   training/configs/demo.yaml" in text

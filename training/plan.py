@@ -385,10 +385,8 @@ def _number(value: Any) -> str:
 def format_plan(result: dict[str, Any]) -> str:
     """The plan as a readable table."""
     unknown = "unknown (pass --num_train_samples)"
-    rows = [("config", result["config"])]
-    rows += [(f"values from {source['name']}", f"{', '.join(source['fields'])} ({source['why']})")
-             for source in result["config_sources"]]  # fmt: skip
-    rows += [
+    rows = [
+        ("config", result["config"]),
         ("processes", _number(result["num_processes"])),
         ("global batch", _number(result["global_batch_size"])),
         ("per-device batch", _number(result["per_device_train_batch_size"])),
@@ -423,7 +421,10 @@ def format_plan(result: dict[str, Any]) -> str:
     for option in result.get("speed_options", []):
         rows.append((f"speed: {option['name']}", option["effect"]))
     width = max(len(name) for name, _ in rows)
-    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    # Where the values came from, one line per source, as the run logs them at start.
+    lines = ["values from (a later source wins):"]
+    lines += [f"  {s['name']} ({s['why']}): {', '.join(s['fields'])}" for s in result["config_sources"]]
+    lines += [""] + [f"{name:<{width}}  {value}" for name, value in rows]
     departures = result["departures_from_official"]
     lines.append(f"\ndepartures from the official recipe: {len(departures) or 'none'}")
     for d in departures:

@@ -242,8 +242,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     for name in (__name__, "training"):
         logging.getLogger(name).setLevel(logging.INFO)
-    for source in model_args.config_sources:  # one line per source of the run's values
-        logger.info("config: %s", source.describe())
     transformers.utils.logging.set_verbosity_warning()
     # Path checks first: a wrong folder is known before any data is read or model built.
     if training_args.do_train:
@@ -251,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     prepare_output_dir(model_args, training_args, remove=False)
     check_output_dir_shared(training_args)
     start_config = load_config(model_args) if model_args.model_name_or_path else None  # flags checked before data
+    for source in model_args.config_sources:  # one line per source of the run's values (after the one-line errors)
+        logger.info("config: %s", source.describe())
     set_seed(training_args.seed)
 
     if data_args.streaming:
