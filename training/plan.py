@@ -329,7 +329,8 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
         "config": _shown_path(model_args.config_file),
         # Which source supplied which values (`run_mopro.parse_args`; the run logs the same lines at start).
         "config_sources": [
-            {"name": source.name, "why": source.why, "fields": list(source.fields)} for source in model_args.config_sources
+            {"name": source.name, "why": source.why, "fields": list(source.fields)}
+            for source in model_args.config_sources
         ],
         "num_processes": num_processes,
         "global_batch_size": global_batch,
