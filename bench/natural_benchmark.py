@@ -9,7 +9,9 @@ Per setting (human, asym20, asym40, ood20) and seed (0, 1, 2), built by `bench/n
   lr steps at 15 and 25: CE, MoPro with the adaptive schedule, MoPro with the fixed one from epoch 4 (11/90);
   outputs `<results_dir>/accuracy/<setting>_s<seed>/<method>/`;
 - the noise report vs cleanlab: `bench/label_noise_benchmark.py train --natural_dir ...` for both methods, then its
-  `report` per setting; outputs `<results_dir>/detection/<setting>/`.
+  `report` per setting; outputs `<results_dir>/detection/<setting>/`;
+- after all of these, the own-data recipe (`run_mopro.py --train_dir ... --validation_dir ...` without a YAML) on
+  human and ood20: CE and MoPro (adaptive); outputs `<results_dir>/accuracy/<setting>_s<seed>/own_<method>/`.
 A run whose output is complete (`all_results.json`, `run.json`) is skipped, so an interrupted table resumes (an
 unfinished run_mopro folder is started afresh: `--overwrite_output_dir true`). The
 order is seed-major: each finished seed is a complete set of rows. Every command runs with one thread
@@ -40,6 +42,10 @@ ACCURACY_METHODS = {
     "mopro_adaptive": [],  # the demo config's schedule
     "mopro_fixed": ["--noise_correction_schedule", "fixed", "--noise_correction_start_epoch", FIXED_START_EPOCH],
 }
+# The own-data recipe (`run_mopro.py --train_dir` without a YAML: training/configs/own_data.yaml, its epochs and
+# image size from the rule), against the demo recipe's rows above on two settings; after every existing job.
+OWN_DATA_SETTINGS = ("human", "ood20")
+OWN_DATA_METHODS = {"ce": ["--baseline", "ce"], "mopro_adaptive": []}  # own_data.yaml's schedule is adaptive
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,8 @@ class Job:
 
 
 def jobs(built_dir: Path, results_dir: Path, seeds=SEEDS, settings=natural_data.SETTINGS) -> list[Job]:
-    """Every training run of the table, seed-major; then the detection reports (which need all seeds)."""
+    """Every training run of the table, seed-major; then the detection reports (which need all seeds); then the
+    own-data rows, seed-major (appended, so the rows before them keep their order and outputs)."""
     python = sys.executable
     out = []
     for seed in seeds:
@@ -75,6 +82,15 @@ def jobs(built_dir: Path, results_dir: Path, seeds=SEEDS, settings=natural_data.
         detection = results_dir / "detection" / setting
         argv = (python, "bench/label_noise_benchmark.py", "report", "--results_dir", str(detection))
         out.append(Job(f"report_{setting}", argv, detection / "table.md"))
+    for seed in seeds:
+        for setting in [s for s in settings if s in OWN_DATA_SETTINGS]:
+            data = built_dir / f"{setting}_s{seed}"
+            for method, flags in OWN_DATA_METHODS.items():
+                output = results_dir / "accuracy" / f"{setting}_s{seed}" / f"own_{method}"
+                argv = (python, "training/run_mopro.py", "--train_dir", str(data / "train"),
+                        "--validation_dir", str(data / "test"), "--seed", str(seed), "--dataloader_num_workers", "1",
+                        "--output_dir", str(output), "--overwrite_output_dir", "true", *flags)  # fmt: skip
+                out.append(Job(f"accuracy_{setting}_s{seed}_own_{method}", argv, output / "all_results.json"))
     return out
 
 

@@ -289,6 +289,26 @@ class MoProTrainingArguments(TrainingArguments):
         return self.per_device_train_batch_size
 
 
+@dataclass(frozen=True)
+class ConfigSource:
+    """One place a run's argument values came from (`run_mopro.parse_args`), logged at start and printed by
+    `training.plan`, in the order they apply (a later source wins).
+
+    Attributes:
+        name: "demo.yaml", "own_data.yaml", another YAML file's path, "resolution rule", "command line" or
+            "built-in defaults".
+        why: Why it applies (which command chose it, or what the resolution rule read).
+        fields: The argument names whose values it supplies (those a later source overrides are left out).
+    """
+
+    name: str
+    why: str
+    fields: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.why}): {', '.join(self.fields)}"
+
+
 def _check_finite(arguments) -> None:
     """Every float argument must be a finite number: a NaN or infinite learning rate (or momentum, weight decay,
     ...) trains to the end on NaN weights and fails much later, far from the flag."""

@@ -4,7 +4,9 @@
     python -m training.plan training/configs/webvision_v1_r50.yaml --num_processes 4 --bf16 true --json
 
 The YAML and any `run_mopro` flag go through `run_mopro.parse_args`, so the plan reads what the run would read. It
-prints the batch geometry (global batch, per-device batch, accumulation), steps per epoch and in total, the learning
+prints which source supplied which values (the YAML file, or without one demo.yaml or, for `--train_dir` /
+`--dataset_name`, own_data.yaml and the resolution rule, which reads the images' sizes; the command line), the batch
+geometry (global batch, per-device batch, accumulation), steps per epoch and in total, the learning
 rate from each milestone step, the steps where the prototype loss and the noise correction start, the precision of
 each part, gradient clipping, backbone initialisation, shuffle-BN mode, the speed options that are on (README
 "Speed", with their cost in fidelity), and every recipe value that differs from the official one (salesforce/MoPro `train.py`, the line named beside it). `--json` gives the same as one object.
@@ -16,6 +18,7 @@ from the config for streamed data.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +32,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
 
 from modeling_mopro import MoProConfig, MoProPhase  # noqa: E402
-from training.arguments import OFFICIAL_GLOBAL_BATCH_SIZE, steps_per_epoch  # noqa: E402
+from training.arguments import OFFICIAL_GLOBAL_BATCH_SIZE, ConfigSource, steps_per_epoch  # noqa: E402
 from training.cli import run_command  # noqa: E402
 from training.run_mopro import build_config, load_config, parse_args  # noqa: E402
 from training.trainer import phase_for_epoch  # noqa: E402
@@ -251,10 +254,23 @@ def speed_options(training_args) -> list[dict[str, str]]:
     return [{"name": name, "effect": effect} for name, is_on, effect in SPEED_OPTIONS if is_on(training_args)]
 
 
+def _without_plan_flag(sources: list[ConfigSource]) -> list[ConfigSource]:
+    """The run's config sources: `--use_cpu`, which the plan adds for itself, taken out of the command line's."""
+    kept = []
+    for source in sources:
+        if source.name == "command line":
+            source = dataclasses.replace(source, fields=tuple(f for f in source.fields if f != "use_cpu"))
+        if source.fields:
+            kept.append(source)
+    return kept
+
+
 def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None = None) -> dict[str, Any]:
     """The plan of `run_mopro.py argv` on `num_processes` processes, as a JSON-ready dict."""
     # `use_cpu` only keeps TrainingArguments from asking this machine for the GPU features (bf16) the run will use.
     model_args, data_args, training_args = parse_args([*argv, "--use_cpu", "true"])
+    if not any(arg.split("=", 1)[0] == "--use_cpu" for arg in argv):  # the plan's own flag, not the run's
+        model_args.config_sources = _without_plan_flag(model_args.config_sources)
     training_args.resolve_batch_size(num_processes)  # the per-device batch the run would get on N processes
     if model_args.model_name_or_path:
         config = load_config(model_args)  # the folder's config with the run's hyperparameters
@@ -310,7 +326,12 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
     else:
         initialisation = "every BatchNorm gamma 1 (official ResNet)"
     return {
-        "config": next((a for a in argv[:1] if a.endswith((".yaml", ".yml"))), "training/configs/demo.yaml"),
+        "config": _shown_path(model_args.config_file),
+        # Which source supplied which values (`run_mopro.parse_args`; the run logs the same lines at start).
+        "config_sources": [
+            {"name": source.name, "why": source.why, "fields": list(source.fields)}
+            for source in model_args.config_sources
+        ],
         "num_processes": num_processes,
         "global_batch_size": global_batch,
         "per_device_train_batch_size": per_device,
@@ -342,6 +363,14 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
         "speed_options": speed_options(training_args),
         "departures_from_official": departures,
     }
+
+
+def _shown_path(path: str) -> str:
+    """A path inside the repository relative to it (`training/configs/demo.yaml`), any other as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parent.parent))
+    except ValueError:
+        return str(path)
 
 
 def _number(value: Any) -> str:
@@ -393,7 +422,10 @@ def format_plan(result: dict[str, Any]) -> str:
     for option in result.get("speed_options", []):
         rows.append((f"speed: {option['name']}", option["effect"]))
     width = max(len(name) for name, _ in rows)
-    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    # Where the values came from, one line per source, as the run logs them at start.
+    lines = ["values from (a later source wins):"]
+    lines += [f"  {s['name']} ({s['why']}): {', '.join(s['fields'])}" for s in result["config_sources"]]
+    lines += [""] + [f"{name:<{width}}  {value}" for name, value in rows]
     departures = result["departures_from_official"]
     lines.append(f"\ndepartures from the official recipe: {len(departures) or 'none'}")
     for d in departures:

@@ -4,8 +4,10 @@
     accelerate launch training/run_mopro.py training/configs/webvision_v1_r50.yaml --webvision_dir /data/webvision
     python training/run_mopro.py training/configs/demo.yaml --baseline ce   # same data, plain CE
 
-A YAML file (first argument) gives defaults, `training/configs/demo.yaml` when none is given; command-line flags
-override it. Every `TrainingArguments` flag works.
+A YAML file (first argument) gives defaults; without one, `training/configs/own_data.yaml` for `--train_dir` or
+`--dataset_name` (the recipe for real photos, its image size chosen from the images: `training/own_data.py`), else
+`training/configs/demo.yaml` (the offline demo). Command-line flags override it. Every `TrainingArguments` flag works.
+Where each value came from is logged at start (`training.plan` prints the same).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from modeling_mopro import (  # noqa: E402
 from training.arguments import (  # noqa: E402
     ARCHITECTURE_FIELDS,
     HYPERPARAMETER_FIELDS,
+    ConfigSource,
     DataArguments,
     ModelArguments,
     MoProTrainingArguments,
@@ -48,6 +51,7 @@ from training.data import _SOURCES as DATA_SOURCES  # noqa: E402  (the data-sour
 from training.data import build_datasets, training_set_for_report  # noqa: E402
 from training.gpu_augment import GpuAugmentCollator  # noqa: E402
 from training.image_folder import passed_over_counts  # noqa: E402
+from training.own_data import OWN_DATA_CONFIG, OWN_DATA_SOURCES, choose_image_size  # noqa: E402
 from training.run_folder import claim_output_dir, newest_complete_checkpoint, release_output_dir  # noqa: E402
 from training.trainer import MoProTrainer, accuracy_metrics, check_checkpoint  # noqa: E402
 from training.transforms import MoProViewTransforms  # noqa: E402
@@ -57,11 +61,16 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTrainingArguments]:
-    """`[config.yaml] [--flag value ...]`; without a YAML file the demo config gives the defaults.
+    """`[config.yaml] [--flag value ...]`; without a YAML file, the own-data config for `--train_dir` /
+    `--dataset_name`, else the demo config, gives the defaults.
 
-    `model_args.command_line_fields` names the fields given on the command line (not by the YAML file)."""
+    `model_args.command_line_fields` names the fields given on the command line (not by the YAML file), and
+    `model_args.config_sources` (`ConfigSource`s) says which source supplied which values."""
     cli = list(argv)
-    config_file = cli.pop(0) if cli and cli[0].endswith((".yaml", ".yml")) else DEMO_CONFIG
+    given = {arg[2:].split("=", 1)[0] for arg in cli if arg.startswith("--")}
+    config_file, why = _default_config(given)
+    if cli and cli[0].endswith((".yaml", ".yml")):
+        config_file, why = cli.pop(0), "the YAML file given"
     with open(config_file) as f:
         try:
             defaults = yaml.safe_load(f) or {}
@@ -72,7 +81,6 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTra
             f"{config_file} holds a YAML {type(defaults).__name__}, not a mapping of flag names to values "
             "(e.g. `learning_rate: 0.1`)"
         )
-    given = {arg[2:].split("=", 1)[0] for arg in cli if arg.startswith("--")}
     argument_classes = (ModelArguments, DataArguments, MoProTrainingArguments)
     _check_yaml_booleans(config_file, defaults, argument_classes)
     cli = _yaml_to_flags(defaults) + cli  # later flags win in argparse
@@ -80,7 +88,35 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTra
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=cli)
     model_args.command_line_fields = given
     model_args.config_file = str(config_file)
+    from_yaml = [name for name in defaults if name not in given]
+    resolved, rule = Path(config_file).resolve(), None
+    if resolved == OWN_DATA_CONFIG and "image_size" in from_yaml and not model_args.model_name_or_path:
+        # The own-data recipe's resolution rule (a loaded model keeps its own image size).
+        rule = choose_image_size(data_args)
+        if rule is None:
+            why += f"; no training image could be read for the resolution rule: image_size {defaults['image_size']}"
+        else:
+            model_args.image_size = rule.image_size
+            from_yaml.remove("image_size")
+    name = resolved.name if resolved in (DEMO_CONFIG, OWN_DATA_CONFIG) else str(config_file)
+    sources = [ConfigSource(name, why, tuple(from_yaml))]
+    if rule is not None:
+        sources.append(ConfigSource("resolution rule", rule.describe(), ("image_size",)))
+    if given:
+        sources.append(ConfigSource("command line", "flags given", tuple(sorted(given))))
+    defaults_why = "MoProConfig's official values, the argument classes' defaults"
+    sources.append(ConfigSource("built-in defaults", defaults_why, ("every other field",)))
+    model_args.config_sources = sources
     return model_args, data_args, training_args
+
+
+def _default_config(given: set[str]) -> tuple[Path, str]:
+    """The config of a command without a YAML file, and why: the own-data recipe when the data is the user's
+    images, the demo's otherwise (no data source: the demo's own data; WebVision or shards: their own YAML files)."""
+    own = [name for name in OWN_DATA_SOURCES if name in given]
+    if own:
+        return OWN_DATA_CONFIG, f"no YAML file and --{own[0]} given: the recipe for real photos"
+    return DEMO_CONFIG, "no YAML file and no --train_dir/--dataset_name: the offline demo"
 
 
 def _check_yaml_booleans(config_file, values: dict, argument_classes) -> None:
@@ -213,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     prepare_output_dir(model_args, training_args, remove=False)
     check_output_dir_shared(training_args)
     start_config = load_config(model_args) if model_args.model_name_or_path else None  # flags checked before data
+    for source in model_args.config_sources:  # one line per source of the run's values (after the one-line errors)
+        logger.info("config: %s", source.describe())
     set_seed(training_args.seed)
 
     if data_args.streaming:
