@@ -36,6 +36,8 @@ import math
 import numpy as np
 import torch
 
+from modeling_mopro.noise_correction import neighbour_label_vote
+
 DECISIONS = ("clean", "relabelled", "ood")
 
 
@@ -78,16 +80,6 @@ def nearest_neighbours(
         similarities.append(top.values)
         indices.append(reference[top.indices])
     return torch.cat(similarities), torch.cat(indices)
-
-
-@torch.no_grad()
-def neighbour_label_distribution(
-    similarities: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float
-) -> torch.Tensor:
-    """(N, K) vote of the neighbours' given labels, each weighted by exp(similarity / temperature)."""
-    weights = torch.softmax(similarities / temperature, dim=1)  # (N, k)
-    votes = torch.zeros(len(indices), num_classes, dtype=weights.dtype, device=weights.device)
-    return votes.scatter_add_(1, labels[indices], weights)
 
 
 def two_mode_posterior(scores: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -143,7 +135,8 @@ def noise_scores(
     embeddings = torch.as_tensor(embeddings).float()
     labels = torch.as_tensor(labels).long().to(embeddings.device)
     similarities, neighbours = nearest_neighbours(embeddings, num_neighbours, max_reference, seed)
-    evidence = neighbour_label_distribution(similarities, neighbours, labels, num_classes, temperature)  # (N, K)
+    # The project's one kNN vote, the one the `queue_vote` training rule uses over the queue's keys.
+    evidence = neighbour_label_vote(similarities, labels[neighbours], num_classes, temperature)  # (N, K)
 
     label_quality = evidence.gather(1, labels[:, None]).squeeze(1).cpu().numpy()
     suggested = evidence.argmax(1).cpu().numpy()
@@ -168,4 +161,4 @@ def noise_scores(
     }
 
 
-__all__ = ["DECISIONS", "nearest_neighbours", "neighbour_label_distribution", "noise_scores", "two_mode_posterior"]
+__all__ = ["DECISIONS", "nearest_neighbours", "noise_scores", "two_mode_posterior"]

@@ -574,10 +574,12 @@ class MoProTrainer(Trainer):
     # ----------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         num_skipped = inputs.pop("num_skipped_images", None)
-        inputs.pop("sample_ids", None)  # per-sample bookkeeping, not a model input
+        sample_ids = inputs.pop("sample_ids", None)  # per-sample bookkeeping
         unwrapped = self.accelerator.unwrap_model(model)
         if not isinstance(unwrapped, MoProForPreTraining):
             inputs.pop("pixel_values_key", None)  # the CE baseline sees the weak view only
+        elif unwrapped.config.noise_correction_rule == "queue_vote" and sample_ids is not None:
+            inputs["sample_ids"] = sample_ids  # keeps a sample's own queued keys out of its neighbour vote
         elif model.training:
             self._end_finished_epochs()
             phase = self.current_phase()
