@@ -578,14 +578,14 @@ class MoProTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         if not isinstance(unwrapped, MoProForPreTraining):
             inputs.pop("pixel_values_key", None)  # the CE baseline sees the weak view only
-        elif unwrapped.config.noise_correction_rule == "queue_vote" and sample_ids is not None:
-            inputs["sample_ids"] = sample_ids  # keeps a sample's own queued keys out of its neighbour vote
         elif model.training:
             self._end_finished_epochs()
             phase = self.current_phase()
             unwrapped.set_phase(phase)  # a device-side fill: reading the phase first would wait for the device
             if phase == MoProPhase.NOISE_CORRECTION:
                 unwrapped.set_correction_strength(self.correction_schedule.strength(self.current_epoch()))
+        if isinstance(unwrapped, MoProForPreTraining) and unwrapped.config.noise_correction_rule == "queue_vote":
+            inputs["sample_ids"] = sample_ids  # keeps a sample's own queued keys out of its neighbour vote
         outputs = model(**inputs)
         if model.training:
             self._record(outputs, inputs["labels"], num_skipped)
