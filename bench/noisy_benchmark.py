@@ -39,8 +39,8 @@ from modeling_mopro import (  # noqa: E402
     MoProForImageClassification,
     MoProForPreTraining,
     correct_noisy_labels,
-    queue_label_vote,
     far_from_prototypes,
+    queue_label_vote,
 )
 from training.arguments import MoProTrainingArguments  # noqa: E402
 from training.collator import MoProCollator  # noqa: E402
@@ -183,7 +183,7 @@ def run_name(setting: str, method: str, seed: int, args) -> str:
     schedule = "_adaptive" if method == "mopro" and args.noise_correction_schedule == "adaptive" else ""
     vote = ""
     if method == "mopro" and getattr(args, "noise_correction_rule", "official") == "queue_vote":
-        vote = f"_vote{args.queue_vote_k}w{args.queue_vote_weight:g}"
+        vote = f"_vote{args.queue_vote_k}w{args.queue_vote_weight:g}t{args.threshold:g}"
     return f"{setting}_wd{args.weight_decay:g}{crop}_{method}{rule}{vote}{schedule}_s{seed}"
 
 

@@ -116,10 +116,14 @@ def test_own_keys_do_not_vote():
     without = queue_label_vote(q, queue, queue_labels, NUM_CLASSES, 6, 0.1, torch.tensor([7]), ids)
     others = torch.ones(queue.shape[1], dtype=torch.bool)
     others[own] = False
-    torch.testing.assert_close(without, queue_label_vote(q, queue[:, others], queue_labels[others], NUM_CLASSES, 6, 0.1))
+    torch.testing.assert_close(
+        without, queue_label_vote(q, queue[:, others], queue_labels[others], NUM_CLASSES, 6, 0.1)
+    )
     assert with_own.argmax() == 2 and without.argmax() == 0
     # Unknown ids (-1, e.g. keys from a checkpoint without them) are never taken for the sample's own.
-    unknown = queue_label_vote(q, queue, queue_labels, NUM_CLASSES, 6, 0.1, torch.tensor([-1]), torch.full_like(ids, -1))
+    unknown = queue_label_vote(
+        q, queue, queue_labels, NUM_CLASSES, 6, 0.1, torch.tensor([-1]), torch.full_like(ids, -1)
+    )
     torch.testing.assert_close(unknown, with_own)
 
 
@@ -199,7 +203,9 @@ def test_same_losses_as_official_before_correction():
     are bit-identical to the official rule's. In the correction phase they part."""
     for phase in (MoProPhase.WARMUP, MoProPhase.PROTOTYPES):
         official = tester.create_pretraining_model(seed=3)
-        voting = tester.create_pretraining_model(tester.get_config(noise_correction_rule="queue_vote", queue_vote_k=8), seed=3)
+        voting = tester.create_pretraining_model(
+            tester.get_config(noise_correction_rule="queue_vote", queue_vote_k=8), seed=3
+        )
         for a, b in zip(run_steps(official, 4, phase), run_steps(voting, 4, phase), strict=True):
             assert torch.equal(a, b)
         state = voting.state_dict()
