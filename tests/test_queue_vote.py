@@ -281,27 +281,9 @@ def test_trainer_walks_the_phases_and_passes_sample_ids(tmp_path):
 def test_two_processes_write_the_same_label_queue(tmp_path):
     """`accelerate launch` with 2 gloo processes under `queue_vote`: the labels and sample ids are gathered like the
     keys, so both ranks hold the same label queue, and every slot holds its key's sample id and that sample's label."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.trainer_fixtures import run_distributed_train, tiny_image_dataset
 
-    from tests.trainer_fixtures import tiny_image_dataset
-
-    repo = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "PYTHONPATH": str(repo),
-        "OMP_NUM_THREADS": "1",
-    }
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
-        "--main_process_port", "29521", str(repo / "tests" / "distributed_train.py"), str(tmp_path), "queue_vote",
-    ]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = run_distributed_train(tmp_path, "queue_vote", port=29521)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     states = [torch.load(tmp_path / f"rank{r}_state.pt", weights_only=True) for r in (0, 1)]
     for name in ("queue", "queue_ptr", "queue_labels", "queue_sample_ids", "mopro.prototypes"):
