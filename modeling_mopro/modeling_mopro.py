@@ -600,6 +600,7 @@ class MoProForPreTraining(MoProPreTrainedModel):
         k  = momentum_encoder(strong view)       (no gradient; shuffle-BN across processes, BatchNorm groups in one)
         L_ins: [q.k, q.queue] / T against column 0, over all samples; then k is enqueued
         noise correction (phase NOISE_CORRECTION): corrected labels and a keep mask from classifier + prototypes
+            (`noise_correction_rule="queue_vote"`, not official: + the given labels of the nearest queued keys)
         prototypes <- EMA of the (kept, gathered) q by (corrected) label, then L2-normalised
         L = CE(kept) + w_inst L_ins + w_proto L_pro(kept)      (L_pro from phase PROTOTYPES on)
 
