@@ -40,6 +40,7 @@ from modeling_mopro import (  # noqa: E402
     MoProForPreTraining,
     correct_noisy_labels,
     far_from_prototypes,
+    queue_label_vote,
 )
 from training.arguments import MoProTrainingArguments  # noqa: E402
 from training.collator import MoProCollator  # noqa: E402
@@ -144,6 +145,16 @@ class EpochScores(TrainerCallback):
             logits, proto_logits, given, config.alpha, config.pseudo_label_threshold
         )
         out = {f"official_{k}": v for k, v in decision_metrics(corrected, keep, given, true, is_ood).items()}
+        if config.noise_correction_rule == "queue_vote":  # the decisions of the rule this run trains with
+            vote = queue_label_vote(
+                q, model.queue, model.queue_labels, config.num_labels, config.queue_vote_k, config.temperature,
+                torch.arange(len(given)), model.queue_sample_ids,
+            )  # fmt: skip  # sample ids are the dataset positions (`build_noisy_fashion_mnist`)
+            corrected, keep = correct_noisy_labels(
+                logits, proto_logits, given, config.alpha, config.pseudo_label_threshold,
+                neighbour_vote=vote, vote_weight=config.queue_vote_weight,
+            )  # fmt: skip
+            out.update({f"vote_{k}": v for k, v in decision_metrics(corrected, keep, given, true, is_ood).items()})
         # The signals a schedule could read without ground truth (here on centre crops of the whole training set).
         out["signal_classifier_prototype_agreement"] = float(
             (logits.argmax(1) == proto_logits.argmax(1)).float().mean()
@@ -170,7 +181,10 @@ def run_name(setting: str, method: str, seed: int, args) -> str:
     crop = "" if args.crop_min == 0.2 else f"_crop{args.crop_min:g}"  # official RandomResizedCrop area range: 0.2-1
     rule = "" if args.ood_rule == "official" or method == "ce" else "_distance"
     schedule = "_adaptive" if method == "mopro" and args.noise_correction_schedule == "adaptive" else ""
-    return f"{setting}_wd{args.weight_decay:g}{crop}_{method}{rule}{schedule}_s{seed}"
+    vote = ""
+    if method == "mopro" and getattr(args, "noise_correction_rule", "official") == "queue_vote":
+        vote = f"_vote{args.queue_vote_k}w{args.queue_vote_weight:g}t{args.threshold:g}"
+    return f"{setting}_wd{args.weight_decay:g}{crop}_{method}{rule}{vote}{schedule}_s{seed}"
 
 
 def build_trainer(
@@ -251,7 +265,8 @@ def run(setting: str, method: str, epochs: int, seed: int, args) -> Path:
         workers=args.workers, crop_min=args.crop_min, correction_start=args.correction_start,
         correction_schedule=args.noise_correction_schedule, alpha=args.alpha,
         pseudo_label_threshold=args.threshold, ood_rule=args.ood_rule,
-        ood_similarity_threshold=args.ood_similarity_threshold,
+        ood_similarity_threshold=args.ood_similarity_threshold, noise_correction_rule=args.noise_correction_rule,
+        queue_vote_k=args.queue_vote_k, queue_vote_weight=args.queue_vote_weight,
     )  # fmt: skip
     model, training_args = trainer.model, trainer.args
     started = time.time()
@@ -486,6 +501,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ood_rule", choices=("official", "prototype_distance"), default="official",
                         help="the rule MoPro trains with (both rules are scored every epoch either way)")  # fmt: skip
     parser.add_argument("--ood_similarity_threshold", type=float, default=0.5)
+    parser.add_argument("--noise_correction_rule", choices=("official", "queue_vote"), default="official",
+                        help="'queue_vote' (not official): the soft label mixed with the queue's neighbour vote")  # fmt: skip
+    parser.add_argument("--queue_vote_k", type=int, default=50)
+    parser.add_argument("--queue_vote_weight", type=float, default=0.5)
     parser.add_argument("--correction_start", type=int, default=None, help="default: 11/90 of the epochs")
     parser.add_argument("--noise_correction_schedule", choices=SCHEDULES, default="fixed",
                         help="fixed: correction from --correction_start (official); adaptive: from when the "

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from modeling_mopro.noise_correction import neighbour_label_vote
 from training.cli import positive_int
 
 from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
@@ -43,7 +44,8 @@ def knn_class_scores(
     num_classes: int | None = None,
     batch_size: int = 1024,
 ) -> torch.Tensor:
-    """Per-class vote totals of the k nearest (cosine) training samples of every test sample.
+    """Per-class vote shares of the k nearest (cosine) training samples of every test sample
+    (`modeling_mopro.neighbour_label_vote`, the vote the noise report and the `queue_vote` training rule use).
 
     Args:
         train_features: (N, D) features (L2-normalised here).
@@ -56,7 +58,8 @@ def knn_class_scores(
         batch_size: test rows per similarity block (memory: batch_size x N floats).
 
     Returns:
-        (M, num_classes) float vote totals.
+        (M, num_classes) float vote shares, each row summing to 1 (the weights normalised over the k neighbours:
+        the same argmax as InstDisc's unnormalised totals).
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; choose from {WEIGHTINGS}")
@@ -68,9 +71,8 @@ def knn_class_scores(
     scores = []
     for start in range(0, test.shape[0], batch_size):
         similarity, neighbours = (test[start : start + batch_size] @ train.T).topk(k, dim=1)  # (B, k)
-        weights = (similarity / temperature).exp() if weighting == "temperature" else torch.ones_like(similarity)
-        votes = torch.zeros(similarity.shape[0], num_classes, device=train.device)
-        scores.append(votes.scatter_add_(1, labels[neighbours], weights))
+        vote_temperature = temperature if weighting == "temperature" else None  # None: a majority vote
+        scores.append(neighbour_label_vote(similarity, labels[neighbours], num_classes, vote_temperature))
     return torch.cat(scores) if scores else torch.zeros(0, num_classes)
 
 

@@ -53,6 +53,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from modeling_mopro.noise_correction import neighbour_label_vote
+
 DECISIONS = ("clean", "relabelled", "ood")
 
 # Separated modes: the fitted mixture's density between its two means falls to at most this share of its lower peak
@@ -109,16 +111,6 @@ def nearest_neighbours(
         similarities.append(top.values)
         indices.append(reference[top.indices])
     return torch.cat(similarities), torch.cat(indices)
-
-
-@torch.no_grad()
-def neighbour_label_distribution(
-    similarities: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float
-) -> torch.Tensor:
-    """(N, K) vote of the neighbours' given labels, each weighted by exp(similarity / temperature)."""
-    weights = torch.softmax(similarities / temperature, dim=1)  # (N, k)
-    votes = torch.zeros(len(indices), num_classes, dtype=weights.dtype, device=weights.device)
-    return votes.scatter_add_(1, labels[indices], weights)
 
 
 @dataclass(frozen=True)
@@ -328,7 +320,8 @@ def noise_scores(
     embeddings = torch.as_tensor(embeddings).float()
     labels = torch.as_tensor(labels).long().to(embeddings.device)
     similarities, neighbours = nearest_neighbours(embeddings, num_neighbours, max_reference, seed)
-    evidence = neighbour_label_distribution(similarities, neighbours, labels, num_classes, temperature)  # (N, K)
+    # The project's one kNN vote, the one the `queue_vote` training rule uses over the queue's keys.
+    evidence = neighbour_label_vote(similarities, labels[neighbours], num_classes, temperature)  # (N, K)
 
     label_quality = evidence.gather(1, labels[:, None]).squeeze(1).cpu().numpy()
     suggested = evidence.argmax(1).cpu().numpy()
@@ -354,7 +347,6 @@ __all__ = [
     "fit_two_modes",
     "fitted_decisions",
     "nearest_neighbours",
-    "neighbour_label_distribution",
     "noise_scores",
     "two_mode_posterior",
 ]

@@ -29,7 +29,14 @@ from .modeling_mopro import (
     build_image_processor,
     image_processor_for,
 )
-from .noise_correction import correct_noisy_labels, correction_thresholds, far_from_prototypes, update_prototypes
+from .noise_correction import (
+    correct_noisy_labels,
+    correction_thresholds,
+    far_from_prototypes,
+    neighbour_label_vote,
+    queue_label_vote,
+    update_prototypes,
+)
 
 AutoConfig.register("mopro", MoProConfig, exist_ok=True)
 AutoModel.register(MoProConfig, MoProModel, exist_ok=True)
@@ -63,6 +70,8 @@ __all__ = [
     "instance_contrastive_loss",
     "instance_logits",
     "masked_cross_entropy",
+    "neighbour_label_vote",
     "prototype_logits",
+    "queue_label_vote",
     "update_prototypes",
 ]

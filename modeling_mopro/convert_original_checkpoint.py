@@ -294,8 +294,10 @@ def convert_state_dict(
         else:
             converted[new_key] = tensor
     if isinstance(model, MoProForPreTraining):
-        # Not in the official checkpoint: the phase of the schedule, set by the caller.
-        converted["phase"] = expected["phase"].clone()
+        # Not in the official checkpoint: the phase of the schedule, set by the caller, and the given labels and
+        # sample ids of the queued keys (-1: unknown, such keys never vote in the `queue_vote` rule).
+        for name in ("phase", "queue_labels", "queue_sample_ids"):
+            converted[name] = expected[name].clone()
     missing = [original_key(k) for k in expected if k not in converted]
     wrong_shape = [
         f"{original_key(k)}: {tuple(v.shape)} in the checkpoint, {tuple(expected[k].shape)} expected"

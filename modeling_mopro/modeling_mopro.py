@@ -33,7 +33,13 @@ from transformers.utils import ModelOutput
 from .configuration_mopro import MoProConfig
 from .distributed import batch_shuffle, batch_unshuffle, concat_all_gather, gather_sizes, is_distributed
 from .losses import instance_contrastive_loss, instance_logits, masked_cross_entropy, prototype_logits
-from .noise_correction import correct_noisy_labels, correction_thresholds, far_from_prototypes, update_prototypes
+from .noise_correction import (
+    correct_noisy_labels,
+    correction_thresholds,
+    far_from_prototypes,
+    queue_label_vote,
+    update_prototypes,
+)
 
 
 class MoProPhase(IntEnum):
@@ -263,6 +269,10 @@ class MoProPreTrainedModel(PreTrainedModel):
             init.copy_(module.queue, F.normalize(module.queue, dim=0))
             init.zeros_(module.queue_ptr)
             init.zeros_(module.phase)
+            # -1: no label / sample known for the slot. A checkpoint saved before these buffers existed loads with
+            # them so, and its queued keys stay out of the `queue_vote` rule until the queue has turned over.
+            init.constant_(module.queue_labels, -1)
+            init.constant_(module.queue_sample_ids, -1)
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -590,6 +600,7 @@ class MoProForPreTraining(MoProPreTrainedModel):
         k  = momentum_encoder(strong view)       (no gradient; shuffle-BN across processes, BatchNorm groups in one)
         L_ins: [q.k, q.queue] / T against column 0, over all samples; then k is enqueued
         noise correction (phase NOISE_CORRECTION): corrected labels and a keep mask from classifier + prototypes
+            (`noise_correction_rule="queue_vote"`, not official: + the given labels of the nearest queued keys)
         prototypes <- EMA of the (kept, gathered) q by (corrected) label, then L2-normalised
         L = CE(kept) + w_inst L_ins + w_proto L_pro(kept)      (L_pro from phase PROTOTYPES on)
 
@@ -614,6 +625,10 @@ class MoProForPreTraining(MoProPreTrainedModel):
         self.momentum_encoder = MoProMomentumEncoder(config)
         self.register_buffer("queue", torch.zeros(config.embedding_size, config.queue_size))  # (D, Q)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # Given label and dataset index of each queued key, written with the keys under `noise_correction_rule=
+        # "queue_vote"` (its neighbour vote; the index keeps a sample's own earlier keys out of its vote).
+        self.register_buffer("queue_labels", torch.full((config.queue_size,), -1, dtype=torch.long))  # (Q,)
+        self.register_buffer("queue_sample_ids", torch.full((config.queue_size,), -1, dtype=torch.long))  # (Q,)
         self.register_buffer("phase", torch.tensor(int(MoProPhase.WARMUP), dtype=torch.long))
         # Strength of the correction in phase NOISE_CORRECTION (1: the official rule). Set by the Trainer from its
         # correction schedule at every step, like the phase, and saved with the schedule, so not a buffer.
@@ -752,16 +767,24 @@ class MoProForPreTraining(MoProPreTrainedModel):
         return k[torch.argsort(perm)]  # (N, D)
 
     @torch.no_grad()
-    def _enqueue(self, k_all: torch.Tensor) -> None:
-        """Write the global batch of keys at the pointer, wrapping around (no need for Q % batch == 0).
+    def _enqueue(
+        self, k_all: torch.Tensor, labels_all: torch.Tensor | None = None, sample_ids_all: torch.Tensor | None = None
+    ) -> None:
+        """Write the global batch of keys at the pointer, wrapping around (no need for Q % batch == 0), and with
+        `labels_all` (N,) their given labels and `sample_ids_all` (N,) their dataset indices (-1 when not given)
+        into the same slots.
 
         The pointer stays on the device: the write positions are computed there, never read back to the host."""
         queue_size = self.queue.shape[1]
         n = k_all.shape[0]
-        k_all = k_all[-queue_size:]  # a global batch larger than the queue keeps its newest keys
+        keep = slice(-queue_size, None)  # a global batch larger than the queue keeps its newest keys
+        k_all = k_all[keep]
         offsets = n - k_all.shape[0] + torch.arange(k_all.shape[0], device=k_all.device)
         idx = (self.queue_ptr + offsets) % queue_size
         self.queue[:, idx] = k_all.T.to(self.queue.dtype)
+        if labels_all is not None:
+            self.queue_labels[idx] = labels_all[keep]
+            self.queue_sample_ids[idx] = -1 if sample_ids_all is None else sample_ids_all[keep]
         self.queue_ptr.add_(n).remainder_(queue_size)
 
     @torch.no_grad()
@@ -783,6 +806,7 @@ class MoProForPreTraining(MoProPreTrainedModel):
         pixel_values: torch.Tensor,
         pixel_values_key: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        sample_ids: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MoProForPreTrainingOutput:
@@ -791,6 +815,8 @@ class MoProForPreTraining(MoProPreTrainedModel):
             pixel_values: (N, 3, H, W) weak (query) view.
             pixel_values_key: (N, 3, H, W) strong (key) view. Without it there is no instance loss.
             labels: (N,) given web labels. Without them: logits and embeddings only.
+            sample_ids: (N,) dataset index of each sample (the collator's `sample_ids`). Used only by
+                `noise_correction_rule="queue_vote"`, to keep a sample's own earlier keys out of its neighbour vote.
         """
         config = self.config
         if labels is not None:
@@ -826,9 +852,17 @@ class MoProForPreTraining(MoProPreTrainedModel):
             threshold, ood_threshold = correction_thresholds(
                 self.correction_strength, config.pseudo_label_threshold, config.num_labels
             )
+            queue_vote = config.noise_correction_rule == "queue_vote"
+            vote = None
+            if queue_vote:  # not official: the given labels of the nearest queued keys vote too (config docstring)
+                vote = queue_label_vote(
+                    q.detach(), self.queue, self.queue_labels, config.num_labels, config.queue_vote_k,
+                    config.temperature, sample_ids, self.queue_sample_ids,
+                )  # fmt: skip  # (N, K); the queue as it was before this step's keys
             corrected, corrected_keep = correct_noisy_labels(
-                logits.detach(), proto_logits.detach(), labels, config.alpha, threshold, ood_threshold
-            )
+                logits.detach(), proto_logits.detach(), labels, config.alpha, threshold, ood_threshold,
+                neighbour_vote=vote, vote_weight=config.queue_vote_weight,
+            )  # fmt: skip
             if config.ood_rule == "prototype_distance":
                 corrected_keep &= ~far_from_prototypes(q.detach(), prototypes, config.ood_similarity_threshold)
             targets = torch.where(correcting, corrected, labels)
@@ -838,8 +872,12 @@ class MoProForPreTraining(MoProPreTrainedModel):
             if k is not None:
                 inst_logits = instance_logits(q, k, self.queue.clone(), config.temperature)  # (N, 1 + Q)
                 loss_instance = instance_contrastive_loss(inst_logits)
-                if self.training:
-                    self._enqueue(concat_all_gather(k, sizes))  # after the logits: a key is never its own negative
+                if self.training:  # after the logits and the vote: a key is never its own negative nor neighbour
+                    labels_all = ids_all = None
+                    if queue_vote:  # the label queue is written only where it is read: no extra gather otherwise
+                        labels_all = concat_all_gather(labels, sizes)
+                        ids_all = None if sample_ids is None else concat_all_gather(sample_ids, sizes)
+                    self._enqueue(concat_all_gather(k, sizes), labels_all, ids_all)
             if self.training:
                 self._update_prototypes(q.detach(), targets, keep, sizes)
 

@@ -1,6 +1,6 @@
 """Run by tests/test_trainer.py under `accelerate launch --multi_gpu --num_processes 2` on CPU (gloo).
 
-Each rank records which sample ids its batches held per epoch. After training, one more training step in which
+Optional second argument: the model's `noise_correction_rule` (default "official"). Each rank records which sample ids its batches held per epoch. After training, one more training step in which
 rank 1's batch holds only undecodable images (0 rows through every gather), then the noise report as
 `training/run_mopro.py` ends (every rank scores its share). Each rank saves its final model state."""
 
@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from transformers import set_seed
 
-from tests.trainer_fixtures import IMAGE_SIZE, NUM_LABELS, tiny_image_dataset, tiny_trainer
+from modeling_mopro import MoProForPreTraining
+from tests.trainer_fixtures import IMAGE_SIZE, NUM_LABELS, tiny_config, tiny_image_dataset, tiny_trainer
 from training.arguments import DataArguments
 from training.collator import MoProCollator
 from training.run_mopro import noise_report
@@ -36,13 +37,15 @@ class RecordingCollator(MoProCollator):
         return batch
 
 
-def main(output_dir: str) -> None:
+def main(output_dir: str, noise_correction_rule: str = "official") -> None:
     set_seed(0)
     collator = RecordingCollator(MoProViewTransforms(IMAGE_SIZE), train=True, num_labels=NUM_LABELS, seed=0)
     dataset = tiny_image_dataset(NUM_SAMPLES)
+    model = MoProForPreTraining(tiny_config(noise_correction_rule=noise_correction_rule, queue_vote_k=8))
     trainer = tiny_trainer(
         output_dir,
         dataset,
+        model=model,
         collator=collator,
         max_steps=-1,
         num_train_epochs=EPOCHS,
@@ -85,4 +88,4 @@ def main(output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -81,11 +81,14 @@ def test_flagged_images_load_as_the_hub_configuration(written, tmp_path):
     report.to_parquet(str(repo / "data" / "train-00000-of-00001.parquet"))
     flagged.to_parquet(str(repo / gallery.FLAGGED_CONFIG / "train-00000-of-00001.parquet"))
     (repo / "README.md").write_text(noise_report.hub_card((out / "README.md").read_text(), "org/model")[0])
-    loaded = datasets.load_dataset(str(repo), gallery.FLAGGED_CONFIG, split="train")
+    # A cache of its own: the shared one keys a local folder by its path, which pytest reuses across sessions, and would
+    # hand back the tables of an earlier session's report.
+    cache = str(tmp_path / "datasets_cache")
+    loaded = datasets.load_dataset(str(repo), gallery.FLAGGED_CONFIG, split="train", cache_dir=cache)
     assert isinstance(loaded.features["image"], datasets.Image)
     assert rows_by_id(loaded) == rows_by_id(flagged)
     assert [image.tobytes() for image in loaded["image"]] == [image.tobytes() for image in flagged["image"]]
-    default = datasets.load_dataset(str(repo), split="train")
+    default = datasets.load_dataset(str(repo), split="train", cache_dir=cache)
     assert "image" not in default.column_names and len(default) == len(report)
 
 

@@ -22,10 +22,10 @@ from evaluation.noise_scores import (
     fit_two_modes,
     fitted_decisions,
     nearest_neighbours,
-    neighbour_label_distribution,
     noise_scores,
     two_mode_posterior,
 )
+from modeling_mopro import neighbour_label_vote
 
 NUM_CLASSES = 4
 DIM = 16
@@ -108,7 +108,7 @@ def test_neighbour_vote_weights_by_similarity():
     similarities = torch.tensor([[0.9, 0.1]])
     indices = torch.tensor([[0, 1]])
     labels = torch.tensor([2, 0])
-    vote = neighbour_label_distribution(similarities, indices, labels, num_classes=3, temperature=0.1)
+    vote = neighbour_label_vote(similarities, labels[indices], num_classes=3, temperature=0.1)
     expected = torch.softmax(torch.tensor([9.0, 1.0]), 0)
     torch.testing.assert_close(vote, torch.tensor([[expected[1], 0.0, expected[0]]]))
 

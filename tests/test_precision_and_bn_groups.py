@@ -48,9 +48,9 @@ def test_bf16_autocast_runs_the_backbones_in_bf16_and_everything_after_in_fp32(m
         backbone.register_forward_hook(lambda module, args, output: backbone_dtypes.append(output.dtype))
     soft_label_inputs = []
 
-    def recording_correct_noisy_labels(class_logits, prototype_logits, *args):
+    def recording_correct_noisy_labels(class_logits, prototype_logits, *args, **kwargs):
         soft_label_inputs.extend([class_logits.dtype, prototype_logits.dtype])
-        return correct_noisy_labels(class_logits, prototype_logits, *args)
+        return correct_noisy_labels(class_logits, prototype_logits, *args, **kwargs)
 
     correct_noisy_labels = modeling.correct_noisy_labels
     monkeypatch.setattr(modeling, "correct_noisy_labels", recording_correct_noisy_labels)

@@ -90,6 +90,8 @@ OFFICIAL = {
     "alpha": (0.5, lambda m, t, c: c.alpha),
     # model.py L141-150: kept if the given label's soft score > 1/K, or relabelled if max score > pseudo_th
     "ood_rule": ("official", lambda m, t, c: c.ood_rule),
+    # model.py L141-150: the soft label is alpha * classifier + (1 - alpha) * prototypes, no neighbour vote
+    "noise_correction_rule": ("official", lambda m, t, c: c.noise_correction_rule),
     # resnet.py L137-138: every BatchNorm weight filled with 1 (no zero-init of the last gamma)
     "backbone_zero_init_last": (False, lambda m, t, c: c.backbone_zero_init_last),
 }

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -17,7 +14,7 @@ from transformers import set_seed
 
 from modeling_mopro import MoProForPreTraining, MoProPhase
 from tests.fixtures_eval import IMAGE_SIZE, NUM_LABELS
-from tests.trainer_fixtures import tiny_config, tiny_image_dataset, tiny_trainer
+from tests.trainer_fixtures import run_distributed_train, tiny_config, tiny_image_dataset, tiny_trainer
 from training.collator import MoProCollator
 from training.trainer import phase_for_epoch, step_schedule
 from training.transforms import MoProViewTransforms
@@ -197,34 +194,7 @@ def test_two_process_accelerate_run_keeps_state_identical(tmp_path):
     """`accelerate launch` with 2 gloo processes: every sample seen exactly once per epoch across ranks; a step
     where one rank's batch is empty neither hangs nor gives NaN; both ranks end with identical queue, prototypes
     and weights; and the noise report, computed in shares, holds every training sample exactly once."""
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--num_cpu_threads_per_process",
-        "1",
-        "--main_process_port",
-        "29517",
-        str(REPO / "tests" / "distributed_train.py"),
-        str(tmp_path),
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = run_distributed_train(tmp_path, port=29517)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]

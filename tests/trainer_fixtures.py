@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
@@ -72,3 +76,22 @@ def tiny_trainer(output_dir: str, dataset: Dataset, model=None, collator=None, *
         or MoProCollator(transforms, train=True, num_labels=NUM_LABELS, seed=args.seed, uint8_training_views=True),
         eval_data_collator=MoProCollator(transforms, train=False, num_labels=NUM_LABELS),
     )
+
+
+def run_distributed_train(output_dir: Path, *script_args: str, port: int) -> subprocess.CompletedProcess:
+    """`tests/distributed_train.py output_dir *script_args` under `accelerate launch` with 2 gloo processes on CPU,
+    one thread each (`--multi_gpu` is what starts 2 processes on CPU: `--cpu` runs one)."""
+    repo = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": str(repo),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+        "--main_process_port", str(port), str(repo / "tests" / "distributed_train.py"), str(output_dir), *script_args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=output_dir)

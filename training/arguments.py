@@ -54,6 +54,11 @@ class ModelArguments:
     prototype_loss_weight: float | None = field(default=None, metadata={"help": "w_proto (official 1.0)."})
     ood_rule: str | None = field(default=None, metadata={"help": "'official' or 'prototype_distance'."})
     ood_similarity_threshold: float | None = field(default=None, metadata={"help": "For 'prototype_distance'."})
+    noise_correction_rule: str | None = field(
+        default=None, metadata={"help": "'official' or 'queue_vote' (not official: neighbour vote of queued labels)."}
+    )
+    queue_vote_k: int | None = field(default=None, metadata={"help": "Neighbours of 'queue_vote' (50)."})
+    queue_vote_weight: float | None = field(default=None, metadata={"help": "Weight of the 'queue_vote' vote (0.5)."})
     backbone_zero_init_last: bool | None = field(
         default=None,
         metadata={"help": "Zero-init the last BN gamma of each residual block (timm's habit; official False)."},
@@ -83,7 +88,7 @@ ARCHITECTURE_FIELDS = (
 HYPERPARAMETER_FIELDS = (
     "encoder_momentum", "prototype_momentum", "temperature", "alpha", "pseudo_label_threshold",
     "instance_loss_weight", "prototype_loss_weight", "ood_rule", "ood_similarity_threshold",
-    "momentum_encoder_bn_groups",
+    "noise_correction_rule", "queue_vote_k", "queue_vote_weight", "momentum_encoder_bn_groups",
 )  # fmt: skip
 
 

@@ -75,6 +75,7 @@ OFFICIAL_RECIPE: dict[str, tuple[Any, str]] = {
     "pseudo_label_threshold": (0.8, "train.py L102: --pseudo_th 0.8"),
     "alpha": (0.5, "train.py L104: --alpha 0.5"),
     "ood_rule": ("official", "model.py L141-150: kept if s_y > 1/K or max s > pseudo_th"),
+    "noise_correction_rule": ("official", "model.py L141-150: soft label alpha p_cls + (1 - alpha) p_proto"),
     "backbone_zero_init_last": (False, "resnet.py L137-138: every BatchNorm gamma 1"),
 }
 

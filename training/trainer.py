@@ -574,7 +574,7 @@ class MoProTrainer(Trainer):
     # ----------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         num_skipped = inputs.pop("num_skipped_images", None)
-        inputs.pop("sample_ids", None)  # per-sample bookkeeping, not a model input
+        sample_ids = inputs.pop("sample_ids", None)  # per-sample bookkeeping
         unwrapped = self.accelerator.unwrap_model(model)
         if not isinstance(unwrapped, MoProForPreTraining):
             inputs.pop("pixel_values_key", None)  # the CE baseline sees the weak view only
@@ -584,6 +584,8 @@ class MoProTrainer(Trainer):
             unwrapped.set_phase(phase)  # a device-side fill: reading the phase first would wait for the device
             if phase == MoProPhase.NOISE_CORRECTION:
                 unwrapped.set_correction_strength(self.correction_schedule.strength(self.current_epoch()))
+        if isinstance(unwrapped, MoProForPreTraining) and unwrapped.config.noise_correction_rule == "queue_vote":
+            inputs["sample_ids"] = sample_ids  # keeps a sample's own queued keys out of its neighbour vote
         outputs = model(**inputs)
         if model.training:
             self._record(outputs, inputs["labels"], num_skipped)
