@@ -11,7 +11,9 @@ Per setting (human, asym20, asym40, ood20) and seed (0, 1, 2), built by `bench/n
 - the noise report vs cleanlab: `bench/label_noise_benchmark.py train --natural_dir ...` for both methods, then its
   `report` per setting; outputs `<results_dir>/detection/<setting>/`;
 - after all of these, the own-data recipe (`run_mopro.py --train_dir ... --validation_dir ...` without a YAML) on
-  human and ood20: CE and MoPro (adaptive); outputs `<results_dir>/accuracy/<setting>_s<seed>/own_<method>/`.
+  human and ood20: CE and MoPro (adaptive); outputs `<results_dir>/accuracy/<setting>_s<seed>/own_<method>/`;
+- then MoPro with the `queue_vote` correction (the demo's recipe, parameters from the Fashion-MNIST development
+  cells), every setting; outputs `<results_dir>/accuracy/<setting>_s<seed>/mopro_queue_vote/`.
 A run whose output is complete (`all_results.json`, `run.json`) is skipped, so an interrupted table resumes (an
 unfinished run_mopro folder is started afresh: `--overwrite_output_dir true`). The
 order is seed-major: each finished seed is a complete set of rows. Every command runs with one thread
@@ -44,6 +46,12 @@ ACCURACY_METHODS = {
 }
 # The own-data recipe (`run_mopro.py --train_dir` without a YAML: training/configs/own_data.yaml, its epochs and
 # image size from the rule), against the demo recipe's rows above on two settings; after every existing job.
+# The queue_vote correction (issue 24's added option), with the parameters chosen on the Fashion-MNIST development
+# cells (BENCHMARKS.md, "Regime grid"), never on this data; appended after the own-data rows, every setting.
+ADDED_METHODS = {
+    "mopro_queue_vote": ["--noise_correction_rule", "queue_vote", "--queue_vote_k", "50", "--queue_vote_weight", "0.5",
+                         "--pseudo_label_threshold", "0.6"],
+}  # fmt: skip
 OWN_DATA_SETTINGS = ("human", "ood20")
 OWN_DATA_METHODS = {"ce": ["--baseline", "ce"], "mopro_adaptive": []}  # own_data.yaml's schedule is adaptive
 
@@ -63,14 +71,7 @@ def jobs(built_dir: Path, results_dir: Path, seeds=SEEDS, settings=natural_data.
     for seed in seeds:
         for setting in settings:
             data = built_dir / f"{setting}_s{seed}"
-            for method, flags in ACCURACY_METHODS.items():
-                output = results_dir / "accuracy" / f"{setting}_s{seed}" / method
-                argv = (python, "training/run_mopro.py", "training/configs/demo.yaml",
-                        "--train_dir", str(data / "train"), "--validation_dir", str(data / "test"),
-                        "--seed", str(seed), "--num_train_epochs", str(EPOCHS), "--lr_milestones", *LR_MILESTONES,
-                        "--dataloader_num_workers", "1", "--output_dir", str(output),
-                        "--overwrite_output_dir", "true", *flags)  # fmt: skip
-                out.append(Job(f"accuracy_{setting}_s{seed}_{method}", argv, output / "all_results.json"))
+            out += [demo_recipe_job(data, results_dir, setting, seed, m, f) for m, f in ACCURACY_METHODS.items()]
             for method in ("mopro", "cleanlab"):
                 detection = results_dir / "detection" / setting
                 argv = (python, "bench/label_noise_benchmark.py", "train", "--method", method, "--seed", str(seed),
@@ -91,7 +92,22 @@ def jobs(built_dir: Path, results_dir: Path, seeds=SEEDS, settings=natural_data.
                         "--validation_dir", str(data / "test"), "--seed", str(seed), "--dataloader_num_workers", "1",
                         "--output_dir", str(output), "--overwrite_output_dir", "true", *flags)  # fmt: skip
                 out.append(Job(f"accuracy_{setting}_s{seed}_own_{method}", argv, output / "all_results.json"))
+    for seed in seeds:
+        for setting in settings:
+            data = built_dir / f"{setting}_s{seed}"
+            out += [demo_recipe_job(data, results_dir, setting, seed, m, f) for m, f in ADDED_METHODS.items()]
     return out
+
+
+def demo_recipe_job(data: Path, results_dir: Path, setting: str, seed: int, method: str, flags: list[str]) -> Job:
+    """One clean-accuracy run with the demo's recipe pinned (the table's rows)."""
+    output = results_dir / "accuracy" / f"{setting}_s{seed}" / method
+    argv = (sys.executable, "training/run_mopro.py", "training/configs/demo.yaml",
+            "--train_dir", str(data / "train"), "--validation_dir", str(data / "test"),
+            "--seed", str(seed), "--num_train_epochs", str(EPOCHS), "--lr_milestones", *LR_MILESTONES,
+            "--dataloader_num_workers", "1", "--output_dir", str(output),
+            "--overwrite_output_dir", "true", *flags)  # fmt: skip
+    return Job(f"accuracy_{setting}_s{seed}_{method}", argv, output / "all_results.json")
 
 
 def run(all_jobs: list[Job], lanes: int, log_dir: Path) -> int:

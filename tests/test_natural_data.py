@@ -251,9 +251,17 @@ def test_natural_benchmark_plans_every_run_with_the_pinned_recipe(tmp_path, caps
 
     assert natural_benchmark.main(["plan", "--built_dir", str(tmp_path / "b"), "--results_dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    # seeds x settings x (3 accuracy + 2 detection runs), 4 reports; then the own-data rows, after all of them
-    assert len(lines) == 3 * 4 * (3 + 2) + 4 + 3 * 2 * 2
-    lines, own = lines[:64], lines[64:]
+    # seeds x settings x (3 accuracy + 2 detection runs), 4 reports; then the own-data rows, after all of them; then
+    # the queue_vote rows (demo recipe, every setting)
+    assert len(lines) == 3 * 4 * (3 + 2) + 4 + 3 * 2 * 2 + 3 * 4
+    lines, own, vote = lines[:64], lines[64:76], lines[76:]
+    assert all("training/configs/demo.yaml" in line and "--num_train_epochs 30 --lr_milestones 15 25" in line
+               and "--noise_correction_rule queue_vote" in line and line.endswith("mopro_queue_vote --overwrite_output_dir "
+               "true --noise_correction_rule queue_vote --queue_vote_k 50 --queue_vote_weight 0.5 "
+               "--pseudo_label_threshold 0.6") for line in vote)  # fmt: skip
+    assert sorted(line.split("--output_dir ")[1].split()[0].removeprefix(str(tmp_path)) for line in vote) == sorted(
+        f"/accuracy/{setting}_s{seed}/mopro_queue_vote" for seed in range(3)
+        for setting in ("human", "asym20", "asym40", "ood20"))  # fmt: skip
     accuracy = [line for line in lines if "run_mopro.py" in line]
     assert len(accuracy) == 36
     assert all("training/configs/demo.yaml" in line and "--num_train_epochs 30 --lr_milestones 15 25" in line
