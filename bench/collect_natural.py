@@ -28,7 +28,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.environment import machine_info  # noqa: E402
-from bench.natural_benchmark import ACCURACY_METHODS, EPOCHS, SEEDS  # noqa: E402
+from bench.natural_benchmark import (  # noqa: E402
+    ACCURACY_METHODS,
+    ADDED_METHODS,
+    EPOCHS,
+    OWN_DATA_METHODS,
+    OWN_DATA_SETTINGS,
+    SEEDS,
+)
 from bench.natural_data import SETTINGS  # noqa: E402
 
 DETECTION_KEYS = ("label_error_precision", "label_error_recall", "label_error_f1", "label_quality_auroc", "ood_auroc")
@@ -77,6 +84,13 @@ def detection_cells(setting_dir: Path, seeds) -> dict:
     return out
 
 
+def methods_of(setting: str) -> list[str]:
+    """The accuracy rows the protocol runs on `setting`: the demo-recipe rows, the added correction, and the own-data
+    recipe's rows on the settings it is compared on."""
+    own = [f"own_{method}" for method in OWN_DATA_METHODS] if setting in OWN_DATA_SETTINGS else []
+    return [*ACCURACY_METHODS, *ADDED_METHODS, *own]
+
+
 def collect(results_dir: Path, commit: str, load: str, command: str, settings=SETTINGS, seeds=SEEDS) -> dict:
     accuracy: dict = {}
     finished = []
@@ -84,7 +98,7 @@ def collect(results_dir: Path, commit: str, load: str, command: str, settings=SE
         accuracy[setting] = {}
         for seed in seeds:
             accuracy[setting][str(seed)] = {}
-            for method in ACCURACY_METHODS:
+            for method in methods_of(setting):
                 run_dir = results_dir / "accuracy" / f"{setting}_s{seed}" / method
                 accuracy[setting][str(seed)][method] = accuracy_cell(run_dir)
                 if (run_dir / "all_results.json").is_file():
@@ -106,7 +120,7 @@ def collect(results_dir: Path, commit: str, load: str, command: str, settings=SE
         },
         "settings": list(settings),
         "seeds": list(seeds),
-        "methods": list(ACCURACY_METHODS),
+        "methods": list(dict.fromkeys(m for setting in settings for m in methods_of(setting))),
         "epochs": EPOCHS,
         "accuracy": accuracy,
         "detection": detection,

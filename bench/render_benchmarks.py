@@ -21,7 +21,7 @@ record it (`_run`).
 `natural_accuracy` and `natural_detection`, plot `bench/figures/natural_benchmark.png`):
 
     {"_run": {"command", "commit", "date", "run_dates": [first, last], "machine": {...}, "load"},
-     "settings": ["human", ...], "seeds": [0, 1, 2], "methods": ["ce", "mopro_adaptive", "mopro_fixed"],
+     "settings": ["human", ...], "seeds": [0, 1, 2], "methods": ["ce", "mopro_adaptive", "mopro_fixed", ...],
      "epochs": 30,
      "accuracy": {setting: {str(seed): {method: null | {"final": 0-1, "best": 0-1, "best_epoch": int,
                                                         "correction_start_epoch": int | null}}}},
@@ -29,6 +29,7 @@ record it (`_run`).
                                                             "label_error_f1", "label_quality_auroc", "ood_auroc",
                                                             "fraction_flagged", "flagged_vs_true"}}}}}
 
+A setting's cells name only the methods the protocol runs on it (the own-data rows: human and ood20).
 `null` is a run that has not finished (or whose setting's detection report was not made yet): it is rendered as
 "missing", never left out, and a mean over the seeds that are there says how many those are.
 """
@@ -313,7 +314,20 @@ def data_pipeline_headline(data: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------- natural images
-METHOD_NAMES = {"ce": "CE", "mopro_adaptive": "MoPro, adaptive", "mopro_fixed": "MoPro, fixed (epoch 4)"}
+METHOD_NAMES = {
+    "ce": "CE",
+    "mopro_adaptive": "MoPro, adaptive",
+    "mopro_fixed": "MoPro, fixed (epoch 4)",
+    "mopro_queue_vote": "MoPro, queue_vote (added option)",
+    "own_ce": "CE, own-data recipe",
+    "own_mopro_adaptive": "MoPro, own-data recipe",
+}
+
+
+def _methods_in(data: dict, setting: str) -> list[str]:
+    """The methods the protocol runs on `setting` (the own-data rows run on two settings only)."""
+    cells = data["accuracy"].get(setting, {})
+    return [m for m in data["methods"] if any(m in cells.get(str(s), {}) for s in data["seeds"])]
 
 
 def _seed_values(data: dict, setting: str, method: str, key: str) -> list[float | None]:
@@ -340,7 +354,7 @@ def natural_accuracy(data: dict) -> str:
     ]
     for setting in data["settings"]:
         ce_final = _seed_values(data, setting, "ce", "final")
-        for method in data["methods"]:
+        for method in _methods_in(data, setting):
             final = _seed_values(data, setting, method, "final")
             best = _seed_values(data, setting, method, "best")
             per_seed = " / ".join(MISSING if v is None else _pct(v, 2) for v in final)
@@ -397,12 +411,14 @@ def plot_natural(data: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    settings, methods = data["settings"], data["methods"]
-    figure = Figure(figsize=(3 * len(settings), 3.4), dpi=100)
+    settings = data["settings"]
+    figure = Figure(figsize=(4 * len(settings), 3.6), dpi=100)
     FigureCanvasAgg(figure)
-    colours = {"ce": "tab:blue", "mopro_adaptive": "tab:orange", "mopro_fixed": "tab:red"}
+    colours = {"ce": "tab:blue", "mopro_adaptive": "tab:orange", "mopro_fixed": "tab:red",
+               "mopro_queue_vote": "tab:green", "own_ce": "tab:cyan", "own_mopro_adaptive": "tab:olive"}  # fmt: skip
     for position, setting in enumerate(settings, start=1):
         axes = figure.add_subplot(1, len(settings), position)
+        methods = _methods_in(data, setting)
         for x, method in enumerate(methods):
             values = _seed_values(data, setting, method, "final")
             have = [100 * v for v in values if v is not None]
