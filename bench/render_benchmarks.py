@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import re
 import statistics
 import sys
@@ -324,6 +325,10 @@ METHOD_NAMES = {
 }
 
 
+SHORT_NAMES = {"ce": "CE", "mopro_adaptive": "MoPro\nadaptive", "mopro_fixed": "MoPro\nfixed", "mopro_queue_vote": "MoPro\nqueue_vote",
+               "own_ce": "CE\nown-data", "own_mopro_adaptive": "MoPro\nown-data"}  # fmt: skip
+
+
 def _methods_in(data: dict, setting: str) -> list[str]:
     """The methods the protocol runs on `setting` (the own-data rows run on two settings only)."""
     cells = data["accuracy"].get(setting, {})
@@ -414,6 +419,9 @@ def plot_natural(data: dict, path: Path) -> None:
     settings = data["settings"]
     figure = Figure(figsize=(4 * len(settings), 3.6), dpi=100)
     FigureCanvasAgg(figure)
+    finals = [100 * v for st in settings for m in _methods_in(data, st) for v in _seed_values(data, st, m, "final")
+              if v is not None]  # fmt: skip
+    top = min(100, 10 * math.ceil(max(finals, default=90) / 10) + 10)  # room above the highest dot
     colours = {"ce": "tab:blue", "mopro_adaptive": "tab:orange", "mopro_fixed": "tab:red",
                "mopro_queue_vote": "tab:green", "own_ce": "tab:cyan", "own_mopro_adaptive": "tab:olive"}  # fmt: skip
     for position, setting in enumerate(settings, start=1):
@@ -428,9 +436,9 @@ def plot_natural(data: dict, path: Path) -> None:
             missing = len(values) - len(have)
             if missing:
                 axes.text(x, 2, f"{missing} missing", ha="center", va="bottom", rotation=90, fontsize=7)
-        axes.set_xticks(range(len(methods)), [METHOD_NAMES.get(m, m).replace(", ", "\n") for m in methods], fontsize=7)
+        axes.set_xticks(range(len(methods)), [SHORT_NAMES.get(m, m) for m in methods], fontsize=7)
         axes.set_xlim(-0.6, len(methods) - 0.4)
-        axes.set_ylim(0, 100)
+        axes.set_ylim(0, top)
         axes.set_title(setting, fontsize=10)
         axes.grid(axis="y", alpha=0.3)
     figure.axes[0].set_ylabel("final clean test accuracy (%)")
