@@ -58,7 +58,7 @@ COMMANDS = {
     "robustness": ["-m", "evaluation.robustness"],
     "noise_report": ["-m", "evaluation.noise_report"],
     "classifier_retrain": ["-m", "evaluation.classifier_retrain"],
-    "make_shards": ["-m", "training.make_shards"],
+    "make_shards": ["-m", "training.data.make_shards"],
     "converter": ["-m", "modeling_mopro.convert_original_checkpoint"],
     "release": ["-m", "evaluation.release"],
     "python": [],  # the harness's own self-checks
@@ -884,7 +884,7 @@ def issue20_cases() -> list[Case]:
             "from training.trainer import MoProTrainer\n"
             "def full(self, output_dir): raise OSError(errno.ENOSPC, 'No space left on device')\n"
             "MoProTrainer._save_optimizer_and_scheduler = full\n"
-            "from training.cli import run_command; from training.run_mopro import main; run_command(main)\n"
+            "from modeling_mopro.cli import run_command; from training.run_mopro import main; run_command(main)\n"
         )
         argv = [*s.train("--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"),
                 "--resume_from_checkpoint", str(run / "checkpoint-2"), "--output_dir", str(run)]  # fmt: skip

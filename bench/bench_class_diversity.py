@@ -7,8 +7,8 @@ epoch (every batch of the epoch is counted):
 
 - ``uniform``: a uniform random permutation of the whole list (what a map-style sampler gives; the target).
 - ``class_sorted_shards``: shards written in file order, read back by the real streaming reader
-  (`training.data.build_datasets(shard_dir=..., streaming=True)`: `load_shards` + a shuffle buffer).
-- ``shuffled_shards``: shards written in `training.make_shards.shard_order` (the CLI default, seed 0), read back
+  (`training.data.sources.build_datasets(shard_dir=..., streaming=True)`: `load_shards` + a shuffle buffer).
+- ``shuffled_shards``: shards written in `training.data.make_shards.shard_order` (the CLI default, seed 0), read back
   the same way; the reader reshuffles the shard order every epoch (`IterableDataset.set_epoch`, which the Trainer's
   dataloader calls).
 - ``webvision_stream_in_file_order``: the file lists streamed directly (no shards written) as 64 shards of
@@ -78,7 +78,7 @@ def one_pixel_jpeg() -> bytes:
 def write_label_shards(labels: np.ndarray, folder: Path, samples_per_shard: int, shuffle_seed: int | None) -> int:
     """Shards of 1x1 JPEGs with the given labels, in `shard_order` (as the make_shards CLI writes); returns the
     shard count."""
-    from training.make_shards import ShardRecord, shard_order, write_id2label, write_shards
+    from training.data.make_shards import ShardRecord, shard_order, write_id2label, write_shards
 
     image = one_pixel_jpeg()
     order = shard_order(len(labels), shuffle_seed)
@@ -101,8 +101,8 @@ def streamed_epochs(
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Labels and sample ids of each epoch of the streamed training set, as `build_datasets` gives it (or, for
     ``{"webvision_in_file_order": root}``, the file lists streamed in file order through the same buffer)."""
-    from training.data import build_datasets
-    from training.webvision import load_webvision
+    from training.data.sources import build_datasets
+    from training.data.webvision import load_webvision
 
     if "webvision_in_file_order" in source:
         train = load_webvision(source["webvision_in_file_order"], "v1", "train", streaming=True, num_shards=64)

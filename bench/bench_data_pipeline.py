@@ -4,7 +4,7 @@
 each file with PIL, converts it to RGB and applies two torchvision v1 `Compose` pipelines to the PIL image
 (weak: RandomResizedCrop(224, 0.2-1), flip; strong: + RandomGrayscale(0.2), ColorJitter(0.4, 0.4, 0.4, 0.4)),
 each ending in ToTensor + Normalize; the DataLoader's `default_collate` stacks the batch. Ours is
-`training.collator.MoProCollator` with `training.transforms.MoProViewTransforms(224)`, seeded per sample as
+`training.data.collator.MoProCollator` with `training.data.transforms.MoProViewTransforms(224)`, seeded per sample as
 `training/run_mopro.py` builds it.
 
 Data: WebVision-like JPEGs made on the fly (short side 256 as in the WebVision resized release, aspect ratios 3:4 to
@@ -12,7 +12,7 @@ Data: WebVision-like JPEGs made on the fly (short side 256 as in the WebVision r
 One process, one torch thread (a per-core figure: the DataLoader scales it by its workers). Pipelines run in rotating
 order over the same files in every repetition; the table gives medians of img/s and of the per-repetition speed-up.
 
-What makes ours fast (all in `training/transforms.py`, `color_jitter.py`, `collator.py`):
+What makes ours fast (all in `training/data/transforms.py`, `color_jitter.py`, `collator.py`):
 * JPEGs decode straight into a uint8 tensor (`decode_image_tensor`: torchvision's `decode_jpeg`, PIL's pixels);
 * one decode for both views, uint8 tensor kernels, and `FastColorJitter` (the same random draws as
   `v2.ColorJitter` in one float pass; torchvision's tensor hue kernel alone costs more than the rest of the view);
@@ -56,9 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a cl
 
 from environment import write_result  # noqa: E402
 
-from training.collator import MoProCollator  # noqa: E402
-from training.color_jitter import FastColorJitter, rotate_hue  # noqa: E402
-from training.transforms import (  # noqa: E402
+from training.data.collator import MoProCollator  # noqa: E402
+from training.data.color_jitter import FastColorJitter, rotate_hue  # noqa: E402
+from training.data.transforms import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     MoProViewTransforms,

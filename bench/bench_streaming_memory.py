@@ -1,9 +1,9 @@
 """Benchmark: peak memory of the streaming data path reading 10k against 100k images (it should not grow).
 
-The path under test is what training on shards runs: `training.make_shards.load_shards(..., streaming=True)` (the
-`datasets` WebDataset reader), then `torch.utils.data.DataLoader` workers calling `training.collator.MoProCollator`
+The path under test is what training on shards runs: `training.data.make_shards.load_shards(..., streaming=True)` (the
+`datasets` WebDataset reader), then `torch.utils.data.DataLoader` workers calling `training.data.collator.MoProCollator`
 (decode, weak and strong views). Shards of tiny JPEGs (32 px, 1000 per shard, written once with
-`training.make_shards.write_shards`) keep 100k images quick to write and read; the views are made at 32 px.
+`training.data.make_shards.write_shards`) keep 100k images quick to write and read; the views are made at 32 px.
 
 Every run is a fresh child process that reads N images and reports its own peak RSS (`ru_maxrss`), that of its
 largest DataLoader worker (`RUSAGE_CHILDREN` after the workers are joined), its RSS before reading, and the current
@@ -60,7 +60,7 @@ def tiny_jpegs(count: int, size: int = 32, seed: int = 0) -> list[bytes]:
 
 def write_tiny_shards(folder: Path, num_samples: int, num_labels: int = 1000) -> list[Path]:
     """Writes ``num_samples`` tiny JPEG samples as shards of 1000 with `write_shards` (lazily, as the CLI does)."""
-    from training.make_shards import ShardRecord, write_shards
+    from training.data.make_shards import ShardRecord, write_shards
 
     needed = num_samples * BYTES_PER_SAMPLE_ESTIMATE
     free = shutil.disk_usage(folder).free
@@ -81,9 +81,9 @@ def read_in_child(args: argparse.Namespace) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from training.collator import MoProCollator
-    from training.make_shards import load_shards
-    from training.transforms import MoProViewTransforms
+    from training.data.collator import MoProCollator
+    from training.data.make_shards import load_shards
+    from training.data.transforms import MoProViewTransforms
 
     torch.set_num_threads(1)
     shards = sorted(Path(args.shard_dir).glob("shard-*.tar"))[: args.num_shards]

@@ -63,11 +63,11 @@ from bench_step_time import (  # noqa: E402
 )
 from environment import machine_info, write_result  # noqa: E402
 
-from training.collator import MoProCollator  # noqa: E402
-from training.gpu_augment import GpuAugmentCollator, decode_on_device  # noqa: E402
+from training.data.collator import MoProCollator  # noqa: E402
+from training.data.gpu_augment import GpuAugmentCollator, decode_on_device  # noqa: E402
+from training.data.transforms import MoProViewTransforms, normalize_pixels  # noqa: E402
 from training.host_syncs import count_host_syncs  # noqa: E402
 from training.trainer import compile_backbones  # noqa: E402
-from training.transforms import MoProViewTransforms, normalize_pixels  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Finding wrong labels and out-of-distribution images: MoPro's noise report against cleanlab.
 
-Data: noisy Fashion-MNIST with known truth (`training.noisy_fashion_mnist`): 40% wrong labels (half symmetric, half
+Data: noisy Fashion-MNIST with known truth (`training.data.noisy_fashion_mnist`): 40% wrong labels (half symmetric, half
 natural confusions such as shirt <-> T-shirt) plus 20% out-of-distribution images (MNIST digits, photo patches) with
 random labels. Both methods use the same backbone (half-width ResNet-18 at 32 px), augmentation (the official
 RandomResizedCrop 0.2-1 + flip), optimiser and number of epochs, through `MoProTrainer`:
@@ -45,8 +45,8 @@ from evaluation.image_datasets import hf_image_dataset  # noqa: E402
 from modeling_mopro import (  # noqa: E402
     build_image_processor,
 )
-from training.noisy_fashion_mnist import build_noisy_fashion_mnist  # noqa: E402
-from training.transforms import IMAGENET_MEAN, IMAGENET_STD, MoProViewTransforms  # noqa: E402
+from training.data.noisy_fashion_mnist import build_noisy_fashion_mnist  # noqa: E402
+from training.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MoProViewTransforms  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "label_noise"
 NUM_FOLDS = 5

@@ -435,11 +435,11 @@ def build(pool_path: Path, setting: str, seed: int, out: Path) -> dict:
 
 
 def load_training_set(out: str | Path):
-    """A built setting's training images with their truth, in the columns of `training.noisy_fashion_mnist` (so the
+    """A built setting's training images with their truth, in the columns of `training.data.noisy_fashion_mnist` (so the
     cleanlab comparison of `label_noise_benchmark.py` can score them): ``image``, ``label`` (given), ``sample_id``
     (the row), ``true_label`` (-1 for OOD), ``is_ood``, and ``path`` (relative to ``out/train``, the report's id).
 
-    The rows are in ``ground_truth.csv`` order, sorted by path: the order in which `training.image_folder` reads
+    The rows are in ``ground_truth.csv`` order, sorted by path: the order in which `training.data.image_folder` reads
     ``out/train`` (classes sorted by name, files by path), so a positional id of a run on that folder is a row here.
     """
     from datasets import Dataset, Features, Value

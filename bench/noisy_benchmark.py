@@ -43,11 +43,11 @@ from modeling_mopro import (  # noqa: E402
     queue_label_vote,
 )
 from training.arguments import MoProTrainingArguments  # noqa: E402
-from training.collator import MoProCollator  # noqa: E402
 from training.correction_schedule import SCHEDULES  # noqa: E402
-from training.noisy_fashion_mnist import build_noisy_fashion_mnist  # noqa: E402
+from training.data.collator import MoProCollator  # noqa: E402
+from training.data.noisy_fashion_mnist import build_noisy_fashion_mnist  # noqa: E402
+from training.data.transforms import MoProViewTransforms, decode_image  # noqa: E402
 from training.trainer import MoProTrainer  # noqa: E402
-from training.transforms import MoProViewTransforms, decode_image  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "noisy"
 # name -> (noise_rate, asymmetric_fraction): asymmetric = natural confusions only (shirt<->T-shirt, ...).

@@ -315,7 +315,7 @@ class Rehearsal:
         if not (shards / "validation").is_dir():
             for split, per_shard in (("train", max(self.num_train // 7, 1)), ("validation", 150)):
                 # unequal shards: the last one of each split is shorter
-                argv = [sys.executable, "-m", "training.make_shards", "--webvision_dir", str(self.data),
+                argv = [sys.executable, "-m", "training.data.make_shards", "--webvision_dir", str(self.data),
                         "--split", split, "--output_dir", str(shards), "--samples_per_shard", str(per_shard)]  # fmt: skip
                 error = Launch(argv, self.work / "logs" / f"make_shards-{split}.log").start().wait(time.time() + 600)
                 if error:
@@ -498,7 +498,7 @@ class Rehearsal:
 
 
 def measure_make_shards(work: Path, num_images: int) -> dict:
-    """`python -m training.make_shards` time and disk on `num_images` generated JPEGs at WebVision's resized size
+    """`python -m training.data.make_shards` time and disk on `num_images` generated JPEGs at WebVision's resized size
     (shorter side 256), in the official layout; projected linearly to WebVision V1 (2.4M) and V2 (16M) images.
     JPEG files pass into the shards undecoded, so the cost is reading, tar headers and writing: linear in images
     and bytes."""
@@ -525,7 +525,7 @@ def measure_make_shards(work: Path, num_images: int) -> dict:
         (root / "info" / "train_filelist_google.txt").write_text("\n".join(lines[:count]) + "\n")
         out = work / "make_shards_out"
         shutil.rmtree(out, ignore_errors=True)
-        argv = [sys.executable, "-m", "training.make_shards", "--webvision_dir", str(root), "--split", "train",
+        argv = [sys.executable, "-m", "training.data.make_shards", "--webvision_dir", str(root), "--split", "train",
                 "--output_dir", str(out)]  # fmt: skip
         start = time.time()
         subprocess.run(argv, cwd=ROOT, check=True, capture_output=True)

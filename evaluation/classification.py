@@ -110,6 +110,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 __all__ = ["evaluate_classification", "topk_accuracy"]
 
 if __name__ == "__main__":
-    from training.cli import run_command
+    from modeling_mopro.cli import run_command
 
     run_command(main)

@@ -213,6 +213,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
 __all__ = ["ClassBalancedSampler", "class_balanced_weights", "classifier_retrain"]
 
 if __name__ == "__main__":
-    from training.cli import run_command
+    from modeling_mopro.cli import run_command
 
     run_command(main)

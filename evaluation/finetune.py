@@ -31,7 +31,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from training.cli import fraction
+from modeling_mopro.cli import fraction
 
 from .classification import DATASET_CARDS, evaluate_classification
 from .features import resolve_device, save_eval_results
@@ -362,6 +362,6 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-    from training.cli import run_command
+    from modeling_mopro.cli import run_command
 
     run_command(main)

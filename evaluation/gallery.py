@@ -57,7 +57,7 @@ def thumbnail(source, size: int) -> bytes:
     (path, bytes, `datasets.Image(decode=False)` dict, PIL image)."""
     from PIL import Image
 
-    from training.transforms import decode_image
+    from training.data.transforms import decode_image
 
     image = decode_image(source)  # RGB
     image.thumbnail((size, size), Image.Resampling.LANCZOS)

@@ -8,7 +8,7 @@ through the official test view by default: resize the short side to `image_size 
 
 Layouts:
 - image folder `root/<class>/<image>` (ImageNet val, ImageNet-R/-A), read as in training
-  (`training.image_folder`): classes sorted by name, as torchvision's `ImageFolder` (the ImageNet class index,
+  (`training.data.image_folder`): classes sorted by name, as torchvision's `ImageFolder` (the ImageNet class index,
   which WebVision 1.0 shares); integer folder names (the official `imagenet/val/<c>/` layout) in numeric order.
 - WebVision val: `root/info/val_filelist.txt` ("val000001.jpg 0") and `root/val_images_256/`.
 - a list of relative paths and labels (`pseudo_label.json`, Places205 csv files, subsets).
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from training.image_folder import read_image_folder
-from training.transforms import BadImageError, MoProViewTransforms, decode_image
-from training.webvision import VAL_FILELIST, VAL_IMAGE_DIR, read_webvision_filelist
+from training.data.image_folder import read_image_folder
+from training.data.transforms import BadImageError, MoProViewTransforms, decode_image
+from training.data.webvision import VAL_FILELIST, VAL_IMAGE_DIR, read_webvision_filelist
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class ImageLabelDataset(Dataset):
 
     Args:
         images: Indexable sequence of image sources: paths, encoded bytes, `datasets.Image(decode=False)` dicts
-            or PIL images (anything `training.transforms.decode_image` accepts).
+            or PIL images (anything `training.data.transforms.decode_image` accepts).
         labels: (N,) integer labels, or (N, C) multi-label targets.
         ids: N string ids (relative paths by default). Defaults to the sample positions.
         transform: Maps a decoded RGB PIL image to a tensor; `eval_transform()` when None.
@@ -109,7 +109,7 @@ class ImageLabelDataset(Dataset):
             raise ValueError(f"images ({len(images)}), labels ({len(self.labels)}) and ids ({len(self.ids)}) differ")
         self.transform = transform or eval_transform()
         self.classes = list(classes) if classes is not None else None
-        # Entries of an image folder its reader passed over, by reason (`training.image_folder`); None otherwise.
+        # Entries of an image folder its reader passed over, by reason (`training.data.image_folder`); None otherwise.
         self.passed_over: dict[str, int] | None = None
 
     @property
@@ -200,7 +200,7 @@ def image_folder_dataset(
     transform: Transform | None = None,
     class_to_idx: Mapping[str, int] | None = None,
 ) -> ImageLabelDataset:
-    """`root/<class>/<image>`, read and labelled as in training (`training.image_folder.read_image_folder`: numeric
+    """`root/<class>/<image>`, read and labelled as in training (`training.data.image_folder.read_image_folder`: numeric
     folder names in numeric order, other names sorted; an empty class folder is an error).
 
     Args:
@@ -342,7 +342,7 @@ def webvision_val_dataset(
     root: str | os.PathLike, transform: Transform | None = None, num_classes: int = 1000
 ) -> ImageLabelDataset:
     """WebVision validation set (`info/val_filelist.txt`, images in `val_images_256/`), labels < num_classes; the
-    list is read by training's reader (`training.webvision.read_webvision_filelist`, which names a malformed line)."""
+    list is read by training's reader (`training.data.webvision.read_webvision_filelist`, which names a malformed line)."""
     root = Path(root)
     pairs = read_webvision_filelist(root / "info" / VAL_FILELIST, num_classes)
     relative = [f"{VAL_IMAGE_DIR}/{name}" for name, _ in pairs]

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from modeling_mopro.cli import positive_int
 from modeling_mopro.noise_correction import neighbour_label_vote
-from training.cli import positive_int
 
 from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
 from .image_datasets import (
@@ -161,6 +161,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 __all__ = ["evaluate_knn", "knn_accuracy", "knn_class_scores"]
 
 if __name__ == "__main__":
-    from training.cli import run_command
+    from modeling_mopro.cli import run_command
 
     run_command(main)

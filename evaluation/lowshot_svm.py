@@ -31,7 +31,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import average_precision_score
 from sklearn.svm import LinearSVC
 
-from training.cli import positive_int
+from modeling_mopro.cli import positive_int
 
 from .features import add_model_arguments, extract_features, l2_normalize, load_model, results_dir, save_eval_results
 from .image_datasets import ImageLabelDataset, places205_dataset, transforms_from_config, voc07_dataset
@@ -312,6 +312,6 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-    from training.cli import run_command
+    from modeling_mopro.cli import run_command
 
     run_command(main)

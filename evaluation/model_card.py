@@ -92,7 +92,7 @@ def describe_training_data(run_args: Mapping[str, Any] | None) -> TrainingData:
         val = data.get("validation_dir")
         val = os.path.basename(os.path.normpath(str(val))) if val else NOT_RECORDED
         return TrainingData(f"image folder `{train}`", f"image folder {val}", "imagefolder")
-    # No data source: `training.data`'s default, the noisy Fashion-MNIST demo, evaluated on the clean test set.
+    # No data source: `training.data.sources`'s default, the noisy Fashion-MNIST demo, evaluated on the clean test set.
     noise = ", ".join(
         f"{label} {data[key]}"
         for key, label in (("noise_rate", "label noise rate"), ("ood_fraction", "out-of-distribution fraction"))

@@ -38,7 +38,7 @@ offline, it fails at once); a release of the model then links it from the model 
 model by its absolute path; the pushed card by `--model_repo_id` or the model folder's name.
 
 Data: every source the trainer reads: a `datasets` folder or Hub name, an image folder, a WebVision root (its
-training lists), a `training.make_shards` folder. Several processes (``accelerate launch``, or the end of
+training lists), a `training.data.make_shards` folder. Several processes (``accelerate launch``, or the end of
 `training/run_mopro.py`): each one scores its own contiguous share of the dataset, the shares are gathered to the
 main process in dataset order, and the main process computes the neighbour scores and writes the files.
 
@@ -67,8 +67,8 @@ import torch.nn.functional as F
 from accelerate import PartialState
 
 from modeling_mopro import correct_noisy_labels, far_from_prototypes
+from modeling_mopro.cli import positive_int
 from modeling_mopro.distributed import is_distributed, rank, world_size
-from training.cli import positive_int
 
 from .features import extract_features, load_model, mopro_parts
 from .gallery import (
@@ -171,7 +171,7 @@ def _gather_columns(columns: dict[str, list | np.ndarray]) -> dict[str, list | n
 
 # A dataset's own names of its samples, in the order the report prefers them as its `id`: `path` (written by the file
 # layouts, WebVision lists and `make_shards`), then the file and id columns that image datasets on the Hub commonly
-# carry. `sample_id` (the row index `training.data` adds) comes last.
+# carry. `sample_id` (the row index `training.data.sources` adds) comes last.
 ID_COLUMNS = ("path", "file_name", "filename", "file", "image_id", "id")
 
 
@@ -188,7 +188,7 @@ def with_report_ids(
     """The dataset as the report reads it, the column its `id`s come from, and what those ids are (for the summary).
 
     For a `datasets.Dataset`, in order: `id_column` when given; a `path` column; with `id_root`, every image's path
-    relative to it, added as a `path` column (image folders and WebVision lists read by `training.data`, whose image
+    relative to it, added as a `path` column (image folders and WebVision lists read by `training.data.sources`, whose image
     column holds the files' paths: `pseudo_label.json` then reads back from that root); one of `ID_COLUMNS`;
     `sample_id` (row indices, which the summary says); else positions. An `ImageLabelDataset` keeps its own ids
     (relative paths for the file layouts of `evaluation.image_datasets`; `id_root` names their folder).
@@ -742,14 +742,14 @@ def _load_data(args, model) -> tuple[object, str]:
         elif not path.is_dir() or is_saved_dataset(path):
             data_format = "hf"
     if data_format == "webvision":  # the training lists; ids are paths relative to the root, as officially
-        from training.webvision import load_webvision, read_webvision_class_names, webvision_num_classes
+        from training.data.webvision import load_webvision, read_webvision_class_names, webvision_num_classes
 
         train = load_webvision(path, args.webvision_version, "train")
         id2label = read_webvision_class_names(path, webvision_num_classes(args.webvision_version))
         train = train.add_column("path", [os.path.relpath(image, path) for image in train["image"]])
     elif data_format == "shards":
-        from training.data import check_shards
-        from training.make_shards import load_shards, read_id2label
+        from training.data.make_shards import load_shards, read_id2label
+        from training.data.sources import check_shards
 
         check_shards(path / "train")
         train, id2label = load_shards(path / "train", streaming=False), read_id2label(path)
@@ -847,6 +847,6 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-    from training.cli import run_command
+    from modeling_mopro.cli import run_command
 
     run_command(main)

@@ -694,6 +694,6 @@ __all__ = [
 
 
 if __name__ == "__main__":
-    from training.cli import run_command
+    from modeling_mopro.cli import run_command
 
     run_command(main)

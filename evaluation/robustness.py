@@ -128,7 +128,7 @@ def subset_logit_indices(
             raise ValueError(f"class subset wnids not among the {len(position)} ImageNet classes: {unknown[:5]}")
         mapping = {wnid: position[wnid] for wnid in class_subset}
     missing = [wnid for wnid in folder_wnids if wnid not in mapping]
-    if missing:  # user data that disagrees with the subset file: a ValueError, one line through training.cli
+    if missing:  # user data that disagrees with the subset file: a ValueError, one line through modeling_mopro.cli
         raise ValueError(f"class folders not in the class subset: {missing[:5]}")
     return np.asarray([mapping[wnid] for wnid in folder_wnids], dtype=np.int64)
 
@@ -196,6 +196,6 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-    from training.cli import run_command
+    from modeling_mopro.cli import run_command
 
     run_command(main)

@@ -183,6 +183,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
 __all__ = ["CURVES_FILE", "TrainingCurves", "plot_training_curves", "read_training_curves"]
 
 if __name__ == "__main__":
-    from training.cli import run_command
+    from modeling_mopro.cli import run_command
 
     run_command(main)

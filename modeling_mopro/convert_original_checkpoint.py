@@ -446,6 +446,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from training.cli import run_command  # only as a command: modeling_mopro imports nothing from training
+    from modeling_mopro.cli import run_command
 
     run_command(main)

@@ -700,7 +700,7 @@ class MoProForPreTraining(MoProPreTrainedModel):
         self.key_pixel_normalization = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
 
     def _normalize_key_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float32, as `training.transforms.normalize_pixels` (same ops, same bits)."""
+        """uint8 (N, 3, H, W) -> float32, as `training.data.transforms.normalize_pixels` (same ops, same bits)."""
         if self.key_pixel_normalization is None:
             raise ValueError(
                 "pixel_values_key is uint8 but the model has no key normalisation: call "

@@ -17,9 +17,9 @@ from transformers import set_seed
 from modeling_mopro import MoProForPreTraining
 from tests.trainer_fixtures import IMAGE_SIZE, NUM_LABELS, tiny_config, tiny_image_dataset, tiny_trainer
 from training.arguments import DataArguments
-from training.collator import MoProCollator
+from training.data.collator import MoProCollator
+from training.data.transforms import MoProViewTransforms
 from training.run_mopro import noise_report
-from training.transforms import MoProViewTransforms
 
 NUM_SAMPLES, BATCH, EPOCHS = 48, 6, 3  # 48 / (6 x 2 ranks) = 4 steps per epoch
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.collator import MoProCollator
-from training.transforms import BadImageError, MoProViewTransforms, decode_image, decode_image_tensor
+from training.data.collator import MoProCollator
+from training.data.transforms import BadImageError, MoProViewTransforms, decode_image, decode_image_tensor
 
 
 def png16_bytes(values: np.ndarray) -> bytes:
@@ -63,7 +63,7 @@ def test_skip_log_names_the_sample_not_the_bytes_buffer(caplog):
         {"image": {"bytes": b"garbage", "path": "web/cat/001.jpg"}, "label": 1, "sample_id": 8},
         {"image": jpeg_bytes(), "label": 1, "sample_id": 9},
     ]
-    with caplog.at_level(logging.WARNING, logger="training.collator"):
+    with caplog.at_level(logging.WARNING, logger="training.data.collator"):
         batch = collator(examples)
     assert int(batch["num_skipped_images"]) == 2 and batch["labels"].tolist() == [1]
     messages = [record.getMessage() for record in caplog.records]
@@ -109,7 +109,7 @@ def test_extract_features_skips_bad_files_of_an_image_folder(tmp_path):
 def test_empty_class_folder_is_an_error_naming_it_in_training_and_evaluation(tmp_path):
     from evaluation.image_datasets import image_folder_dataset
     from tests.fixtures_eval import write_image_folder
-    from training.data import build_datasets
+    from training.data.sources import build_datasets
 
     root = write_image_folder(tmp_path / "data", per_class=2, class_names=["a", "b", "c"])
     (root / "bb").mkdir()  # sorts between b and c: dropping it would not shift labels, keeping it would
@@ -123,7 +123,7 @@ def test_empty_class_folder_is_an_error_naming_it_in_training_and_evaluation(tmp
 def test_training_and_evaluation_read_an_image_folder_with_the_same_labels(tmp_path):
     from evaluation.image_datasets import image_folder_dataset
     from tests.fixtures_eval import write_image_folder
-    from training.data import build_datasets
+    from training.data.sources import build_datasets
 
     names = [str(i) for i in range(12)]  # numeric: "10" and "11" after "9", label == folder number
     root = write_image_folder(tmp_path / "data", per_class=1, class_names=names)
@@ -134,8 +134,8 @@ def test_training_and_evaluation_read_an_image_folder_with_the_same_labels(tmp_p
     assert train_labels == dict(zip(evaluation.ids, evaluation.labels.tolist(), strict=True))
     assert train_labels["10/10_0.png"] == 10
     # make_shards labels an image folder by the same rule
-    from training.make_shards import main as make_shards_main
-    from training.make_shards import read_id2label
+    from training.data.make_shards import main as make_shards_main
+    from training.data.make_shards import read_id2label
 
     make_shards_main(["--image_folder", str(root), "--output_dir", str(tmp_path / "shards")])
     assert read_id2label(tmp_path / "shards") == id2label
@@ -175,8 +175,8 @@ def test_noise_report_refuses_data_whose_classes_are_not_the_models(tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "truncated_on_a_block"])
 def test_damaged_shard_is_an_error_naming_it_before_training(tmp_path, damage):
     from tests.fixtures_eval import write_image_folder
-    from training.data import build_datasets
-    from training.make_shards import main as make_shards_main
+    from training.data.make_shards import main as make_shards_main
+    from training.data.sources import build_datasets
 
     folder = write_image_folder(tmp_path / "images", per_class=3, class_names=["a", "b"])
     out = tmp_path / "shards"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.noisy_fashion_mnist import FASHION_MNIST_APT_PACKAGE, FASHION_MNIST_DIR
+from training.data.noisy_fashion_mnist import FASHION_MNIST_APT_PACKAGE, FASHION_MNIST_DIR
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))

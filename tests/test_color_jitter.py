@@ -7,7 +7,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from training.color_jitter import FastColorJitter, rotate_hue
+from training.data.color_jitter import FastColorJitter, rotate_hue
 
 
 def _images(n: int = 12, size: int = 48) -> list[torch.Tensor]:

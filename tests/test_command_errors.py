@@ -1,4 +1,4 @@
-"""Every command ends a user error with one line on stderr and exit status 2 (`training.cli.run_command`), and
+"""Every command ends a user error with one line on stderr and exit status 2 (`modeling_mopro.cli.run_command`), and
 make_shards refuses bad input early: missing or empty input, a folder of earlier shards, a bad shard size."""
 
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.make_shards import main as make_shards_main
+from training.data.make_shards import main as make_shards_main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MISSING = "/nonexistent/mopro-model"
@@ -57,7 +57,7 @@ COMMANDS = {
     "modeling_mopro.convert_original_checkpoint": [
         *("--checkpoint_path", f"{MISSING}/MoPro_V1_epoch90.tar", "--output_dir", "/tmp/unused-convert"),
     ],
-    "training.make_shards": ["--image_folder", MISSING, "--output_dir", "/tmp/unused-shards"],
+    "training.data.make_shards": ["--image_folder", MISSING, "--output_dir", "/tmp/unused-shards"],
 }
 
 

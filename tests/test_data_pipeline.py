@@ -16,10 +16,9 @@ from PIL import Image, ImageFile
 from torchvision import transforms as v1
 from torchvision.transforms import v2
 
-import training.collator as collator_module
-from training.collator import MoProCollator
-from training.data import DataArguments, _prepare, build_datasets
-from training.make_shards import (
+import training.data.collator as collator_module
+from training.data.collator import MoProCollator
+from training.data.make_shards import (
     ShardRecord,
     load_shards,
     read_id2label,
@@ -27,8 +26,9 @@ from training.make_shards import (
     shard_order,
     write_shards,
 )
-from training.make_shards import main as make_shards_main
-from training.transforms import (
+from training.data.make_shards import main as make_shards_main
+from training.data.sources import DataArguments, _prepare, build_datasets
+from training.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BadImageError,
@@ -290,7 +290,7 @@ def test_collator_skips_and_counts_bad_images(tmp_path, views, caplog):
         {"image": b"\x00garbage", "label": 0, "sample_id": 2},
         {"image": missing, "label": 0, "sample_id": 3},
     ]
-    with caplog.at_level(logging.WARNING, logger="training.collator"):
+    with caplog.at_level(logging.WARNING, logger="training.data.collator"):
         batch = MoProCollator(views, num_labels=3)(rows)
     assert batch["num_skipped_images"].item() == 2
     assert batch["sample_ids"].tolist() == [0, 1] and batch["labels"].tolist() == [1, 2]

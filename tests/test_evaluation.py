@@ -66,7 +66,7 @@ def forward_all(model, dataset):
 # ----------------------------------------------------------------------------------------- data and features
 def test_image_folder_labels_and_test_view(tmp_path):
     # Integer folder names (official `imagenet/val/<c>/`) in numeric order, not lexicographic ("2" before "10");
-    # labels are positions, as in training (training/image_folder.py), so 0..N-1 folders keep their number.
+    # labels are positions, as in training (training/data/image_folder.py), so 0..N-1 folders keep their number.
     write_image_folder(tmp_path, 2, ["2", "10"])
     dataset = image_folder_dataset(tmp_path, transforms_from_config(tiny_config()))
     assert dataset.classes == ["2", "10"]

@@ -1,4 +1,4 @@
-"""The GPU data path's views (`training/gpu_augment.py`) against the CPU path's (`training/transforms.py`), on CPU
+"""The GPU data path's views (`training/data/gpu_augment.py`) against the CPU path's (`training/data/transforms.py`), on CPU
 tensors: the same parameter distributions (crop boxes, flip and grayscale rates, jitter factors and orders), the same
 pixels for the same parameters, and the same per-channel statistics of the views of one image."""
 
@@ -15,8 +15,8 @@ from PIL import Image
 from scipy import stats
 from torchvision.transforms import v2
 
-from training.color_jitter import FastColorJitter
-from training.gpu_augment import (
+from training.data.color_jitter import FastColorJitter
+from training.data.gpu_augment import (
     EncodedImages,
     GpuViewAugment,
     color_jitter,
@@ -26,7 +26,7 @@ from training.gpu_augment import (
     sample_crop_boxes,
     sample_jitter_params,
 )
-from training.transforms import MoProViewTransforms
+from training.data.transforms import MoProViewTransforms
 
 CPU = torch.device("cpu")
 
@@ -179,7 +179,7 @@ def test_decode_on_device_matches_the_cpu_decoder_and_skips_what_no_decoder_read
     encoded = EncodedImages([jpegs[0], png, b"\xff\xd8\xff junk", jpegs[1], truncated], list("abcde"))
     images, kept = decode_on_device(encoded, CPU)
     assert kept == [0, 1, 3, 4]
-    from training.transforms import decode_image_tensor
+    from training.data.transforms import decode_image_tensor
 
     assert torch.equal(images[0], decode_image_tensor(jpegs[0]))
     assert torch.equal(images[1], png)
@@ -190,8 +190,8 @@ def test_decode_on_device_matches_the_cpu_decoder_and_skips_what_no_decoder_read
 def test_gpu_collator_decodes_exif_rotated_jpegs_upright_on_the_host(tmp_path):
     # nvJPEG ignores EXIF orientation: a JPEG stored rotated must reach the device decoded and upright, as the CPU
     # path and the transformers pipeline read it; an upright JPEG stays encoded for the device decoder.
-    from training.gpu_augment import GpuAugmentCollator
-    from training.transforms import decode_image_tensor
+    from training.data.gpu_augment import GpuAugmentCollator
+    from training.data.transforms import decode_image_tensor
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (30, 50, 3)).astype(np.uint8))

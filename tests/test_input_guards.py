@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from evaluation.image_datasets import ImageLabelDataset, eval_transform, image_folder_dataset
-from training.image_folder import PASSED_OVER_REASONS, read_image_folder
-from training.transforms import BadImageError, decode_image, decode_image_tensor
+from training.data.image_folder import PASSED_OVER_REASONS, read_image_folder
+from training.data.transforms import BadImageError, decode_image, decode_image_tensor
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -82,7 +82,7 @@ def test_named_pipe_links_and_unknown_extensions_are_passed_over_and_counted(tmp
     (tmp_path / "more").mkdir()
     (tmp_path / "more" / "1.png").write_bytes(png(seed=9))
     (root / "dog" / "more").symlink_to(tmp_path / "more")  # a linked sub-folder: followed
-    with caplog.at_level("WARNING", logger="training.image_folder"):
+    with caplog.at_level("WARNING", logger="training.data.image_folder"):
         listing = read_image_folder(root)
     paths, labels, classes = listing
     assert classes == ["cat", "dog"] and labels == [0, 1, 1]

@@ -215,8 +215,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_loaded_training_set_follows_the_image_folder_reader(pool, tmp_path):
-    """Row i of the ground truth is image i of `training.image_folder` on the same folder (positional report ids)."""
-    from training.image_folder import read_image_folder
+    """Row i of the ground truth is image i of `training.data.image_folder` on the same folder (positional report ids)."""
+    from training.data.image_folder import read_image_folder
 
     path, _ = pool
     build(path, "ood20", 0, tmp_path / "ood20")

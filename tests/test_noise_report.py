@@ -265,7 +265,7 @@ def test_dataset_card_renders_for_its_reader(noisy_data, tmp_path):
 def test_push_fails_fast_offline(tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
 
-    from training.cli import run_command
+    from modeling_mopro.cli import run_command
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     forbid_hub_network(monkeypatch)
@@ -326,7 +326,7 @@ def test_push_publishes_the_report_and_the_model_card_links_it(noisy_data, tmp_p
 @pytest.mark.parametrize("source", ["webvision", "shards"])
 def test_report_reads_every_source_the_trainer_reads(source, tmp_path):
     """WebVision lists and make_shards folders (auto-detected), besides `datasets` folders and image folders."""
-    from training.make_shards import records_from_image_folder, write_id2label, write_shards
+    from training.data.make_shards import records_from_image_folder, write_id2label, write_shards
 
     folder = write_image_folder(tmp_path / "folder", 4, ["a", "b", "c", "d"])
     if source == "webvision":
@@ -386,7 +386,7 @@ def test_an_untrusted_ood_fit_is_said_in_summary_card_gallery_and_output(noisy_d
 
 def test_report_ids_come_from_paths_an_id_column_or_row_indices(tmp_path):
     folder = write_image_folder(tmp_path / "train", 2, ["a", "b"])
-    from training.data import build_datasets
+    from training.data.sources import build_datasets
 
     train = build_datasets(train_dir=str(folder))[0]  # what run_mopro trains on: image dicts with absolute paths
     with_ids, column, source = noise_report.with_report_ids(train, id_root=folder)
@@ -404,7 +404,7 @@ def test_report_ids_come_from_paths_an_id_column_or_row_indices(tmp_path):
     assert column == "sample_id" and source.startswith("row indices (`sample_id`)")
     with pytest.raises(ValueError, match="id column 'name' is not in the data"):
         noise_report.with_report_ids(train, id_column="name")
-    # A WebVision list read by training.data: root-relative or absolute path strings.
+    # A WebVision list read by training.data.sources: root-relative or absolute path strings.
     strings = datasets.Dataset.from_dict({"image": [str(folder / "a" / "a_0.png"), "b/b_1.png"], "label": [0, 1]})
     assert noise_report.with_report_ids(strings, id_root=folder)[0]["path"] == ["a/a_0.png", "b/b_1.png"]
 

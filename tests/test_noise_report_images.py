@@ -120,7 +120,7 @@ def test_no_images_when_asked(written, tmp_path, capsys):
     assert not (out / gallery.FLAGGED_CONFIG).exists() and not (out / gallery.GALLERY_FILE).exists()
     assert "configs" not in (out / "README.md").read_text()
     # Bad bounds: a one-line error before any scoring (exit 2), as every flag of the command.
-    from training.cli import run_command
+    from modeling_mopro.cli import run_command
 
     for flag, value in (("--flagged_images_per_class", "-1"), ("--thumbnail_size", "0")):
         with pytest.raises(SystemExit) as exit_info:

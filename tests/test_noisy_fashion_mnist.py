@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from datasets import Image as ImageFeature
 
-from training.collator import MoProCollator
-from training.noisy_fashion_mnist import (
+from training.data.collator import MoProCollator
+from training.data.noisy_fashion_mnist import (
     ASYMMETRIC_CONFUSIONS,
     FASHION_MNIST_APT_PACKAGE,
     FASHION_MNIST_DIR,
@@ -15,7 +15,7 @@ from training.noisy_fashion_mnist import (
     build_noisy_fashion_mnist,
     load_fashion_mnist,
 )
-from training.transforms import MoProViewTransforms, decode_image
+from training.data.transforms import MoProViewTransforms, decode_image
 
 pytestmark = pytest.mark.skipif(
     not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),

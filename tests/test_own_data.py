@@ -61,7 +61,7 @@ def test_image_size_rule(shorter_sides, expected):
 
 
 def test_rule_on_generated_folders(small_images, large_images):
-    from training.data import DataArguments
+    from training.data.sources import DataArguments
 
     small = choose_image_size(DataArguments(train_dir=str(small_images)))
     assert (small.image_size, small.median_shorter_side, small.num_images) == (32, 32, 6)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from modeling_mopro.cli import run_command
 from tests.trainer_fixtures import tiny_image_dataset, tiny_trainer
 from training import plan as plan_module
 from training.arguments import per_device_batch_size, steps_per_epoch
-from training.cli import run_command
 
 REPO = Path(__file__).resolve().parent.parent
 V1 = str(REPO / "training" / "configs" / "webvision_v1_r50.yaml")

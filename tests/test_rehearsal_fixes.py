@@ -141,7 +141,7 @@ _NODE_SCRIPT = textwrap.dedent(
     """
     import sys
     from training.arguments import MoProTrainingArguments
-    from training.cli import run_command
+    from modeling_mopro.cli import run_command
     from training.run_mopro import check_output_dir_shared
 
     def main(argv):

@@ -19,9 +19,9 @@ from transformers import AutoModelForImageClassification, ConvNextImageProcessor
 import evaluation.release as release_module
 from evaluation.release import HubUnavailableError, make_release, read_noise_summary, read_result_file
 from modeling_mopro import MoProForImageClassification
+from modeling_mopro.cli import run_command
 from tests._tiny import MoProModelTester
 from tests.fixtures_eval import forbid_hub_network
-from training.cli import run_command
 
 REPO_ID = "org/mopro-tiny"
 TIMM_REPO_ID = "org/mopro-tiny-timm"

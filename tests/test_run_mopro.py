@@ -14,7 +14,7 @@ from transformers import AutoModelForImageClassification
 from evaluation.model_card import describe_training_data
 from modeling_mopro import MoProForImageClassification
 from tests._tiny import tiny_model_flags
-from training.noisy_fashion_mnist import FASHION_MNIST_DIR
+from training.data.noisy_fashion_mnist import FASHION_MNIST_DIR
 from training.run_mopro import DEMO_CONFIG, main, parse_args
 
 TINY = tiny_model_flags(queue_size=64, bn_groups=None) + [

@@ -20,10 +20,10 @@ from transformers import set_seed
 from modeling_mopro import MoProForPreTraining, MoProPhase
 from tests._tiny import MoProModelTester
 from tests.trainer_fixtures import IMAGE_SIZE, NUM_LABELS, tiny_config, tiny_image_dataset, tiny_trainer
-from training.collator import MoProCollator
-from training.gpu_augment import GpuAugmentCollator
+from training.data.collator import MoProCollator
+from training.data.gpu_augment import GpuAugmentCollator
+from training.data.transforms import MoProViewTransforms, normalize_pixels
 from training.host_syncs import HostSyncCounter, count_host_syncs
-from training.transforms import MoProViewTransforms, normalize_pixels
 
 tester = MoProModelTester()
 MEAN, STD = (0.3, 0.5, 0.6), (0.2, 0.3, 0.25)  # not ImageNet's: a wrong normalisation would show

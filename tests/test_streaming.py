@@ -19,10 +19,10 @@ from transformers import IntervalStrategy, TrainerCallback, set_seed
 
 from tests._tiny import tiny_model_flags
 from tests.trainer_fixtures import tiny_image_dataset, tiny_trainer
-from training.collator import MoProCollator
-from training.make_shards import main as make_shards_main
+from training.data.collator import MoProCollator
+from training.data.make_shards import main as make_shards_main
+from training.data.transforms import MoProViewTransforms
 from training.run_mopro import main
-from training.transforms import MoProViewTransforms
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = tiny_model_flags(queue_size=32)
@@ -161,7 +161,7 @@ def test_persistent_workers_are_refused_when_streaming(tmp_path):
 
 
 def test_streamed_epochs_validates_its_arguments():
-    from training.data import StreamedEpochs
+    from training.data.sources import StreamedEpochs
 
     with pytest.raises(ValueError, match="at least one batch"):
         StreamedEpochs([], batches_per_epoch=0, num_epochs=1, batch_size=2)

@@ -15,9 +15,9 @@ from transformers import set_seed
 from modeling_mopro import MoProForPreTraining, MoProPhase
 from tests.fixtures_eval import IMAGE_SIZE, NUM_LABELS
 from tests.trainer_fixtures import run_distributed_train, tiny_config, tiny_image_dataset, tiny_trainer
-from training.collator import MoProCollator
+from training.data.collator import MoProCollator
+from training.data.transforms import MoProViewTransforms
 from training.trainer import phase_for_epoch, step_schedule
-from training.transforms import MoProViewTransforms
 
 REPO = Path(__file__).resolve().parent.parent
 

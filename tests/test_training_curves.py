@@ -68,7 +68,7 @@ def test_png_beside_the_run_and_the_command(tmp_path, capsys):
 
 @pytest.mark.parametrize("content", [None, "not json", json.dumps({"log_history": []}), json.dumps({"x": 1})])
 def test_bad_input_is_a_one_line_error(tmp_path, content, capsys):
-    from training.cli import run_command
+    from modeling_mopro.cli import run_command
 
     if content is not None:
         (tmp_path / "trainer_state.json").write_text(content)

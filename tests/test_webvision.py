@@ -9,11 +9,11 @@ import pytest
 from datasets import Dataset, IterableDataset
 from PIL import Image
 
-from training.collator import MoProCollator
-from training.data import build_datasets
-from training.make_shards import load_shards, records_from_webvision, write_shards
-from training.transforms import MoProViewTransforms
-from training.webvision import load_webvision, read_webvision_class_names, read_webvision_filelist
+from training.data.collator import MoProCollator
+from training.data.make_shards import load_shards, records_from_webvision, write_shards
+from training.data.sources import build_datasets
+from training.data.transforms import MoProViewTransforms
+from training.data.webvision import load_webvision, read_webvision_class_names, read_webvision_filelist
 
 GOOGLE = [
     ("google/q0001/a.jpg", 0),
@@ -150,11 +150,11 @@ def test_webvision_to_shards_and_training_batch(webvision_root, tmp_path):
 
 
 def test_lines_beyond_the_first_classes_are_left_out_with_a_warning_naming_the_list(tmp_path, caplog):
-    from training.webvision import read_webvision_filelist
+    from training.data.webvision import read_webvision_filelist
 
     filelist = tmp_path / "train_filelist_google.txt"
     filelist.write_text("google/q0/a.jpg 0\ngoogle/q1/b.jpg 1\ngoogle/q5/c.jpg 5\n")
-    with caplog.at_level("WARNING", logger="training.webvision"):
+    with caplog.at_level("WARNING", logger="training.data.webvision"):
         kept = read_webvision_filelist(filelist, num_classes=2)
     assert kept == [("google/q0/a.jpg", 0), ("google/q1/b.jpg", 1)]
     assert "train_filelist_google.txt: 1 line(s) with a label >= 2 left out" in caplog.text

@@ -17,9 +17,9 @@ from modeling_mopro import MoProConfig, MoProForPreTraining
 from tests.fixtures_eval import IMAGE_SIZE, NUM_LABELS
 from tests.fixtures_eval import tiny_config as eval_tiny_config
 from training.arguments import MoProTrainingArguments
-from training.collator import MoProCollator
+from training.data.collator import MoProCollator
+from training.data.transforms import MoProViewTransforms
 from training.trainer import MoProTrainer
-from training.transforms import MoProViewTransforms
 
 
 def tiny_config(**overrides) -> MoProConfig:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .correction_schedule import SCHEDULES, AdaptiveCorrectionSchedule, FixedCorrectionSchedule
-from .data import DataArguments  # noqa: F401  (re-exported: the three argument groups of run_mopro.py)
+from .data.sources import DataArguments  # noqa: F401  (re-exported: the three argument groups of run_mopro.py)
 
 
 @dataclass
@@ -211,7 +211,7 @@ class MoProTrainingArguments(TrainingArguments):
     gpu_augment: bool = field(
         default=False,
         metadata={
-            "help": "The GPU data path (training/gpu_augment.py): JPEGs decoded on the device (batched decode_jpeg), "
+            "help": "The GPU data path (training/data/gpu_augment.py): JPEGs decoded on the device (batched decode_jpeg), "
             "the two views' crops, flips, grayscale and colour jitter drawn and applied there. Same distributions "
             "as the CPU path, other random draws. Off: the workers decode and augment (official)."
         },

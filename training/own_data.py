@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .image_folder import read_image_folder
-from .transforms import BadImageError, read_encoded_image
+from .data.image_folder import read_image_folder
+from .data.transforms import BadImageError, read_encoded_image
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _spread(count: int, sample_size: int) -> list[int]:
 
 def _shorter_side(source) -> int | None:
     """The shorter side of an image from its header (no pixel decoded); None when it cannot be read (the
-    training reader skips and counts such files, `training.transforms.decode_image`)."""
+    training reader skips and counts such files, `training.data.transforms.decode_image`)."""
     try:
         if isinstance(source, Image.Image):
             return min(source.size)
@@ -94,7 +94,7 @@ def _sample_sides_of_dataset(data_args, sample_size: int) -> list[int]:
     from datasets import Image as ImageFeature
     from datasets import load_dataset
 
-    # The same call as `training.data` makes for the run (its cache serves both).
+    # The same call as `training.data.sources` makes for the run (its cache serves both).
     name, config_name, streaming = data_args.dataset_name, data_args.dataset_config_name, data_args.streaming
     split = load_dataset(name, config_name, split="train", streaming=streaming)
     column = data_args.image_column_name

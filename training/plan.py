@@ -32,8 +32,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
 
 from modeling_mopro import MoProConfig, MoProPhase  # noqa: E402
+from modeling_mopro.cli import run_command  # noqa: E402
 from training.arguments import OFFICIAL_GLOBAL_BATCH_SIZE, ConfigSource, steps_per_epoch  # noqa: E402
-from training.cli import run_command  # noqa: E402
 from training.run_mopro import build_config, load_config, parse_args  # noqa: E402
 from training.trainer import phase_for_epoch  # noqa: E402
 

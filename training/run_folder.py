@@ -32,7 +32,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class OutputFolderInUseError(OSError):
-    """Another process holds the output folder's lock (a user error: one line through `training.cli`)."""
+    """Another process holds the output folder's lock (a user error: one line through `modeling_mopro.cli`)."""
 
 
 class _Claim:

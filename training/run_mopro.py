@@ -37,6 +37,7 @@ from modeling_mopro import (  # noqa: E402
     build_image_processor,
     image_processor_for,
 )
+from modeling_mopro.cli import run_command  # noqa: E402
 from training.arguments import (  # noqa: E402
     ARCHITECTURE_FIELDS,
     HYPERPARAMETER_FIELDS,
@@ -45,16 +46,15 @@ from training.arguments import (  # noqa: E402
     ModelArguments,
     MoProTrainingArguments,
 )
-from training.cli import run_command  # noqa: E402
-from training.collator import MoProCollator  # noqa: E402
-from training.data import _SOURCES as DATA_SOURCES  # noqa: E402  (the data-source flags)
-from training.data import build_datasets, training_set_for_report  # noqa: E402
-from training.gpu_augment import GpuAugmentCollator  # noqa: E402
-from training.image_folder import passed_over_counts  # noqa: E402
+from training.data.collator import MoProCollator  # noqa: E402
+from training.data.gpu_augment import GpuAugmentCollator  # noqa: E402
+from training.data.image_folder import passed_over_counts  # noqa: E402
+from training.data.sources import _SOURCES as DATA_SOURCES  # noqa: E402  (the data-source flags)
+from training.data.sources import build_datasets, training_set_for_report  # noqa: E402
+from training.data.transforms import MoProViewTransforms  # noqa: E402
 from training.own_data import OWN_DATA_CONFIG, OWN_DATA_SOURCES, choose_image_size  # noqa: E402
 from training.run_folder import claim_output_dir, newest_complete_checkpoint, release_output_dir  # noqa: E402
 from training.trainer import MoProTrainer, accuracy_metrics, check_checkpoint  # noqa: E402
-from training.transforms import MoProViewTransforms  # noqa: E402
 
 logger = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -505,7 +505,7 @@ def check_train_size(train_dataset, training_args: MoProTrainingArguments) -> No
 
 
 def passed_over_metrics(data_args: DataArguments) -> dict[str, int]:
-    """`train_passed_over_<reason>`: the files of `--train_dir` its reader passed over (`training.image_folder`),
+    """`train_passed_over_<reason>`: the files of `--train_dir` its reader passed over (`training.data.image_folder`),
     by reason, so that a folder half made of unreadable entries shows in the results, not only in the log."""
     counts = passed_over_counts(data_args.train_dir) if data_args.train_dir else None
     return {f"train_passed_over_{reason.replace(' ', '_')}": count for reason, count in (counts or {}).items()}

@@ -31,10 +31,10 @@ from modeling_mopro import MoProForPreTraining, MoProPhase
 from modeling_mopro.modeling_mopro import pixel_statistics_on
 
 from .arguments import steps_per_epoch
-from .data import StreamedEpochs
-from .gpu_augment import EncodedImages, GpuViewAugment, decode_on_device
+from .data.gpu_augment import EncodedImages, GpuViewAugment, decode_on_device
+from .data.sources import StreamedEpochs
+from .data.transforms import normalize_pixels
 from .run_folder import claim_output_dir, publish_checkpoint, staging_folder
-from .transforms import normalize_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -479,7 +479,7 @@ class MoProTrainer(Trainer):
         if args.gpu_augment:
             view_augment = getattr(self.data_collator, "view_augment", None)
             if not isinstance(view_augment, GpuViewAugment):
-                raise ValueError("--gpu_augment needs a `training.gpu_augment.GpuAugmentCollator` as data collator.")
+                raise ValueError("--gpu_augment needs a `training.data.gpu_augment.GpuAugmentCollator` as data collator.")
             self._view_augment = view_augment
 
     # ----------------------------------------------------------------------------------------------- data
@@ -535,7 +535,7 @@ class MoProTrainer(Trainer):
 
     def get_train_dataloader(self):
         # A streamed training set: epochs of `steps_per_epoch` steps on every process, whatever the shard layout
-        # (`training.data.StreamedEpochs`); map-style data keeps the Trainer's loader.
+        # (`training.data.sources.StreamedEpochs`); map-style data keeps the Trainer's loader.
         dataloader = super().get_train_dataloader()
         if hasattr(self.train_dataset, "__len__") or not self.args.samples_per_epoch:
             return dataloader

@@ -26,7 +26,7 @@ def rotate_hue(image: torch.Tensor, hue_factor: float) -> torch.Tensor:
     """HSV hue shift of a float (3, H, W) image, equal to `torchvision.transforms.v2.functional.adjust_hue` on [0, 1].
 
     Works on any scale (0-1 or 0-255): the result scales with the input. `hue_factor` may be a tensor that broadcasts
-    against (H, W) (one shift per row band: `training/gpu_augment.py` runs a batch as one tall image), on any device.
+    against (H, W) (one shift per row band: `training/data/gpu_augment.py` runs a batch as one tall image), on any device.
 
     Value V (max) and chroma C (max - min) are kept, so the shifted pixel is, per channel n in (5, 3, 1) for R, G, B,
     `V - C * clamp(min(k, 4 - k), 0, 1)` with `k = (n + 6 h') mod 6`: about 20 tensor ops instead of torchvision's

@@ -1,6 +1,6 @@
 """The GPU data path (`--gpu_augment true`): JPEG decoding and the two training views made on the device.
 
-The CPU path (`training/transforms.py`, `training/collator.py`) decodes and augments in the DataLoader workers at
+The CPU path (`training/data/transforms.py`, `training/data/collator.py`) decodes and augments in the DataLoader workers at
 roughly 480 images/s per core (BENCHMARKS.md): 8 GPUs at 2,000+ images/s each would need 30+ cores of it. Here the
 workers only read the encoded bytes; on the device, torchvision's nvJPEG `decode_jpeg` decodes the batch in one call
 and the views are cut and coloured for the whole batch at once.
@@ -218,7 +218,7 @@ def _luma(images: torch.Tensor) -> torch.Tensor:
 
 
 def color_jitter(images: torch.Tensor, params: dict) -> torch.Tensor:
-    """`FastColorJitter` (training/color_jitter.py) on a uint8 (N, 3, H, W) batch, each image with its own factors and
+    """`FastColorJitter` (training/data/color_jitter.py) on a uint8 (N, 3, H, W) batch, each image with its own factors and
     order. Each of the four positions applies every operation to the whole batch, with the identity factor (exact on
     integer levels) for the images whose operation at that position is another one; the hue, whose rotation is not
     exact at 0, is selected per image instead."""

@@ -16,7 +16,7 @@ Only regular files are read. Every other entry under a class folder is passed ov
 folder already listed ("link"). Links to regular files and to folders are followed, each real folder listed once.
 The counts are logged with examples and kept with the listing (`ImageFolderListing.passed_over`); files that are
 read but cannot be decoded, or whose geometry is refused, are counted where they are decoded
-(`training.transforms.decode_image`).
+(`training.data.transforms.decode_image`).
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """One entry point for every training data source: `build_datasets`.
 
 Every returned dataset has an image column (undecoded: path string, ``{"bytes", "path"}`` dict or bytes;
-`training.collator.MoProCollator` decodes it in the DataLoader workers), a label column (int), both named as
+`training.data.collator.MoProCollator` decodes it in the DataLoader workers), a label column (int), both named as
 ``image_column_name`` / ``label_column_name`` say (default "image" / "label", so pass the same names to the
 collator), and a ``sample_id`` column (a unique int per sample; always for training). Sources, one at a time:
 
 * the noisy Fashion-MNIST demo (default, offline),
 * ``dataset_name``: any `datasets` image-classification dataset (``load_dataset``),
-* ``train_dir`` / ``validation_dir``: image folders with one subfolder per class (`training.image_folder`: the
+* ``train_dir`` / ``validation_dir``: image folders with one subfolder per class (`training.data.image_folder`: the
   reader and label rule the evaluation scripts use too),
 * ``webvision_dir``: WebVision in its native layout (``webvision_version`` "v1" or "v2"),
-* ``shard_dir``: WebDataset shards written by `training.make_shards` (``train/``, ``validation/``).
+* ``shard_dir``: WebDataset shards written by `training.data.make_shards` (``train/``, ``validation/``).
 
 Streaming and multiple processes: the streaming datasets are *not* split by node here. Train with
 ``TrainingArguments(accelerator_config={"dispatch_batches": False})``: Accelerate then gives each rank its own
@@ -26,7 +26,7 @@ evenly over the processes and counts every image exactly once.
 
 Streaming order: a streamed training set goes through a shuffle buffer (``shuffle_buffer_size``), and the Trainer's
 ``set_epoch`` gives every epoch a new shard order and buffer seed. A buffer only mixes what is near in the
-stream: write shards with `training.make_shards`, whose random sample order puts every class in every shard.
+stream: write shards with `training.data.make_shards`, whose random sample order puts every class in every shard.
 A streamed WebVision file list is dealt to its shards in a seeded random order for the same reason. Class-sorted
 streams (a streamed image folder, shards written in class order) give batches of few classes (BENCHMARKS.md,
 "Class diversity of streaming batches").
@@ -65,7 +65,7 @@ class DataArguments:
     validation_dir: str | None = field(default=None, metadata={"help": "Image folder for evaluation."})
     webvision_dir: str | None = field(default=None, metadata={"help": "WebVision root folder (holding info/)."})
     webvision_version: str = field(default="v1", metadata={"help": "WebVision version: v1 (1000) or v2 (5000)."})
-    shard_dir: str | None = field(default=None, metadata={"help": "Output folder of training.make_shards."})
+    shard_dir: str | None = field(default=None, metadata={"help": "Output folder of training.data.make_shards."})
     image_column_name: str = field(default="image", metadata={"help": "Image column of `dataset_name`."})
     label_column_name: str = field(default="label", metadata={"help": "Label column of `dataset_name`."})
     streaming: bool = field(default=False, metadata={"help": "Stream the data instead of loading it."})
@@ -147,7 +147,7 @@ def _image_folder_dataset(root: str, class_names: list[str] | None = None) -> tu
 
 
 def _from_image_folders(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset | None, dict[int, str]]:
-    # The reader and label rule of the evaluation scripts too (training/image_folder.py); the validation folder
+    # The reader and label rule of the evaluation scripts too (training/data/image_folder.py); the validation folder
     # is labelled with the training folder's classes.
     train, class_names = _image_folder_dataset(args.train_dir)
     eval_dataset = _image_folder_dataset(args.validation_dir, class_names)[0] if args.validation_dir else None
@@ -174,7 +174,7 @@ _TAR_BLOCK = 512
 
 
 def check_shards(shards: str | os.PathLike) -> list[str]:
-    """The shard files of a `training.make_shards` folder, each checked to be a whole tar file, before any reading.
+    """The shard files of a `training.data.make_shards` folder, each checked to be a whole tar file, before any reading.
 
     A damaged shard would otherwise fail (a bare ``tarfile.ReadError``, no file named) inside the DataLoader,
     possibly hours into training. The check is O(1) per shard: a tar header at the start, a size in whole 512-byte
@@ -195,7 +195,7 @@ def check_shards(shards: str | os.PathLike) -> list[str]:
                 handle.seek(size - 2 * _TAR_BLOCK)
                 problem = None if not any(handle.read()) else "truncated (no end-of-archive blocks)"
         if problem:
-            raise ValueError(f"shard {file} is {problem}; write it again with training.make_shards or remove it")
+            raise ValueError(f"shard {file} is {problem}; write it again with training.data.make_shards or remove it")
     return files
 
 
@@ -231,7 +231,7 @@ def _prepare(
     elif "sample_id" not in features and is_train:
         # Per-stream indices restart in every shard/worker, so ids cannot be added to a stream afterwards.
         raise ValueError(
-            "a streamed training set needs a sample_id column; write it as shards with training.make_shards "
+            "a streamed training set needs a sample_id column; write it as shards with training.data.make_shards "
             "(which numbers the samples) or load it without streaming"
         )
     if isinstance(dataset, IterableDataset):
@@ -323,7 +323,7 @@ class StreamedEpochs:
 
     Pass ``r`` of epoch ``e`` is numbered ``r * num_epochs + e`` (distinct for every pair; the first pass of an
     epoch is numbered as the epoch) and that number goes to the stream's ``set_epoch`` and the collator's: the
-    views of a sample are seeded by it (`training.collator.MoProCollator`), so no two passes reuse the same views.
+    views of a sample are seeded by it (`training.data.collator.MoProCollator`), so no two passes reuse the same views.
 
     Args:
         dataloader: The process's DataLoader (as prepared by Accelerate) over a streamed dataset.

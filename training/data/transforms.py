@@ -337,7 +337,7 @@ class MoProViewTransforms:
                 v2.ToImage(),
                 v2.RandomResizedCrop(image_size, scale=crop_scale, interpolation=interpolation, antialias=True),
                 v2.RandomGrayscale(p=0.2),
-                # v2.ColorJitter's random draws, ~2.5x faster on uint8 crops (training/color_jitter.py)
+                # v2.ColorJitter's random draws, ~2.5x faster on uint8 crops (training/data/color_jitter.py)
                 FastColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4),
                 v2.RandomHorizontalFlip(),
                 v2.ToPureTensor(),

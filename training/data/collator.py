@@ -93,7 +93,7 @@ class MoProCollator:
         Each worker collates every ``num_workers``-th batch of the pass, in turn (the DataLoader's in-order round
         robin), so worker ``w``'s ``i``-th batch is batch ``i * num_workers + w``, or earlier once another worker
         has run dry. Those numbered below ``num_batches`` come back as ``{"skipped_examples": n}``: they are all
-        among the pass's first ``num_batches`` batches, which `training.data.StreamedEpochs` drops (it still decodes
+        among the pass's first ``num_batches`` batches, which `training.data.sources.StreamedEpochs` drops (it still decodes
         any of them a worker did not recognise). Called before the pass starts, as the workers copy the collator.
         """
         self._skip_batches, self._num_workers, self._batches_collated = num_batches, max(num_workers, 1), 0

@@ -14,9 +14,9 @@ of streaming batches"). The reader adds a new shard order every epoch. Layout wr
 
 Example::
 
-    python -m training.make_shards --webvision_dir /data/webvision --split train --output_dir /data/wv-shards
-    python -m training.make_shards --image_folder photos/train --split train --output_dir shards
-    python -m training.make_shards --dataset_name cifar10 --image_column img --split test --output_dir shards
+    python -m training.data.make_shards --webvision_dir /data/webvision --split train --output_dir /data/wv-shards
+    python -m training.data.make_shards --image_folder photos/train --split train --output_dir shards
+    python -m training.data.make_shards --dataset_name cifar10 --image_column img --split test --output_dir shards
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def records_from_webvision(
 
 def image_folder_class_names(folder: str | os.PathLike) -> list[str]:
     """Returns the class-subfolder names of an image folder in label order: the label rule of training and
-    evaluation (`training.image_folder.image_folder_classes`)."""
+    evaluation (`training.data.image_folder.image_folder_classes`)."""
     return image_folder_classes(folder)
 
 
@@ -313,7 +313,7 @@ def read_id2label(shard_root: str | os.PathLike) -> dict[int, str]:
         if candidate.is_file():
             return {int(index): name for index, name in json.loads(candidate.read_text()).items()}
     raise FileNotFoundError(
-        f"no {ID2LABEL_FILE} in {shard_root} or its parent; write one with training.make_shards.write_id2label"
+        f"no {ID2LABEL_FILE} in {shard_root} or its parent; write one with training.data.make_shards.write_id2label"
     )
 
 
@@ -352,7 +352,7 @@ def load_shards(
     )
     image_fields = [name for name in ("jpg", "png") if name in dataset.features]
     if len(image_fields) != 1 or "cls" not in dataset.features or "json" not in dataset.features:
-        raise ValueError(f"{files[0]} is not a shard of training.make_shards (fields: {list(dataset.features)})")
+        raise ValueError(f"{files[0]} is not a shard of training.data.make_shards (fields: {list(dataset.features)})")
     image_field = image_fields[0]
     dataset = dataset.cast_column(image_field, Image(decode=False))
 
@@ -441,6 +441,6 @@ def main(argv: Sequence[str] | None = None) -> ShardSummary:
 
 
 if __name__ == "__main__":
-    from training.cli import run_command
+    from modeling_mopro.cli import run_command
 
     run_command(main)
