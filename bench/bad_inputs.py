@@ -270,7 +270,7 @@ class Setup:
         from PIL import Image
 
         from evaluation.features import load_model
-        from evaluation.image_datasets import transforms_from_config
+        from training.data.transforms import transforms_from_config
 
         model = load_model(str(self.model), "cpu")
         transform = transforms_from_config(model.config)

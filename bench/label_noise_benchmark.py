@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.noisy_benchmark import build_trainer  # noqa: E402
 from evaluation.features import extract_features  # noqa: E402
-from evaluation.image_datasets import hf_image_dataset  # noqa: E402
 from modeling_mopro import (  # noqa: E402
     build_image_processor,
 )
+from training.data.image_datasets import hf_image_dataset  # noqa: E402
 from training.data.noisy_fashion_mnist import build_noisy_fashion_mnist  # noqa: E402
 from training.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MoProViewTransforms  # noqa: E402
 

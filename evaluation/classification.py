@@ -18,14 +18,15 @@ import torch
 from torch.utils.data import Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
-from .image_datasets import (
+from training.data.image_datasets import (
     add_dataset_arguments,
     check_class_names,
     dataset_from_arguments,
     result_key,
-    transforms_from_config,
 )
+from training.data.transforms import transforms_from_config
+
+from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
 
 # dataset key -> (name, type) written to the result file.
 DATASET_CARDS = {
@@ -95,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args.dataset = result_key(args)  # before any work: a result must say which data it was measured on
 
     model = load_model(args.model_name_or_path, args.device)
-    dataset = dataset_from_arguments(args, transforms_from_config(model.config))
+    dataset, _ = dataset_from_arguments(args, transforms_from_config(model.config))
     metrics = evaluate_classification(
         model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, amp=args.amp
     )

@@ -31,10 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from .classification import DATASET_CARDS, evaluate_classification
-from .features import save_eval_results
-from .finetune import StepDecayTrainer, add_schedule_arguments, load_for_training, training_arguments
-from .image_datasets import (
+from training.data.image_datasets import (
     ImageLabelDataset,
     apply_pseudo_labels,
     collate_without_index,
@@ -42,9 +39,13 @@ from .image_datasets import (
     image_folder_dataset,
     load_hf_dataset,
     pseudo_label_dataset,
-    transforms_from_config,
     webvision_val_dataset,
 )
+from training.data.transforms import transforms_from_config
+
+from .classification import DATASET_CARDS, evaluate_classification
+from .features import save_eval_results
+from .finetune import StepDecayTrainer, add_schedule_arguments, load_for_training, training_arguments
 
 
 def class_balanced_weights(labels: np.ndarray | Sequence[int], num_classes: int | None = None) -> np.ndarray:

@@ -131,7 +131,7 @@ class FeatureSet:
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
     """Ordered, non-dropping evaluation DataLoader; an `ImageLabelDataset`'s undecodable images are left out of the
     batches and listed in their ``skipped_index`` (`collate_skipping_bad_images`)."""
-    from .image_datasets import ImageLabelDataset, collate_skipping_bad_images
+    from training.data.image_datasets import ImageLabelDataset, collate_skipping_bad_images
 
     return DataLoader(
         dataset,

@@ -32,17 +32,17 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from modeling_mopro.cli import fraction
-
-from .classification import DATASET_CARDS, evaluate_classification
-from .features import resolve_device, save_eval_results
-from .image_datasets import (
+from training.data.image_datasets import (
     ImageLabelDataset,
     add_dataset_arguments,
     check_same_classes,
     collate_without_index,
     dataset_from_arguments,
-    transforms_from_config,
 )
+from training.data.transforms import transforms_from_config
+
+from .classification import DATASET_CARDS, evaluate_classification
+from .features import resolve_device, save_eval_results
 
 
 def milestone_lr_lambda(steps_per_epoch: float, milestones: Sequence[int], gamma: float) -> Callable[[int], float]:
@@ -235,7 +235,7 @@ def finetune(
     (an empty dict off the main process).
 
     Args:
-        train_dataset: The full labelled training set with the training augmentation (`train_transform()`).
+        train_dataset: The full labelled training set with the training augmentation (`transforms_from_config(config, train=True)`).
         eval_dataset: Evaluation set with the test view.
         label_fraction / subset_file: How to pick the labelled subset (the file wins when given).
         save_model: Save the fine-tuned model (and image processor) to `output_dir`.
@@ -329,8 +329,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     import modeling_mopro  # noqa: F401
 
     config = AutoConfig.from_pretrained(args.model_name_or_path)
-    train = dataset_from_arguments(args, transforms_from_config(config, train=True), "train_", "train")
-    val = dataset_from_arguments(args, transforms_from_config(config))
+    train, _ = dataset_from_arguments(args, transforms_from_config(config, train=True), "train_", "train")
+    val, _ = dataset_from_arguments(args, transforms_from_config(config))
     check_same_classes(train, val)  # the new classifier learns the training labels; validation must use them
     metrics = finetune(
         args.model_name_or_path, train, val, args.output_dir, args.label_fraction, args.subset_file, args.epochs,

@@ -19,16 +19,16 @@ import torch.nn.functional as F
 
 from modeling_mopro.cli import positive_int
 from modeling_mopro.noise_correction import neighbour_label_vote
-
-from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
-from .image_datasets import (
+from training.data.image_datasets import (
     ImageLabelDataset,
     add_dataset_arguments,
     check_same_classes,
     dataset_from_arguments,
     result_key,
-    transforms_from_config,
 )
+from training.data.transforms import transforms_from_config
+
+from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
 
 WEIGHTINGS = ("temperature", "majority")
 
@@ -145,8 +145,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     model = load_model(args.model_name_or_path, args.device)
     transform = transforms_from_config(model.config)
-    train = dataset_from_arguments(args, transform, prefix="train_", default_split="train")
-    test = dataset_from_arguments(args, transform)
+    train, _ = dataset_from_arguments(args, transform, prefix="train_", default_split="train")
+    test, _ = dataset_from_arguments(args, transform)
     check_same_classes(train, test)  # neighbours vote with the training labels: both sides must mean the same
     metrics = evaluate_knn(
         model, train, test, args.feature, args.k, args.temperature, args.majority_k or None,

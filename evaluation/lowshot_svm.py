@@ -32,9 +32,10 @@ from sklearn.metrics import average_precision_score
 from sklearn.svm import LinearSVC
 
 from modeling_mopro.cli import positive_int
+from training.data.image_datasets import ImageLabelDataset, places205_dataset, voc07_dataset
+from training.data.transforms import transforms_from_config
 
 from .features import add_model_arguments, extract_features, l2_normalize, load_model, results_dir, save_eval_results
-from .image_datasets import ImageLabelDataset, places205_dataset, transforms_from_config, voc07_dataset
 
 TASKS = ("voc07", "places205")
 AP_DEFINITIONS = ("sklearn", "voc07_11point", "voc_interpolated")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # the one mean/std (data floor too)
 
 if TYPE_CHECKING:  # the card needs only the config's attributes; importing the model code takes seconds
     from modeling_mopro import MoProConfig
@@ -117,8 +118,8 @@ def build_model_card(
     training_state: Mapping[str, Any] | None = None,
     description: str | None = None,
     timm_repo_id: str | None = None,
-    image_mean: Sequence[float] = (0.485, 0.456, 0.406),
-    image_std: Sequence[float] = (0.229, 0.224, 0.225),
+    image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
     interpolation: str = "bilinear",
     resize_size: int | None = None,
     run_args: Mapping[str, Any] | None = None,

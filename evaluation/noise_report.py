@@ -69,6 +69,14 @@ from accelerate import PartialState
 from modeling_mopro import correct_noisy_labels, far_from_prototypes
 from modeling_mopro.cli import positive_int
 from modeling_mopro.distributed import is_distributed, rank, world_size
+from training.data.image_datasets import (
+    DATA_FORMATS,
+    add_dataset_arguments,
+    check_class_names,
+    dataset_from_arguments,
+    hf_image_dataset,
+)
+from training.data.transforms import transforms_from_config
 
 from .features import extract_features, load_model, mopro_parts
 from .gallery import (
@@ -81,16 +89,6 @@ from .gallery import (
     flagged_rows,
     folder_size,
     write_gallery,
-)
-from .image_datasets import (
-    DATA_FORMATS,
-    add_dataset_arguments,
-    check_class_names,
-    dataset_from_arguments,
-    hf_image_dataset,
-    is_saved_dataset,
-    load_hf_dataset,
-    transforms_from_config,
 )
 from .noise_report_card import noise_report_card
 from .noise_scores import DECISIONS, FALLBACK_OOD_RULE, ScoredSamples, noise_scores
@@ -191,7 +189,7 @@ def with_report_ids(
     relative to it, added as a `path` column (image folders and WebVision lists read by `training.data.sources`, whose image
     column holds the files' paths: `pseudo_label.json` then reads back from that root); one of `ID_COLUMNS`;
     `sample_id` (row indices, which the summary says); else positions. An `ImageLabelDataset` keeps its own ids
-    (relative paths for the file layouts of `evaluation.image_datasets`; `id_root` names their folder).
+    (relative paths for the file layouts of `training.data.image_datasets`; `id_root` names their folder).
 
     Raises:
         ValueError: `id_column` is not a column of the dataset.
@@ -732,41 +730,12 @@ def check_report_folder(output_dir: str | os.PathLike, overwrite: bool = False) 
 
 def _load_data(args, model) -> tuple[object, str]:
     """The dataset named by the arguments (every source the trainer reads) and a one-line description of it."""
-    path = Path(args.data_dir)
-    data_format = args.data_format
-    if data_format == "auto":
-        if (path / "info" / "train_filelist_google.txt").is_file():
-            data_format = "webvision"
-        elif (path / "train").is_dir() and any((path / "train").glob("shard-*.tar")):
-            data_format = "shards"
-        elif not path.is_dir() or is_saved_dataset(path):
-            data_format = "hf"
-    if data_format == "webvision":  # the training lists; ids are paths relative to the root, as officially
-        from training.data.webvision import load_webvision, read_webvision_class_names, webvision_num_classes
-
-        train = load_webvision(path, args.webvision_version, "train")
-        id2label = read_webvision_class_names(path, webvision_num_classes(args.webvision_version))
-        train = train.add_column("path", [os.path.relpath(image, path) for image in train["image"]])
-    elif data_format == "shards":
-        from training.data.make_shards import load_shards, read_id2label
-        from training.data.sources import check_shards
-
-        check_shards(path / "train")
-        train, id2label = load_shards(path / "train", streaming=False), read_id2label(path)
-    if data_format in ("webvision", "shards"):
-        names = [id2label[i] for i in range(len(id2label))]
-        train = train.cast_column("label", datasets.ClassLabel(names=names))
-        return train, f"{data_format} {args.data_dir} (train split)"
-    if data_format == "hf":  # keep the raw dataset: its ground-truth columns go into the report
-        split = args.split or "train"
-        dataset = load_hf_dataset(args.data_dir, split)
-        if args.image_column != "image" or args.label_column != "label":
-            dataset = dataset.rename_columns({args.image_column: "image", args.label_column: "label"})
-        return dataset, f"`datasets` {args.data_dir} ({split} split)"
-    args.data_format = data_format
-    return dataset_from_arguments(args, transforms_from_config(model.config), default_split="train"), str(
-        args.data_dir
-    )
+    formats = (*DATA_FORMATS, "webvision", "shards")  # keep `datasets` data raw: its ground truth goes in the report
+    dataset, _ = dataset_from_arguments(args, transforms_from_config(model.config), "", "train", formats, True)
+    if args.data_format not in ("webvision", "shards", "hf"):
+        return dataset, str(args.data_dir)
+    kind = "`datasets`" if args.data_format == "hf" else args.data_format
+    return dataset, f"{kind} {args.data_dir} ({args.split or 'train'} split)"
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -32,8 +32,10 @@ import numpy as np
 import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
+from training.data.image_datasets import image_folder_dataset
+from training.data.transforms import transforms_from_config
+
 from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
-from .image_datasets import image_folder_dataset, transforms_from_config
 
 DATASET_CARDS = {
     "imagenet-r": ("ImageNet-R", "imagenet-r"),

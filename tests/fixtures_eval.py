@@ -70,7 +70,7 @@ def write_image_folder(root: Path, per_class: int, class_names: list[str], seed:
 
 def write_voc07(root: Path, num_trainval: int = 48, num_test: int = 30, seed: int = 0) -> Path:
     """A VOC2007 devkit layout with 20 classes; every class has positives in both splits, some difficult."""
-    from evaluation.image_datasets import VOC07_CLASSES
+    from training.data.image_datasets import VOC07_CLASSES
 
     rng = np.random.default_rng(seed)
     base = root / "VOCdevkit" / "VOC2007"

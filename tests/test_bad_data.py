@@ -96,8 +96,8 @@ def test_noise_report_skips_undecodable_images_and_counts_them(tmp_path):
 
 def test_extract_features_skips_bad_files_of_an_image_folder(tmp_path):
     from evaluation.features import extract_features
-    from evaluation.image_datasets import image_folder_dataset
     from tests.fixtures_eval import tiny_model, write_image_folder
+    from training.data.image_datasets import image_folder_dataset
 
     root = write_image_folder(tmp_path / "data", per_class=3, class_names=["a", "b", "c", "d"])
     (root / "b" / "b_1.png").write_bytes(b"not a png")
@@ -107,8 +107,8 @@ def test_extract_features_skips_bad_files_of_an_image_folder(tmp_path):
 
 # --- image folders: one reader, one label rule, checked against the model ------------------------------------------
 def test_empty_class_folder_is_an_error_naming_it_in_training_and_evaluation(tmp_path):
-    from evaluation.image_datasets import image_folder_dataset
     from tests.fixtures_eval import write_image_folder
+    from training.data.image_datasets import image_folder_dataset
     from training.data.sources import build_datasets
 
     root = write_image_folder(tmp_path / "data", per_class=2, class_names=["a", "b", "c"])
@@ -121,8 +121,8 @@ def test_empty_class_folder_is_an_error_naming_it_in_training_and_evaluation(tmp
 
 
 def test_training_and_evaluation_read_an_image_folder_with_the_same_labels(tmp_path):
-    from evaluation.image_datasets import image_folder_dataset
     from tests.fixtures_eval import write_image_folder
+    from training.data.image_datasets import image_folder_dataset
     from training.data.sources import build_datasets
 
     names = [str(i) for i in range(12)]  # numeric: "10" and "11" after "9", label == folder number
@@ -143,8 +143,8 @@ def test_training_and_evaluation_read_an_image_folder_with_the_same_labels(tmp_p
 
 def test_classification_refuses_data_whose_classes_are_not_the_models(tmp_path):
     from evaluation.classification import evaluate_classification
-    from evaluation.image_datasets import image_folder_dataset
     from tests.fixtures_eval import tiny_model, write_image_folder
+    from training.data.image_datasets import image_folder_dataset
 
     model = tiny_model()
     model.config.id2label = {0: "a", 1: "b", 2: "c", 3: "d"}
@@ -161,8 +161,8 @@ def test_classification_refuses_data_whose_classes_are_not_the_models(tmp_path):
 
 def test_noise_report_refuses_data_whose_classes_are_not_the_models(tmp_path):
     from evaluation import noise_report
-    from evaluation.image_datasets import image_folder_dataset
     from tests.fixtures_eval import tiny_model, write_image_folder
+    from training.data.image_datasets import image_folder_dataset
 
     model = tiny_model()
     model.config.id2label = {0: "a", 1: "b", 2: "c", 3: "d"}
@@ -196,7 +196,7 @@ def test_damaged_shard_is_an_error_naming_it_before_training(tmp_path, damage):
 
 
 def test_webvision_val_list_is_read_by_the_training_reader(tmp_path):
-    from evaluation.image_datasets import webvision_val_dataset
+    from training.data.image_datasets import webvision_val_dataset
 
     (tmp_path / "info").mkdir()
     (tmp_path / "info" / "val_filelist.txt").write_text("val000001.jpg 0\nval000002.jpg 1500\n\nval000003.jpg 7\n")
@@ -209,13 +209,13 @@ def test_webvision_val_list_is_read_by_the_training_reader(tmp_path):
 
 
 def test_trainer_collator_of_the_evaluation_scripts_drops_undecodable_images(tmp_path, caplog):
-    from evaluation.image_datasets import collate_without_index, image_folder_dataset
     from tests.fixtures_eval import write_image_folder
+    from training.data.image_datasets import collate_without_index, image_folder_dataset
 
     root = write_image_folder(tmp_path / "data", per_class=2, class_names=["a", "b"])
     (root / "a" / "a_1.png").write_bytes(b"broken")
     dataset = image_folder_dataset(root)
-    with caplog.at_level(logging.WARNING, logger="evaluation.image_datasets"):
+    with caplog.at_level(logging.WARNING, logger="training.data.image_datasets"):
         batch = collate_without_index([dataset[i] for i in range(len(dataset))])
     assert batch["labels"].tolist() == [0, 1, 1] and batch["pixel_values"].shape[0] == 3
     assert any("a/a_1.png" in record.getMessage() for record in caplog.records)

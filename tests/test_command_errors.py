@@ -129,7 +129,7 @@ def test_make_shards_refuses_to_overwrite_shards(tmp_path):
 
 
 def test_knn_and_finetune_refuse_evaluation_data_with_other_classes_than_training():
-    from evaluation.image_datasets import check_same_classes
+    from training.data.image_datasets import check_same_classes
 
     class Data:
         def __init__(self, classes):

@@ -15,12 +15,6 @@ from sklearn.svm import LinearSVC
 
 from evaluation import classification, classifier_retrain, finetune, knn, lowshot_svm, robustness
 from evaluation.features import extract_features, l2_normalize, load_model, save_eval_results
-from evaluation.image_datasets import (
-    image_folder_dataset,
-    places205_dataset,
-    transforms_from_config,
-    voc07_dataset,
-)
 from modeling_mopro import MoProForImageClassification, MoProForPreTraining, MoProModel
 from tests.fixtures_eval import (
     IMAGE_SIZE,
@@ -32,6 +26,12 @@ from tests.fixtures_eval import (
     write_places205,
     write_voc07,
 )
+from training.data.image_datasets import (
+    image_folder_dataset,
+    places205_dataset,
+    voc07_dataset,
+)
+from training.data.transforms import transforms_from_config
 
 CLASS_NAMES = ["apple", "boat", "cloud", "dog"]
 WNIDS = [f"n{i:08d}" for i in range(NUM_LABELS)]

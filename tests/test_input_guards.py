@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from evaluation.image_datasets import ImageLabelDataset, eval_transform, image_folder_dataset
+from training.data.image_datasets import ImageLabelDataset, image_folder_dataset
 from training.data.image_folder import PASSED_OVER_REASONS, read_image_folder
-from training.data.transforms import BadImageError, decode_image, decode_image_tensor
+from training.data.transforms import BadImageError, MoProViewTransforms, decode_image, decode_image_tensor
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -116,7 +116,7 @@ def test_a_100000_by_1_png_is_refused_before_it_is_resized(decode, tmp_path):
     assert path.stat().st_size < 400_000  # a small file ...
     with pytest.raises(BadImageError, match=r"line.png.*too large in one dimension: 100000 x 1"):
         decode(str(path))  # ... that the test view would have resized to 25.6M x 256 pixels (~26 GB at 224 px)
-    dataset = ImageLabelDataset([str(path)], [0], ["line.png"], eval_transform(32))
+    dataset = ImageLabelDataset([str(path)], [0], ["line.png"], MoProViewTransforms(32).test)
     assert set(dataset[0]) == {"index"}  # a skip, logged and counted by the collators
 
 
@@ -135,7 +135,7 @@ def test_every_geometry_is_decoded_to_a_bounded_view_or_refused_as_too_large(wid
         assert "too large" in error.reason and max(width, height) > 50 * min(width, height)
         return
     assert image.size == (width, height) and max(width, height) <= 50 * min(width, height)
-    assert eval_transform(32)(image).shape == (3, 32, 32)
+    assert MoProViewTransforms(32).test(image).shape == (3, 32, 32)
 
 
 # --------------------------------------------------------------------------------- generated folder layouts

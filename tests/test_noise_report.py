@@ -14,15 +14,15 @@ from PIL import Image
 
 from evaluation import noise_report, noise_report_card
 from evaluation.features import extract_features, load_model
-from evaluation.image_datasets import (
-    hf_image_dataset,
-    image_folder_dataset,
-    pseudo_label_dataset,
-    transforms_from_config,
-)
 from evaluation.noise_scores import noise_scores
 from modeling_mopro import correct_noisy_labels, far_from_prototypes
 from tests.fixtures_eval import forbid_hub_network, noisy_hf_dataset, tiny_model, write_image_folder
+from training.data.image_datasets import (
+    hf_image_dataset,
+    image_folder_dataset,
+    pseudo_label_dataset,
+)
+from training.data.transforms import transforms_from_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -456,6 +456,6 @@ def test_run_mopro_report_names_files_and_its_pseudo_labels_retrain_the_classifi
     ]
     assert backbone and all(torch.equal(before[name], after[name]) for name in backbone)  # on a frozen backbone
     # The image-folder reading of the same annotation (`--train_data_format imagefolder`) matches it too.
-    from evaluation.image_datasets import apply_pseudo_labels
+    from training.data.image_datasets import apply_pseudo_labels
 
     assert apply_pseudo_labels(image_folder_dataset(data), annotation).labels.tolist() == pseudo["labels"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .transforms import BadImageError, MoProViewTransforms, decode_image, decode_image_tensor, describe_image_source
+from .transforms import MoProViewTransforms, decode_image, decode_image_tensor, decode_or_skip, describe_image_source
 
 logger = logging.getLogger(__name__)
 
@@ -151,12 +151,11 @@ class MoProCollator:
         num_skipped = 0
         for example in examples:
             label = self._checked_label(example)
-            try:
-                # Training views start from a uint8 tensor; the test view from PIL, like the image processor.
-                image = (decode_image_tensor if self.train else decode_image)(example[self.image_column])
-            except BadImageError as error:
+            # Training views start from a uint8 tensor; the test view from PIL, like the image processor.
+            decode = decode_image_tensor if self.train else decode_image
+            image = decode_or_skip(example[self.image_column], f"sample {self._sample_name(example)}", decode)
+            if image is None:
                 num_skipped += 1
-                logger.warning("Skipping sample %s: %s", self._sample_name(example), error.reason)
                 continue
             if self.train:
                 query_view, key_view = self._train_views(image, example)

@@ -159,15 +159,43 @@ def _from_image_folders(args: DataArguments, seed: int) -> tuple[AnyDataset, Any
 
 
 def _from_webvision(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset, dict[int, str]]:
-    def load(split: str, streaming: bool) -> AnyDataset:
+    def load(split: str, streaming: bool) -> tuple[AnyDataset, dict[int, str]]:
         # Streamed, the lines are dealt to the shards in a seeded random order: the file lists are sorted by class.
-        return load_webvision(
-            args.webvision_dir, args.webvision_version, split, streaming, args.num_streaming_shards, seed
-        )
+        return load_source("webvision", args.webvision_dir, split, streaming, args.webvision_version,
+                           args.num_streaming_shards, seed)  # fmt: skip
 
-    id2label = read_webvision_class_names(args.webvision_dir, webvision_num_classes(args.webvision_version))
+    train, id2label = load("train", args.streaming)
     # Validation is map-style (a list of 50,000 paths): see the module docstring.
-    return load("train", args.streaming), load("validation", False), id2label
+    return train, load("validation", False)[0], id2label
+
+
+def load_source(
+    kind: str,
+    root: str | os.PathLike,
+    split: str = "train",
+    streaming: bool = False,
+    webvision_version: str = "v1",
+    num_streaming_shards: int = 64,
+    seed: int | None = None,
+) -> tuple[AnyDataset, dict[int, str]]:
+    """One split of a WebVision root (`kind` "webvision": the file lists) or of a `make_shards` folder ("shards",
+    each shard checked whole first), and its classes: the one reader of these sources for training
+    (`build_datasets`), the evaluation commands and the noise report (`image_datasets.dataset_from_arguments`)."""
+    if kind == "webvision":
+        dataset = load_webvision(root, webvision_version, split, streaming, num_streaming_shards, seed)
+        return dataset, read_webvision_class_names(root, webvision_num_classes(webvision_version))
+    if kind == "shards":
+        check_shards(Path(root) / split)
+        return load_shards(Path(root) / split, streaming=streaming), read_id2label(root)
+    raise ValueError(f"unknown data source {kind!r} (webvision, shards)")
+
+
+def with_webvision_paths(dataset: Dataset, root: str | os.PathLike, image_column: str = "image") -> Dataset:
+    """Adds a `path` column, each image's path relative to the WebVision root (as the official `pseudo_label.json`
+    names samples)."""
+    root = os.path.abspath(root)
+    paths = [os.path.relpath(os.path.abspath(image), root) for image in dataset[image_column]]
+    return dataset.add_column("path", paths)
 
 
 _TAR_BLOCK = 512
@@ -201,12 +229,11 @@ def check_shards(shards: str | os.PathLike) -> list[str]:
 
 def _from_shards(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset | None, dict[int, str]]:
     root = Path(args.shard_dir)
-    eval_dirs = [root / name for name in EVAL_SPLIT_NAMES if (root / name).is_dir()]
-    for folder in [root / "train", *eval_dirs[:1]]:
-        check_shards(folder)
+    eval_splits = [name for name in EVAL_SPLIT_NAMES if (root / name).is_dir()]
+    train, id2label = load_source("shards", root, "train", streaming=args.streaming)
     # Validation is map-style (converted once into the `datasets` cache): see the module docstring.
-    eval_dataset = load_shards(eval_dirs[0], streaming=False) if eval_dirs else None
-    return load_shards(root / "train", streaming=args.streaming), eval_dataset, read_id2label(root)
+    eval_dataset = load_source("shards", root, eval_splits[0])[0] if eval_splits else None
+    return train, eval_dataset, id2label
 
 
 _SOURCES = {
@@ -430,9 +457,4 @@ def training_set_for_report(data_args: object | None = None, seed: int = 42, **o
     """
     args = dataclasses.replace(_as_data_arguments(data_args, overrides), streaming=False)
     train = build_datasets(args, seed=seed)[0]
-    if args.webvision_dir:
-        root = os.path.abspath(args.webvision_dir)
-        train = train.add_column(
-            "path", [os.path.relpath(os.path.abspath(image), root) for image in train[args.image_column_name]]
-        )
-    return train
+    return with_webvision_paths(train, args.webvision_dir, args.image_column_name) if args.webvision_dir else train

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import stat
 import threading
@@ -29,10 +30,13 @@ from PIL import Image, ImageFile, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, v2
 
+# The one ImageNet mean/std: transformers' own, the image processor's default too (`build_image_processor`).
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from transformers.image_utils import IMAGENET_DEFAULT_STD as IMAGENET_STD
+
 from .color_jitter import FastColorJitter
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+logger = logging.getLogger(__name__)
 
 # Everything `decode_image` accepts: encoded bytes, a file path, the dict of `datasets.Image(decode=False)`,
 # or an already decoded PIL image.
@@ -164,6 +168,16 @@ def decode_image(source: ImageSource) -> Image.Image:
         check_image_geometry(*source.size, describe_image_source(source))
         return _to_rgb(source)
     return _decode_with_pil(*read_encoded_image(source))
+
+
+def decode_or_skip(source: ImageSource, name: str, decode=decode_image) -> Any | None:
+    """`decode(source)`, or None for an image that cannot be read (logged as "Skipping <name>: <reason>"): the one
+    skip rule of training, evaluation and the noise report; their callers count what they skip."""
+    try:
+        return decode(source)
+    except BadImageError as error:
+        logger.warning("Skipping %s: %s", name, error.reason)
+        return None
 
 
 # PIL signals broken data with OSError (incl. UnidentifiedImageError, FileNotFoundError), SyntaxError or
@@ -372,3 +386,14 @@ class MoProViewTransforms:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weak={self.weak}, strong={self.strong}, test={self.test})"
+
+
+def transforms_from_config(config, train: bool = False, crop_scale: tuple[float, float] = (0.08, 1.0)):
+    """The test view (or, with `train`, the weak view: RandomResizedCrop(scale=crop_scale) + flip, the fine-tuning
+    and classifier-retraining augmentation) at the model's `image_size`, normalised as by the image processor saved
+    with the model (`image_processor_for`: the one the pipeline uses; ImageNet's for a model in memory)."""
+    from modeling_mopro import image_processor_for
+
+    processor = image_processor_for(config)
+    views = MoProViewTransforms(config.image_size, processor.image_mean, processor.image_std, crop_scale=crop_scale)
+    return views.weak if train else views.test

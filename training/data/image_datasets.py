@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from training.data.image_folder import read_image_folder
-from training.data.transforms import BadImageError, MoProViewTransforms, decode_image
-from training.data.webvision import VAL_FILELIST, VAL_IMAGE_DIR, read_webvision_filelist
+from .image_folder import read_image_folder
+from .transforms import MoProViewTransforms, decode_or_skip
+from .webvision import VAL_FILELIST, VAL_IMAGE_DIR, read_webvision_filelist
 
 logger = logging.getLogger(__name__)
 
@@ -48,38 +48,6 @@ DATA_FORMATS = ("auto", "imagefolder", "webvision_val", "hf")
 Transform = Callable[[Any], torch.Tensor]
 
 
-def eval_transform(image_size: int = 224, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
-    """The official evaluation view: resize the short side to `image_size * 256 / 224`, centre-crop, normalise."""
-    return _views(image_size, mean, std).test
-
-
-def train_transform(
-    image_size: int = 224,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    crop_scale: tuple[float, float] = (0.08, 1.0),
-):
-    """RandomResizedCrop(scale=crop_scale) + horizontal flip + normalise: the fine-tuning (scale 0.08-1, torchvision
-    default) and classifier-retraining (scale 0.2-1) augmentation of the official scripts."""
-    return _views(image_size, mean, std, crop_scale).weak
-
-
-def _views(image_size, mean, std, crop_scale=(0.2, 1.0)) -> MoProViewTransforms:
-    kwargs = {"mean": mean, "std": std}
-    return MoProViewTransforms(image_size, crop_scale=crop_scale, **{k: v for k, v in kwargs.items() if v is not None})
-
-
-def transforms_from_config(config, train: bool = False, crop_scale: tuple[float, float] = (0.08, 1.0)):
-    """`eval_transform` (or `train_transform`) at the model's `image_size`, normalised as by the image processor
-    saved with the model (`image_processor_for`: the one the pipeline uses; ImageNet's for a model in memory)."""
-    from modeling_mopro import image_processor_for
-
-    processor = image_processor_for(config)
-    if train:
-        return train_transform(config.image_size, processor.image_mean, processor.image_std, crop_scale)
-    return eval_transform(config.image_size, processor.image_mean, processor.image_std)
-
-
 class ImageLabelDataset(Dataset):
     """Images with single labels (long) or multi-label targets (float rows), decoded lazily.
 
@@ -88,7 +56,7 @@ class ImageLabelDataset(Dataset):
             or PIL images (anything `training.data.transforms.decode_image` accepts).
         labels: (N,) integer labels, or (N, C) multi-label targets.
         ids: N string ids (relative paths by default). Defaults to the sample positions.
-        transform: Maps a decoded RGB PIL image to a tensor; `eval_transform()` when None.
+        transform: Maps a decoded RGB PIL image to a tensor; the test view at 224 px when None.
         classes: Optional class names, in label order.
     """
 
@@ -107,7 +75,7 @@ class ImageLabelDataset(Dataset):
         self.ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(self.labels))]
         if not (len(images) == len(self.labels) == len(self.ids)):
             raise ValueError(f"images ({len(images)}), labels ({len(self.labels)}) and ids ({len(self.ids)}) differ")
-        self.transform = transform or eval_transform()
+        self.transform = transform or MoProViewTransforms().test
         self.classes = list(classes) if classes is not None else None
         # Entries of an image folder its reader passed over, by reason (`training.data.image_folder`); None otherwise.
         self.passed_over: dict[str, int] | None = None
@@ -122,10 +90,8 @@ class ImageLabelDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         """The sample's views, or only ``{"index"}`` when its image cannot be decoded (a skip, logged with the id;
         `collate_skipping_bad_images` drops and counts it)."""
-        try:
-            image = decode_image(self.images[index])
-        except BadImageError as error:
-            logger.warning("Skipping image %s: %s", self.ids[index], error.reason)
+        image = decode_or_skip(self.images[index], f"image {self.ids[index]}")
+        if image is None:
             return {"index": torch.tensor(index)}
         label = torch.as_tensor(self.labels[index], dtype=torch.float32 if self.is_multilabel else torch.long)
         return {"pixel_values": self.transform(image), "labels": label, "index": torch.tensor(index)}
@@ -452,29 +418,66 @@ def result_key(args: argparse.Namespace) -> str:
 
 
 def dataset_from_arguments(
-    args: argparse.Namespace, transform: Transform, prefix: str = "", default_split: str = "validation"
-) -> ImageLabelDataset:
-    """Builds the dataset described by the arguments of `add_dataset_arguments`.
+    args: argparse.Namespace,
+    transform: Transform,
+    prefix: str = "",
+    default_split: str = "validation",
+    formats: Sequence[str] = DATA_FORMATS,
+    keep_datasets: bool = False,
+) -> tuple[Any, dict[int, str]]:
+    """The dataset described by the arguments of `add_dataset_arguments`, and its class names (``{}`` when the data
+    names none): the source dispatcher of every evaluation command and the noise report.
 
-    `auto` picks WebVision val if `info/val_filelist.txt` exists, a `datasets` folder if it has
-    `dataset_info.json` / `dataset_dict.json`, an image folder for any other directory, else `load_dataset`.
+    `auto` picks, among `formats`: the WebVision training lists ("webvision") if `info/train_filelist_google.txt`
+    exists, else WebVision val if `info/val_filelist.txt` does; `make_shards` shards ("shards") if `<split>/` holds
+    any; a `datasets` folder (`dataset_info.json` / `dataset_dict.json`) or a name; else an image folder. The chosen
+    format is written back to ``args`` (``<prefix>data_format``). WebVision lists and shards are read by the same
+    reader as training (`sources.load_source`). With `keep_datasets`, `datasets` data (and WebVision lists, shards)
+    is returned as a `datasets.Dataset` with "image" / "label" columns and its other columns (the noise report
+    copies them), else as an `ImageLabelDataset`.
     """
+    import datasets
+
+    from .sources import load_source, with_webvision_paths
+
     get = lambda name: getattr(args, f"{prefix}{name}")  # noqa: E731
     data_dir, data_format = get("data_dir"), get("data_format")
-    path = Path(data_dir)
+    path, split = Path(data_dir), get("split") or default_split
     if data_format == "auto":
-        if (path / "info" / "val_filelist.txt").exists():
-            data_format = "webvision_val"
-        elif is_saved_dataset(path) or not path.is_dir():
-            data_format = "hf"
-        else:
-            data_format = "imagefolder"
+        data_format = next(
+            (name for name, found in _AUTO_FORMATS if name in formats and found(path, split)), "imagefolder"
+        )
+        setattr(args, f"{prefix}data_format", data_format)
+    if data_format in ("webvision", "shards"):
+        dataset, id2label = load_source(data_format, path, split, webvision_version=getattr(args, "webvision_version", "v1"))
+        if data_format == "webvision":  # ids are paths relative to the root, as officially
+            dataset = with_webvision_paths(dataset, path)
+        names = [id2label[i] for i in range(len(id2label))]
+        dataset = dataset.cast_column("label", datasets.ClassLabel(names=names))
+        return (dataset if keep_datasets else hf_image_dataset(dataset, transform)), id2label
     if data_format == "webvision_val":
-        return webvision_val_dataset(path, transform)
-    if data_format == "imagefolder":
-        return image_folder_dataset(path, transform)
-    hf = load_hf_dataset(data_dir, get("split") or default_split)
-    return hf_image_dataset(hf, transform, get("image_column"), get("label_column"), get("id_column"))
+        dataset = webvision_val_dataset(path, transform)
+    elif data_format == "imagefolder":
+        dataset = image_folder_dataset(path, transform)
+    elif keep_datasets:
+        dataset = load_hf_dataset(data_dir, split)
+        if get("image_column") != "image" or get("label_column") != "label":
+            dataset = dataset.rename_columns({get("image_column"): "image", get("label_column"): "label"})
+        return dataset, dict(enumerate(getattr(dataset.features.get("label"), "names", None) or []))
+    else:
+        dataset = hf_image_dataset(
+            load_hf_dataset(data_dir, split), transform, get("image_column"), get("label_column"), get("id_column")
+        )
+    return dataset, dict(enumerate(dataset.classes or []))
+
+
+# `auto`'s choices in order: the first format whose test holds for (data folder, split).
+_AUTO_FORMATS = (
+    ("webvision", lambda path, split: (path / "info" / "train_filelist_google.txt").is_file()),
+    ("webvision_val", lambda path, split: (path / "info" / VAL_FILELIST).exists()),
+    ("shards", lambda path, split: (path / split).is_dir() and any((path / split).glob("shard-*.tar"))),
+    ("hf", lambda path, split: is_saved_dataset(path) or not path.is_dir()),
+)
 
 
 __all__ = [
@@ -488,7 +491,6 @@ __all__ = [
     "collate_skipping_bad_images",
     "collate_without_index",
     "dataset_from_arguments",
-    "eval_transform",
     "file_list_dataset",
     "hf_image_dataset",
     "image_folder_dataset",
@@ -498,8 +500,6 @@ __all__ = [
     "pseudo_label_dataset",
     "read_pseudo_labels",
     "result_key",
-    "train_transform",
-    "transforms_from_config",
     "voc07_dataset",
     "webvision_val_dataset",
 ]
