@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from accelerate import PartialState
 
 from modeling_mopro import correct_noisy_labels, far_from_prototypes
-from modeling_mopro.cli import positive_int
+from modeling_mopro.cli import check_output_dir, positive_int
 from modeling_mopro.distributed import is_distributed, rank, world_size
 from training.data.image_datasets import (
     DATA_FORMATS,
@@ -702,13 +702,10 @@ def check_report_folder(output_dir: str | os.PathLike, overwrite: bool = False) 
     model folder (even with `overwrite`: its README.md is the model card) or a folder of anything else.
 
     Raises:
+        NotADirectoryError: It is a file.
         FileExistsError: The folder holds a model, an earlier report (without `overwrite`), or other files.
     """
     folder = Path(output_dir)
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"--output_dir {folder} is a file, not a folder; pass a folder for the report")
-    if not folder.is_dir():
-        return
     model_files = [name for name in _MODEL_FILES if (folder / name).exists()]
     if model_files:
         raise FileExistsError(
@@ -716,16 +713,10 @@ def check_report_folder(output_dir: str | os.PathLike, overwrite: bool = False) 
             "its model card (README.md); leave --output_dir out (the report goes to MODEL/noise_report) or pass "
             "another folder"
         )
-    if _is_noise_report(folder):
-        if not overwrite:
-            raise FileExistsError(f"{folder} already holds a noise report; pass --overwrite or another --output_dir")
-        return
-    others = sorted(p.name for p in folder.iterdir())
-    if others:
-        raise FileExistsError(
-            f"--output_dir {folder} holds files that are not a noise report ({', '.join(others[:3])}"
-            f"{', ...' if len(others) > 3 else ''}); pass a new or empty folder"
-        )
+    report = folder.is_dir() and _is_noise_report(folder)  # only an earlier report may be replaced
+    held = lambda f: sorted(p.name for p in f.iterdir())  # noqa: E731
+    what = "a noise report" if report else "files that are not a noise report"
+    check_output_dir(folder, overwrite, held, what, overwrite_flag="--overwrite" if report else None)
 
 
 def _load_data(args, model) -> tuple[object, str]:

@@ -71,6 +71,8 @@ from urllib.parse import urlparse
 from huggingface_hub import EvalResult, HfApi, ModelCard, constants, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from modeling_mopro.cli import check_output_dir
+
 from .model_card import CURVES_FILE, RUN_ARGS_FILE, ModelComplexity, build_model_card, describe_training_data
 
 if TYPE_CHECKING:
@@ -505,16 +507,9 @@ def _check_release_dir(model_dir: Path, release_dir: Path, overwrite: bool) -> N
     model, release = model_dir.resolve(), release_dir.resolve()
     if model == release or model.is_relative_to(release) or release.is_relative_to(model):
         raise ValueError(f"release_dir {release_dir} must be outside model_dir {model_dir} (and not contain it).")
-    if release_dir.exists() and not release_dir.is_dir():
-        raise NotADirectoryError(f"release_dir {release_dir} is a file; give a folder (--release_dir)")
-    if release_dir.exists() and any(release_dir.iterdir()) and not overwrite:
-        held = sorted(p.name for p in release_dir.iterdir())
-        kind = "a previous release" if "README.md" in held or "config.json" in held else "files"
-        raise FileExistsError(
-            f"release_dir {release_dir} is not empty (holds {kind}: {', '.join(held[:5])}"
-            f"{', ...' if len(held) > 5 else ''}); pass --overwrite (overwrite=True) to replace it, or choose another "
-            "--release_dir"
-        )
+    previous = any((release_dir / name).exists() for name in ("README.md", "config.json"))
+    held = lambda folder: sorted(p.name for p in folder.iterdir())  # noqa: E731
+    check_output_dir(release_dir, overwrite, held, "a previous release" if previous else "files", "--release_dir")
 
 
 def _prepare_release_dir(release_dir: Path) -> None:

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
@@ -52,4 +53,36 @@ def fraction(text: str) -> float:
     return value
 
 
-__all__ = ["USER_ERRORS", "fraction", "positive_int", "run_command"]
+class OutputFolderNotEmptyError(FileExistsError, ValueError):
+    """An output folder holding what a command would replace (a user error: both an OSError and a ValueError)."""
+
+
+def check_output_dir(
+    folder: str | os.PathLike,
+    overwrite: bool,
+    held: Callable[[Path], Sequence[str]],
+    what: str,
+    flag: str = "--output_dir",
+    overwrite_flag: str | None = "--overwrite (overwrite=True)",
+    hint: str | Callable[[], str] = "",
+) -> Path:
+    """The one guard of every command's output folder: never a file, and never over what it holds (`held(folder)`:
+    names of what the command would replace; `what` says what they are, `{n}` their count) unless `overwrite` is on
+    and an `overwrite_flag` allows it. `hint`: another way out, ending in ", " (a callable: called on refusal only).
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{flag} {folder} is a file, not a folder; give a folder ({flag})")
+    names = list(held(folder)) if folder.is_dir() else []
+    if names and not (overwrite and overwrite_flag):
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        replace = f"pass {overwrite_flag} to replace it, " if overwrite_flag else ""
+        ways = f"{hint() if callable(hint) else hint}{replace}"
+        raise OutputFolderNotEmptyError(
+            f"{flag} {folder} already holds {what.format(n=len(names))} ({shown}): {ways}{'or ' if ways else ''}"
+            f"choose another {flag}"
+        )
+    return folder
+
+
+__all__ = ["USER_ERRORS", "OutputFolderNotEmptyError", "check_output_dir", "fraction", "positive_int", "run_command"]

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import check_output_dir
 from .configuration_mopro import MoProConfig
 from .modeling_mopro import MoProForImageClassification, MoProForPreTraining, MoProPhase, build_image_processor
 
@@ -336,21 +337,8 @@ def phase_from_epoch(epoch: int | None) -> MoProPhase:
     return MoProPhase.PROTOTYPES if epoch >= 1 else MoProPhase.WARMUP
 
 
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse to save over a model already in `output_dir` unless asked (nothing overwritten silently)."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise NotADirectoryError(f"output_dir {output_dir} is a file; give a folder (--output_dir)")
-    held = [
-        p.name
-        for p in (output_dir.glob("*") if output_dir.is_dir() else ())
-        if p.name == "config.json" or p.suffix in (".safetensors", ".bin")
-    ]
-    if held and not overwrite:
-        raise FileExistsError(
-            f"output_dir {output_dir} already holds a model ({', '.join(sorted(held))}); pass --overwrite "
-            "(overwrite=True) to replace it, or choose another --output_dir"
-        )
+def _model_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*") if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
 
 
 def convert_original_checkpoint(
@@ -381,7 +369,7 @@ def convert_original_checkpoint(
         The converted model, in eval mode.
     """
     if output_dir is not None:
-        check_output_dir(output_dir, overwrite)
+        check_output_dir(output_dir, overwrite, _model_files, "a model")
     original, metadata = load_original_state_dict(checkpoint_path)
     config = infer_config(original, num_labels=num_labels, id2label=id2label, **config_kwargs)
     model_class = MoProForPreTraining if full_training_state else MoProForImageClassification

@@ -37,7 +37,7 @@ from modeling_mopro import (  # noqa: E402
     build_image_processor,
     image_processor_for,
 )
-from modeling_mopro.cli import run_command  # noqa: E402
+from modeling_mopro.cli import check_output_dir, run_command  # noqa: E402
 from training.arguments import (  # noqa: E402
     ARCHITECTURE_FIELDS,
     HYPERPARAMETER_FIELDS,
@@ -414,14 +414,14 @@ def prepare_output_dir(
         raise ValueError(
             f"--output_dir {out} is the --model_name_or_path folder: write the new run to another --output_dir."
         )
-    if not training_args.overwrite_output_dir:
+
+    def resume() -> str:  # only on a refusal
         last = newest_complete_checkpoint(out, check_checkpoint)[0]
-        resume = f"--resume_from_checkpoint {last} to continue it, " if last else ""
-        held = ", ".join(found + ([f"{len(checkpoints)} checkpoint folders"] if checkpoints else []))
-        raise ValueError(
-            f"--output_dir {out} already holds a run ({held}): pass another --output_dir, {resume}"
-            "or --overwrite_output_dir true to replace it."
-        )
+        return f"--resume_from_checkpoint {last} to continue it, " if last else ""
+
+    held = [*found, *(p.name for p in checkpoints)]
+    overwrite, flag = training_args.overwrite_output_dir, "--overwrite_output_dir true"
+    check_output_dir(out, overwrite, lambda _: held, "a run", overwrite_flag=flag, hint=resume)
     if remove and training_args.should_save:  # one process removes
         logger.warning("--overwrite_output_dir: removing the earlier run's %s from %s", found + checkpoints, out)
         for path in [out / name for name in found] + checkpoints:

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, Features, Image, IterableDataset, Value, load_dataset
 
+from modeling_mopro.cli import check_output_dir
+
 from .image_folder import image_folder_classes, read_image_folder
 from .transforms import BadImageError, ImageSource, decode_image, describe_image_source, read_encoded_image
 from .webvision import WEBVISION_NUM_CLASSES, load_webvision, read_webvision_class_names, webvision_num_classes
@@ -128,7 +130,7 @@ def write_shards(
         raise ValueError(f"image_format must be one of {sorted(_MAGIC)}, got {image_format!r}")
     check_samples_per_shard(samples_per_shard)
     output_dir = Path(output_dir)
-    check_shard_output(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite, _shard_names, "{n} shard file(s)", hint="write another --split, ")
     # Old shards beyond the new count would otherwise be read with the new ones.
     for old in existing_shards(output_dir):
         old.unlink()
@@ -190,16 +192,8 @@ def existing_shards(output_dir: str | os.PathLike) -> list[Path]:
     return sorted([*folder.glob("shard-*.tar"), *folder.glob("shard-*.tar.partial")]) if folder.is_dir() else []
 
 
-def check_shard_output(output_dir: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse to write into a folder of earlier shards unless asked to replace them (nothing is lost silently)."""
-    if Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise NotADirectoryError(f"shard output {output_dir} is a file, not a folder; pick another --output_dir")
-    old = existing_shards(output_dir)
-    if old and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} already holds {len(old)} shard file(s) ({old[0].name}, ...); pass --overwrite "
-            "(overwrite=True) to replace them, or choose another --output_dir / --split"
-        )
+def _shard_names(folder: Path) -> list[str]:
+    return [p.name for p in existing_shards(folder)]
 
 
 def shard_order(num_samples: int, seed: int | None) -> np.ndarray:
@@ -400,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> ShardSummary:
     # Checked before any input is read: a WebVision list or a Hub dataset takes long to go through.
     check_samples_per_shard(args.samples_per_shard)
     split_dir = Path(args.output_dir) / args.split
-    check_shard_output(split_dir, args.overwrite)
+    check_output_dir(split_dir, args.overwrite, _shard_names, "{n} shard file(s)", hint="write another --split, ")
     for flag, folder in (("--webvision_dir", args.webvision_dir), ("--image_folder", args.image_folder)):
         if folder is not None and not Path(folder).is_dir():
             raise FileNotFoundError(f"{flag} {folder} is not a folder; give the path of an existing folder")
