@@ -715,7 +715,7 @@ def check_report_folder(output_dir: str | os.PathLike, overwrite: bool = False) 
         )
     report = folder.is_dir() and _is_noise_report(folder)  # only an earlier report may be replaced
     held = lambda f: sorted(p.name for p in f.iterdir())  # noqa: E731
-    what = "a noise report" if report else "files that are not a noise report"
+    what = "a noise report ({names})" if report else "files that are not a noise report ({names})"
     check_output_dir(folder, overwrite, held, what, overwrite_flag="--overwrite" if report else None)
 
 

@@ -509,7 +509,8 @@ def _check_release_dir(model_dir: Path, release_dir: Path, overwrite: bool) -> N
         raise ValueError(f"release_dir {release_dir} must be outside model_dir {model_dir} (and not contain it).")
     previous = any((release_dir / name).exists() for name in ("README.md", "config.json"))
     held = lambda folder: sorted(p.name for p in folder.iterdir())  # noqa: E731
-    check_output_dir(release_dir, overwrite, held, "a previous release" if previous else "files", "--release_dir")
+    what = "a previous release: {names}" if previous else "files: {names}"
+    check_output_dir(release_dir, overwrite, held, what, "--release_dir")
 
 
 def _prepare_release_dir(release_dir: Path) -> None:

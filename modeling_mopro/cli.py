@@ -66,10 +66,9 @@ def check_output_dir(
     overwrite_flag: str | None = "--overwrite (overwrite=True)",
     hint: str | Callable[[], str] = "",
 ) -> Path:
-    """The one guard of every command's output folder: never a file, and never over what it holds (`held(folder)`:
-    names of what the command would replace; `what` says what they are, `{n}` their count) unless `overwrite` is on
-    and an `overwrite_flag` allows it. `hint`: another way out, ending in ", " (a callable: called on refusal only).
-    """
+    """The one guard of every command's output folder: never a file, nor over what it holds (`held(folder)`: what
+    the command would replace; `what` describes it, with `{names}` and their count `{n}`) unless `overwrite` is on
+    and an `overwrite_flag` allows it. `hint`: another way out, ending in ", " (a callable: called only on refusal)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{flag} {folder} is a file, not a folder; give a folder ({flag})")
@@ -79,7 +78,7 @@ def check_output_dir(
         replace = f"pass {overwrite_flag} to replace it, " if overwrite_flag else ""
         ways = f"{hint() if callable(hint) else hint}{replace}"
         raise OutputFolderNotEmptyError(
-            f"{flag} {folder} already holds {what.format(n=len(names))} ({shown}): {ways}{'or ' if ways else ''}"
+            f"{flag} {folder} already holds {what.format(n=len(names), names=shown)}; {ways}{'or ' if ways else ''}"
             f"choose another {flag}"
         )
     return folder

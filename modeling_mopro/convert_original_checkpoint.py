@@ -369,7 +369,7 @@ def convert_original_checkpoint(
         The converted model, in eval mode.
     """
     if output_dir is not None:
-        check_output_dir(output_dir, overwrite, _model_files, "a model")
+        check_output_dir(output_dir, overwrite, _model_files, "a model ({names})")
     original, metadata = load_original_state_dict(checkpoint_path)
     config = infer_config(original, num_labels=num_labels, id2label=id2label, **config_kwargs)
     model_class = MoProForPreTraining if full_training_state else MoProForImageClassification

@@ -63,7 +63,7 @@ def test_skip_log_names_the_sample_not_the_bytes_buffer(caplog):
         {"image": {"bytes": b"garbage", "path": "web/cat/001.jpg"}, "label": 1, "sample_id": 8},
         {"image": jpeg_bytes(), "label": 1, "sample_id": 9},
     ]
-    with caplog.at_level(logging.WARNING, logger="training.data.collator"):
+    with caplog.at_level(logging.WARNING, logger="training.data.transforms"):
         batch = collator(examples)
     assert int(batch["num_skipped_images"]) == 2 and batch["labels"].tolist() == [1]
     messages = [record.getMessage() for record in caplog.records]
@@ -215,7 +215,7 @@ def test_trainer_collator_of_the_evaluation_scripts_drops_undecodable_images(tmp
     root = write_image_folder(tmp_path / "data", per_class=2, class_names=["a", "b"])
     (root / "a" / "a_1.png").write_bytes(b"broken")
     dataset = image_folder_dataset(root)
-    with caplog.at_level(logging.WARNING, logger="training.data.image_datasets"):
+    with caplog.at_level(logging.WARNING, logger="training.data.transforms"):
         batch = collate_without_index([dataset[i] for i in range(len(dataset))])
     assert batch["labels"].tolist() == [0, 1, 1] and batch["pixel_values"].shape[0] == 3
     assert any("a/a_1.png" in record.getMessage() for record in caplog.records)

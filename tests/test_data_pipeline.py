@@ -290,7 +290,7 @@ def test_collator_skips_and_counts_bad_images(tmp_path, views, caplog):
         {"image": b"\x00garbage", "label": 0, "sample_id": 2},
         {"image": missing, "label": 0, "sample_id": 3},
     ]
-    with caplog.at_level(logging.WARNING, logger="training.data.collator"):
+    with caplog.at_level(logging.WARNING, logger="training.data.transforms"):
         batch = MoProCollator(views, num_labels=3)(rows)
     assert batch["num_skipped_images"].item() == 2
     assert batch["sample_ids"].tolist() == [0, 1] and batch["labels"].tolist() == [1, 2]

@@ -421,7 +421,7 @@ def prepare_output_dir(
 
     held = [*found, *(p.name for p in checkpoints)]
     overwrite, flag = training_args.overwrite_output_dir, "--overwrite_output_dir true"
-    check_output_dir(out, overwrite, lambda _: held, "a run", overwrite_flag=flag, hint=resume)
+    check_output_dir(out, overwrite, lambda _: held, "a run ({names})", overwrite_flag=flag, hint=resume)
     if remove and training_args.should_save:  # one process removes
         logger.warning("--overwrite_output_dir: removing the earlier run's %s from %s", found + checkpoints, out)
         for path in [out / name for name in found] + checkpoints:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -10,8 +9,6 @@ from typing import Any
 import torch
 
 from .transforms import MoProViewTransforms, decode_image, decode_image_tensor, decode_or_skip, describe_image_source
-
-logger = logging.getLogger(__name__)
 
 
 class MoProCollator:

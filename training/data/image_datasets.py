@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,8 +35,6 @@ from torch.utils.data import Dataset, default_collate
 from .image_folder import read_image_folder
 from .transforms import MoProViewTransforms, decode_or_skip
 from .webvision import VAL_FILELIST, VAL_IMAGE_DIR, read_webvision_filelist
-
-logger = logging.getLogger(__name__)
 
 VOC07_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -107,9 +104,6 @@ class ImageLabelDataset(Dataset):
             self.classes,
         )
 
-    def with_transform(self, transform: Transform) -> ImageLabelDataset:
-        return ImageLabelDataset(self.images, self.labels, self.ids, transform, self.classes)
-
 
 class _Rows:
     """A lazy row selection of an indexable sequence (keeps a `datasets` column undecoded until read)."""
@@ -149,15 +143,12 @@ def collate_skipping_bad_images(examples: list[dict[str, torch.Tensor]]) -> dict
 
 
 def collate_without_index(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Trainer collator: stacks pixel values and labels, dropping the sample index (not a model input) and the
-    undecodable images (already logged with their ids by `ImageLabelDataset`)."""
-    examples = [e for e in examples if "pixel_values" in e]
-    if not examples:
+    """Trainer collator: `collate_skipping_bad_images` without the sample index (not a model input) and the skips
+    (already logged with their ids by `ImageLabelDataset`)."""
+    batch = collate_skipping_bad_images(examples)
+    if "pixel_values" not in batch:
         raise ValueError("every image of a batch is undecodable (see the warnings above); fix or remove the files")
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-        "labels": torch.stack([e["labels"] for e in examples]),
-    }
+    return {"pixel_values": batch["pixel_values"], "labels": batch["labels"]}
 
 
 # ----------------------------------------------------------------------------------------------------- layouts
@@ -425,16 +416,11 @@ def dataset_from_arguments(
     formats: Sequence[str] = DATA_FORMATS,
     keep_datasets: bool = False,
 ) -> tuple[Any, dict[int, str]]:
-    """The dataset described by the arguments of `add_dataset_arguments`, and its class names (``{}`` when the data
-    names none): the source dispatcher of every evaluation command and the noise report.
-
-    `auto` picks, among `formats`: the WebVision training lists ("webvision") if `info/train_filelist_google.txt`
-    exists, else WebVision val if `info/val_filelist.txt` does; `make_shards` shards ("shards") if `<split>/` holds
-    any; a `datasets` folder (`dataset_info.json` / `dataset_dict.json`) or a name; else an image folder. The chosen
-    format is written back to ``args`` (``<prefix>data_format``). WebVision lists and shards are read by the same
-    reader as training (`sources.load_source`). With `keep_datasets`, `datasets` data (and WebVision lists, shards)
-    is returned as a `datasets.Dataset` with "image" / "label" columns and its other columns (the noise report
-    copies them), else as an `ImageLabelDataset`.
+    """The dataset of the `add_dataset_arguments` arguments and its class names (``{}`` if it names none): the source
+    dispatcher of the evaluation commands and the noise report. `auto` takes the first of `_AUTO_FORMATS` in
+    `formats` that fits, else an image folder, and writes it back to ``args``. WebVision lists and shards are read as
+    in training (`sources.load_source`). With `keep_datasets`, `datasets` data stays a `datasets.Dataset` ("image",
+    "label" and its other columns, which the noise report copies), else it becomes an `ImageLabelDataset`.
     """
     import datasets
 
@@ -449,7 +435,8 @@ def dataset_from_arguments(
         )
         setattr(args, f"{prefix}data_format", data_format)
     if data_format in ("webvision", "shards"):
-        dataset, id2label = load_source(data_format, path, split, webvision_version=getattr(args, "webvision_version", "v1"))
+        version = getattr(args, "webvision_version", "v1")
+        dataset, id2label = load_source(data_format, path, split, webvision_version=version)
         if data_format == "webvision":  # ids are paths relative to the root, as officially
             dataset = with_webvision_paths(dataset, path)
         names = [id2label[i] for i in range(len(id2label))]

@@ -130,7 +130,7 @@ def write_shards(
         raise ValueError(f"image_format must be one of {sorted(_MAGIC)}, got {image_format!r}")
     check_samples_per_shard(samples_per_shard)
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite, _shard_names, "{n} shard file(s)", hint="write another --split, ")
+    _check_shard_folder(output_dir, overwrite)
     # Old shards beyond the new count would otherwise be read with the new ones.
     for old in existing_shards(output_dir):
         old.unlink()
@@ -186,14 +186,15 @@ def check_samples_per_shard(samples_per_shard: int) -> None:
         )
 
 
+def _check_shard_folder(folder: str | os.PathLike, overwrite: bool) -> None:  # earlier shards are kept unless asked
+    held = lambda f: [p.name for p in existing_shards(f)]  # noqa: E731
+    check_output_dir(folder, overwrite, held, "{n} shard file(s) ({names})", hint="write another --split, ")
+
+
 def existing_shards(output_dir: str | os.PathLike) -> list[Path]:
     """The ``shard-*.tar`` (and interrupted ``.partial``) files already in ``output_dir``."""
     folder = Path(output_dir)
     return sorted([*folder.glob("shard-*.tar"), *folder.glob("shard-*.tar.partial")]) if folder.is_dir() else []
-
-
-def _shard_names(folder: Path) -> list[str]:
-    return [p.name for p in existing_shards(folder)]
 
 
 def shard_order(num_samples: int, seed: int | None) -> np.ndarray:
@@ -226,12 +227,6 @@ def records_from_webvision(
         yield ShardRecord(example["image"], example["label"], example["sample_id"], example["image"])
 
 
-def image_folder_class_names(folder: str | os.PathLike) -> list[str]:
-    """Returns the class-subfolder names of an image folder in label order: the label rule of training and
-    evaluation (`training.data.image_folder.image_folder_classes`)."""
-    return image_folder_classes(folder)
-
-
 def records_from_image_folder(
     folder: str | os.PathLike, class_names: Sequence[str] | None = None, shuffle_seed: int | None = None
 ) -> Iterator[ShardRecord]:
@@ -241,8 +236,8 @@ def records_from_image_folder(
 
     Args:
         folder: The split folder holding one subfolder per class.
-        class_names: The label order; defaults to `image_folder_class_names(folder)`. Pass the training
-            split's names when sharding a validation folder that lacks some classes.
+        class_names: The label order; defaults to `image_folder_classes(folder)` (the label rule of training and
+            evaluation). Pass the training split's names when sharding a validation folder that lacks some classes.
         shuffle_seed: Yield in `shard_order` (the paths are listed first); None yields in sorted order.
     """
     # The reader of training and evaluation: the same images and labels, and an empty class folder is an error.
@@ -394,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> ShardSummary:
     # Checked before any input is read: a WebVision list or a Hub dataset takes long to go through.
     check_samples_per_shard(args.samples_per_shard)
     split_dir = Path(args.output_dir) / args.split
-    check_output_dir(split_dir, args.overwrite, _shard_names, "{n} shard file(s)", hint="write another --split, ")
+    _check_shard_folder(split_dir, args.overwrite)
     for flag, folder in (("--webvision_dir", args.webvision_dir), ("--image_folder", args.image_folder)):
         if folder is not None and not Path(folder).is_dir():
             raise FileNotFoundError(f"{flag} {folder} is not a folder; give the path of an existing folder")
@@ -403,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> ShardSummary:
         id2label = read_webvision_class_names(args.webvision_dir, num_classes)
         records = records_from_webvision(args.webvision_dir, args.webvision_version, args.split, args.shuffle_seed)
     elif args.image_folder:
-        class_names = image_folder_class_names(args.image_folder)
+        class_names = image_folder_classes(args.image_folder)
         if (Path(args.output_dir) / ID2LABEL_FILE).is_file():
             # A later split (e.g. validation) may lack classes: label it with the classes already written.
             known = list(read_id2label(args.output_dir).values())

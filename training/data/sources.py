@@ -159,14 +159,12 @@ def _from_image_folders(args: DataArguments, seed: int) -> tuple[AnyDataset, Any
 
 
 def _from_webvision(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset, dict[int, str]]:
-    def load(split: str, streaming: bool) -> tuple[AnyDataset, dict[int, str]]:
-        # Streamed, the lines are dealt to the shards in a seeded random order: the file lists are sorted by class.
-        return load_source("webvision", args.webvision_dir, split, streaming, args.webvision_version,
-                           args.num_streaming_shards, seed)  # fmt: skip
-
-    train, id2label = load("train", args.streaming)
-    # Validation is map-style (a list of 50,000 paths): see the module docstring.
-    return train, load("validation", False)[0], id2label
+    # Streamed, the lines are dealt to the shards in a seeded random order: the file lists are sorted by class.
+    read = lambda split, streaming: load_source(  # noqa: E731
+        "webvision", args.webvision_dir, split, streaming, args.webvision_version, args.num_streaming_shards, seed
+    )
+    train, id2label = read("train", args.streaming)
+    return train, read("validation", False)[0], id2label  # validation map-style (50,000 paths): module docstring
 
 
 def load_source(
@@ -178,9 +176,8 @@ def load_source(
     num_streaming_shards: int = 64,
     seed: int | None = None,
 ) -> tuple[AnyDataset, dict[int, str]]:
-    """One split of a WebVision root (`kind` "webvision": the file lists) or of a `make_shards` folder ("shards",
-    each shard checked whole first), and its classes: the one reader of these sources for training
-    (`build_datasets`), the evaluation commands and the noise report (`image_datasets.dataset_from_arguments`)."""
+    """One split of a WebVision root ("webvision") or a `make_shards` folder ("shards", checked first) and its classes:
+    their one reader, for training (`build_datasets`) and evaluation (`image_datasets.dataset_from_arguments`)."""
     if kind == "webvision":
         dataset = load_webvision(root, webvision_version, split, streaming, num_streaming_shards, seed)
         return dataset, read_webvision_class_names(root, webvision_num_classes(webvision_version))
@@ -191,8 +188,7 @@ def load_source(
 
 
 def with_webvision_paths(dataset: Dataset, root: str | os.PathLike, image_column: str = "image") -> Dataset:
-    """Adds a `path` column, each image's path relative to the WebVision root (as the official `pseudo_label.json`
-    names samples)."""
+    """Adds a `path` column: each image's path relative to the WebVision root, as in the official `pseudo_label.json`."""
     root = os.path.abspath(root)
     paths = [os.path.relpath(os.path.abspath(image), root) for image in dataset[image_column]]
     return dataset.add_column("path", paths)
