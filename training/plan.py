@@ -3,7 +3,7 @@
     python -m training.plan training/configs/webvision_v1_r50.yaml --num_processes 8 --num_train_samples 2439574
     python -m training.plan training/configs/webvision_v1_r50.yaml --num_processes 4 --bf16 true --json
 
-The YAML and any `run_mopro` flag go through `run_mopro.parse_args`, so the plan reads what the run would read. It
+The YAML and any `run_mopro` flag go through `training.arguments.parse_args`, so the plan reads what the run would read. It
 prints which source supplied which values (the YAML file, or without one demo.yaml or, for `--train_dir` /
 `--dataset_name`, own_data.yaml and the resolution rule, which reads the images' sizes; the command line), the batch
 geometry (global batch, per-device batch, accumulation), steps per epoch and in total, the learning
@@ -32,9 +32,15 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
 
 from modeling_mopro import MoProConfig, MoProPhase  # noqa: E402
-from training.arguments import OFFICIAL_GLOBAL_BATCH_SIZE, ConfigSource, steps_per_epoch  # noqa: E402
+from training.arguments import (  # noqa: E402
+    OFFICIAL_GLOBAL_BATCH_SIZE,
+    ConfigSource,
+    build_config,
+    load_config,
+    parse_args,
+    steps_per_epoch,
+)
 from training.cli import run_command  # noqa: E402
-from training.run_mopro import build_config, load_config, parse_args  # noqa: E402
 from training.trainer import phase_for_epoch  # noqa: E402
 
 # The official recipe: name -> (value, where salesforce/MoPro sets it). `tests/test_recipe.py` checks these against
