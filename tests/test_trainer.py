@@ -16,7 +16,8 @@ from modeling_mopro import MoProForPreTraining, MoProPhase
 from tests.fixtures_eval import IMAGE_SIZE, NUM_LABELS
 from tests.trainer_fixtures import run_distributed_train, tiny_config, tiny_image_dataset, tiny_trainer
 from training.collator import MoProCollator
-from training.trainer import phase_for_epoch, step_schedule
+from training.optim import step_lr_scheduler
+from training.trainer import phase_for_epoch
 from training.transforms import MoProViewTransforms
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +35,14 @@ def test_phase_for_epoch_follows_official_schedule():
 
 
 def test_step_schedule():
-    f = step_schedule([40, 80], 0.1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(()))], lr=1.0)
+    scheduler = step_lr_scheduler(optimizer, [40, 80], steps_per_epoch=1, gamma=0.1)
+    factors = []
+    for _ in range(1001):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    f = factors.__getitem__
     assert [f(0), f(39), f(40), f(79), f(80), f(1000)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
 
 

@@ -263,11 +263,7 @@ class MoProTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`noise_correction_schedule` must be one of {SCHEDULES}, got {self.noise_correction_schedule!r}."
             )
-        if not 0.0 <= self.correction_min_agreement <= 1.0:
-            raise ValueError(f"`correction_min_agreement` must be in [0, 1], got {self.correction_min_agreement}.")
-        for name in ("correction_plateau_tolerance", "correction_ramp_epochs"):
-            if not getattr(self, name) >= 0:  # NaN fails too
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        self.correction_schedule(adaptive=True)  # its settings checked by the schedule itself, whichever runs
         if self.noise_correction_start_epoch < self.prototype_start_epoch:
             raise ValueError("`noise_correction_start_epoch` must not come before `prototype_start_epoch`.")
         if self.samples_per_epoch is not None and self.samples_per_epoch <= 0:
@@ -275,9 +271,9 @@ class MoProTrainingArguments(TrainingArguments):
         if not 0 < self.lr_gamma <= 1:
             raise ValueError(f"`lr_gamma` must be in (0, 1], got {self.lr_gamma}.")
 
-    def correction_schedule(self) -> FixedCorrectionSchedule | AdaptiveCorrectionSchedule:
-        """A new schedule object for this run (`training.correction_schedule`)."""
-        if self.noise_correction_schedule == "fixed":
+    def correction_schedule(self, adaptive: bool = False) -> FixedCorrectionSchedule | AdaptiveCorrectionSchedule:
+        """A new schedule object for this run (`training.correction_schedule`); `adaptive`: that one, whichever runs."""
+        if self.noise_correction_schedule == "fixed" and not adaptive:
             return FixedCorrectionSchedule(self.noise_correction_start_epoch)
         return AdaptiveCorrectionSchedule(
             earliest_epoch=self.noise_correction_start_epoch,

@@ -41,7 +41,8 @@ from training.arguments import (  # noqa: E402
     steps_per_epoch,
 )
 from training.cli import run_command  # noqa: E402
-from training.trainer import phase_for_epoch  # noqa: E402
+from training.correction_schedule import phase_for_epoch  # noqa: E402
+from training.optim import milestone_learning_rates, sgd_momentum  # noqa: E402
 
 # The official recipe: name -> (value, where salesforce/MoPro sets it). `tests/test_recipe.py` checks these against
 # its own reading of the same lines, and the official YAMLs against both.
@@ -86,14 +87,6 @@ OFFICIAL_RECIPE: dict[str, tuple[Any, str]] = {
 }
 
 _HEADS = "heads, contrastive logits, noise-correction scores, prototype update and losses"
-
-
-def _sgd_momentum(training_args) -> float | None:
-    """SGD momentum as the Trainer builds it (`optim_args` "momentum=0.9"; torch's default 0), None if not SGD."""
-    if str(training_args.optim).removeprefix("OptimizerNames.").lower() != "sgd":
-        return None
-    pairs = (item.split("=", 1) for item in (training_args.optim_args or "").replace(" ", "").split(",") if item)
-    return float(dict(pairs).get("momentum", 0.0))
 
 
 def _precision(training_args) -> str:
@@ -166,7 +159,7 @@ def recipe_values(model_args, data_args, training_args, config: MoProConfig, num
         "lr_milestones": [int(m) if float(m).is_integer() else m for m in training_args.lr_milestones or []],
         "lr_gamma": training_args.lr_gamma,
         "optimizer": str(training_args.optim.value),
-        "momentum": _sgd_momentum(training_args),
+        "momentum": sgd_momentum(training_args),
         "weight_decay": training_args.weight_decay,
         "num_train_epochs": training_args.num_train_epochs,
         "prototype_start_epoch": training_args.prototype_start_epoch,
@@ -322,10 +315,15 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
         departures.append(_departure("shuffle_bn", shuffle_bn, "cross-process shuffle-BN", source))
 
     lr_schedule = [{"epoch": 0, "step": 0, "learning_rate": training_args.learning_rate}]
-    for i, epoch in enumerate(sorted(values["lr_milestones"])):
-        lr = training_args.learning_rate * training_args.lr_gamma ** (i + 1)
-        step = round(epoch * spe) if spe else None  # as MoProTrainer.create_scheduler
-        lr_schedule.append({"epoch": epoch, "step": step, "learning_rate": float(f"{lr:.12g}")})
+    # The run's scheduler (`training.optim`); without the epoch length, its rates from epoch-long steps.
+    rates = milestone_learning_rates(
+        training_args.learning_rate, values["lr_milestones"], spe or 1, training_args.lr_gamma
+    )
+    for epoch in sorted(values["lr_milestones"]):
+        lr = rates[round(epoch * (spe or 1))]
+        lr_schedule.append(
+            {"epoch": epoch, "step": round(epoch * spe) if spe else None, "learning_rate": float(f"{lr:.12g}")}
+        )
     if model_args.model_name_or_path:
         initialisation = f"weights from {model_args.model_name_or_path}"
     elif config.backbone_zero_init_last:

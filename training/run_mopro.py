@@ -54,10 +54,18 @@ from training.data import build_datasets, training_set_for_report  # noqa: E402
 from training.gpu_augment import GpuAugmentCollator  # noqa: E402
 from training.image_folder import passed_over_counts  # noqa: E402
 from training.run_folder import claim_output_dir, newest_complete_checkpoint, release_output_dir  # noqa: E402
-from training.trainer import MoProTrainer, accuracy_metrics, check_checkpoint  # noqa: E402
+from training.trainer import MoProTrainer, check_checkpoint  # noqa: E402
 from training.transforms import MoProViewTransforms  # noqa: E402
 
 logger = logging.getLogger(__name__)
+
+
+def classifier_accuracy(eval_pred) -> dict[str, float]:
+    """`eval_accuracy`: the classifier's top-1 as a fraction (`evaluation.classification.topk_accuracy`)."""
+    from evaluation.classification import topk_accuracy
+
+    logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+    return {"accuracy": topk_accuracy(logits, eval_pred.label_ids, top_k=(1,))["top1"] / 100}
 
 
 def build_model(
@@ -180,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             **collator_kwargs,
         ),
         eval_data_collator=MoProCollator(transforms, train=False, **collator_kwargs),
-        compute_metrics=accuracy_metrics,
+        compute_metrics=classifier_accuracy,
         processing_class=processor,  # saved with every checkpoint, so each one works with the pipeline
     )
 

@@ -1,7 +1,7 @@
 """`MoProTrainer`: the transformers Trainer with MoPro's phase schedule, momentum update and loss logging.
 
 Subclassed narrowly (as TRL does): `compute_loss` sets the phase from the epoch and records the loss components and
-the noise decisions; `log` adds their averages; `create_scheduler` adds the official step schedule; the eval
+the noise decisions; `log` adds their averages; `create_optimizer` and `create_scheduler` build the official SGD and step schedule (`training.optim`); the eval
 dataloader uses the test-view collator; `_prepare_inputs` normalises uint8 batches on the device. The momentum
 encoder is updated by a callback after every optimizer step. A checkpoint is checked (`check_checkpoint`) before it
 is resumed from, and the count of skipped images is saved in it and continued on resume.
@@ -9,20 +9,16 @@ is resumed from, and the count of skipped images is saved in it and continued on
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import math
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate.utils import DistributedDataParallelKwargs, DynamoBackend, TorchDynamoPlugin
 from safetensors import SafetensorError, safe_open
-from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -31,8 +27,10 @@ from modeling_mopro import MoProForPreTraining, MoProPhase
 from modeling_mopro.modeling_mopro import pixel_statistics_on
 
 from .arguments import steps_per_epoch
+from .correction_schedule import phase_for_epoch, whole_epochs
 from .data import StreamedEpochs
 from .gpu_augment import EncodedImages, GpuViewAugment, decode_on_device
+from .optim import create_optimizer, step_lr_scheduler
 from .run_folder import claim_output_dir, publish_checkpoint, staging_folder
 from .transforms import normalize_pixels
 
@@ -67,7 +65,7 @@ class CollatorEpochCallback(TrainerCallback):
         self.collator = collator
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.collator.set_epoch(int(state.epoch + 1e-9))
+        self.collator.set_epoch(whole_epochs(state.epoch))
 
 
 class SkippedImagesState(TrainerCallback, ExportableState):
@@ -149,28 +147,6 @@ def check_checkpoint(folder: str | os.PathLike) -> None:
                 f"checkpoint {folder}: {name} cannot be read ({error}; cut short?): resume from another "
                 "checkpoint-N folder."
             ) from error
-
-
-def phase_for_epoch(epoch: float, prototype_start_epoch: float, noise_correction_start_epoch: float) -> MoProPhase:
-    """The official schedule: `is_proto = epoch >= 1`, `is_clean = epoch >= start_clean_epoch` (0-indexed)."""
-    epoch += 1e-9  # epoch counts accumulate float steps; 10.999999 must count as 11
-    if epoch >= noise_correction_start_epoch:
-        return MoProPhase.NOISE_CORRECTION
-    if epoch >= prototype_start_epoch:
-        return MoProPhase.PROTOTYPES
-    return MoProPhase.WARMUP
-
-
-def step_schedule(milestones: list[int], gamma: float) -> Callable[[int], float]:
-    """Learning-rate factor `gamma ** (number of milestones passed)`, milestones in optimizer steps."""
-    milestones = sorted(milestones)
-    return lambda step: gamma ** bisect.bisect_right(milestones, step)
-
-
-def accuracy_metrics(eval_pred) -> dict[str, float]:
-    """Top-1 accuracy of the classifier (`eval_accuracy`)."""
-    logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
-    return {"accuracy": float((np.argmax(logits, axis=-1) == eval_pred.label_ids).mean())}
 
 
 def _check_momentum_bn_groups(model, args) -> None:
@@ -355,19 +331,19 @@ class MoProTrainer(Trainer):
             self._epoch_signals = None
             self._signals_epoch += 1
 
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            self.optimizer = create_optimizer(self.model if model is None else model, self.args)
+        return self.optimizer
+
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if not self.args.lr_milestones:
             return super().create_scheduler(num_training_steps, optimizer)
-        if self.lr_scheduler is None:
-            steps = [round(epoch * self.steps_per_epoch()) for epoch in self.args.lr_milestones]
-            optimizer = self.optimizer if optimizer is None else optimizer
-            self.lr_scheduler = LambdaLR(optimizer, step_schedule(steps, self.args.lr_gamma))
-            self._created_lr_scheduler = True
+        # Built anew at every `train()` (the epoch length may have changed); a resume then loads its state.
+        self.lr_scheduler = step_lr_scheduler(
+            optimizer or self.optimizer, self.args.lr_milestones, self.steps_per_epoch(), self.args.lr_gamma
+        )
         return self.lr_scheduler
-
-    def get_decay_parameter_names(self, model) -> list[str]:
-        # Official MoPro: SGD weight decay on every parameter, BatchNorm and biases included.
-        return [name for name, _ in model.named_parameters()]
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial) -> None:
