@@ -2,7 +2,7 @@
 
 Subclassed narrowly (as TRL does): `compute_loss` sets the phase from the epoch and records the loss components and
 the noise decisions; `log` adds their averages; `create_optimizer` and `create_scheduler` build the official SGD and step schedule (`training.optim`); the eval
-dataloader uses the test-view collator; `_prepare_inputs` normalises uint8 batches on the device. The momentum
+dataloader uses the test-view collator; `prepare_views` normalises uint8 batches on the device. The momentum
 encoder is updated by a callback after every optimizer step. A checkpoint is checked (`check_checkpoint`) before it
 is resumed from, and the count of skipped images is saved in it and continued on resume.
 """
@@ -21,7 +21,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DynamoBackend, Torch
 from safetensors import SafetensorError, safe_open
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from modeling_mopro import MoProForPreTraining, MoProPhase
 from modeling_mopro.modeling_mopro import pixel_statistics_on
@@ -68,6 +68,17 @@ class CollatorEpochCallback(TrainerCallback):
         self.collator.set_epoch(whole_epochs(state.epoch))
 
 
+class ResumeCallback(TrainerCallback):
+    """On a resumed run (the checkpoint's `trainer_state.json` is the state now), `MoProTrainer.restore_run_state`."""
+
+    def __init__(self, trainer: MoProTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0:
+            self.trainer.restore_run_state()
+
+
 class SkippedImagesState(TrainerCallback, ExportableState):
     """Writes the trainer's count of skipped images into every checkpoint's `trainer_state.json`
     (`stateful_callbacks`), from which `MoProTrainer` continues it on resume."""
@@ -101,6 +112,15 @@ class CorrectionScheduleState(TrainerCallback, ExportableState):
             },
         }
 
+
+# The Trainer methods overridden here (and in `evaluation.finetune.StepDecayTrainer`) that transformers keeps private,
+# for want of a public hook doing their job; `tests/test_trainer.py` fails if an upgrade renames or reshapes one.
+PRIVATE_TRAINER_HOOKS = {
+    "_build_accelerator_args": "compile only the backbones; DDP without the unused-parameter search for MoPro",
+    "_save_checkpoint": "write each checkpoint under a staging name and publish it complete",
+    "_get_output_dir": "the staging folder while a checkpoint is saved",
+    "_get_train_sampler": "classifier retraining's class-balanced sampler",
+}
 
 # The files without which a checkpoint does not resume the run it was saved from (the Trainer would start the
 # optimizer, learning-rate schedule or step count afresh without a word).
@@ -230,6 +250,7 @@ class MoProTrainer(Trainer):
         self._epoch_signals: torch.Tensor | None = None
         self._signals_epoch = 0
         self.add_callback(CorrectionScheduleState(self))
+        self.add_callback(ResumeCallback(self))
 
     # ------------------------------------------------------------------------------ compile and precision
     def _build_accelerator_args(self, **kwargs) -> dict:
@@ -385,13 +406,15 @@ class MoProTrainer(Trainer):
         # While a checkpoint is saved, the Trainer's "run folder" is the staging folder (`_save_checkpoint`).
         return getattr(self, "_staging_root", None) or super()._get_output_dir(trial=trial)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        check_checkpoint(resume_from_checkpoint)  # before any weight is loaded
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint is True:  # the Trainer's own choice of checkpoint
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or resume_from_checkpoint
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            check_checkpoint(resume_from_checkpoint)  # before any weight is loaded
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def _load_callback_state(self) -> None:
-        # Called on resume, once the checkpoint's `trainer_state.json` is `self.state`.
-        super()._load_callback_state()
+    def restore_run_state(self) -> None:
+        """On resume (`ResumeCallback`), continue the checkpoint's count of skipped images and correction schedule."""
         name = SkippedImagesState.__name__
         saved = self.state.stateful_callbacks.get(name)
         if saved is not None:
@@ -459,10 +482,11 @@ class MoProTrainer(Trainer):
             self._view_augment = view_augment
 
     # ----------------------------------------------------------------------------------------------- data
-    def _prepare_inputs(self, inputs):
-        # The GPU data path's encoded images stay on the host side: nvJPEG reads its input from there.
-        encoded = inputs.pop("encoded_images", None) if isinstance(inputs, dict) else None
-        inputs = super()._prepare_inputs(inputs)  # on the model's device now
+    def prepare_views(self, inputs: dict) -> dict:
+        """The batch's views as the model takes them (`compute_loss` calls it on the batch the Trainer put on the
+        device): decoded and augmented there with --gpu_augment, uint8 views normalised, channels_last."""
+        # The GPU data path's encoded images stayed on the host side (not a tensor): nvJPEG reads its input there.
+        encoded = inputs.pop("encoded_images", None)
         if isinstance(encoded, EncodedImages):
             inputs = self._views_on_device(encoded, inputs)
         # uint8 views (`MoProCollator(uint8_training_views=True)`) are normalised here, on the device, a batch at a
@@ -549,6 +573,7 @@ class MoProTrainer(Trainer):
 
     # ----------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = self.prepare_views(inputs)
         num_skipped = inputs.pop("num_skipped_images", None)
         sample_ids = inputs.pop("sample_ids", None)  # per-sample bookkeeping
         unwrapped = self.accelerator.unwrap_model(model)
