@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,21 +29,16 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 @dataclass
-class ModelArguments:
-    """Which model to train. Unset MoPro hyperparameters keep the official defaults of `MoProConfig`."""
+class _RunModelArguments:
+    """Which model to train. Unset MoPro hyperparameters keep the official defaults of `MoProConfig`.
+
+    Every `MoProConfig` field is a flag too (`ModelArguments`, derived from the config: its type, and its help from
+    the config's docstring). They default to None ("not given"): a new model fills in MoProConfig's defaults, a model
+    loaded with `model_name_or_path` keeps its own, and a given architecture field that differs from it is an error.
+    """
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A saved MoPro folder to start from (release or training model)."}
-    )
-    # Architecture fields default to None ("not given"): a new model fills in MoProConfig's defaults (resnet50, 224),
-    # a model loaded with `model_name_or_path` keeps its own, and a given value that differs from it is an error.
-    backbone: str | None = field(default=None, metadata={"help": "Any timm model name (default resnet50)."})
-    backbone_kwargs: str | None = field(
-        default=None, metadata={"help": "JSON dict for timm.create_model, e.g. '{\"layers\": [1, 1, 1, 1]}'."}
-    )
-    image_size: int | None = field(
-        default=None,
-        metadata={"help": "Crop size for training and for the image processor saved with the model (default 224)."},
     )
     image_mean: list[float] | None = field(
         default=None,
@@ -52,54 +48,55 @@ class ModelArguments:
         },
     )
     image_std: list[float] | None = field(default=None, metadata={"help": "Normalisation std, as --image_mean."})
-    embedding_size: int | None = field(default=None, metadata={"help": "Embedding size (official 128)."})
-    projection_hidden_size: int | None = field(default=None, metadata={"help": "Projection width (official 2048)."})
-    queue_size: int | None = field(default=None, metadata={"help": "MoCo queue length (official 8192)."})
-    encoder_momentum: float | None = field(default=None, metadata={"help": "Momentum encoder EMA (official 0.999)."})
-    prototype_momentum: float | None = field(default=None, metadata={"help": "Prototype EMA (official 0.999)."})
-    temperature: float | None = field(default=None, metadata={"help": "Contrastive temperature (official 0.1)."})
-    alpha: float | None = field(default=None, metadata={"help": "Classifier weight in the soft label (0.5)."})
-    pseudo_label_threshold: float | None = field(default=None, metadata={"help": "Relabel threshold (0.8)."})
-    instance_loss_weight: float | None = field(default=None, metadata={"help": "w_inst (official 1.0)."})
-    prototype_loss_weight: float | None = field(default=None, metadata={"help": "w_proto (official 1.0)."})
-    ood_rule: str | None = field(default=None, metadata={"help": "'official' or 'prototype_distance'."})
-    ood_similarity_threshold: float | None = field(default=None, metadata={"help": "For 'prototype_distance'."})
-    noise_correction_rule: str | None = field(
-        default=None, metadata={"help": "'official' or 'queue_vote' (not official: neighbour vote of queued labels)."}
-    )
-    queue_vote_k: int | None = field(default=None, metadata={"help": "Neighbours of 'queue_vote' (50)."})
-    queue_vote_weight: float | None = field(default=None, metadata={"help": "Weight of the 'queue_vote' vote (0.5)."})
-    backbone_zero_init_last: bool | None = field(
-        default=None,
-        metadata={"help": "Zero-init the last BN gamma of each residual block (timm's habit; official False)."},
-    )
-    momentum_encoder_bn_groups: int | None = field(
-        default=None,
-        metadata={"help": "One process only: virtual BN groups of the momentum encoder, stand-in for shuffle-BN (8)."},
-    )
 
     def __post_init__(self):
         _check_finite(self)
 
     def config_values(self) -> dict:
         """The MoProConfig fields that were given (YAML or command line), `backbone_kwargs` decoded."""
-        values = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS + HYPERPARAMETER_FIELDS}
+        values = {name: getattr(self, name) for name in MODEL_FIELDS}
         if values["backbone_kwargs"] is not None:
             values["backbone_kwargs"] = json.loads(values["backbone_kwargs"])
         return {name: value for name, value in values.items() if value is not None}
 
 
+def _config_field_docs() -> dict[str, str]:
+    """`MoProConfig`'s docstring, field name -> its description on one line."""
+    docs, name = {}, None
+    for line in MoProConfig.__doc__.split("Args:")[1].split("Example:")[0].splitlines():
+        if match := re.match(r" {8}(\w+) \(", line):
+            name = match.group(1)
+            docs[name] = ""
+        elif name and line.strip():
+            docs[name] = f"{docs[name]} {line.strip()}".strip()
+    return docs
+
+
+# The MoPro hyperparameters, declared once: `MoProConfig`'s own fields (in its order).
+MODEL_FIELDS = tuple(name for name, kind in vars(MoProConfig)["__annotations__"].items() if "ClassVar" not in kind)
+_FLAG_TYPES = {"str": str, "int": int, "float": float, "bool": bool}  # anything else (a dict) is given as JSON
+
+
+def _model_argument(name: str, doc: str) -> tuple:
+    kind = vars(MoProConfig)["__annotations__"][name]
+    default = MoProConfig.__dataclass_fields__[name].default
+    help_text = f"{doc} {'' if kind in _FLAG_TYPES else 'Given as JSON. '}Unset: {default!r} for a new model."
+    help_text = help_text.replace("%", "%%")  # argparse formats help with %
+    return name, _FLAG_TYPES.get(kind, str) | None, field(default=None, metadata={"help": help_text})
+
+
+_DOCS = _config_field_docs()
+ModelArguments = dataclasses.make_dataclass(
+    "ModelArguments", [_model_argument(name, _DOCS[name]) for name in MODEL_FIELDS], bases=(_RunModelArguments,)
+)
+ModelArguments.__module__ = __name__
 # MoProConfig fields that shape the weights (or only their initialisation): fixed once a model exists.
 ARCHITECTURE_FIELDS = (
     "backbone", "backbone_kwargs", "image_size", "embedding_size", "projection_hidden_size", "queue_size",
     "backbone_zero_init_last",
 )  # fmt: skip
-# MoProConfig fields read at every step: a run may change them on a loaded model.
-HYPERPARAMETER_FIELDS = (
-    "encoder_momentum", "prototype_momentum", "temperature", "alpha", "pseudo_label_threshold",
-    "instance_loss_weight", "prototype_loss_weight", "ood_rule", "ood_similarity_threshold",
-    "noise_correction_rule", "queue_vote_k", "queue_vote_weight", "momentum_encoder_bn_groups",
-)  # fmt: skip
+# The others are read at every step: a run may change them on a loaded model.
+HYPERPARAMETER_FIELDS = tuple(name for name in MODEL_FIELDS if name not in ARCHITECTURE_FIELDS)
 
 
 @dataclass
