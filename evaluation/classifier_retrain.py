@@ -58,8 +58,8 @@ def class_balanced_weights(labels: np.ndarray | Sequence[int], num_classes: int 
 
 
 class ClassBalancedSampler(WeightedRandomSampler):
-    """torch's `WeightedRandomSampler` (`num_samples` independent draws, sample i with probability ∝ `1 / sqrt(n_{y_i})`)
-    whose generator is seeded with `seed + epoch` at every pass.
+    """torch's `WeightedRandomSampler` (`num_samples` independent draws, sample i with probability
+    ∝ `1 / sqrt(n_{y_i})`), its generator seeded with `seed + epoch` at every pass.
 
     The draws depend only on `seed` and the epoch (`set_epoch`, else the count of iterations), so every process of
     a distributed run draws the same sequence, which Accelerate then splits into per-process batches.

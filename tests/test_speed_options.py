@@ -17,12 +17,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import set_seed
 
+from bench.host_syncs import HostSyncCounter, count_host_syncs
 from modeling_mopro import MoProForPreTraining, MoProPhase
 from tests._tiny import MoProModelTester
 from tests.trainer_fixtures import IMAGE_SIZE, NUM_LABELS, tiny_config, tiny_image_dataset, tiny_trainer
 from training.collator import MoProCollator
 from training.gpu_augment import GpuAugmentCollator
-from training.host_syncs import HostSyncCounter, count_host_syncs
 from training.transforms import MoProViewTransforms, normalize_pixels
 
 tester = MoProModelTester()

@@ -30,12 +30,9 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 @dataclass
 class _RunModelArguments:
-    """Which model to train. Unset MoPro hyperparameters keep the official defaults of `MoProConfig`.
-
-    Every `MoProConfig` field is a flag too (`ModelArguments`, derived from the config: its type, and its help from
-    the config's docstring). They default to None ("not given"): a new model fills in MoProConfig's defaults, a model
-    loaded with `model_name_or_path` keeps its own, and a given architecture field that differs from it is an error.
-    """
+    """Which model to train; with every `MoProConfig` field as a flag (`ModelArguments`: its type, and its help from
+    the config's docstring). Those default to None ("not given"): a new model takes MoProConfig's (official) defaults,
+    a model loaded with `model_name_or_path` keeps its own, and a given architecture field that differs is an error."""
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A saved MoPro folder to start from (release or training model)."}

@@ -34,8 +34,7 @@ SCHEDULES = ("fixed", "adaptive")
 
 
 def epoch_reached(epoch: float, start: float) -> bool:
-    """Whether training at `epoch` (a float: global step / steps per epoch) has reached epoch `start`: the one rule
-    for every phase, correction start and epoch number. Float step counts give 10.999999 for 11: it counts as 11."""
+    """Whether `epoch` (global step / steps per epoch) has reached `start`; float step counts: 10.999999 is 11."""
     return epoch + 1e-9 >= start
 
 
@@ -126,6 +125,4 @@ class AdaptiveCorrectionSchedule:
         self.history = list(state.get("history", []))
 
 
-__all__ = [
-    "SCHEDULES", "AdaptiveCorrectionSchedule", "FixedCorrectionSchedule", "epoch_reached", "phase_for_epoch", "whole_epochs",
-]  # fmt: skip
+__all__ = ["SCHEDULES", "AdaptiveCorrectionSchedule", "FixedCorrectionSchedule", "phase_for_epoch"]

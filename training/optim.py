@@ -1,6 +1,5 @@
-"""The optimizer and the learning-rate step schedule of every training here: MoPro (`MoProTrainer`) and the evaluation
-protocols that train (`evaluation.finetune`, `evaluation.classifier_retrain`). `training.plan` prints what they build.
-"""
+"""The optimizer and LR step schedule of every training here: `MoProTrainer`, `evaluation.finetune` and
+`evaluation.classifier_retrain`; `training.plan` prints what they build."""
 
 from __future__ import annotations
 
@@ -50,5 +49,3 @@ def milestone_learning_rates(
         rates[step] = scheduler.get_last_lr()[0]
     return rates
 
-
-__all__ = ["create_optimizer", "milestone_learning_rates", "sgd_momentum", "step_lr_scheduler"]

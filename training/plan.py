@@ -44,6 +44,7 @@ from training.cli import run_command  # noqa: E402
 from training.correction_schedule import phase_for_epoch  # noqa: E402
 from training.optim import milestone_learning_rates, sgd_momentum  # noqa: E402
 
+_MODEL = MoProConfig()  # the model's official values are MoProConfig's defaults
 # The official recipe: name -> (value, where salesforce/MoPro sets it). `tests/test_recipe.py` checks these against
 # its own reading of the same lines, and the official YAMLs against both.
 OFFICIAL_RECIPE: dict[str, tuple[Any, str]] = {
@@ -68,28 +69,23 @@ OFFICIAL_RECIPE: dict[str, tuple[Any, str]] = {
     "dataloader_drop_last": (True, "DataLoader/dataloader.py L125: drop_last=True"),
     "baseline": ("mopro", "train.py L283-298: the MoPro losses"),
     "initialisation": ("random", "train.py L169: a new MoPro(resnet50) model"),
+    "backbone": (_MODEL.backbone, "train.py L38: --arch resnet50"),
+    "backbone_kwargs": (_MODEL.backbone_kwargs, "train.py L169: width=1"),
+    "image_size": (_MODEL.image_size, "DataLoader/dataloader.py L85: RandomResizedCrop(224)"),
+    "embedding_size": (_MODEL.embedding_size, "train.py L83: --low-dim 128"),
+    "projection_hidden_size": (_MODEL.projection_hidden_size, "resnet.py L130: fc1 = Linear(2048, 2048)"),
+    "queue_size": (_MODEL.queue_size, "train.py L85: --moco_queue 8192"),
+    "encoder_momentum": (_MODEL.encoder_momentum, "train.py L87: --moco_m 0.999"),
+    "prototype_momentum": (_MODEL.prototype_momentum, "train.py L89: --proto_m 0.999"),
+    "temperature": (_MODEL.temperature, "train.py L92: --temperature 0.1"),
+    "instance_loss_weight": (_MODEL.instance_loss_weight, "train.py L95: --w-inst 1"),
+    "prototype_loss_weight": (_MODEL.prototype_loss_weight, "train.py L97: --w-proto 1"),
+    "pseudo_label_threshold": (_MODEL.pseudo_label_threshold, "train.py L102: --pseudo_th 0.8"),
+    "alpha": (_MODEL.alpha, "train.py L104: --alpha 0.5"),
+    "ood_rule": (_MODEL.ood_rule, "model.py L141-150: kept if s_y > 1/K or max s > pseudo_th"),
+    "noise_correction_rule": (_MODEL.noise_correction_rule, "model.py L141-150: alpha p_cls + (1 - alpha) p_proto"),
+    "backbone_zero_init_last": (_MODEL.backbone_zero_init_last, "resnet.py L137-138: every BatchNorm gamma 1"),
 }
-# The model's rows: the official values are `MoProConfig`'s defaults; here only where the official code sets them.
-_MODEL_SOURCES = {
-    "backbone": "train.py L38: --arch resnet50",
-    "backbone_kwargs": "train.py L169: width=1",
-    "image_size": "DataLoader/dataloader.py L85: RandomResizedCrop(224)",
-    "embedding_size": "train.py L83: --low-dim 128",
-    "projection_hidden_size": "resnet.py L130: fc1 = Linear(2048, 2048)",
-    "queue_size": "train.py L85: --moco_queue 8192",
-    "encoder_momentum": "train.py L87: --moco_m 0.999",
-    "prototype_momentum": "train.py L89: --proto_m 0.999",
-    "temperature": "train.py L92: --temperature 0.1",
-    "instance_loss_weight": "train.py L95: --w-inst 1",
-    "prototype_loss_weight": "train.py L97: --w-proto 1",
-    "pseudo_label_threshold": "train.py L102: --pseudo_th 0.8",
-    "alpha": "train.py L104: --alpha 0.5",
-    "ood_rule": "model.py L141-150: kept if s_y > 1/K or max s > pseudo_th",
-    "noise_correction_rule": "model.py L141-150: soft label alpha p_cls + (1 - alpha) p_proto",
-    "backbone_zero_init_last": "resnet.py L137-138: every BatchNorm gamma 1",
-}
-_OFFICIAL_CONFIG = MoProConfig()
-OFFICIAL_RECIPE.update({name: (getattr(_OFFICIAL_CONFIG, name), source) for name, source in _MODEL_SOURCES.items()})
 
 _HEADS = "heads, contrastive logits, noise-correction scores, prototype update and losses"
 

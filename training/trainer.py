@@ -1,8 +1,9 @@
 """`MoProTrainer`: the transformers Trainer with MoPro's phase schedule, momentum update and loss logging.
 
 Subclassed narrowly (as TRL does): `compute_loss` sets the phase from the epoch and records the loss components and
-the noise decisions; `log` adds their averages; `create_optimizer` and `create_scheduler` build the official SGD and step schedule (`training.optim`); the eval
-dataloader uses the test-view collator; `prepare_views` normalises uint8 batches on the device. The momentum
+the noise decisions; `log` adds their averages; `create_optimizer` / `create_scheduler` take the official SGD and
+step schedule from `training.optim`; the eval dataloader uses the test-view collator; `prepare_views` (called by
+`compute_loss`) normalises uint8 batches on the device. The momentum
 encoder is updated by a callback after every optimizer step. A checkpoint is checked (`check_checkpoint`) before it
 is resumed from, and the count of skipped images is saved in it and continued on resume.
 """
