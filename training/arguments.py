@@ -296,7 +296,7 @@ class MoProTrainingArguments(TrainingArguments):
 
 @dataclass(frozen=True)
 class ConfigSource:
-    """One place a run's argument values came from (`run_mopro.parse_args`), logged at start and printed by
+    """One place a run's argument values came from (`parse_args`), logged at start and printed by
     `training.plan`, in the order they apply (a later source wins).
 
     Attributes:

@@ -333,7 +333,7 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
         initialisation = "every BatchNorm gamma 1 (official ResNet)"
     return {
         "config": _shown_path(model_args.config_file),
-        # Which source supplied which values (`run_mopro.parse_args`; the run logs the same lines at start).
+        # Which source supplied which values (`training.arguments.parse_args`; the run logs the same lines at start).
         "config_sources": [
             {"name": source.name, "why": source.why, "fields": list(source.fields)}
             for source in model_args.config_sources
