@@ -13,7 +13,7 @@ Model-only rows, ResNet-50 at 224 px, 1000 classes, embedding 128, queue 8192, S
 * per row: img/s of CE, of MoPro and of the key forward alone (timed in rotation in the same run), MoPro's ratio to
   CE and to its floor (CE + key forward), peak memory (`torch.cuda.max_memory_allocated` over that model's steps, less
   what was resident before) and host syncs/step (the calls that wait for the device, counted by
-  `training.host_syncs`; on CUDA the driver's count from `set_sync_debug_mode` beside it).
+  `bench/host_syncs.py`; on CUDA the driver's count from `set_sync_debug_mode` beside it).
 End-to-end rows (per-rank, bf16 + channels_last): WebVision-like JPEG files made on the fly (short side 256), read by
 a DataLoader and trained on, (a) decoded and augmented by CPU workers (`MoProCollator`, as `run_mopro.py` ships it),
 (b) the GPU data path (`--gpu_augment`: bytes from the workers, nvJPEG decode and both views on the device); each with
@@ -62,11 +62,11 @@ from bench_step_time import (  # noqa: E402
     time_call,
 )
 from environment import machine_info, write_result  # noqa: E402
+from host_syncs import count_host_syncs  # noqa: E402
 
 from training.data.collator import MoProCollator  # noqa: E402
 from training.data.gpu_augment import GpuAugmentCollator, decode_on_device  # noqa: E402
 from training.data.transforms import MoProViewTransforms, normalize_pixels  # noqa: E402
-from training.host_syncs import count_host_syncs  # noqa: E402
 from training.trainer import compile_backbones  # noqa: E402
 
 

@@ -26,10 +26,11 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import WeightedRandomSampler
 
 from training.data.image_datasets import (
     ImageLabelDataset,
@@ -45,7 +46,7 @@ from training.data.transforms import transforms_from_config
 
 from .classification import DATASET_CARDS, evaluate_classification
 from .features import save_eval_results
-from .finetune import StepDecayTrainer, add_schedule_arguments, load_for_training, training_arguments
+from .finetune import StepDecayTrainer, TrainingRecipe, add_schedule_arguments, load_for_training
 
 
 def class_balanced_weights(labels: np.ndarray | Sequence[int], num_classes: int | None = None) -> np.ndarray:
@@ -57,8 +58,9 @@ def class_balanced_weights(labels: np.ndarray | Sequence[int], num_classes: int 
     return weights
 
 
-class ClassBalancedSampler(Sampler[int]):
-    """Draws `num_samples` indices per epoch, independently, sample i with probability ∝ `1 / sqrt(n_{y_i})`.
+class ClassBalancedSampler(WeightedRandomSampler):
+    """torch's `WeightedRandomSampler` (`num_samples` independent draws, sample i with probability
+    ∝ `1 / sqrt(n_{y_i})`), its generator seeded with `seed + epoch` at every pass.
 
     The draws depend only on `seed` and the epoch (`set_epoch`, else the count of iterations), so every process of
     a distributed run draws the same sequence, which Accelerate then splits into per-process batches.
@@ -71,21 +73,35 @@ class ClassBalancedSampler(Sampler[int]):
 
     def __init__(self, labels: np.ndarray | Sequence[int], num_samples: int | None = None, seed: int = 0) -> None:
         labels = np.asarray(labels, dtype=np.int64)
-        self.sample_weights = torch.as_tensor(class_balanced_weights(labels)[labels], dtype=torch.float64)
-        self.num_samples = num_samples or len(labels)
+        weights = class_balanced_weights(labels)[labels]
+        super().__init__(weights, num_samples or len(labels), replacement=True, generator=torch.Generator())
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return self.num_samples
-
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.generator.manual_seed(self.seed + self.epoch)
         self.epoch += 1  # a different draw next time, unless the trainer sets the epoch explicitly
-        draws = torch.multinomial(self.sample_weights, self.num_samples, replacement=True, generator=generator)
-        return iter(draws.tolist())
+        return super().__iter__()
+
+
+@dataclass
+class ClassifierRetrainOptions(TrainingRecipe):
+    """Official `classifier_retrain.py` defaults: 16 epochs (official --epochs 15 with range(epochs + 1)), lr 0.01
+    times 0.1 at epochs 5 and 10.
+
+    Attributes:
+        finetune: Also train the backbone (else only the classifier, the backbone frozen in eval mode).
+        reinit_classifier: Start from a new classifier (N(0, 0.01) weights, zero bias) instead of MoPro's.
+    """
+
+    epochs: int = 16
+    learning_rate: float = 0.01
+    milestones: tuple[int, ...] = (5, 10)
+    gamma: float = 0.1
+    finetune: bool = False
+    reinit_classifier: bool = False
 
 
 def classifier_retrain(
@@ -93,31 +109,19 @@ def classifier_retrain(
     train_dataset: ImageLabelDataset,
     eval_datasets: Mapping[str, ImageLabelDataset],
     output_dir: str | os.PathLike,
-    finetune: bool = False,
-    reinit_classifier: bool = False,
-    epochs: int = 16,  # official --epochs 15 with range(epochs + 1)
-    learning_rate: float = 0.01,
-    milestones: Sequence[int] = (5, 10),
-    gamma: float = 0.1,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    batch_size: int = 256,
-    seed: int = 0,
-    num_workers: int = 8,
-    bf16: bool = False,
-    save_model: bool = True,
-    logging_steps: int = 50,
+    options: ClassifierRetrainOptions | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Retrains the classifier (or the whole network with `finetune`) on the pseudo-labelled set.
+    """Retrains the classifier (or the whole network with `options.finetune`) on the pseudo-labelled set.
 
     Args:
         train_dataset: The cleaned set (pseudo labels) with the training augmentation.
         eval_datasets: name -> evaluation set (test view), e.g. {"webvision": ..., "imagenet": ...}.
-        reinit_classifier: Start from a new classifier (N(0, 0.01) weights, zero bias) instead of MoPro's.
+        options: The recipe (official defaults).
 
     Returns:
         name -> {"top1", "top5", "num_samples", "train_samples"} (accuracies in %); empty off the main process.
     """
+    options = options or ClassifierRetrainOptions()
     from transformers import AutoConfig
 
     import modeling_mopro  # noqa: F401
@@ -128,27 +132,24 @@ def classifier_retrain(
             f"pseudo labels reach {int(train_dataset.labels.max())} but the model has {num_labels} classes"
         )
     model = load_for_training(model_name_or_path, num_labels)
-    if not finetune:
+    if not options.finetune:
         model.mopro.requires_grad_(False)
-    if reinit_classifier:
+    if options.reinit_classifier:
         torch.nn.init.normal_(model.classifier.weight, std=0.01)
         torch.nn.init.zeros_(model.classifier.bias)
-    args = training_arguments(
-        output_dir, epochs, learning_rate, weight_decay, batch_size, seed, num_workers, True, bf16, logging_steps
-    )
     trainer = StepDecayTrainer(
         model=model,
-        args=args,
+        args=options.training_arguments(output_dir, drop_last=True),
         train_dataset=train_dataset,
         data_collator=collate_without_index,
-        milestones=milestones,
-        gamma=gamma,
-        momentum=momentum,
-        train_sampler=ClassBalancedSampler(train_dataset.labels, seed=seed),
-        frozen_backbone=not finetune,
+        milestones=options.milestones,
+        gamma=options.gamma,
+        train_sampler=ClassBalancedSampler(train_dataset.labels, seed=options.seed),
+        frozen_backbone=not options.finetune,
     )
     trainer.train()
-    if save_model:
+    batch_size, num_workers = options.batch_size, options.num_workers
+    if options.save_model:
         trainer.save_model(str(output_dir))
     if not trainer.is_world_process_zero():
         return {}
@@ -172,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--imagenet_dir", default=None, help="ImageNet val image folder")
     parser.add_argument("--finetune", action="store_true", help="also train the backbone")
     parser.add_argument("--reinit_classifier", action="store_true")
-    add_schedule_arguments(parser, epochs=16, learning_rate=0.01, milestones=[5, 10], gamma=0.1)
+    add_schedule_arguments(parser, ClassifierRetrainOptions())
     args = parser.parse_args(argv)
 
     from transformers import AutoConfig
@@ -196,11 +197,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         evals["webvision"] = webvision_val_dataset(args.webvision_dir, test_view, config.num_labels)
     if args.imagenet_dir:
         evals["imagenet"] = image_folder_dataset(args.imagenet_dir, test_view)
-    results = classifier_retrain(
-        args.model_name_or_path, train, evals, args.output_dir, args.finetune, args.reinit_classifier, args.epochs,
-        args.learning_rate, args.milestones, args.gamma, args.momentum, args.weight_decay, args.batch_size,
-        args.seed, args.num_workers, args.bf16, logging_steps=args.logging_steps,
-    )  # fmt: skip
+    options = ClassifierRetrainOptions.from_flags(args)
+    results = classifier_retrain(args.model_name_or_path, train, evals, args.output_dir, options)
     for name, metrics in results.items():
         dataset_name, dataset_type = DATASET_CARDS.get(name, (name, name))
         path = save_eval_results(
@@ -211,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     return results
 
 
-__all__ = ["ClassBalancedSampler", "class_balanced_weights", "classifier_retrain"]
+__all__ = ["ClassBalancedSampler", "ClassifierRetrainOptions", "class_balanced_weights", "classifier_retrain"]
 
 if __name__ == "__main__":
     from modeling_mopro.cli import run_command

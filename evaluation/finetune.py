@@ -20,18 +20,19 @@ class, deterministic for a seed). The official script instead shuffles all image
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from modeling_mopro.cli import fraction
+from training.arguments import per_device_batch_size
 from training.data.image_datasets import (
     ImageLabelDataset,
     add_dataset_arguments,
@@ -40,33 +41,23 @@ from training.data.image_datasets import (
     dataset_from_arguments,
 )
 from training.data.transforms import transforms_from_config
+from training.optim import create_optimizer, step_lr_scheduler
 
 from .classification import DATASET_CARDS, evaluate_classification
 from .features import resolve_device, save_eval_results
 
 
-def milestone_lr_lambda(steps_per_epoch: float, milestones: Sequence[int], gamma: float) -> Callable[[int], float]:
-    """LR factor of optimizer step s: `gamma ** #(milestones <= epoch(s))`, epoch(s) = floor(s / steps_per_epoch),
-    i.e. the official per-epoch step decay (`adjust_learning_rate` at the start of every epoch)."""
-
-    def factor(step: int) -> float:
-        epoch = math.floor(step / steps_per_epoch)
-        return gamma ** sum(epoch >= m for m in milestones)
-
-    return factor
-
-
 class StepDecayTrainer(Trainer):
     """A Trainer with the optimiser and schedule of the official evaluation recipes.
 
-    SGD with momentum over the trainable parameters, a step decay by `gamma` at the milestone epochs, and
-    optionally a custom training sampler and a frozen backbone kept in eval mode (BatchNorm statistics frozen, as
-    the official classifier-only retraining runs `encoder.eval()`).
+    The optimizer of `args` over the trainable parameters (SGD with the momentum of `optim_args`,
+    `training.optim.create_optimizer`), a step decay by `gamma` at the milestone epochs, and optionally a custom
+    training sampler and a frozen backbone kept in eval mode (BatchNorm statistics frozen, as the official
+    classifier-only retraining runs `encoder.eval()`).
 
     Args:
         milestones: Epochs at whose start the learning rate is multiplied by `gamma`.
         gamma: Decay factor.
-        momentum: SGD momentum.
         train_sampler: Replaces the default random sampler.
         frozen_backbone: Put `mopro.backbone` in eval mode before every training forward.
     """
@@ -76,33 +67,27 @@ class StepDecayTrainer(Trainer):
         *args,
         milestones: Sequence[int] = (),
         gamma: float = 0.1,
-        momentum: float = 0.9,
         train_sampler: Sampler | None = None,
         frozen_backbone: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.milestones, self.gamma, self.momentum = tuple(milestones), gamma, momentum
+        self.milestones, self.gamma = tuple(milestones), gamma
         self.train_sampler, self.frozen_backbone = train_sampler, frozen_backbone
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.SGD(
-                params, lr=self.args.learning_rate, momentum=self.momentum, weight_decay=self.args.weight_decay
-            )
+            self.optimizer = create_optimizer(self.model if model is None else model, self.args)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        if self.lr_scheduler is None:
-            # With an integer epoch count the Trainer plans exactly epochs * steps_per_epoch optimizer steps.
-            steps_per_epoch = max(num_training_steps / self.args.num_train_epochs, 1e-9)
-            self.lr_scheduler = LambdaLR(
-                optimizer or self.optimizer, milestone_lr_lambda(steps_per_epoch, self.milestones, self.gamma)
-            )
+        # With an integer epoch count the Trainer plans exactly epochs * steps_per_epoch optimizer steps.
+        steps_per_epoch = num_training_steps / self.args.num_train_epochs
+        self.lr_scheduler = step_lr_scheduler(optimizer or self.optimizer, self.milestones, steps_per_epoch, self.gamma)
         return self.lr_scheduler
 
     def _get_train_sampler(self, train_dataset=None) -> Sampler | None:
+        # No public hook gives the Trainer a sampler: pinned in `training.trainer.PRIVATE_TRAINER_HOOKS`.
         return self.train_sampler if self.train_sampler is not None else super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -177,37 +162,76 @@ def subset_from_file(ids: Sequence[str], path: str | os.PathLike) -> np.ndarray:
     return indices
 
 
-def training_arguments(
-    output_dir: str | os.PathLike,
-    epochs: float,
-    learning_rate: float,
-    weight_decay: float,
-    batch_size: int,
-    seed: int,
-    num_workers: int,
-    drop_last: bool,
-    bf16: bool,
-    logging_steps: int,
-) -> TrainingArguments:
-    """TrainingArguments for the protocol trainers; `batch_size` is global (split over the processes)."""
-    per_device = max(1, batch_size // int(os.environ.get("WORLD_SIZE", 1)))
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        num_train_epochs=epochs,
-        per_device_train_batch_size=per_device,
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        save_strategy="no",
-        eval_strategy="no",
-        logging_steps=logging_steps,
-        report_to="none",
-        dataloader_num_workers=num_workers,
-        dataloader_drop_last=drop_last,
-        remove_unused_columns=False,
-        seed=seed,
-        bf16=bf16,
-        use_cpu=resolve_device().type == "cpu",
-    )
+@dataclass
+class TrainingRecipe:
+    """The SGD step-schedule recipe of a protocol that trains (flags of `add_schedule_arguments`).
+
+    Attributes:
+        epochs / learning_rate / milestones / gamma: The step schedule: `learning_rate` times `gamma` from each
+            milestone epoch on.
+        momentum / weight_decay: SGD's (weight decay on every parameter).
+        batch_size: The global batch, split over the processes (`training.arguments.per_device_batch_size`).
+        save_model: Save the trained model (and image processor) to the output folder.
+    """
+
+    epochs: int
+    learning_rate: float
+    milestones: tuple[int, ...]
+    gamma: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    seed: int = 0
+    num_workers: int = 8
+    bf16: bool = False
+    logging_steps: int = 50
+    save_model: bool = True
+
+    def training_arguments(self, output_dir: str | os.PathLike, drop_last: bool) -> TrainingArguments:
+        """TrainingArguments of the protocol trainers."""
+        return TrainingArguments(
+            output_dir=str(output_dir),
+            num_train_epochs=self.epochs,
+            per_device_train_batch_size=per_device_batch_size(self.batch_size, int(os.environ.get("WORLD_SIZE", 1))),
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            optim="sgd",
+            optim_args=f"momentum={self.momentum!r}",
+            save_strategy="no",
+            eval_strategy="no",
+            logging_steps=self.logging_steps,
+            report_to="none",
+            dataloader_num_workers=self.num_workers,
+            dataloader_drop_last=drop_last,
+            remove_unused_columns=False,
+            seed=self.seed,
+            bf16=self.bf16,
+            use_cpu=resolve_device().type == "cpu",
+        )
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace):
+        """The options from the parsed flags of the protocol's command line."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+@dataclass
+class FinetuneOptions(TrainingRecipe):
+    """Official `finetune_imagenet.py` defaults (L34 epochs, L42 lr, L44-45 decay 0.2 at 20 and 30).
+
+    Attributes:
+        label_fraction / subset_file: How to pick the labelled subset (the file wins when given).
+        select_best_epoch: Evaluate after every epoch; report and save the best epoch by top-1 (official), with
+            `best_epoch` (1-based) and the last epoch's `final_top1` / `final_top5`. Else evaluate the last epoch.
+    """
+
+    epochs: int = 40
+    learning_rate: float = 0.005
+    milestones: tuple[int, ...] = (20, 30)
+    gamma: float = 0.2
+    label_fraction: float | None = 0.01
+    subset_file: str | None = None
+    select_best_epoch: bool = True
 
 
 def finetune(
@@ -215,21 +239,7 @@ def finetune(
     train_dataset: ImageLabelDataset,
     eval_dataset: ImageLabelDataset,
     output_dir: str | os.PathLike,
-    label_fraction: float | None = 0.01,
-    subset_file: str | os.PathLike | None = None,
-    epochs: int = 40,
-    learning_rate: float = 0.005,
-    milestones: Sequence[int] = (20, 30),
-    gamma: float = 0.2,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    batch_size: int = 256,
-    seed: int = 0,
-    num_workers: int = 8,
-    bf16: bool = False,
-    save_model: bool = True,
-    logging_steps: int = 50,
-    select_best_epoch: bool = True,
+    options: FinetuneOptions | None = None,
 ) -> dict[str, float]:
     """Fine-tunes on the labelled subset; returns top-1/top-5 (%) on `eval_dataset`, `train_samples`, `train_epochs`
     (an empty dict off the main process).
@@ -237,44 +247,39 @@ def finetune(
     Args:
         train_dataset: The full labelled training set with the training augmentation (`transforms_from_config(config, train=True)`).
         eval_dataset: Evaluation set with the test view.
-        label_fraction / subset_file: How to pick the labelled subset (the file wins when given).
-        save_model: Save the fine-tuned model (and image processor) to `output_dir`.
-        select_best_epoch: Evaluate after every epoch; report and save the best epoch by top-1 (official), with
-            `best_epoch` (1-based) and the last epoch's `final_top1` / `final_top5`. Else evaluate the last epoch.
+        options: The recipe (official defaults).
     """
-    if subset_file is not None:
-        indices = subset_from_file(train_dataset.ids, subset_file)
-    elif label_fraction is not None and label_fraction < 1:
-        indices = sample_labelled_subset(train_dataset.labels, label_fraction, seed)
+    options = options or FinetuneOptions()
+    if options.subset_file is not None:
+        indices = subset_from_file(train_dataset.ids, options.subset_file)
+    elif options.label_fraction is not None and options.label_fraction < 1:
+        indices = sample_labelled_subset(train_dataset.labels, options.label_fraction, options.seed)
     else:
         indices = np.arange(len(train_dataset))
     labelled = train_dataset.subset(indices)
     num_labels = int(max(train_dataset.labels.max(), eval_dataset.labels.max())) + 1
     model = load_for_training(model_name_or_path, num_labels)
-    args = training_arguments(
-        output_dir, epochs, learning_rate, weight_decay, batch_size, seed, num_workers, False, bf16, logging_steps
-    )
     trainer = StepDecayTrainer(
         model=model,
-        args=args,
+        args=options.training_arguments(output_dir, drop_last=False),
         train_dataset=labelled,
         data_collator=collate_without_index,
-        milestones=milestones,
-        gamma=gamma,
-        momentum=momentum,
+        milestones=options.milestones,
+        gamma=options.gamma,
     )
+    batch_size, num_workers = options.batch_size, options.num_workers
     best_epoch = None
-    if select_best_epoch:
+    if options.select_best_epoch:
         best_epoch = BestEpochCallback(eval_dataset, batch_size, num_workers, trainer.accelerator.wait_for_everyone)
         trainer.add_callback(best_epoch)
     trainer.train()
     if best_epoch is not None and best_epoch.best_state is not None:
         trainer.model.load_state_dict(best_epoch.best_state)  # main process only, which alone saves
-    if save_model:
+    if options.save_model:
         trainer.save_model(str(output_dir))
     if not trainer.is_world_process_zero():  # evaluation runs in one process; the others return nothing
         return {}
-    summary = {"train_samples": len(labelled), "train_epochs": epochs}
+    summary = {"train_samples": len(labelled), "train_epochs": options.epochs}
     if best_epoch is None:
         metrics = evaluate_classification(trainer.model, eval_dataset, batch_size=batch_size, num_workers=num_workers)
         return {**metrics, **summary}
@@ -288,21 +293,19 @@ def finetune(
     }
 
 
-def add_schedule_arguments(
-    parser: argparse.ArgumentParser, epochs: int, learning_rate: float, milestones: list[int], gamma: float
-) -> None:
+def add_schedule_arguments(parser: argparse.ArgumentParser, recipe: TrainingRecipe) -> None:
     """The SGD step-schedule flags shared by fine-tuning and classifier retraining, with each recipe's defaults."""
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--learning_rate", type=float, default=learning_rate)
-    parser.add_argument("--milestones", type=int, nargs="*", default=milestones)
-    parser.add_argument("--gamma", type=float, default=gamma)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--batch_size", type=int, default=256, help="global batch size")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_workers", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=recipe.epochs)
+    parser.add_argument("--learning_rate", type=float, default=recipe.learning_rate)
+    parser.add_argument("--milestones", type=int, nargs="*", default=list(recipe.milestones))
+    parser.add_argument("--gamma", type=float, default=recipe.gamma)
+    parser.add_argument("--momentum", type=float, default=recipe.momentum)
+    parser.add_argument("--weight_decay", type=float, default=recipe.weight_decay)
+    parser.add_argument("--batch_size", type=int, default=recipe.batch_size, help="global batch size")
+    parser.add_argument("--seed", type=int, default=recipe.seed)
+    parser.add_argument("--num_workers", type=int, default=recipe.num_workers)
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--logging_steps", type=int, default=50)
+    parser.add_argument("--logging_steps", type=int, default=recipe.logging_steps)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -321,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         default=True,
         help="evaluate every epoch and report/save the best by top-1 (official); --no-select_best_epoch: last epoch",
     )
-    add_schedule_arguments(parser, epochs=40, learning_rate=0.005, milestones=[20, 30], gamma=0.2)
+    add_schedule_arguments(parser, FinetuneOptions())
     args = parser.parse_args(argv)
 
     from transformers import AutoConfig
@@ -332,12 +335,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     train, _ = dataset_from_arguments(args, transforms_from_config(config, train=True), "train_", "train")
     val, _ = dataset_from_arguments(args, transforms_from_config(config))
     check_same_classes(train, val)  # the new classifier learns the training labels; validation must use them
-    metrics = finetune(
-        args.model_name_or_path, train, val, args.output_dir, args.label_fraction, args.subset_file, args.epochs,
-        args.learning_rate, args.milestones, args.gamma, args.momentum, args.weight_decay, args.batch_size,
-        args.seed, args.num_workers, args.bf16, logging_steps=args.logging_steps,
-        select_best_epoch=args.select_best_epoch,
-    )  # fmt: skip
+    metrics = finetune(args.model_name_or_path, train, val, args.output_dir, FinetuneOptions.from_flags(args))
     if not metrics:  # not the main process
         return metrics
     subset = Path(args.subset_file).stem if args.subset_file else f"{100 * args.label_fraction:g}pct"
@@ -352,13 +350,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 __all__ = [
     "BestEpochCallback",
+    "FinetuneOptions",
     "StepDecayTrainer",
+    "TrainingRecipe",
     "finetune",
     "load_for_training",
-    "milestone_lr_lambda",
     "sample_labelled_subset",
     "subset_from_file",
-    "training_arguments",
 ]
 
 if __name__ == "__main__":

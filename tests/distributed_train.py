@@ -66,7 +66,7 @@ def main(output_dir: str, noise_correction_rule: str = "official") -> None:
     rows = [dataset[i] for i in range(BATCH)]
     if rank == 1:
         rows = [{**row, "image": b"not an image"} for row in rows]
-    empty_step_loss = trainer.training_step(trainer.model, trainer._prepare_inputs(collator(rows))).item()
+    empty_step_loss = trainer.training_step(trainer.model, collator(rows)).item()
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     summary = noise_report(model, dataset, DataArguments(), trainer.args)

@@ -32,6 +32,7 @@ from training.data.image_datasets import (
     voc07_dataset,
 )
 from training.data.transforms import transforms_from_config
+from training.optim import step_lr_scheduler
 
 CLASS_NAMES = ["apple", "boat", "cloud", "dog"]
 WNIDS = [f"n{i:08d}" for i in range(NUM_LABELS)]
@@ -401,14 +402,21 @@ def test_knn_script(workspace):
 
 # ------------------------------------------------------------------------------------- fine-tuning and cRT
 def test_milestone_schedule():
-    factor = finetune.milestone_lr_lambda(steps_per_epoch=10, milestones=(20, 30), gamma=0.2)
-    assert [factor(s) for s in (0, 199, 200, 299, 300, 399)] == pytest.approx([1, 1, 0.2, 0.2, 0.04, 0.04])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(()))], lr=1.0)
+    scheduler = step_lr_scheduler(optimizer, milestones=(20, 30), steps_per_epoch=10, gamma=0.2)
+    factors = []
+    for _ in range(400):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert [factors[s] for s in (0, 199, 200, 299, 300, 399)] == pytest.approx([1, 1, 0.2, 0.2, 0.04, 0.04])
 
 
 def test_step_decay_trainer_optimizer_and_schedule(workspace, tmp_path):
     model = finetune.load_for_training(workspace["model"], NUM_LABELS)
-    args = finetune.training_arguments(tmp_path, 4, 0.5, 0.0, 4, 0, 0, False, False, 10)
-    trainer = finetune.StepDecayTrainer(model=model, args=args, milestones=(2, 3), gamma=0.1, momentum=0.8)
+    recipe = finetune.TrainingRecipe(4, 0.5, (2, 3), 0.1, momentum=0.8, batch_size=4, num_workers=0, logging_steps=10)
+    args = recipe.training_arguments(tmp_path, drop_last=False)
+    trainer = finetune.StepDecayTrainer(model=model, args=args, milestones=(2, 3), gamma=0.1)
     trainer.create_optimizer_and_scheduler(num_training_steps=8)  # 2 steps per epoch
     assert isinstance(trainer.optimizer, torch.optim.SGD)
     assert trainer.optimizer.param_groups[0]["momentum"] == 0.8

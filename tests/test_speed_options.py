@@ -17,13 +17,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import set_seed
 
+from bench.host_syncs import HostSyncCounter, count_host_syncs
 from modeling_mopro import MoProForPreTraining, MoProPhase
 from tests._tiny import MoProModelTester
 from tests.trainer_fixtures import IMAGE_SIZE, NUM_LABELS, tiny_config, tiny_image_dataset, tiny_trainer
 from training.data.collator import MoProCollator
 from training.data.gpu_augment import GpuAugmentCollator
 from training.data.transforms import MoProViewTransforms, normalize_pixels
-from training.host_syncs import HostSyncCounter, count_host_syncs
 
 tester = MoProModelTester()
 MEAN, STD = (0.3, 0.5, 0.6), (0.2, 0.3, 0.25)  # not ImageNet's: a wrong normalisation would show
@@ -89,10 +89,10 @@ def test_each_speed_option_trains_with_the_default_losses_and_decisions(tmp_path
     if options.get("channels_last"):
         conv = model.momentum_encoder.backbone.conv1.weight
         assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-        batch = trainer._prepare_inputs(trainer.data_collator([tiny_image_dataset(6)[i] for i in range(6)]))
+        batch = trainer.prepare_views(trainer.data_collator([tiny_image_dataset(6)[i] for i in range(6)]))
         assert batch["pixel_values"].is_contiguous(memory_format=torch.channels_last)
     if options.get("uint8_key_batches"):
-        batch = trainer._prepare_inputs(trainer.data_collator([tiny_image_dataset(6)[i] for i in range(6)]))
+        batch = trainer.prepare_views(trainer.data_collator([tiny_image_dataset(6)[i] for i in range(6)]))
         assert batch["pixel_values_key"].dtype == torch.uint8  # left for the model, normalised after the gather
         assert batch["pixel_values"].dtype == torch.float32
 
@@ -134,7 +134,7 @@ def test_gpu_augment_path_trains_through_the_trainer_on_cpu(tmp_path, default_ru
         str(tmp_path / "gpu"), dataset, collator=collator, max_steps=3, gpu_augment=True,
         prototype_start_epoch=0, noise_correction_start_epoch=0,
     )  # fmt: skip
-    prepared = trainer._prepare_inputs(collator([dataset[i] for i in range(6)]))
+    prepared = trainer.prepare_views(collator([dataset[i] for i in range(6)]))
     assert prepared["labels"].tolist() == [0, 1, 2, 3, 0] and int(prepared["num_skipped_images"]) == 1
     assert prepared["pixel_values"].shape == prepared["pixel_values_key"].shape == (5, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert prepared["pixel_values"].dtype == torch.float32
@@ -301,7 +301,6 @@ def test_the_trainer_step_has_no_host_sync(tmp_path, options):
     trainer.train()
     batch = trainer.data_collator([dataset[i] for i in range(6)])
     with HostSyncCounter() as counter:
-        inputs = trainer._prepare_inputs(batch)
-        trainer.training_step(trainer.model, inputs)
+        trainer.training_step(trainer.model, batch)  # the Trainer's device placement, then `compute_loss`
     assert counter.calls == {}
     assert trainer.accelerator.unwrap_model(trainer.model).current_phase == MoProPhase.NOISE_CORRECTION

@@ -15,9 +15,10 @@ from transformers import set_seed
 from modeling_mopro import MoProForPreTraining, MoProPhase
 from tests.fixtures_eval import IMAGE_SIZE, NUM_LABELS
 from tests.trainer_fixtures import run_distributed_train, tiny_config, tiny_image_dataset, tiny_trainer
+from training.correction_schedule import phase_for_epoch
 from training.data.collator import MoProCollator
 from training.data.transforms import MoProViewTransforms
-from training.trainer import phase_for_epoch, step_schedule
+from training.optim import step_lr_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,14 @@ def test_phase_for_epoch_follows_official_schedule():
 
 
 def test_step_schedule():
-    f = step_schedule([40, 80], 0.1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(()))], lr=1.0)
+    scheduler = step_lr_scheduler(optimizer, [40, 80], steps_per_epoch=1, gamma=0.1)
+    factors = []
+    for _ in range(1001):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    f = factors.__getitem__
     assert [f(0), f(39), f(40), f(79), f(80), f(1000)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
 
 
@@ -111,7 +119,7 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
 
 
 def test_uint8_batches_normalised_by_the_trainer_train_like_float_batches(tmp_path):
-    """`MoProTrainer._prepare_inputs` normalises uint8 views with the collator's mean and std: the same
+    """`MoProTrainer.prepare_views` normalises uint8 views with the collator's mean and std: the same
     training as float batches normalised in the collator (here with a non-ImageNet mean and std, to catch a
     trainer that would use the wrong ones)."""
     dataset = tiny_image_dataset(48)
@@ -131,7 +139,7 @@ def test_uint8_batches_normalised_by_the_trainer_train_like_float_batches(tmp_pa
     batch = MoProCollator(transforms, num_labels=NUM_LABELS, seed=0, uint8_training_views=True)(
         [dataset[i] for i in range(4)]
     )
-    prepared = trainer._prepare_inputs(dict(batch))
+    prepared = trainer.prepare_views(dict(batch))
     float_batch = MoProCollator(transforms, num_labels=NUM_LABELS, seed=0)([dataset[i] for i in range(4)])
     for name in ("pixel_values", "pixel_values_key"):
         assert prepared[name].dtype == torch.float32
@@ -301,3 +309,30 @@ def test_the_skipped_image_count_survives_a_resume(tmp_path):
         return [(e["step"], e["skipped_images"]) for e in trainer.state.log_history if "skipped_images" in e]
 
     assert logged(resumed) == logged(straight)
+
+
+def test_the_private_trainer_methods_overridden_still_exist():
+    """The one list of private Trainer methods overridden (`PRIVATE_TRAINER_HOOKS`): a transformers upgrade that
+    renames one, or changes its parameters, would silently bypass the override."""
+    import inspect
+
+    from transformers import Trainer
+
+    from evaluation.finetune import StepDecayTrainer
+    from training.trainer import PRIVATE_TRAINER_HOOKS, MoProTrainer
+
+    overridden = {
+        name
+        for cls in (MoProTrainer, StepDecayTrainer)
+        for name in vars(cls)
+        if name.startswith("_") and not name.startswith("__")
+    }
+    assert overridden - {"_pixel_normalization", "_views_on_device", "_record", "_end_finished_epochs",
+                         "_apply_compile_request", "_record_effective_precision", "_configure_speed_options"} == set(
+        PRIVATE_TRAINER_HOOKS
+    )  # fmt: skip
+    for name in PRIVATE_TRAINER_HOOKS:
+        ours = getattr(MoProTrainer, name, None) or getattr(StepDecayTrainer, name)
+        assert hasattr(Trainer, name), f"transformers.Trainer has no {name} any more"
+        theirs = inspect.signature(getattr(Trainer, name)).parameters
+        assert list(inspect.signature(ours).parameters) == list(theirs), name

@@ -1,4 +1,5 @@
-"""Argument dataclasses of `training/run_mopro.py` (parsed by `HfArgumentParser` from YAML and the command line).
+"""Argument dataclasses of `training/run_mopro.py`, parsed (`parse_args`) by `HfArgumentParser` from YAML and the
+command line, and the model config they build (`build_config`, `load_config`; `training.plan` reads the same).
 
 Model hyperparameters live in `MoProConfig`; these dataclasses only say how to build it, where the data is, and
 the schedule (phase starts, learning-rate milestones), which belongs to training rather than to the model.
@@ -8,31 +9,33 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from transformers import TrainingArguments
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from modeling_mopro import MoProConfig
 
 from .correction_schedule import SCHEDULES, AdaptiveCorrectionSchedule, FixedCorrectionSchedule
-from .data.sources import DataArguments  # noqa: F401  (re-exported: the three argument groups of run_mopro.py)
+from .data.sources import DataArguments
+from .own_data import OWN_DATA_CONFIG, OWN_DATA_SOURCES, choose_image_size
+
+logger = logging.getLogger(__name__)
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 @dataclass
-class ModelArguments:
-    """Which model to train. Unset MoPro hyperparameters keep the official defaults of `MoProConfig`."""
+class _RunModelArguments:
+    """Which model to train; with every `MoProConfig` field as a flag (`ModelArguments`: its type, and its help from
+    the config's docstring). Those default to None ("not given"): a new model takes MoProConfig's (official) defaults,
+    a model loaded with `model_name_or_path` keeps its own, and a given architecture field that differs is an error."""
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A saved MoPro folder to start from (release or training model)."}
-    )
-    # Architecture fields default to None ("not given"): a new model fills in MoProConfig's defaults (resnet50, 224),
-    # a model loaded with `model_name_or_path` keeps its own, and a given value that differs from it is an error.
-    backbone: str | None = field(default=None, metadata={"help": "Any timm model name (default resnet50)."})
-    backbone_kwargs: str | None = field(
-        default=None, metadata={"help": "JSON dict for timm.create_model, e.g. '{\"layers\": [1, 1, 1, 1]}'."}
-    )
-    image_size: int | None = field(
-        default=None,
-        metadata={"help": "Crop size for training and for the image processor saved with the model (default 224)."},
     )
     image_mean: list[float] | None = field(
         default=None,
@@ -42,54 +45,55 @@ class ModelArguments:
         },
     )
     image_std: list[float] | None = field(default=None, metadata={"help": "Normalisation std, as --image_mean."})
-    embedding_size: int | None = field(default=None, metadata={"help": "Embedding size (official 128)."})
-    projection_hidden_size: int | None = field(default=None, metadata={"help": "Projection width (official 2048)."})
-    queue_size: int | None = field(default=None, metadata={"help": "MoCo queue length (official 8192)."})
-    encoder_momentum: float | None = field(default=None, metadata={"help": "Momentum encoder EMA (official 0.999)."})
-    prototype_momentum: float | None = field(default=None, metadata={"help": "Prototype EMA (official 0.999)."})
-    temperature: float | None = field(default=None, metadata={"help": "Contrastive temperature (official 0.1)."})
-    alpha: float | None = field(default=None, metadata={"help": "Classifier weight in the soft label (0.5)."})
-    pseudo_label_threshold: float | None = field(default=None, metadata={"help": "Relabel threshold (0.8)."})
-    instance_loss_weight: float | None = field(default=None, metadata={"help": "w_inst (official 1.0)."})
-    prototype_loss_weight: float | None = field(default=None, metadata={"help": "w_proto (official 1.0)."})
-    ood_rule: str | None = field(default=None, metadata={"help": "'official' or 'prototype_distance'."})
-    ood_similarity_threshold: float | None = field(default=None, metadata={"help": "For 'prototype_distance'."})
-    noise_correction_rule: str | None = field(
-        default=None, metadata={"help": "'official' or 'queue_vote' (not official: neighbour vote of queued labels)."}
-    )
-    queue_vote_k: int | None = field(default=None, metadata={"help": "Neighbours of 'queue_vote' (50)."})
-    queue_vote_weight: float | None = field(default=None, metadata={"help": "Weight of the 'queue_vote' vote (0.5)."})
-    backbone_zero_init_last: bool | None = field(
-        default=None,
-        metadata={"help": "Zero-init the last BN gamma of each residual block (timm's habit; official False)."},
-    )
-    momentum_encoder_bn_groups: int | None = field(
-        default=None,
-        metadata={"help": "One process only: virtual BN groups of the momentum encoder, stand-in for shuffle-BN (8)."},
-    )
 
     def __post_init__(self):
         _check_finite(self)
 
     def config_values(self) -> dict:
         """The MoProConfig fields that were given (YAML or command line), `backbone_kwargs` decoded."""
-        values = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS + HYPERPARAMETER_FIELDS}
+        values = {name: getattr(self, name) for name in MODEL_FIELDS}
         if values["backbone_kwargs"] is not None:
             values["backbone_kwargs"] = json.loads(values["backbone_kwargs"])
         return {name: value for name, value in values.items() if value is not None}
 
 
+def _config_field_docs() -> dict[str, str]:
+    """`MoProConfig`'s docstring, field name -> its description on one line."""
+    docs, name = {}, None
+    for line in MoProConfig.__doc__.split("Args:")[1].split("Example:")[0].splitlines():
+        if match := re.match(r" {8}(\w+) \(", line):
+            name = match.group(1)
+            docs[name] = ""
+        elif name and line.strip():
+            docs[name] = f"{docs[name]} {line.strip()}".strip()
+    return docs
+
+
+# The MoPro hyperparameters, declared once: `MoProConfig`'s own fields (in its order).
+MODEL_FIELDS = tuple(name for name, kind in vars(MoProConfig)["__annotations__"].items() if "ClassVar" not in kind)
+_FLAG_TYPES = {"str": str, "int": int, "float": float, "bool": bool}  # anything else (a dict) is given as JSON
+
+
+def _model_argument(name: str, doc: str) -> tuple:
+    kind = vars(MoProConfig)["__annotations__"][name]
+    default = MoProConfig.__dataclass_fields__[name].default
+    help_text = f"{doc} {'' if kind in _FLAG_TYPES else 'Given as JSON. '}Unset: {default!r} for a new model."
+    help_text = help_text.replace("%", "%%")  # argparse formats help with %
+    return name, _FLAG_TYPES.get(kind, str) | None, field(default=None, metadata={"help": help_text})
+
+
+_DOCS = _config_field_docs()
+ModelArguments = dataclasses.make_dataclass(
+    "ModelArguments", [_model_argument(name, _DOCS[name]) for name in MODEL_FIELDS], bases=(_RunModelArguments,)
+)
+ModelArguments.__module__ = __name__
 # MoProConfig fields that shape the weights (or only their initialisation): fixed once a model exists.
 ARCHITECTURE_FIELDS = (
     "backbone", "backbone_kwargs", "image_size", "embedding_size", "projection_hidden_size", "queue_size",
     "backbone_zero_init_last",
 )  # fmt: skip
-# MoProConfig fields read at every step: a run may change them on a loaded model.
-HYPERPARAMETER_FIELDS = (
-    "encoder_momentum", "prototype_momentum", "temperature", "alpha", "pseudo_label_threshold",
-    "instance_loss_weight", "prototype_loss_weight", "ood_rule", "ood_similarity_threshold",
-    "noise_correction_rule", "queue_vote_k", "queue_vote_weight", "momentum_encoder_bn_groups",
-)  # fmt: skip
+# The others are read at every step: a run may change them on a loaded model.
+HYPERPARAMETER_FIELDS = tuple(name for name in MODEL_FIELDS if name not in ARCHITECTURE_FIELDS)
 
 
 @dataclass
@@ -253,11 +257,7 @@ class MoProTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`noise_correction_schedule` must be one of {SCHEDULES}, got {self.noise_correction_schedule!r}."
             )
-        if not 0.0 <= self.correction_min_agreement <= 1.0:
-            raise ValueError(f"`correction_min_agreement` must be in [0, 1], got {self.correction_min_agreement}.")
-        for name in ("correction_plateau_tolerance", "correction_ramp_epochs"):
-            if not getattr(self, name) >= 0:  # NaN fails too
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        self.correction_schedule(adaptive=True)  # its settings checked by the schedule itself, whichever runs
         if self.noise_correction_start_epoch < self.prototype_start_epoch:
             raise ValueError("`noise_correction_start_epoch` must not come before `prototype_start_epoch`.")
         if self.samples_per_epoch is not None and self.samples_per_epoch <= 0:
@@ -265,9 +265,9 @@ class MoProTrainingArguments(TrainingArguments):
         if not 0 < self.lr_gamma <= 1:
             raise ValueError(f"`lr_gamma` must be in (0, 1], got {self.lr_gamma}.")
 
-    def correction_schedule(self) -> FixedCorrectionSchedule | AdaptiveCorrectionSchedule:
-        """A new schedule object for this run (`training.correction_schedule`)."""
-        if self.noise_correction_schedule == "fixed":
+    def correction_schedule(self, adaptive: bool = False) -> FixedCorrectionSchedule | AdaptiveCorrectionSchedule:
+        """A new schedule object for this run (`training.correction_schedule`); `adaptive`: that one, whichever runs."""
+        if self.noise_correction_schedule == "fixed" and not adaptive:
             return FixedCorrectionSchedule(self.noise_correction_start_epoch)
         return AdaptiveCorrectionSchedule(
             earliest_epoch=self.noise_correction_start_epoch,
@@ -296,7 +296,7 @@ class MoProTrainingArguments(TrainingArguments):
 
 @dataclass(frozen=True)
 class ConfigSource:
-    """One place a run's argument values came from (`run_mopro.parse_args`), logged at start and printed by
+    """One place a run's argument values came from (`parse_args`), logged at start and printed by
     `training.plan`, in the order they apply (a later source wins).
 
     Attributes:
@@ -312,6 +312,139 @@ class ConfigSource:
 
     def describe(self) -> str:
         return f"{self.name} ({self.why}): {', '.join(self.fields)}"
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTrainingArguments]:
+    """`[config.yaml] [--flag value ...]`; without a YAML file, the own-data config for `--train_dir` /
+    `--dataset_name`, else the demo config, gives the defaults.
+
+    `model_args.command_line_fields` names the fields given on the command line (not by the YAML file), and
+    `model_args.config_sources` (`ConfigSource`s) says which source supplied which values."""
+    cli = list(argv)
+    given = {arg[2:].split("=", 1)[0] for arg in cli if arg.startswith("--")}
+    config_file, why = _default_config(given)
+    if cli and cli[0].endswith((".yaml", ".yml")):
+        config_file, why = cli.pop(0), "the YAML file given"
+    with open(config_file) as f:
+        try:
+            defaults = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{config_file} is not valid YAML: {' '.join(str(error).split())}") from error
+    if not isinstance(defaults, dict):
+        raise ValueError(
+            f"{config_file} holds a YAML {type(defaults).__name__}, not a mapping of flag names to values "
+            "(e.g. `learning_rate: 0.1`)"
+        )
+    argument_classes = (ModelArguments, DataArguments, MoProTrainingArguments)
+    _check_yaml_booleans(config_file, defaults, argument_classes)
+    cli = _yaml_to_flags(defaults) + cli  # later flags win in argparse
+    parser = HfArgumentParser(argument_classes)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=cli)
+    model_args.command_line_fields = given
+    model_args.config_file = str(config_file)
+    from_yaml = [name for name in defaults if name not in given]
+    resolved, rule = Path(config_file).resolve(), None
+    if resolved == OWN_DATA_CONFIG and "image_size" in from_yaml and not model_args.model_name_or_path:
+        # The own-data recipe's resolution rule (a loaded model keeps its own image size).
+        rule = choose_image_size(data_args)
+        if rule is None:
+            why += f"; no training image could be read for the resolution rule: image_size {defaults['image_size']}"
+        else:
+            model_args.image_size = rule.image_size
+            from_yaml.remove("image_size")
+    name = resolved.name if resolved in (DEMO_CONFIG, OWN_DATA_CONFIG) else str(config_file)
+    sources = [ConfigSource(name, why, tuple(from_yaml))]
+    if rule is not None:
+        sources.append(ConfigSource("resolution rule", rule.describe(), ("image_size",)))
+    if given:
+        sources.append(ConfigSource("command line", "flags given", tuple(sorted(given))))
+    defaults_why = "MoProConfig's official values, the argument classes' defaults"
+    sources.append(ConfigSource("built-in defaults", defaults_why, ("every other field",)))
+    model_args.config_sources = sources
+    return model_args, data_args, training_args
+
+
+def _default_config(given: set[str]) -> tuple[Path, str]:
+    """The config of a command without a YAML file, and why: the own-data recipe when the data is the user's
+    images, the demo's otherwise (no data source: the demo's own data; WebVision or shards: their own YAML files)."""
+    own = [name for name in OWN_DATA_SOURCES if name in given]
+    if own:
+        return OWN_DATA_CONFIG, f"no YAML file and --{own[0]} given: the recipe for real photos"
+    return DEMO_CONFIG, "no YAML file and no --train_dir/--dataset_name: the offline demo"
+
+
+def _check_yaml_booleans(config_file, values: dict, argument_classes) -> None:
+    """YAML reads an unquoted yes/no/on/off/true/false as a boolean: for a flag that is not a boolean (e.g.
+    `eval_strategy: no`) that is never what was meant, and argparse would only say "invalid choice: 'False'"."""
+    kinds = {f.name: str(f.type) for cls in argument_classes for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if isinstance(value, bool) and key in kinds and "bool" not in kinds[key]:
+            raise ValueError(
+                f"{config_file}: `{key}: {value}` was read as a YAML boolean, but {key} is not a boolean flag; quote "
+                f"the value (e.g. {key}: \"no\")"
+            )
+
+
+def _yaml_to_flags(values: dict) -> list[str]:
+    flags = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            value = json.dumps(value)
+        flags.append(f"--{key}")
+        flags.extend(str(v) for v in value) if isinstance(value, list) else flags.append(str(value))
+    return flags
+
+
+def build_config(model_args: ModelArguments, id2label: dict[int, str]) -> MoProConfig:
+    """The model configuration of a new run (`training.plan` reads the same one)."""
+    return MoProConfig(
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id={name: i for i, name in id2label.items()},
+        **model_args.config_values(),
+    )
+
+
+def load_config(model_args: ModelArguments) -> MoProConfig:
+    """The config of `--model_name_or_path` with the given hyperparameters applied (and logged).
+
+    Architecture fields cannot change on a loaded model: one given on the command line with another value than the
+    folder's is an error; one from the YAML file yields to the folder's value, with a warning.
+    """
+    path = model_args.model_name_or_path
+    try:
+        config = MoProConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--model_name_or_path {path}: no MoPro config could be read there ({' '.join(str(error).split())}); "
+            "give a folder written by run_mopro.py, the release or the converter (it holds config.json)."
+        ) from error
+    values = model_args.config_values()
+    given_here = getattr(model_args, "command_line_fields", set(values))
+    conflicts = []
+    for name in ARCHITECTURE_FIELDS:
+        if name in values and values[name] != getattr(config, name):
+            if name in given_here:
+                conflicts.append(f"--{name} {values[name]!r} (the folder's: {getattr(config, name)!r})")
+            else:
+                logger.warning(
+                    "%s=%r from %s ignored: %s keeps its %r (the architecture of a saved model is fixed)",
+                    name, values[name], getattr(model_args, "config_file", "the YAML file"), path, getattr(config, name),
+                )  # fmt: skip
+    if conflicts:
+        raise ValueError(
+            f"--model_name_or_path {path} fixes the architecture, and {', '.join(conflicts)} would change it: "
+            "drop the flag(s) to continue from the folder, or drop --model_name_or_path to train a new model."
+        )
+    changed = {name: values[name] for name in HYPERPARAMETER_FIELDS if name in values}
+    changed = {name: value for name, value in changed.items() if value != getattr(config, name)}
+    for name, value in changed.items():
+        logger.info("%s: %s=%r (the folder's: %r)", path, name, value, getattr(config, name))
+        setattr(config, name, value)
+    config._validate_hyperparameters()
+    return config
 
 
 def _check_finite(arguments) -> None:

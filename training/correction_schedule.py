@@ -28,7 +28,28 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from modeling_mopro import MoProPhase
+
 SCHEDULES = ("fixed", "adaptive")
+
+
+def epoch_reached(epoch: float, start: float) -> bool:
+    """Whether `epoch` (global step / steps per epoch) has reached `start`; float step counts: 10.999999 is 11."""
+    return epoch + 1e-9 >= start
+
+
+def whole_epochs(epoch: float) -> int:
+    """The 0-indexed epoch that `epoch` lies in, by `epoch_reached`'s rule."""
+    return int(epoch + 1e-9)
+
+
+def phase_for_epoch(epoch: float, prototype_start_epoch: float, noise_correction_start_epoch: float) -> MoProPhase:
+    """The official schedule: `is_proto = epoch >= 1`, `is_clean = epoch >= start_clean_epoch` (0-indexed)."""
+    if epoch_reached(epoch, noise_correction_start_epoch):
+        return MoProPhase.NOISE_CORRECTION
+    if epoch_reached(epoch, prototype_start_epoch):
+        return MoProPhase.PROTOTYPES
+    return MoProPhase.WARMUP
 
 
 @dataclass
@@ -38,7 +59,7 @@ class FixedCorrectionSchedule:
     start_epoch: float
 
     def strength(self, epoch: float) -> float:
-        return 1.0 if epoch + 1e-9 >= self.start_epoch else 0.0  # 10.999999 (float step counts) counts as 11
+        return 1.0 if epoch_reached(epoch, self.start_epoch) else 0.0
 
     def end_epoch(self, epoch: int, agreement: float, fit: float) -> None:
         """Signals do not move a fixed schedule."""
@@ -72,15 +93,17 @@ class AdaptiveCorrectionSchedule:
     history: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
+        # The run's flags are checked here too (`MoProTrainingArguments`): the message names both.
         if not 0.0 <= self.min_agreement <= 1.0:
-            raise ValueError(f"`min_agreement` must be in [0, 1], got {self.min_agreement}.")
-        if self.plateau_tolerance < 0 or math.isnan(self.plateau_tolerance):
-            raise ValueError(f"`plateau_tolerance` must be >= 0, got {self.plateau_tolerance}.")
-        if self.ramp_epochs < 0 or math.isnan(self.ramp_epochs):
-            raise ValueError(f"`ramp_epochs` must be >= 0, got {self.ramp_epochs}.")
+            raise ValueError(
+                f"min_agreement (`correction_min_agreement`) must be in [0, 1], got {self.min_agreement}."
+            )
+        for name in ("plateau_tolerance", "ramp_epochs"):
+            if getattr(self, name) < 0 or math.isnan(getattr(self, name)):
+                raise ValueError(f"{name} (`correction_{name}`) must be >= 0, got {getattr(self, name)}.")
 
     def strength(self, epoch: float) -> float:
-        if self.start_epoch is None or epoch + 1e-9 < self.start_epoch:
+        if self.start_epoch is None or not epoch_reached(epoch, self.start_epoch):
             return 0.0
         # Linear from 1 / (ramp + 1) at the start to 1 at `ramp_epochs` after it (at once for a ramp of 0).
         return min((epoch - self.start_epoch + 1.0) / (self.ramp_epochs + 1.0), 1.0)
@@ -102,4 +125,4 @@ class AdaptiveCorrectionSchedule:
         self.history = list(state.get("history", []))
 
 
-__all__ = ["SCHEDULES", "AdaptiveCorrectionSchedule", "FixedCorrectionSchedule"]
+__all__ = ["SCHEDULES", "AdaptiveCorrectionSchedule", "FixedCorrectionSchedule", "phase_for_epoch"]

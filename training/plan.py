@@ -3,7 +3,7 @@
     python -m training.plan training/configs/webvision_v1_r50.yaml --num_processes 8 --num_train_samples 2439574
     python -m training.plan training/configs/webvision_v1_r50.yaml --num_processes 4 --bf16 true --json
 
-The YAML and any `run_mopro` flag go through `run_mopro.parse_args`, so the plan reads what the run would read. It
+The YAML and any `run_mopro` flag go through `training.arguments.parse_args`, so the plan reads what the run would read. It
 prints which source supplied which values (the YAML file, or without one demo.yaml or, for `--train_dir` /
 `--dataset_name`, own_data.yaml and the resolution rule, which reads the images' sizes; the command line), the batch
 geometry (global batch, per-device batch, accumulation), steps per epoch and in total, the learning
@@ -33,10 +33,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a cl
 
 from modeling_mopro import MoProConfig, MoProPhase  # noqa: E402
 from modeling_mopro.cli import run_command  # noqa: E402
-from training.arguments import OFFICIAL_GLOBAL_BATCH_SIZE, ConfigSource, steps_per_epoch  # noqa: E402
-from training.run_mopro import build_config, load_config, parse_args  # noqa: E402
-from training.trainer import phase_for_epoch  # noqa: E402
+from training.arguments import (  # noqa: E402
+    OFFICIAL_GLOBAL_BATCH_SIZE,
+    ConfigSource,
+    build_config,
+    load_config,
+    parse_args,
+    steps_per_epoch,
+)
+from training.correction_schedule import phase_for_epoch  # noqa: E402
+from training.optim import milestone_learning_rates, sgd_momentum  # noqa: E402
 
+_MODEL = MoProConfig()  # the model's official values are MoProConfig's defaults
 # The official recipe: name -> (value, where salesforce/MoPro sets it). `tests/test_recipe.py` checks these against
 # its own reading of the same lines, and the official YAMLs against both.
 OFFICIAL_RECIPE: dict[str, tuple[Any, str]] = {
@@ -61,33 +69,25 @@ OFFICIAL_RECIPE: dict[str, tuple[Any, str]] = {
     "dataloader_drop_last": (True, "DataLoader/dataloader.py L125: drop_last=True"),
     "baseline": ("mopro", "train.py L283-298: the MoPro losses"),
     "initialisation": ("random", "train.py L169: a new MoPro(resnet50) model"),
-    "backbone": ("resnet50", "train.py L38: --arch resnet50"),
-    "backbone_kwargs": ({}, "train.py L169: width=1"),
-    "image_size": (224, "DataLoader/dataloader.py L85: RandomResizedCrop(224)"),
-    "embedding_size": (128, "train.py L83: --low-dim 128"),
-    "projection_hidden_size": (2048, "resnet.py L130: fc1 = Linear(2048, 2048)"),
-    "queue_size": (8192, "train.py L85: --moco_queue 8192"),
-    "encoder_momentum": (0.999, "train.py L87: --moco_m 0.999"),
-    "prototype_momentum": (0.999, "train.py L89: --proto_m 0.999"),
-    "temperature": (0.1, "train.py L92: --temperature 0.1"),
-    "instance_loss_weight": (1.0, "train.py L95: --w-inst 1"),
-    "prototype_loss_weight": (1.0, "train.py L97: --w-proto 1"),
-    "pseudo_label_threshold": (0.8, "train.py L102: --pseudo_th 0.8"),
-    "alpha": (0.5, "train.py L104: --alpha 0.5"),
-    "ood_rule": ("official", "model.py L141-150: kept if s_y > 1/K or max s > pseudo_th"),
-    "noise_correction_rule": ("official", "model.py L141-150: soft label alpha p_cls + (1 - alpha) p_proto"),
-    "backbone_zero_init_last": (False, "resnet.py L137-138: every BatchNorm gamma 1"),
+    "backbone": (_MODEL.backbone, "train.py L38: --arch resnet50"),
+    "backbone_kwargs": (_MODEL.backbone_kwargs, "train.py L169: width=1"),
+    "image_size": (_MODEL.image_size, "DataLoader/dataloader.py L85: RandomResizedCrop(224)"),
+    "embedding_size": (_MODEL.embedding_size, "train.py L83: --low-dim 128"),
+    "projection_hidden_size": (_MODEL.projection_hidden_size, "resnet.py L130: fc1 = Linear(2048, 2048)"),
+    "queue_size": (_MODEL.queue_size, "train.py L85: --moco_queue 8192"),
+    "encoder_momentum": (_MODEL.encoder_momentum, "train.py L87: --moco_m 0.999"),
+    "prototype_momentum": (_MODEL.prototype_momentum, "train.py L89: --proto_m 0.999"),
+    "temperature": (_MODEL.temperature, "train.py L92: --temperature 0.1"),
+    "instance_loss_weight": (_MODEL.instance_loss_weight, "train.py L95: --w-inst 1"),
+    "prototype_loss_weight": (_MODEL.prototype_loss_weight, "train.py L97: --w-proto 1"),
+    "pseudo_label_threshold": (_MODEL.pseudo_label_threshold, "train.py L102: --pseudo_th 0.8"),
+    "alpha": (_MODEL.alpha, "train.py L104: --alpha 0.5"),
+    "ood_rule": (_MODEL.ood_rule, "model.py L141-150: kept if s_y > 1/K or max s > pseudo_th"),
+    "noise_correction_rule": (_MODEL.noise_correction_rule, "model.py L141-150: alpha p_cls + (1 - alpha) p_proto"),
+    "backbone_zero_init_last": (_MODEL.backbone_zero_init_last, "resnet.py L137-138: every BatchNorm gamma 1"),
 }
 
 _HEADS = "heads, contrastive logits, noise-correction scores, prototype update and losses"
-
-
-def _sgd_momentum(training_args) -> float | None:
-    """SGD momentum as the Trainer builds it (`optim_args` "momentum=0.9"; torch's default 0), None if not SGD."""
-    if str(training_args.optim).removeprefix("OptimizerNames.").lower() != "sgd":
-        return None
-    pairs = (item.split("=", 1) for item in (training_args.optim_args or "").replace(" ", "").split(",") if item)
-    return float(dict(pairs).get("momentum", 0.0))
 
 
 def _precision(training_args) -> str:
@@ -160,7 +160,7 @@ def recipe_values(model_args, data_args, training_args, config: MoProConfig, num
         "lr_milestones": [int(m) if float(m).is_integer() else m for m in training_args.lr_milestones or []],
         "lr_gamma": training_args.lr_gamma,
         "optimizer": str(training_args.optim.value),
-        "momentum": _sgd_momentum(training_args),
+        "momentum": sgd_momentum(training_args),
         "weight_decay": training_args.weight_decay,
         "num_train_epochs": training_args.num_train_epochs,
         "prototype_start_epoch": training_args.prototype_start_epoch,
@@ -316,10 +316,15 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
         departures.append(_departure("shuffle_bn", shuffle_bn, "cross-process shuffle-BN", source))
 
     lr_schedule = [{"epoch": 0, "step": 0, "learning_rate": training_args.learning_rate}]
-    for i, epoch in enumerate(sorted(values["lr_milestones"])):
-        lr = training_args.learning_rate * training_args.lr_gamma ** (i + 1)
-        step = round(epoch * spe) if spe else None  # as MoProTrainer.create_scheduler
-        lr_schedule.append({"epoch": epoch, "step": step, "learning_rate": float(f"{lr:.12g}")})
+    # The run's scheduler (`training.optim`); without the epoch length, its rates from epoch-long steps.
+    rates = milestone_learning_rates(
+        training_args.learning_rate, values["lr_milestones"], spe or 1, training_args.lr_gamma
+    )
+    for epoch in sorted(values["lr_milestones"]):
+        lr = rates[round(epoch * (spe or 1))]
+        lr_schedule.append(
+            {"epoch": epoch, "step": round(epoch * spe) if spe else None, "learning_rate": float(f"{lr:.12g}")}
+        )
     if model_args.model_name_or_path:
         initialisation = f"weights from {model_args.model_name_or_path}"
     elif config.backbone_zero_init_last:
@@ -328,7 +333,7 @@ def plan(argv: Sequence[str], num_processes: int, num_train_samples: int | None 
         initialisation = "every BatchNorm gamma 1 (official ResNet)"
     return {
         "config": _shown_path(model_args.config_file),
-        # Which source supplied which values (`run_mopro.parse_args`; the run logs the same lines at start).
+        # Which source supplied which values (`training.arguments.parse_args`; the run logs the same lines at start).
         "config_sources": [
             {"name": source.name, "why": source.why, "fields": list(source.fields)}
             for source in model_args.config_sources

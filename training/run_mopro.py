@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers
-import yaml
-from transformers import HfArgumentParser, IntervalStrategy, set_seed
+from accelerate.utils import broadcast_object_list, gather_object
+from transformers import IntervalStrategy, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a clone, uninstalled
@@ -40,11 +40,13 @@ from modeling_mopro import (  # noqa: E402
 from modeling_mopro.cli import check_output_dir, run_command  # noqa: E402
 from training.arguments import (  # noqa: E402
     ARCHITECTURE_FIELDS,
-    HYPERPARAMETER_FIELDS,
-    ConfigSource,
+    DEMO_CONFIG,
     DataArguments,
     ModelArguments,
     MoProTrainingArguments,
+    build_config,
+    load_config,
+    parse_args,
 )
 from training.data.collator import MoProCollator  # noqa: E402
 from training.data.gpu_augment import GpuAugmentCollator  # noqa: E402
@@ -52,145 +54,18 @@ from training.data.image_folder import passed_over_counts  # noqa: E402
 from training.data.sources import _SOURCES as DATA_SOURCES  # noqa: E402  (the data-source flags)
 from training.data.sources import build_datasets, training_set_for_report  # noqa: E402
 from training.data.transforms import MoProViewTransforms  # noqa: E402
-from training.own_data import OWN_DATA_CONFIG, OWN_DATA_SOURCES, choose_image_size  # noqa: E402
 from training.run_folder import claim_output_dir, newest_complete_checkpoint, release_output_dir  # noqa: E402
-from training.trainer import MoProTrainer, accuracy_metrics, check_checkpoint  # noqa: E402
+from training.trainer import MoProTrainer, check_checkpoint  # noqa: E402
 
 logger = logging.getLogger(__name__)
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
-def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTrainingArguments]:
-    """`[config.yaml] [--flag value ...]`; without a YAML file, the own-data config for `--train_dir` /
-    `--dataset_name`, else the demo config, gives the defaults.
+def classifier_accuracy(eval_pred) -> dict[str, float]:
+    """`eval_accuracy`: the classifier's top-1 as a fraction (`evaluation.classification.topk_accuracy`)."""
+    from evaluation.classification import topk_accuracy
 
-    `model_args.command_line_fields` names the fields given on the command line (not by the YAML file), and
-    `model_args.config_sources` (`ConfigSource`s) says which source supplied which values."""
-    cli = list(argv)
-    given = {arg[2:].split("=", 1)[0] for arg in cli if arg.startswith("--")}
-    config_file, why = _default_config(given)
-    if cli and cli[0].endswith((".yaml", ".yml")):
-        config_file, why = cli.pop(0), "the YAML file given"
-    with open(config_file) as f:
-        try:
-            defaults = yaml.safe_load(f) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{config_file} is not valid YAML: {' '.join(str(error).split())}") from error
-    if not isinstance(defaults, dict):
-        raise ValueError(
-            f"{config_file} holds a YAML {type(defaults).__name__}, not a mapping of flag names to values "
-            "(e.g. `learning_rate: 0.1`)"
-        )
-    argument_classes = (ModelArguments, DataArguments, MoProTrainingArguments)
-    _check_yaml_booleans(config_file, defaults, argument_classes)
-    cli = _yaml_to_flags(defaults) + cli  # later flags win in argparse
-    parser = HfArgumentParser(argument_classes)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=cli)
-    model_args.command_line_fields = given
-    model_args.config_file = str(config_file)
-    from_yaml = [name for name in defaults if name not in given]
-    resolved, rule = Path(config_file).resolve(), None
-    if resolved == OWN_DATA_CONFIG and "image_size" in from_yaml and not model_args.model_name_or_path:
-        # The own-data recipe's resolution rule (a loaded model keeps its own image size).
-        rule = choose_image_size(data_args)
-        if rule is None:
-            why += f"; no training image could be read for the resolution rule: image_size {defaults['image_size']}"
-        else:
-            model_args.image_size = rule.image_size
-            from_yaml.remove("image_size")
-    name = resolved.name if resolved in (DEMO_CONFIG, OWN_DATA_CONFIG) else str(config_file)
-    sources = [ConfigSource(name, why, tuple(from_yaml))]
-    if rule is not None:
-        sources.append(ConfigSource("resolution rule", rule.describe(), ("image_size",)))
-    if given:
-        sources.append(ConfigSource("command line", "flags given", tuple(sorted(given))))
-    defaults_why = "MoProConfig's official values, the argument classes' defaults"
-    sources.append(ConfigSource("built-in defaults", defaults_why, ("every other field",)))
-    model_args.config_sources = sources
-    return model_args, data_args, training_args
-
-
-def _default_config(given: set[str]) -> tuple[Path, str]:
-    """The config of a command without a YAML file, and why: the own-data recipe when the data is the user's
-    images, the demo's otherwise (no data source: the demo's own data; WebVision or shards: their own YAML files)."""
-    own = [name for name in OWN_DATA_SOURCES if name in given]
-    if own:
-        return OWN_DATA_CONFIG, f"no YAML file and --{own[0]} given: the recipe for real photos"
-    return DEMO_CONFIG, "no YAML file and no --train_dir/--dataset_name: the offline demo"
-
-
-def _check_yaml_booleans(config_file, values: dict, argument_classes) -> None:
-    """YAML reads an unquoted yes/no/on/off/true/false as a boolean: for a flag that is not a boolean (e.g.
-    `eval_strategy: no`) that is never what was meant, and argparse would only say "invalid choice: 'False'"."""
-    kinds = {f.name: str(f.type) for cls in argument_classes for f in dataclasses.fields(cls)}
-    for key, value in values.items():
-        if isinstance(value, bool) and key in kinds and "bool" not in kinds[key]:
-            raise ValueError(
-                f"{config_file}: `{key}: {value}` was read as a YAML boolean, but {key} is not a boolean flag; quote "
-                f"the value (e.g. {key}: \"no\")"
-            )
-
-
-def _yaml_to_flags(values: dict) -> list[str]:
-    flags = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        if isinstance(value, dict):
-            value = json.dumps(value)
-        flags.append(f"--{key}")
-        flags.extend(str(v) for v in value) if isinstance(value, list) else flags.append(str(value))
-    return flags
-
-
-def build_config(model_args: ModelArguments, id2label: dict[int, str]) -> MoProConfig:
-    """The model configuration of a new run (`training.plan` reads the same one)."""
-    return MoProConfig(
-        num_labels=len(id2label),
-        id2label=id2label,
-        label2id={name: i for i, name in id2label.items()},
-        **model_args.config_values(),
-    )
-
-
-def load_config(model_args: ModelArguments) -> MoProConfig:
-    """The config of `--model_name_or_path` with the given hyperparameters applied (and logged).
-
-    Architecture fields cannot change on a loaded model: one given on the command line with another value than the
-    folder's is an error; one from the YAML file yields to the folder's value, with a warning.
-    """
-    path = model_args.model_name_or_path
-    try:
-        config = MoProConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"--model_name_or_path {path}: no MoPro config could be read there ({' '.join(str(error).split())}); "
-            "give a folder written by run_mopro.py, the release or the converter (it holds config.json)."
-        ) from error
-    values = model_args.config_values()
-    given_here = getattr(model_args, "command_line_fields", set(values))
-    conflicts = []
-    for name in ARCHITECTURE_FIELDS:
-        if name in values and values[name] != getattr(config, name):
-            if name in given_here:
-                conflicts.append(f"--{name} {values[name]!r} (the folder's: {getattr(config, name)!r})")
-            else:
-                logger.warning(
-                    "%s=%r from %s ignored: %s keeps its %r (the architecture of a saved model is fixed)",
-                    name, values[name], getattr(model_args, "config_file", "the YAML file"), path, getattr(config, name),
-                )  # fmt: skip
-    if conflicts:
-        raise ValueError(
-            f"--model_name_or_path {path} fixes the architecture, and {', '.join(conflicts)} would change it: "
-            "drop the flag(s) to continue from the folder, or drop --model_name_or_path to train a new model."
-        )
-    changed = {name: values[name] for name in HYPERPARAMETER_FIELDS if name in values}
-    changed = {name: value for name, value in changed.items() if value != getattr(config, name)}
-    for name, value in changed.items():
-        logger.info("%s: %s=%r (the folder's: %r)", path, name, value, getattr(config, name))
-        setattr(config, name, value)
-    config._validate_hyperparameters()
-    return config
+    logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+    return {"accuracy": topk_accuracy(logits, eval_pred.label_ids, top_k=(1,))["top1"] / 100}
 
 
 def build_model(
@@ -313,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             **collator_kwargs,
         ),
         eval_data_collator=MoProCollator(transforms, train=False, **collator_kwargs),
-        compute_metrics=accuracy_metrics,
+        compute_metrics=classifier_accuracy,
         processing_class=processor,  # saved with every checkpoint, so each one works with the pipeline
     )
 
@@ -440,8 +315,7 @@ def check_output_dir_shared(training_args: MoProTrainingArguments) -> None:
     if training_args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
         return
     rank, is_node_main = training_args.process_index, training_args.local_process_index == 0
-    token = [os.urandom(8).hex() if rank == 0 else None]
-    dist.broadcast_object_list(token, src=0)  # one name for this launch, so a stale marker never counts
+    token = broadcast_object_list([os.urandom(8).hex() if rank == 0 else None])  # one name: no stale marker counts
     out = Path(training_args.output_dir)
     marker = out / f".node-check-{token[0]}-{rank}"
     if is_node_main:
@@ -449,8 +323,7 @@ def check_output_dir_shared(training_args: MoProTrainingArguments) -> None:
         marker.touch()
     dist.barrier()
     seen = sorted(p.name for p in out.glob(f".node-check-{token[0]}-*")) if is_node_main else None
-    reports: list = [None] * training_args.world_size
-    dist.all_gather_object(reports, (is_node_main, rank, seen))
+    reports = gather_object([(is_node_main, rank, seen)])  # one entry per process, in rank order
     dist.barrier()  # every node has looked before any marker goes
     if is_node_main:
         marker.unlink(missing_ok=True)

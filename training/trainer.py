@@ -1,39 +1,38 @@
 """`MoProTrainer`: the transformers Trainer with MoPro's phase schedule, momentum update and loss logging.
 
 Subclassed narrowly (as TRL does): `compute_loss` sets the phase from the epoch and records the loss components and
-the noise decisions; `log` adds their averages; `create_scheduler` adds the official step schedule; the eval
-dataloader uses the test-view collator; `_prepare_inputs` normalises uint8 batches on the device. The momentum
+the noise decisions; `log` adds their averages; `create_optimizer` / `create_scheduler` take the official SGD and
+step schedule from `training.optim`; the eval dataloader uses the test-view collator; `prepare_views` (called by
+`compute_loss`) normalises uint8 batches on the device. The momentum
 encoder is updated by a callback after every optimizer step. A checkpoint is checked (`check_checkpoint`) before it
 is resumed from, and the count of skipped images is saved in it and continued on resume.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import math
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate.utils import DistributedDataParallelKwargs, DynamoBackend, TorchDynamoPlugin
 from safetensors import SafetensorError, safe_open
-from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from modeling_mopro import MoProForPreTraining, MoProPhase
 from modeling_mopro.modeling_mopro import pixel_statistics_on
 
 from .arguments import steps_per_epoch
+from .correction_schedule import phase_for_epoch, whole_epochs
 from .data.gpu_augment import EncodedImages, GpuViewAugment, decode_on_device
 from .data.sources import StreamedEpochs
 from .data.transforms import normalize_pixels
+from .optim import create_optimizer, step_lr_scheduler
 from .run_folder import claim_output_dir, publish_checkpoint, staging_folder
 
 logger = logging.getLogger(__name__)
@@ -67,7 +66,18 @@ class CollatorEpochCallback(TrainerCallback):
         self.collator = collator
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.collator.set_epoch(int(state.epoch + 1e-9))
+        self.collator.set_epoch(whole_epochs(state.epoch))
+
+
+class ResumeCallback(TrainerCallback):
+    """On a resumed run (the checkpoint's `trainer_state.json` is the state now), `MoProTrainer.restore_run_state`."""
+
+    def __init__(self, trainer: MoProTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0:
+            self.trainer.restore_run_state()
 
 
 class SkippedImagesState(TrainerCallback, ExportableState):
@@ -103,6 +113,15 @@ class CorrectionScheduleState(TrainerCallback, ExportableState):
             },
         }
 
+
+# The Trainer methods overridden here (and in `evaluation.finetune.StepDecayTrainer`) that transformers keeps private,
+# for want of a public hook doing their job; `tests/test_trainer.py` fails if an upgrade renames or reshapes one.
+PRIVATE_TRAINER_HOOKS = {
+    "_build_accelerator_args": "compile only the backbones; DDP without the unused-parameter search for MoPro",
+    "_save_checkpoint": "write each checkpoint under a staging name and publish it complete",
+    "_get_output_dir": "the staging folder while a checkpoint is saved",
+    "_get_train_sampler": "classifier retraining's class-balanced sampler",
+}
 
 # The files without which a checkpoint does not resume the run it was saved from (the Trainer would start the
 # optimizer, learning-rate schedule or step count afresh without a word).
@@ -149,28 +168,6 @@ def check_checkpoint(folder: str | os.PathLike) -> None:
                 f"checkpoint {folder}: {name} cannot be read ({error}; cut short?): resume from another "
                 "checkpoint-N folder."
             ) from error
-
-
-def phase_for_epoch(epoch: float, prototype_start_epoch: float, noise_correction_start_epoch: float) -> MoProPhase:
-    """The official schedule: `is_proto = epoch >= 1`, `is_clean = epoch >= start_clean_epoch` (0-indexed)."""
-    epoch += 1e-9  # epoch counts accumulate float steps; 10.999999 must count as 11
-    if epoch >= noise_correction_start_epoch:
-        return MoProPhase.NOISE_CORRECTION
-    if epoch >= prototype_start_epoch:
-        return MoProPhase.PROTOTYPES
-    return MoProPhase.WARMUP
-
-
-def step_schedule(milestones: list[int], gamma: float) -> Callable[[int], float]:
-    """Learning-rate factor `gamma ** (number of milestones passed)`, milestones in optimizer steps."""
-    milestones = sorted(milestones)
-    return lambda step: gamma ** bisect.bisect_right(milestones, step)
-
-
-def accuracy_metrics(eval_pred) -> dict[str, float]:
-    """Top-1 accuracy of the classifier (`eval_accuracy`)."""
-    logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
-    return {"accuracy": float((np.argmax(logits, axis=-1) == eval_pred.label_ids).mean())}
 
 
 def _check_momentum_bn_groups(model, args) -> None:
@@ -254,6 +251,7 @@ class MoProTrainer(Trainer):
         self._epoch_signals: torch.Tensor | None = None
         self._signals_epoch = 0
         self.add_callback(CorrectionScheduleState(self))
+        self.add_callback(ResumeCallback(self))
 
     # ------------------------------------------------------------------------------ compile and precision
     def _build_accelerator_args(self, **kwargs) -> dict:
@@ -355,19 +353,19 @@ class MoProTrainer(Trainer):
             self._epoch_signals = None
             self._signals_epoch += 1
 
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            self.optimizer = create_optimizer(self.model if model is None else model, self.args)
+        return self.optimizer
+
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if not self.args.lr_milestones:
             return super().create_scheduler(num_training_steps, optimizer)
-        if self.lr_scheduler is None:
-            steps = [round(epoch * self.steps_per_epoch()) for epoch in self.args.lr_milestones]
-            optimizer = self.optimizer if optimizer is None else optimizer
-            self.lr_scheduler = LambdaLR(optimizer, step_schedule(steps, self.args.lr_gamma))
-            self._created_lr_scheduler = True
+        # Built anew at every `train()` (the epoch length may have changed); a resume then loads its state.
+        self.lr_scheduler = step_lr_scheduler(
+            optimizer or self.optimizer, self.args.lr_milestones, self.steps_per_epoch(), self.args.lr_gamma
+        )
         return self.lr_scheduler
-
-    def get_decay_parameter_names(self, model) -> list[str]:
-        # Official MoPro: SGD weight decay on every parameter, BatchNorm and biases included.
-        return [name for name, _ in model.named_parameters()]
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial) -> None:
@@ -409,13 +407,15 @@ class MoProTrainer(Trainer):
         # While a checkpoint is saved, the Trainer's "run folder" is the staging folder (`_save_checkpoint`).
         return getattr(self, "_staging_root", None) or super()._get_output_dir(trial=trial)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        check_checkpoint(resume_from_checkpoint)  # before any weight is loaded
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint is True:  # the Trainer's own choice of checkpoint
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or resume_from_checkpoint
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            check_checkpoint(resume_from_checkpoint)  # before any weight is loaded
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def _load_callback_state(self) -> None:
-        # Called on resume, once the checkpoint's `trainer_state.json` is `self.state`.
-        super()._load_callback_state()
+    def restore_run_state(self) -> None:
+        """On resume (`ResumeCallback`), continue the checkpoint's count of skipped images and correction schedule."""
         name = SkippedImagesState.__name__
         saved = self.state.stateful_callbacks.get(name)
         if saved is not None:
@@ -483,10 +483,11 @@ class MoProTrainer(Trainer):
             self._view_augment = view_augment
 
     # ----------------------------------------------------------------------------------------------- data
-    def _prepare_inputs(self, inputs):
-        # The GPU data path's encoded images stay on the host side: nvJPEG reads its input from there.
-        encoded = inputs.pop("encoded_images", None) if isinstance(inputs, dict) else None
-        inputs = super()._prepare_inputs(inputs)  # on the model's device now
+    def prepare_views(self, inputs: dict) -> dict:
+        """The batch's views as the model takes them (`compute_loss` calls it on the batch the Trainer put on the
+        device): decoded and augmented there with --gpu_augment, uint8 views normalised, channels_last."""
+        # The GPU data path's encoded images stayed on the host side (not a tensor): nvJPEG reads its input there.
+        encoded = inputs.pop("encoded_images", None)
         if isinstance(encoded, EncodedImages):
             inputs = self._views_on_device(encoded, inputs)
         # uint8 views (`MoProCollator(uint8_training_views=True)`) are normalised here, on the device, a batch at a
@@ -573,6 +574,7 @@ class MoProTrainer(Trainer):
 
     # ----------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = self.prepare_views(inputs)
         num_skipped = inputs.pop("num_skipped_images", None)
         sample_ids = inputs.pop("sample_ids", None)  # per-sample bookkeeping
         unwrapped = self.accelerator.unwrap_model(model)
