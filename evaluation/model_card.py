@@ -117,8 +117,8 @@ def build_model_card(
     training_state: Mapping[str, Any] | None = None,
     description: str | None = None,
     timm_repo_id: str | None = None,
-    image_mean: Sequence[float] = (0.485, 0.456, 0.406),
-    image_std: Sequence[float] = (0.229, 0.224, 0.225),
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
     interpolation: str = "bilinear",
     resize_size: int | None = None,
     run_args: Mapping[str, Any] | None = None,
@@ -139,7 +139,8 @@ def build_model_card(
         training_state: `trainer_state.json` facts (`epoch`, `global_step`) if the model was trained here.
         description: an extra paragraph for the description (e.g. "Converted from the official MoPro-V1 checkpoint").
         timm_repo_id: Hub repo of the timm export (None: no timm export).
-        image_mean / image_std: the normalisation of the saved image processor (ImageNet's by default).
+        image_mean / image_std: the normalisation of the saved image processor (default: the project's one ImageNet
+            mean / std, `training.transforms.IMAGENET_MEAN` / `IMAGENET_STD`).
         interpolation / resize_size: the resize filter and short-side size of the saved image processor (default
             size: the official 256/224 ratio at `config.image_size`).
         run_args: the run's `run_args.json` (`model_args`, `data_args`, `training_args` as dicts), if saved. The card
@@ -148,6 +149,10 @@ def build_model_card(
         curves_file: the run's training-curve picture, relative to the card (None: the run has none).
     """
     model_name = model_name or repo_id.split("/")[-1]
+    if image_mean is None or image_std is None:  # imported here: the data floor pulls in torch, a card needs none
+        from training.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+        image_mean, image_std = image_mean or IMAGENET_MEAN, image_std or IMAGENET_STD
     data = describe_training_data(run_args)
     datasets = datasets or list(data.hub_ids) or None
     tags = ["image-classification", "mopro", "webly-supervised-learning", "noisy-labels", "pytorch"]
