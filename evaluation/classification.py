@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassStatScores
 
 from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
 from .image_datasets import (
@@ -34,23 +34,33 @@ DATASET_CARDS = {
 }
 
 
-def topk_accuracy(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, top_k: Sequence[int] = (1, 5)):
-    """Top-k accuracy in percent (torchmetrics `MulticlassAccuracy(top_k=k, average="micro")`).
+def topk_accuracy(
+    scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, top_k: Sequence[int] = (1, 5)
+) -> dict[str, float]:
+    """The project's one accuracy: top-k accuracy in percent, from torchmetrics' `MulticlassStatScores` counts (micro),
+    divided in float64 so that a figure is the exact share of correct samples (every protocol, kNN, the SVMs).
 
     Args:
-        logits: (N, K) scores.
+        scores: (N, K) scores (logits, probabilities, vote shares; ties go to the smaller class index), or (N,)
+            predicted class ids (top-1 only).
         labels: (N,) integer labels.
         top_k: The k values; those above K are clipped to K.
 
     Returns:
         `{"top{k}": accuracy in %}` for each k.
     """
-    logits, labels = torch.as_tensor(logits).float(), torch.as_tensor(labels).long()
-    num_classes = logits.shape[1]
+    scores, labels = torch.as_tensor(scores), torch.as_tensor(labels).long()
+    if len(labels) == 0 or scores.shape[0] != len(labels):
+        raise ValueError(f"accuracy needs a prediction per label (N > 0): {tuple(scores.shape)}, {len(labels)} labels")
+    if scores.ndim == 1:  # class ids: as many classes as the largest id names
+        scores, num_classes = scores.long(), int(max(scores.max(), labels.max())) + 1
+    else:
+        scores, num_classes = (scores if scores.is_floating_point() else scores.float()), scores.shape[1]
     results = {}
     for k in top_k:
-        metric = MulticlassAccuracy(num_classes=num_classes, top_k=min(k, num_classes), average="micro")
-        results[f"top{k}"] = 100.0 * float(metric(logits, labels))
+        counts = MulticlassStatScores(num_classes=num_classes, top_k=min(k, num_classes), average="micro")
+        true_positives, _, _, _, support = counts(scores, labels).tolist()
+        results[f"top{k}"] = 100.0 * (true_positives / support)
     return results
 
 

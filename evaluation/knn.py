@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from modeling_mopro.noise_correction import neighbour_label_vote
 from training.cli import positive_int
 
+from .classification import topk_accuracy
 from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
 from .image_datasets import (
     ImageLabelDataset,
@@ -86,12 +87,12 @@ def knn_accuracy(
     weighting: str = "temperature",
     num_classes: int | None = None,
 ) -> float:
-    """Top-1 kNN accuracy in percent (see `knn_class_scores`); a pure function the trainer can call."""
+    """Top-1 kNN accuracy in percent (see `knn_class_scores`; `topk_accuracy` of the vote shares)."""
     test_labels = torch.as_tensor(test_labels).long()
     if num_classes is None:
         num_classes = int(max(torch.as_tensor(train_labels).max(), test_labels.max())) + 1
     scores = knn_class_scores(train_features, train_labels, test_features, k, temperature, weighting, num_classes)
-    return 100.0 * float((scores.argmax(dim=1).cpu() == test_labels).float().mean())
+    return topk_accuracy(scores.cpu(), test_labels, (1,))["top1"]
 
 
 def evaluate_knn(

@@ -33,6 +33,7 @@ from sklearn.svm import LinearSVC
 
 from training.cli import positive_int
 
+from .classification import topk_accuracy
 from .features import add_model_arguments, extract_features, l2_normalize, load_model, results_dir, save_eval_results
 from .image_datasets import ImageLabelDataset, places205_dataset, transforms_from_config, voc07_dataset
 
@@ -173,7 +174,7 @@ def places_svm_accuracy(
     """One multi-class LinearSVC (liblinear one-vs-rest) as the official Places205 branch; top-1 accuracy %."""
     svm = LinearSVC(C=cost, tol=1e-4, dual=True, max_iter=2000, random_state=0)
     svm.fit(train_features, train_labels)
-    return 100.0 * float(np.mean(svm.predict(test_features) == test_labels))
+    return topk_accuracy(svm.predict(test_features), test_labels, (1,))["top1"]
 
 
 def lowshot_svm_from_features(

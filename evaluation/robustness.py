@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
+from .classification import topk_accuracy
 from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
 from .image_datasets import image_folder_dataset, transforms_from_config
 
@@ -75,7 +76,7 @@ def robustness_metrics(
     correct = (prediction == labels).numpy()
     ece = MulticlassCalibrationError(num_classes=probabilities.shape[1], n_bins=ece_bins, norm="l1")
     return {
-        "accuracy": 100.0 * float(correct.mean()),
+        "accuracy": topk_accuracy(probabilities, labels, (1,))["top1"],
         "rms_calibration_error": 100.0 * rms_calibration_error(confidence.numpy(), correct, bin_size),
         "ece": 100.0 * float(ece(probabilities.float(), labels)),
     }
