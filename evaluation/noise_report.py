@@ -62,12 +62,11 @@ from typing import NamedTuple
 import datasets
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 
 from modeling_mopro import correct_noisy_labels, far_from_prototypes
-from modeling_mopro.distributed import is_distributed, rank, world_size
 from training.cli import positive_int
 
 from .features import extract_features, load_model, mopro_parts
@@ -141,31 +140,6 @@ def noise_decisions(
         "decision": decision.numpy(),
         "prob_given_label": F.softmax(logits, 1).gather(1, labels[:, None]).squeeze(1).numpy(),
         "max_prototype_similarity": similarities.max(1).values.numpy(),
-    }
-
-
-def process_share(num_samples: int) -> range:
-    """The contiguous rows of a `num_samples`-row dataset that this process scores (all of them in one process).
-
-    Contiguous, disjoint shares that cover the dataset: no sampler padding, so every sample is scored exactly
-    once, and concatenating the shares in rank order gives the dataset order.
-    """
-    return range(rank() * num_samples // world_size(), (rank() + 1) * num_samples // world_size())
-
-
-def _gather_columns(columns: dict[str, list | np.ndarray]) -> dict[str, list | np.ndarray] | None:
-    """Every process's report columns, concatenated in rank order on the main process (None elsewhere)."""
-    if not is_distributed():
-        return columns
-    shares = [None] * world_size() if rank() == 0 else None
-    dist.gather_object(columns, shares, dst=0)
-    if rank() != 0:
-        return None
-    return {
-        name: np.concatenate([share[name] for share in shares])
-        if isinstance(columns[name], np.ndarray)
-        else [value for share in shares for value in share[name]]
-        for name in columns
     }
 
 
@@ -248,8 +222,8 @@ def build_noise_report(
 ):
     """Runs the model over `dataset` and returns the per-sample report as a `datasets.Dataset`.
 
-    In several processes (a `torch.distributed` group), each one scores `process_share` of the rows and the main
-    process returns the whole report, in dataset order; the others return None.
+    In several processes (accelerate's `PartialState`), each one scores its `split_between_processes` share of the
+    rows, `gather_object` joins them and the main process returns the whole report, in dataset order; the others None.
 
     Args:
         model: A MoPro model with classifier (or its folder).
@@ -287,19 +261,23 @@ def _build_noise_report(
     model = load_model(model, device)
     base, _ = mopro_parts(model)
     extra: dict[str, list] = {}
-    share = process_share(len(dataset))
-    if isinstance(dataset, datasets.Dataset):
-        hf = dataset
-        rows = hf.select_columns([c for c in ("sample_id", *GROUND_TRUTH_COLUMNS) if c in hf.column_names])
-        extra = rows[share.start : share.stop] if rows.column_names else {}
-        extra = {name: np.asarray(values) for name, values in extra.items()}
-        dataset = hf_image_dataset(hf, transforms_from_config(model.config), image_column, label_column, id_column)
-    check_class_names(dataset, model.config, "the noise report's data")
-    if len(share) < len(dataset):
-        dataset = dataset.subset(np.arange(share.start, share.stop))  # keeps the dataset-wide ids
-    features = extract_features(
-        model, dataset, ("embeddings", "logits"), batch_size, num_workers, device, amp, desc="noise report"
-    )
+    state = PartialState()
+    # This process's rows (all of them alone): contiguous, disjoint, unpadded shares that concatenate, in process
+    # order, to the dataset order, so every sample is scored exactly once.
+    with state.split_between_processes(torch.arange(len(dataset))) as share:
+        share = share.numpy()
+        if isinstance(dataset, datasets.Dataset):
+            hf = dataset
+            rows = hf.select_columns([c for c in ("sample_id", *GROUND_TRUTH_COLUMNS) if c in hf.column_names])
+            extra = rows.select(share).to_dict() if rows.column_names else {}
+            extra = {name: np.asarray(values) for name, values in extra.items()}
+            dataset = hf_image_dataset(hf, transforms_from_config(model.config), image_column, label_column, id_column)
+        check_class_names(dataset, model.config, "the noise report's data")
+        if len(share) < len(dataset):
+            dataset = dataset.subset(share)  # keeps the dataset-wide ids
+        features = extract_features(
+            model, dataset, ("embeddings", "logits"), batch_size, num_workers, device, amp, desc="noise report"
+        )
     if features.logits is None:
         raise ValueError("the noise report needs a model with a classifier")
     training_rule = noise_decisions(
@@ -321,10 +299,15 @@ def _build_noise_report(
         embeddings=features.embeddings,  # gathered for the dataset-wide scores below, then dropped
     )  # fmt: skip
     columns.update(extra)
-    columns = _gather_columns(columns)
-    skipped = _gather_columns({"skipped": list(features.skipped_ids)})
-    if columns is None:
+    shares = gather_object([(columns, list(features.skipped_ids))])  # every process's, in process order
+    if state.use_distributed and not state.is_main_process:
         return _BuiltReport(None, None, None)
+    columns = {
+        name: np.concatenate([share[name] for share, _ in shares])
+        if isinstance(values, np.ndarray)
+        else [value for share, _ in shares for value in share[name]]
+        for name, values in columns.items()
+    }
     # The neighbour vote needs every sample's embedding: scored on the main process, on the model's device.
     embeddings = torch.as_tensor(columns.pop("embeddings"), device=next(model.parameters()).device)
     fitted = noise_scores(
@@ -345,7 +328,7 @@ def _build_noise_report(
         **{name: fitted[name].astype(np.float32) for name in SCORE_COLUMNS},
         **columns,
     )
-    return _BuiltReport(datasets.Dataset.from_dict(ordered), skipped["skipped"], fitted)
+    return _BuiltReport(datasets.Dataset.from_dict(ordered), [i for _, ids in shares for i in ids], fitted)
 
 
 def _ratio(numerator: int, denominator: int) -> float | None:
@@ -600,11 +583,7 @@ def write_noise_report(
             flagged_images_per_class=flagged_images_per_class, thumbnail_size=thumbnail_size,
         )  # fmt: skip
         (output_dir / "README.md").write_text(card)
-    if is_distributed():
-        shared = [summary]
-        dist.broadcast_object_list(shared, src=0)  # waits only for the main process's writing
-        summary = shared[0]
-    return summary
+    return broadcast_object_list([summary])[0]  # in several processes: waits only for the main process's writing
 
 
 def hub_card(card: str, model_repo_id: str | None = None, page: str | None = None) -> tuple[str, str | None]:
@@ -838,7 +817,6 @@ __all__ = [
     "hub_card",
     "noise_decisions",
     "plot_noise_report",
-    "process_share",
     "pseudo_labels",
     "push_noise_report",
     "summarize_noise_report",

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from PIL import Image
 
 from evaluation import noise_report, noise_report_card
@@ -173,12 +174,14 @@ def test_each_process_scores_a_contiguous_share_with_dataset_wide_ids(monkeypatc
     dataset = noisy_hf_dataset(11)
     model = tiny_model(seed=1)
     whole = noise_report.build_noise_report(model, dataset, batch_size=4, num_workers=0).to_dict()
-    monkeypatch.setattr(noise_report, "world_size", lambda: world)
+    state = PartialState()  # one process here: `gather_object` passes each share through as that process's report
+    monkeypatch.setattr(state, "num_processes", world)
     shares = []
     for process in range(world):
-        monkeypatch.setattr(noise_report, "rank", lambda process=process: process)
+        monkeypatch.setattr(state, "process_index", process)
         shares.append(noise_report.build_noise_report(model, dataset, batch_size=4, num_workers=0).to_dict())
-    assert [len(share["id"]) for share in shares] == [(p + 1) * 11 // world - p * 11 // world for p in range(world)]
+    # accelerate's split: the first 11 % world processes take one row more.
+    assert [len(share["id"]) for share in shares] == [11 // world + (p < 11 % world) for p in range(world)]
     # The per-sample columns; the neighbour scores need every embedding and are computed after the gather.
     per_sample = [c for c in whole if c not in (*noise_report.SCORE_COLUMNS, "decision", "suggested_label")]
     for column in per_sample:
