@@ -12,13 +12,22 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchmetrics.classification import MulticlassStatScores
 
-from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
+from .features import (
+    FeatureOptions,
+    add_model_arguments,
+    extract_features,
+    load_model,
+    options_from_args,
+    results_dir,
+    save_eval_results,
+)
 from .image_datasets import (
     add_dataset_arguments,
     check_class_names,
@@ -64,30 +73,28 @@ def topk_accuracy(
     return results
 
 
-def evaluate_classification(
-    model,
-    dataset: Dataset,
-    top_k: Sequence[int] = (1, 5),
-    batch_size: int = 256,
-    num_workers: int = 8,
-    device: str | None = None,
-    amp: bool = False,
-) -> dict[str, float]:
+@dataclass(frozen=True)
+class ClassificationOptions(FeatureOptions):
+    """`evaluate_classification`'s options: the k of the top-k accuracies, and how the model runs."""
+
+    top_k: tuple[int, ...] = (1, 5)
+
+
+def evaluate_classification(model, dataset: Dataset, options: ClassificationOptions | None = None) -> dict[str, float]:
     """Classifier top-k accuracy (%) of a MoPro model (or folder) on an evaluation dataset; adds `num_samples` and
     `num_skipped_samples` (undecodable images, logged with their ids, not scored).
 
     Raises:
         ValueError: The dataset's class names are not the model's labels (`check_class_names`).
     """
-    model = load_model(model, device)
+    options = options or ClassificationOptions()
+    model = load_model(model, options.device)
     check_class_names(dataset, model.config)
-    features = extract_features(
-        model, dataset, ("logits",), batch_size, num_workers, device, amp, desc="classification"
-    )
+    features = extract_features(model, dataset, ("logits",), desc="classification", **options.extraction())
     if features.logits is None:
         raise ValueError("the model has no classifier (a MoProModel folder); classification needs one")
     return {
-        **topk_accuracy(features.logits, features.labels, top_k),
+        **topk_accuracy(features.logits, features.labels, options.top_k),
         "num_samples": len(features),
         "num_skipped_samples": len(features.skipped_ids),
     }
@@ -106,9 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     model = load_model(args.model_name_or_path, args.device)
     dataset = dataset_from_arguments(args, transforms_from_config(model.config))
-    metrics = evaluate_classification(
-        model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, amp=args.amp
-    )
+    metrics = evaluate_classification(model, dataset, options_from_args(ClassificationOptions, args))
     name, dataset_type = DATASET_CARDS.get(args.dataset, (args.dataset, args.dataset))
     path = save_eval_results(
         results_dir(args), "classification", metrics, args.dataset_name or name, dataset_type, args.dataset
@@ -117,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     return metrics
 
 
-__all__ = ["evaluate_classification", "topk_accuracy"]
+__all__ = ["ClassificationOptions", "evaluate_classification", "topk_accuracy"]
 
 if __name__ == "__main__":
     from training.cli import run_command

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from .classification import DATASET_CARDS, evaluate_classification
+from .classification import DATASET_CARDS, ClassificationOptions, evaluate_classification
 from .features import save_eval_results
 from .finetune import StepDecayTrainer, add_schedule_arguments, load_for_training, training_arguments
 from .image_datasets import (
@@ -153,7 +153,8 @@ def classifier_retrain(
         return {}
     results = {}
     for name, dataset in eval_datasets.items():
-        metrics = evaluate_classification(trainer.model, dataset, batch_size=batch_size, num_workers=num_workers)
+        options = ClassificationOptions(batch_size=batch_size, num_workers=num_workers)
+        metrics = evaluate_classification(trainer.model, dataset, options=options)
         results[name] = {**metrics, "train_samples": len(train_dataset)}
     return results
 

@@ -33,7 +33,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from training.cli import fraction
 
-from .classification import DATASET_CARDS, evaluate_classification
+from .classification import DATASET_CARDS, ClassificationOptions, evaluate_classification
 from .features import resolve_device, save_eval_results
 from .image_datasets import (
     ImageLabelDataset,
@@ -131,9 +131,8 @@ class BestEpochCallback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
-            metrics = evaluate_classification(
-                model, self.eval_dataset, batch_size=self.batch_size, num_workers=self.num_workers
-            )
+            options = ClassificationOptions(batch_size=self.batch_size, num_workers=self.num_workers)
+            metrics = evaluate_classification(model, self.eval_dataset, options=options)
             metrics["epoch"] = round(state.epoch)
             self.history.append(metrics)
             if self.best is None or metrics["top1"] > self.best["top1"]:
@@ -276,7 +275,8 @@ def finetune(
         return {}
     summary = {"train_samples": len(labelled), "train_epochs": epochs}
     if best_epoch is None:
-        metrics = evaluate_classification(trainer.model, eval_dataset, batch_size=batch_size, num_workers=num_workers)
+        options = ClassificationOptions(batch_size=batch_size, num_workers=num_workers)
+        metrics = evaluate_classification(trainer.model, eval_dataset, options=options)
         return {**metrics, **summary}
     best, final = best_epoch.best, best_epoch.history[-1]
     return {

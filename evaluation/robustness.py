@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,15 @@ import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
 from .classification import topk_accuracy
-from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
+from .features import (
+    FeatureOptions,
+    add_model_arguments,
+    extract_features,
+    load_model,
+    options_from_args,
+    results_dir,
+    save_eval_results,
+)
 from .image_datasets import image_folder_dataset, transforms_from_config
 
 DATASET_CARDS = {
@@ -134,19 +143,23 @@ def subset_logit_indices(
     return np.asarray([mapping[wnid] for wnid in folder_wnids], dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class RobustnessOptions(FeatureOptions):
+    """`evaluate_robustness`'s options: samples per bin of the RMS calibration error, and how the model runs."""
+
+    bin_size: int = 100
+
+
 def evaluate_robustness(
     model,
     data_dir: str | Path,
     class_subset: Sequence[str] | Sequence[int] | Mapping[str, int],
     imagenet_classes: Sequence[str] | None = None,
-    bin_size: int = 100,
-    batch_size: int = 256,
-    num_workers: int = 8,
-    device: str | None = None,
-    amp: bool = False,
+    options: RobustnessOptions | None = None,
 ) -> dict[str, float]:
     """Accuracy / RMS calibration error / ECE (%) of a MoPro model on an ImageNet-R/-A style folder of wnids."""
-    model = load_model(model, device)
+    options = options or RobustnessOptions()
+    model = load_model(model, options.device)
     folders = sorted(p.name for p in Path(data_dir).iterdir() if p.is_dir())
     indices = subset_logit_indices(folders, class_subset, imagenet_classes)
     num_labels = model.config.num_labels
@@ -158,10 +171,10 @@ def evaluate_robustness(
     dataset = image_folder_dataset(
         data_dir, transforms_from_config(model.config), {w: i for i, w in enumerate(folders)}
     )
-    features = extract_features(model, dataset, ("logits",), batch_size, num_workers, device, amp, desc="robustness")
+    features = extract_features(model, dataset, ("logits",), desc="robustness", **options.extraction())
     if features.logits is None:
         raise ValueError("the model has no classifier (a MoProModel folder)")
-    metrics = robustness_metrics(features.logits[:, indices], features.labels, bin_size)
+    metrics = robustness_metrics(features.logits[:, indices], features.labels, options.bin_size)
     return {**metrics, "num_samples": len(features)}
 
 
@@ -176,10 +189,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
 
     imagenet_classes = read_imagenet_classes(args.imagenet_classes) if args.imagenet_classes else None
-    metrics = evaluate_robustness(
-        args.model_name_or_path, args.data_dir, read_class_subset(args.class_subset), imagenet_classes,
-        args.bin_size, args.batch_size, args.num_workers, args.device, args.amp,
-    )  # fmt: skip
+    subset, options = read_class_subset(args.class_subset), options_from_args(RobustnessOptions, args)
+    metrics = evaluate_robustness(args.model_name_or_path, args.data_dir, subset, imagenet_classes, options)
     name, dataset_type = DATASET_CARDS.get(args.dataset, (args.dataset, args.dataset))
     key = args.dataset.replace("-", "_")
     path = save_eval_results(results_dir(args), "robustness", metrics, name, dataset_type, key)
@@ -188,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 __all__ = [
+    "RobustnessOptions",
     "evaluate_robustness",
     "read_class_subset",
     "read_imagenet_classes",

@@ -142,7 +142,7 @@ def test_training_and_evaluation_read_an_image_folder_with_the_same_labels(tmp_p
 
 
 def test_classification_refuses_data_whose_classes_are_not_the_models(tmp_path):
-    from evaluation.classification import evaluate_classification
+    from evaluation.classification import ClassificationOptions, evaluate_classification
     from evaluation.image_datasets import image_folder_dataset
     from tests.fixtures_eval import tiny_model, write_image_folder
 
@@ -150,13 +150,14 @@ def test_classification_refuses_data_whose_classes_are_not_the_models(tmp_path):
     model.config.id2label = {0: "a", 1: "b", 2: "c", 3: "d"}
     model.config.label2id = {"a": 0, "b": 1, "c": 2, "d": 3}
     good = write_image_folder(tmp_path / "good", per_class=1, class_names=["a", "b", "c", "d"])
-    assert evaluate_classification(model, image_folder_dataset(good), num_workers=0)["num_samples"] == 4
+    options = ClassificationOptions(num_workers=0)
+    assert evaluate_classification(model, image_folder_dataset(good), options)["num_samples"] == 4
     renamed = write_image_folder(tmp_path / "renamed", per_class=1, class_names=["a", "b", "cat", "d"])
     with pytest.raises(ValueError, match=r"not the model's labels.*label 2: 'cat' in the data, 'c' in the model"):
-        evaluate_classification(model, image_folder_dataset(renamed), num_workers=0)
+        evaluate_classification(model, image_folder_dataset(renamed), options)
     fewer = write_image_folder(tmp_path / "fewer", per_class=1, class_names=["a", "b", "c"])
     with pytest.raises(ValueError, match="not the model's labels"):
-        evaluate_classification(model, image_folder_dataset(fewer), num_workers=0)
+        evaluate_classification(model, image_folder_dataset(fewer), options)
 
 
 def test_noise_report_refuses_data_whose_classes_are_not_the_models(tmp_path):
