@@ -56,6 +56,7 @@ import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -69,7 +70,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from modeling_mopro import correct_noisy_labels, far_from_prototypes
 from training.cli import positive_int
 
-from .features import extract_features, load_model, mopro_parts
+from .features import FeatureOptions, extract_features, load_model, mopro_parts, options_from_args
 from .gallery import (
     DEFAULT_PER_CLASS,
     DEFAULT_THUMBNAIL_SIZE,
@@ -99,6 +100,21 @@ SCORE_COLUMNS = ("label_quality", "ood_score", "label_issue_probability", "ood_p
 GROUND_TRUTH_COLUMNS = ("true_label", "is_ood")
 SUMMARY_FILE = "noise_report_summary.json"
 PLOT_FILE = "noise_report.png"
+
+
+@dataclass(frozen=True)
+class NoiseReportOptions(FeatureOptions):
+    """How the report is made: the data's image and label columns, the decision rule ("fitted" or "training"), the
+    neighbour vote's k and its reference subset, the flagged images per class and their thumbnails' size (0 images:
+    no gallery), and how the model runs."""
+
+    image_column: str = "image"
+    label_column: str = "label"
+    decision_rule: str = "fitted"
+    num_neighbours: int = 50
+    max_reference: int | None = 200_000
+    flagged_images_per_class: int = DEFAULT_PER_CLASS
+    thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE
 
 
 @torch.no_grad()
@@ -208,15 +224,7 @@ class _BuiltReport(NamedTuple):
 def build_noise_report(
     model,
     dataset,
-    batch_size: int = 256,
-    num_workers: int = 8,
-    device: str | None = None,
-    amp: bool = False,
-    image_column: str = "image",
-    label_column: str = "label",
-    decision_rule: str = "fitted",
-    num_neighbours: int = 50,
-    max_reference: int | None = 200_000,
+    options: NoiseReportOptions | None = None,
     id_root: str | os.PathLike | None = None,
     id_column: str | None = None,
 ):
@@ -233,32 +241,17 @@ def build_noise_report(
 
     Undecodable images are skipped (logged with their ids) and have no row; `write_noise_report` counts them.
     """
-    dataset, id_column, _ = with_report_ids(dataset, image_column, id_root, id_column)
-    return _build_noise_report(
-        model, dataset, batch_size, num_workers, device, amp, image_column, label_column, decision_rule,
-        num_neighbours, max_reference, id_column,
-    ).report  # fmt: skip
+    options = options or NoiseReportOptions()
+    dataset, id_column, _ = with_report_ids(dataset, options.image_column, id_root, id_column)
+    return _build_noise_report(model, dataset, options, id_column).report
 
 
-def _build_noise_report(
-    model,
-    dataset,
-    batch_size,
-    num_workers,
-    device,
-    amp,
-    image_column,
-    label_column,
-    decision_rule="fitted",
-    num_neighbours=50,
-    max_reference=200_000,
-    id_column=None,
-) -> _BuiltReport:
+def _build_noise_report(model, dataset, options: NoiseReportOptions, id_column: str | None = None) -> _BuiltReport:
     """`build_noise_report`, plus the ids of the skipped (undecodable) images and the fits behind the decisions
     (main process; None elsewhere). `id_column` names the ids of a `datasets.Dataset` (`with_report_ids`)."""
-    if decision_rule not in DECISION_RULES:
-        raise ValueError(f"decision_rule must be one of {DECISION_RULES}, got {decision_rule!r}")
-    model = load_model(model, device)
+    if options.decision_rule not in DECISION_RULES:
+        raise ValueError(f"decision_rule must be one of {DECISION_RULES}, got {options.decision_rule!r}")
+    model = load_model(model, options.device)
     base, _ = mopro_parts(model)
     extra: dict[str, list] = {}
     state = PartialState()
@@ -271,12 +264,13 @@ def _build_noise_report(
             rows = hf.select_columns([c for c in ("sample_id", *GROUND_TRUTH_COLUMNS) if c in hf.column_names])
             extra = rows.select(share).to_dict() if rows.column_names else {}
             extra = {name: np.asarray(values) for name, values in extra.items()}
-            dataset = hf_image_dataset(hf, transforms_from_config(model.config), image_column, label_column, id_column)
+            view = transforms_from_config(model.config)
+            dataset = hf_image_dataset(hf, view, options.image_column, options.label_column, id_column)
         check_class_names(dataset, model.config, "the noise report's data")
         if len(share) < len(dataset):
             dataset = dataset.subset(share)  # keeps the dataset-wide ids
         features = extract_features(
-            model, dataset, ("embeddings", "logits"), batch_size, num_workers, device, amp, desc="noise report"
+            model, dataset, ("embeddings", "logits"), desc="noise report", **options.extraction()
         )
     if features.logits is None:
         raise ValueError("the noise report needs a model with a classifier")
@@ -311,10 +305,10 @@ def _build_noise_report(
     # The neighbour vote needs every sample's embedding: scored on the main process, on the model's device.
     embeddings = torch.as_tensor(columns.pop("embeddings"), device=next(model.parameters()).device)
     fitted = noise_scores(
-        embeddings, columns["given_label"], model.config.num_labels, model.config.temperature, num_neighbours,
-        max_reference,
+        embeddings, columns["given_label"], model.config.num_labels, model.config.temperature,
+        options.num_neighbours, options.max_reference,
     )  # fmt: skip
-    if decision_rule == "fitted":
+    if options.decision_rule == "fitted":
         suggested, decision = fitted["suggested_label"], [DECISIONS[d] for d in fitted["decision"]]
     else:
         suggested, decision = columns["training_rule_label"], columns["training_rule_decision"]
@@ -479,19 +473,10 @@ def write_noise_report(
     model,
     dataset,
     output_dir: str | os.PathLike,
-    batch_size: int = 256,
-    num_workers: int = 8,
-    device: str | None = None,
-    amp: bool = False,
-    image_column: str = "image",
-    label_column: str = "label",
-    decision_rule: str = "fitted",
-    num_neighbours: int = 50,
-    max_reference: int | None = 200_000,
+    options: NoiseReportOptions | None = None,
+    *,
     data_description: str | None = None,
     model_name: str | None = None,
-    flagged_images_per_class: int = DEFAULT_PER_CLASS,
-    thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
     passed_over: Mapping[str, int] | None = None,
     id_root: str | os.PathLike | None = None,
     id_column: str | None = None,
@@ -516,25 +501,26 @@ def write_noise_report(
     Returns:
         The summary (in every process).
     """
+    options = options or NoiseReportOptions()
+    flagged_images_per_class, thumbnail_size = options.flagged_images_per_class, options.thumbnail_size
     if flagged_images_per_class < 0 or thumbnail_size < 1:
         raise ValueError(
             f"flagged_images_per_class must be >= 0 and thumbnail_size >= 1, got {flagged_images_per_class} and "
             f"{thumbnail_size}"
         )
-    model = load_model(model, device)
-    dataset, id_column, id_source = with_report_ids(dataset, image_column, id_root, id_column)
-    report, skipped, scores = _build_noise_report(
-        model, dataset, batch_size, num_workers, device, amp, image_column, label_column, decision_rule,
-        num_neighbours, max_reference, id_column,
-    )  # fmt: skip
+    model = load_model(model, options.device)
+    dataset, id_column, id_source = with_report_ids(dataset, options.image_column, id_root, id_column)
+    report, skipped, scores = _build_noise_report(model, dataset, options, id_column)
     summary = None
     if report is not None:  # the main process
         output_dir = Path(output_dir)
         if any((output_dir / name).exists() for name in _MODEL_FILES):
             raise FileExistsError(f"{output_dir} is a model folder: a noise report is never written into one")
         output_dir.mkdir(parents=True, exist_ok=True)
-        summary = summarize_noise_report(report, model.config, decision_rule)
-        summary.update(num_neighbours=num_neighbours, ids=id_source, **fit_summary(scores, decision_rule))
+        summary = summarize_noise_report(report, model.config, options.decision_rule)
+        summary.update(
+            num_neighbours=options.num_neighbours, ids=id_source, **fit_summary(scores, options.decision_rule)
+        )
         if summary.get("warning"):
             print(f"noise report: WARNING: {summary['warning']}")
         # Undecodable images have no row; the summary counts and names them (training skipped them too).
@@ -560,7 +546,7 @@ def write_noise_report(
             elif stale.exists():
                 stale.unlink()
         if flagged_images_per_class:
-            images = _image_sources(dataset, image_column, label_column, id_column)
+            images = _image_sources(dataset, options.image_column, options.label_column, id_column)
             position = {sample_id: k for k, sample_id in enumerate(images.ids)}
             sources = _Sources(images.images, [position[sample_id] for sample_id in report["id"]])
             flagged = flagged_images_dataset(
@@ -792,11 +778,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     device = args.device or (state.device if state.num_processes > 1 else None)
     model = load_model(args.model_name_or_path, device)
     dataset, description = _load_data(args, model)
+    # The data's columns were renamed to "image" / "label" when it was read (`_load_data`).
+    options = options_from_args(NoiseReportOptions, args, device=device, image_column="image", label_column="label")
     summary = write_noise_report(
-        model, dataset, output_dir, args.batch_size, args.num_workers, device, args.amp,
-        decision_rule=args.decision_rule, num_neighbours=args.num_neighbours, max_reference=args.max_reference,
-        data_description=description, flagged_images_per_class=args.flagged_images_per_class,
-        thumbnail_size=args.thumbnail_size, passed_over=getattr(dataset, "passed_over", None),
+        model, dataset, output_dir, options, data_description=description,
+        passed_over=getattr(dataset, "passed_over", None),
         id_column=args.id_column if isinstance(dataset, datasets.Dataset) else None,
         id_root=None if isinstance(dataset, datasets.Dataset) else args.data_dir,  # file layouts: paths under it
     )  # fmt: skip
@@ -812,6 +798,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 __all__ = [
     "DECISIONS",
     "DECISION_RULES",
+    "NoiseReportOptions",
     "build_noise_report",
     "fit_summary",
     "hub_card",

@@ -82,7 +82,9 @@ def test_noise_report_skips_undecodable_images_and_counts_them(tmp_path):
     images[3] = {"bytes": b"garbage", "path": None}
     images[10] = {"bytes": b"\xff\xd8\xff truncated jpeg", "path": None}
     dataset = dataset.remove_columns("image").add_column("image", images).cast_column("image", datasets.Image())
-    summary = noise_report.write_noise_report(tiny_model(), dataset, tmp_path, batch_size=4, num_workers=0)
+    summary = noise_report.write_noise_report(
+        tiny_model(), dataset, tmp_path, noise_report.NoiseReportOptions(batch_size=4, num_workers=0)
+    )
     assert summary["num_skipped_images"] == 2
     assert summary["skipped_images"] == ["web/0003.png", "web/0010.png"]  # the dataset's ids (its path column)
     saved = json.loads((tmp_path / "noise_report_summary.json").read_text())
@@ -169,7 +171,9 @@ def test_noise_report_refuses_data_whose_classes_are_not_the_models(tmp_path):
     model.config.id2label = {0: "a", 1: "b", 2: "c", 3: "d"}
     data = write_image_folder(tmp_path / "data", per_class=1, class_names=["d", "e", "f", "g"])
     with pytest.raises(ValueError, match="not the model's labels"):
-        noise_report.build_noise_report(model, image_folder_dataset(data), num_workers=0)
+        noise_report.build_noise_report(
+            model, image_folder_dataset(data), noise_report.NoiseReportOptions(num_workers=0)
+        )
 
 
 # --- shards -----------------------------------------------------------------------------------------------------
