@@ -19,15 +19,7 @@ import torch
 from torch.utils.data import Dataset
 from torchmetrics.classification import MulticlassStatScores
 
-from .features import (
-    FeatureOptions,
-    add_model_arguments,
-    extract_features,
-    load_model,
-    options_from_args,
-    results_dir,
-    save_eval_results,
-)
+from .features import FeatureOptions, add_model_arguments, extract_features, load_model, results_dir, save_eval_results
 from .image_datasets import (
     add_dataset_arguments,
     check_class_names,
@@ -80,14 +72,13 @@ class ClassificationOptions(FeatureOptions):
     top_k: tuple[int, ...] = (1, 5)
 
 
-def evaluate_classification(model, dataset: Dataset, options: ClassificationOptions | None = None) -> dict[str, float]:
+def evaluate_classification(model, dataset: Dataset, options: ClassificationOptions) -> dict[str, float]:
     """Classifier top-k accuracy (%) of a MoPro model (or folder) on an evaluation dataset; adds `num_samples` and
     `num_skipped_samples` (undecodable images, logged with their ids, not scored).
 
     Raises:
         ValueError: The dataset's class names are not the model's labels (`check_class_names`).
     """
-    options = options or ClassificationOptions()
     model = load_model(model, options.device)
     check_class_names(dataset, model.config)
     features = extract_features(model, dataset, ("logits",), desc="classification", **options.extraction())
@@ -113,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     model = load_model(args.model_name_or_path, args.device)
     dataset = dataset_from_arguments(args, transforms_from_config(model.config))
-    metrics = evaluate_classification(model, dataset, options_from_args(ClassificationOptions, args))
+    metrics = evaluate_classification(model, dataset, ClassificationOptions.from_args(args))
     name, dataset_type = DATASET_CARDS.get(args.dataset, (args.dataset, args.dataset))
     path = save_eval_results(
         results_dir(args), "classification", metrics, args.dataset_name or name, dataset_type, args.dataset

@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ FEATURE_KINDS = ("pooled", "embeddings", "prototype_similarities", "logits")
 @dataclass(frozen=True)
 class FeatureOptions:
     """How a protocol runs the model (`extract_features`); each protocol's options dataclass adds its own fields.
-    A script builds it from its arguments (`options_from_args`: every field from the flag of its name)."""
+    A script builds it from its arguments (`from_args`: every field from the flag of its name)."""
 
     batch_size: int = 256
     num_workers: int = 8
@@ -44,15 +44,11 @@ class FeatureOptions:
         """The keyword arguments of `extract_features`."""
         return {"batch_size": self.batch_size, "num_workers": self.num_workers, "device": self.device, "amp": self.amp}
 
-
-Options = TypeVar("Options", bound=FeatureOptions)
-
-
-def options_from_args(options_class: type[Options], args: argparse.Namespace, **overrides: Any) -> Options:
-    """A protocol's options from parsed arguments: each field from the argument of its name (a field without one
-    keeps its default), then `overrides`."""
-    values = {f.name: getattr(args, f.name) for f in fields(options_class) if hasattr(args, f.name)}
-    return options_class(**{**values, **overrides})
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any):
+        """The options from parsed arguments: each field from the argument of its name (a field without one keeps its
+        default), then `overrides`."""
+        return cls(**{**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}, **overrides})
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -325,7 +321,6 @@ __all__ = [
     "l2_normalize",
     "load_model",
     "mopro_parts",
-    "options_from_args",
     "resolve_device",
     "results_dir",
     "save_eval_results",

@@ -22,15 +22,7 @@ from modeling_mopro.noise_correction import neighbour_label_vote
 from training.cli import positive_int
 
 from .classification import topk_accuracy
-from .features import (
-    FeatureOptions,
-    add_model_arguments,
-    extract_features,
-    load_model,
-    options_from_args,
-    results_dir,
-    save_eval_results,
-)
+from .features import FeatureOptions, add_model_arguments, extract_features, load_model, results_dir, save_eval_results
 from .image_datasets import (
     ImageLabelDataset,
     add_dataset_arguments,
@@ -116,11 +108,10 @@ class KnnOptions(FeatureOptions):
 
 
 def evaluate_knn(
-    model, train_dataset: ImageLabelDataset, test_dataset: ImageLabelDataset, options: KnnOptions | None = None
+    model, train_dataset: ImageLabelDataset, test_dataset: ImageLabelDataset, options: KnnOptions
 ) -> dict[str, float]:
     """Extracts `options.feature` of both sets and returns the weighted kNN accuracy (%) and, unless `majority_k` is
     0 or None, the plain majority-vote accuracy with `majority_k` neighbours."""
-    options = options or KnnOptions()
     feature, k, majority_k = options.feature, options.k, options.majority_k
     for name, value in (("k", k), ("majority_k", majority_k)):
         # `knn_class_scores` would take all of a smaller set: the result, filed under k, would be another protocol.
@@ -160,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     train = dataset_from_arguments(args, transform, prefix="train_", default_split="train")
     test = dataset_from_arguments(args, transform)
     check_same_classes(train, test)  # neighbours vote with the training labels: both sides must mean the same
-    metrics = evaluate_knn(model, train, test, options_from_args(KnnOptions, args))
+    metrics = evaluate_knn(model, train, test, KnnOptions.from_args(args))
     name = args.dataset_name or f"{args.dataset} (kNN on {args.feature})"
     path = save_eval_results(results_dir(args), "knn", metrics, name, args.dataset, args.dataset)
     print(f"{metrics} -> {path}")

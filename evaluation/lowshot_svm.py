@@ -41,7 +41,6 @@ from .features import (
     extract_features,
     l2_normalize,
     load_model,
-    options_from_args,
     results_dir,
     save_eval_results,
 )
@@ -207,7 +206,7 @@ def lowshot_svm_from_features(
     test_features: np.ndarray,
     test_labels: np.ndarray,
     subsets: dict[int, list[np.ndarray]],
-    options: LowShotOptions | None = None,
+    options: LowShotOptions,
 ) -> dict[str, float]:
     """Scores every low-shot subset (`options`: `cost`, `ap_definition`, `ignore_difficult`). Features are
     L2-normalised here (raw pooled features in).
@@ -222,7 +221,6 @@ def lowshot_svm_from_features(
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
-    options = options or LowShotOptions()
     train_features, test_features = l2_normalize(train_features), l2_normalize(test_features)
     metric = "map" if task == "voc07" else "accuracy"
     results = {}
@@ -251,11 +249,10 @@ def evaluate_lowshot_svm(
     task: str,
     train_dataset: ImageLabelDataset,
     test_dataset: ImageLabelDataset,
-    options: LowShotOptions | None = None,
+    options: LowShotOptions,
 ) -> dict[str, float]:
     """The whole protocol: sample every subset first, extract pooled features of their union only (Places205
     train has 2.4M images; the subsets a few thousand), then fit and score the SVMs."""
-    options = options or LowShotOptions()
     check_shots(train_dataset.labels, options.shots, getattr(train_dataset, "classes", None))
     model = load_model(model, options.device)
     subsets = sample_low_shot_runs(train_dataset.labels, options.shots, options.runs, options.seed)
@@ -298,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     else:
         train = places205_dataset(args.data_dir, "train", transform)
         test = places205_dataset(args.data_dir, "val", transform)
-    metrics = evaluate_lowshot_svm(model, args.task, train, test, options_from_args(LowShotOptions, args))
+    metrics = evaluate_lowshot_svm(model, args.task, train, test, LowShotOptions.from_args(args))
     name, dataset_type = DATASET_CARDS[args.task]
     metadata = {"ap_definition": args.ap_definition, "difficult": "ignored" if args.ignore_difficult else "negative"}
     path = save_eval_results(

@@ -70,7 +70,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from modeling_mopro import correct_noisy_labels, far_from_prototypes
 from training.cli import positive_int
 
-from .features import FeatureOptions, extract_features, load_model, mopro_parts, options_from_args
+from .features import FeatureOptions, extract_features, load_model, mopro_parts
 from .gallery import (
     DEFAULT_PER_CLASS,
     DEFAULT_THUMBNAIL_SIZE,
@@ -224,7 +224,7 @@ class _BuiltReport(NamedTuple):
 def build_noise_report(
     model,
     dataset,
-    options: NoiseReportOptions | None = None,
+    options: NoiseReportOptions,
     id_root: str | os.PathLike | None = None,
     id_column: str | None = None,
 ):
@@ -241,7 +241,6 @@ def build_noise_report(
 
     Undecodable images are skipped (logged with their ids) and have no row; `write_noise_report` counts them.
     """
-    options = options or NoiseReportOptions()
     dataset, id_column, _ = with_report_ids(dataset, options.image_column, id_root, id_column)
     return _build_noise_report(model, dataset, options, id_column).report
 
@@ -473,7 +472,7 @@ def write_noise_report(
     model,
     dataset,
     output_dir: str | os.PathLike,
-    options: NoiseReportOptions | None = None,
+    options: NoiseReportOptions,
     *,
     data_description: str | None = None,
     model_name: str | None = None,
@@ -501,7 +500,6 @@ def write_noise_report(
     Returns:
         The summary (in every process).
     """
-    options = options or NoiseReportOptions()
     flagged_images_per_class, thumbnail_size = options.flagged_images_per_class, options.thumbnail_size
     if flagged_images_per_class < 0 or thumbnail_size < 1:
         raise ValueError(
@@ -779,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model = load_model(args.model_name_or_path, device)
     dataset, description = _load_data(args, model)
     # The data's columns were renamed to "image" / "label" when it was read (`_load_data`).
-    options = options_from_args(NoiseReportOptions, args, device=device, image_column="image", label_column="label")
+    options = NoiseReportOptions.from_args(args, device=device, image_column="image", label_column="label")
     summary = write_noise_report(
         model, dataset, output_dir, options, data_description=description,
         passed_over=getattr(dataset, "passed_over", None),

@@ -34,15 +34,7 @@ import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
 from .classification import topk_accuracy
-from .features import (
-    FeatureOptions,
-    add_model_arguments,
-    extract_features,
-    load_model,
-    options_from_args,
-    results_dir,
-    save_eval_results,
-)
+from .features import FeatureOptions, add_model_arguments, extract_features, load_model, results_dir, save_eval_results
 from .image_datasets import image_folder_dataset, transforms_from_config
 
 DATASET_CARDS = {
@@ -154,11 +146,10 @@ def evaluate_robustness(
     model,
     data_dir: str | Path,
     class_subset: Sequence[str] | Sequence[int] | Mapping[str, int],
+    options: RobustnessOptions,
     imagenet_classes: Sequence[str] | None = None,
-    options: RobustnessOptions | None = None,
 ) -> dict[str, float]:
     """Accuracy / RMS calibration error / ECE (%) of a MoPro model on an ImageNet-R/-A style folder of wnids."""
-    options = options or RobustnessOptions()
     model = load_model(model, options.device)
     folders = sorted(p.name for p in Path(data_dir).iterdir() if p.is_dir())
     indices = subset_logit_indices(folders, class_subset, imagenet_classes)
@@ -189,8 +180,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
 
     imagenet_classes = read_imagenet_classes(args.imagenet_classes) if args.imagenet_classes else None
-    subset, options = read_class_subset(args.class_subset), options_from_args(RobustnessOptions, args)
-    metrics = evaluate_robustness(args.model_name_or_path, args.data_dir, subset, imagenet_classes, options)
+    subset, options = read_class_subset(args.class_subset), RobustnessOptions.from_args(args)
+    metrics = evaluate_robustness(args.model_name_or_path, args.data_dir, subset, options, imagenet_classes)
     name, dataset_type = DATASET_CARDS.get(args.dataset, (args.dataset, args.dataset))
     key = args.dataset.replace("-", "_")
     path = save_eval_results(results_dir(args), "robustness", metrics, name, dataset_type, key)
