@@ -37,7 +37,7 @@ class FeatureOptions:
 
     batch_size: int = 256
     num_workers: int = 8
-    device: str | None = None  # default: CUDA when available
+    device: str | torch.device | None = None  # default: CUDA when available
     amp: bool = False  # bfloat16 autocast for the backbone
 
     def extraction(self) -> dict[str, Any]:
