@@ -184,10 +184,11 @@ COLUMNS = (  # (summary key, header, scale): rates in %, rankings as 0-1
 
 def score_mopro(run_dir: Path, dataset) -> dict[str, dict]:
     """`evaluation.noise_report` on the saved model (both decision rules), scored against the truth."""
-    from evaluation.noise_report import build_noise_report, summarize_noise_report
+    from evaluation.noise_report import NoiseReportOptions, build_noise_report, summarize_noise_report
 
     started = time.time()
-    report = build_noise_report(str(run_dir / "model"), dataset, batch_size=256, num_workers=0, device="cpu")
+    options = NoiseReportOptions(batch_size=256, num_workers=0, device="cpu")
+    report = build_noise_report(str(run_dir / "model"), dataset, options)
     seconds = time.time() - started
     fitted = summarize_noise_report(report)
     training_rule = report.remove_columns(["decision", "suggested_label"])

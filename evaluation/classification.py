@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassStatScores
 
 from training.data.image_datasets import (
     add_dataset_arguments,
@@ -26,7 +27,7 @@ from training.data.image_datasets import (
 )
 from training.data.transforms import transforms_from_config
 
-from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
+from .features import FeatureOptions, add_model_arguments, extract_features, load_model, results_dir, save_eval_results
 
 # dataset key -> (name, type) written to the result file.
 DATASET_CARDS = {
@@ -35,50 +36,57 @@ DATASET_CARDS = {
 }
 
 
-def topk_accuracy(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, top_k: Sequence[int] = (1, 5)):
-    """Top-k accuracy in percent (torchmetrics `MulticlassAccuracy(top_k=k, average="micro")`).
+def topk_accuracy(
+    scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, top_k: Sequence[int] = (1, 5)
+) -> dict[str, float]:
+    """The project's one accuracy: top-k accuracy in percent, from torchmetrics' `MulticlassStatScores` counts (micro),
+    divided in float64 so that a figure is the exact share of correct samples (every protocol, kNN, the SVMs).
 
     Args:
-        logits: (N, K) scores.
+        scores: (N, K) scores (logits, probabilities, vote shares; ties go to the smaller class index), or (N,)
+            predicted class ids (top-1 only).
         labels: (N,) integer labels.
         top_k: The k values; those above K are clipped to K.
 
     Returns:
         `{"top{k}": accuracy in %}` for each k.
     """
-    logits, labels = torch.as_tensor(logits).float(), torch.as_tensor(labels).long()
-    num_classes = logits.shape[1]
+    scores, labels = torch.as_tensor(scores), torch.as_tensor(labels).long()
+    if len(labels) == 0 or scores.shape[0] != len(labels):
+        raise ValueError(f"accuracy needs a prediction per label (N > 0): {tuple(scores.shape)}, {len(labels)} labels")
+    if scores.ndim == 1:  # class ids: as many classes as the largest id names
+        scores, num_classes = scores.long(), int(max(scores.max(), labels.max())) + 1
+    else:
+        scores, num_classes = (scores if scores.is_floating_point() else scores.float()), scores.shape[1]
     results = {}
     for k in top_k:
-        metric = MulticlassAccuracy(num_classes=num_classes, top_k=min(k, num_classes), average="micro")
-        results[f"top{k}"] = 100.0 * float(metric(logits, labels))
+        counts = MulticlassStatScores(num_classes=num_classes, top_k=min(k, num_classes), average="micro")
+        true_positives, _, _, _, support = counts(scores, labels).tolist()
+        results[f"top{k}"] = 100.0 * (true_positives / support)
     return results
 
 
-def evaluate_classification(
-    model,
-    dataset: Dataset,
-    top_k: Sequence[int] = (1, 5),
-    batch_size: int = 256,
-    num_workers: int = 8,
-    device: str | None = None,
-    amp: bool = False,
-) -> dict[str, float]:
+@dataclass(frozen=True)
+class ClassificationOptions(FeatureOptions):
+    """`evaluate_classification`'s options: the k of the top-k accuracies, and how the model runs."""
+
+    top_k: tuple[int, ...] = (1, 5)
+
+
+def evaluate_classification(model, dataset: Dataset, options: ClassificationOptions) -> dict[str, float]:
     """Classifier top-k accuracy (%) of a MoPro model (or folder) on an evaluation dataset; adds `num_samples` and
     `num_skipped_samples` (undecodable images, logged with their ids, not scored).
 
     Raises:
         ValueError: The dataset's class names are not the model's labels (`check_class_names`).
     """
-    model = load_model(model, device)
+    model = load_model(model, options.device)
     check_class_names(dataset, model.config)
-    features = extract_features(
-        model, dataset, ("logits",), batch_size, num_workers, device, amp, desc="classification"
-    )
+    features = extract_features(model, dataset, ("logits",), desc="classification", **options.extraction())
     if features.logits is None:
         raise ValueError("the model has no classifier (a MoProModel folder); classification needs one")
     return {
-        **topk_accuracy(features.logits, features.labels, top_k),
+        **topk_accuracy(features.logits, features.labels, options.top_k),
         "num_samples": len(features),
         "num_skipped_samples": len(features.skipped_ids),
     }
@@ -97,9 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     model = load_model(args.model_name_or_path, args.device)
     dataset, _ = dataset_from_arguments(args, transforms_from_config(model.config))
-    metrics = evaluate_classification(
-        model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, amp=args.amp
-    )
+    metrics = evaluate_classification(model, dataset, ClassificationOptions.from_args(args))
     name, dataset_type = DATASET_CARDS.get(args.dataset, (args.dataset, args.dataset))
     path = save_eval_results(
         results_dir(args), "classification", metrics, args.dataset_name or name, dataset_type, args.dataset
@@ -108,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     return metrics
 
 
-__all__ = ["evaluate_classification", "topk_accuracy"]
+__all__ = ["ClassificationOptions", "evaluate_classification", "topk_accuracy"]
 
 if __name__ == "__main__":
     from modeling_mopro.cli import run_command

@@ -44,7 +44,7 @@ from training.data.image_datasets import (
 )
 from training.data.transforms import transforms_from_config
 
-from .classification import DATASET_CARDS, evaluate_classification
+from .classification import DATASET_CARDS, ClassificationOptions, evaluate_classification
 from .features import save_eval_results
 from .finetune import StepDecayTrainer, TrainingRecipe, add_schedule_arguments, load_for_training
 
@@ -148,14 +148,13 @@ def classifier_retrain(
         frozen_backbone=not options.finetune,
     )
     trainer.train()
-    batch_size, num_workers = options.batch_size, options.num_workers
     if options.save_model:
         trainer.save_model(str(output_dir))
     if not trainer.is_world_process_zero():
         return {}
-    results = {}
+    results, evaluation = {}, ClassificationOptions(batch_size=options.batch_size, num_workers=options.num_workers)
     for name, dataset in eval_datasets.items():
-        metrics = evaluate_classification(trainer.model, dataset, batch_size=batch_size, num_workers=num_workers)
+        metrics = evaluate_classification(trainer.model, dataset, options=evaluation)
         results[name] = {**metrics, "train_samples": len(train_dataset)}
     return results
 

@@ -15,8 +15,9 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,27 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 FEATURE_KINDS = ("pooled", "embeddings", "prototype_similarities", "logits")
+
+
+@dataclass(frozen=True)
+class FeatureOptions:
+    """How a protocol runs the model (`extract_features`); each protocol's options dataclass adds its own fields.
+    A script builds it from its arguments (`from_args`: every field from the flag of its name)."""
+
+    batch_size: int = 256
+    num_workers: int = 8
+    device: str | torch.device | None = None  # default: CUDA when available
+    amp: bool = False  # bfloat16 autocast for the backbone
+
+    def extraction(self) -> dict[str, Any]:
+        """The keyword arguments of `extract_features`."""
+        return {"batch_size": self.batch_size, "num_workers": self.num_workers, "device": self.device, "amp": self.amp}
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any):
+        """The options from parsed arguments: each field from the argument of its name (a field without one keeps its
+        default), then `overrides`."""
+        return cls(**{**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}, **overrides})
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -291,6 +313,7 @@ def results_dir(args: argparse.Namespace) -> str:
 
 __all__ = [
     "FEATURE_KINDS",
+    "FeatureOptions",
     "FeatureSet",
     "add_model_arguments",
     "build_loader",

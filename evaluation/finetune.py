@@ -43,7 +43,7 @@ from training.data.image_datasets import (
 from training.data.transforms import transforms_from_config
 from training.optim import create_optimizer, step_lr_scheduler
 
-from .classification import DATASET_CARDS, evaluate_classification
+from .classification import DATASET_CARDS, ClassificationOptions, evaluate_classification
 from .features import resolve_device, save_eval_results
 
 
@@ -116,9 +116,8 @@ class BestEpochCallback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
-            metrics = evaluate_classification(
-                model, self.eval_dataset, batch_size=self.batch_size, num_workers=self.num_workers
-            )
+            options = ClassificationOptions(batch_size=self.batch_size, num_workers=self.num_workers)
+            metrics = evaluate_classification(model, self.eval_dataset, options=options)
             metrics["epoch"] = round(state.epoch)
             self.history.append(metrics)
             if self.best is None or metrics["top1"] > self.best["top1"]:
@@ -281,7 +280,8 @@ def finetune(
         return {}
     summary = {"train_samples": len(labelled), "train_epochs": options.epochs}
     if best_epoch is None:
-        metrics = evaluate_classification(trainer.model, eval_dataset, batch_size=batch_size, num_workers=num_workers)
+        evaluation = ClassificationOptions(batch_size=options.batch_size, num_workers=options.num_workers)
+        metrics = evaluate_classification(trainer.model, eval_dataset, options=evaluation)
         return {**metrics, **summary}
     best, final = best_epoch.best, best_epoch.history[-1]
     return {

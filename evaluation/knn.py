@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,7 +29,8 @@ from training.data.image_datasets import (
 )
 from training.data.transforms import transforms_from_config
 
-from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
+from .classification import topk_accuracy
+from .features import FeatureOptions, add_model_arguments, extract_features, load_model, results_dir, save_eval_results
 
 WEIGHTINGS = ("temperature", "majority")
 
@@ -86,29 +88,31 @@ def knn_accuracy(
     weighting: str = "temperature",
     num_classes: int | None = None,
 ) -> float:
-    """Top-1 kNN accuracy in percent (see `knn_class_scores`); a pure function the trainer can call."""
+    """Top-1 kNN accuracy in percent (see `knn_class_scores`; `topk_accuracy` of the vote shares)."""
     test_labels = torch.as_tensor(test_labels).long()
     if num_classes is None:
         num_classes = int(max(torch.as_tensor(train_labels).max(), test_labels.max())) + 1
     scores = knn_class_scores(train_features, train_labels, test_features, k, temperature, weighting, num_classes)
-    return 100.0 * float((scores.argmax(dim=1).cpu() == test_labels).float().mean())
+    return topk_accuracy(scores.cpu(), test_labels, (1,))["top1"]
+
+
+@dataclass(frozen=True)
+class KnnOptions(FeatureOptions):
+    """`evaluate_knn`'s options: which feature, the weighted vote's k and T, the majority vote's k (0 or None: no
+    majority-vote accuracy), and how the model runs."""
+
+    feature: str = "embeddings"  # or "pooled"
+    k: int = 200
+    temperature: float = 0.1
+    majority_k: int | None = 20
 
 
 def evaluate_knn(
-    model,
-    train_dataset: ImageLabelDataset,
-    test_dataset: ImageLabelDataset,
-    feature: str = "embeddings",
-    k: int = 200,
-    temperature: float = 0.1,
-    majority_k: int | None = 20,
-    batch_size: int = 256,
-    num_workers: int = 8,
-    device: str | None = None,
-    amp: bool = False,
+    model, train_dataset: ImageLabelDataset, test_dataset: ImageLabelDataset, options: KnnOptions
 ) -> dict[str, float]:
-    """Extracts `feature` ("embeddings" or "pooled") of both sets and returns the weighted kNN accuracy (%) and,
-    unless `majority_k` is None, the plain majority-vote accuracy with `majority_k` neighbours."""
+    """Extracts `options.feature` of both sets and returns the weighted kNN accuracy (%) and, unless `majority_k` is
+    0 or None, the plain majority-vote accuracy with `majority_k` neighbours."""
+    feature, k, majority_k = options.feature, options.k, options.majority_k
     for name, value in (("k", k), ("majority_k", majority_k)):
         # `knn_class_scores` would take all of a smaller set: the result, filed under k, would be another protocol.
         if value and value > len(train_dataset):
@@ -116,12 +120,11 @@ def evaluate_knn(
                 f"--{name} {value} is more than the {len(train_dataset)} training samples; give --{name} at most "
                 f"{len(train_dataset)}"
             )
-    model = load_model(model, device)
-    extract = dict(kinds=(feature,), batch_size=batch_size, num_workers=num_workers, device=device, amp=amp)
-    train = extract_features(model, train_dataset, desc="knn train", **extract)
-    test = extract_features(model, test_dataset, desc="knn test", **extract)
+    model = load_model(model, options.device)
+    train = extract_features(model, train_dataset, (feature,), desc="knn train", **options.extraction())
+    test = extract_features(model, test_dataset, (feature,), desc="knn test", **options.extraction())
     train_x, test_x = getattr(train, feature), getattr(test, feature)
-    metrics = {f"knn_top1_k{k}": knn_accuracy(train_x, train.labels, test_x, test.labels, k, temperature)}
+    metrics = {f"knn_top1_k{k}": knn_accuracy(train_x, train.labels, test_x, test.labels, k, options.temperature)}
     if majority_k:
         metrics[f"knn_majority_top1_k{majority_k}"] = knn_accuracy(
             train_x, train.labels, test_x, test.labels, majority_k, weighting="majority"
@@ -134,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     add_model_arguments(parser)
     add_dataset_arguments(parser, prefix="train_")
     add_dataset_arguments(parser)
-    parser.add_argument("--dataset", default=None, help="result key (the test set; required unless it is WebVision val)")
+    parser.add_argument("--dataset", default=None, help="result key (test set; required unless it is WebVision val)")
     parser.add_argument("--dataset_name", default=None)
     parser.add_argument("--feature", choices=("embeddings", "pooled"), default="embeddings")
     parser.add_argument("--k", type=positive_int, default=200)
@@ -148,17 +151,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     train, _ = dataset_from_arguments(args, transform, prefix="train_", default_split="train")
     test, _ = dataset_from_arguments(args, transform)
     check_same_classes(train, test)  # neighbours vote with the training labels: both sides must mean the same
-    metrics = evaluate_knn(
-        model, train, test, args.feature, args.k, args.temperature, args.majority_k or None,
-        args.batch_size, args.num_workers, args.device, args.amp,
-    )  # fmt: skip
+    metrics = evaluate_knn(model, train, test, KnnOptions.from_args(args))
     name = args.dataset_name or f"{args.dataset} (kNN on {args.feature})"
     path = save_eval_results(results_dir(args), "knn", metrics, name, args.dataset, args.dataset)
     print(f"{metrics} -> {path}")
     return metrics
 
 
-__all__ = ["evaluate_knn", "knn_accuracy", "knn_class_scores"]
+__all__ = ["KnnOptions", "evaluate_knn", "knn_accuracy", "knn_class_scores"]
 
 if __name__ == "__main__":
     from modeling_mopro.cli import run_command

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -35,12 +36,34 @@ from modeling_mopro.cli import positive_int
 from training.data.image_datasets import ImageLabelDataset, places205_dataset, voc07_dataset
 from training.data.transforms import transforms_from_config
 
-from .features import add_model_arguments, extract_features, l2_normalize, load_model, results_dir, save_eval_results
+from .classification import topk_accuracy
+from .features import (
+    FeatureOptions,
+    add_model_arguments,
+    extract_features,
+    l2_normalize,
+    load_model,
+    results_dir,
+    save_eval_results,
+)
 
 TASKS = ("voc07", "places205")
 AP_DEFINITIONS = ("sklearn", "voc07_11point", "voc_interpolated")
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 DATASET_CARDS = {"voc07": ("PASCAL VOC2007 (low-shot linear SVM)", "voc2007"), "places205": ("Places205", "places205")}
+
+
+@dataclass(frozen=True)
+class LowShotOptions(FeatureOptions):
+    """The protocol's options: k images per class (`shots`), `runs` sampled sets per k drawn with `seed`, the SVM's C
+    (`cost`, official 0.5), VOC07's AP definition and difficult rule (module docstring), and how the model runs."""
+
+    shots: tuple[int, ...] = DEFAULT_SHOTS
+    runs: int = 5
+    cost: float = 0.5
+    seed: int = 0
+    ap_definition: str = "sklearn"
+    ignore_difficult: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------- AP
@@ -174,7 +197,7 @@ def places_svm_accuracy(
     """One multi-class LinearSVC (liblinear one-vs-rest) as the official Places205 branch; top-1 accuracy %."""
     svm = LinearSVC(C=cost, tol=1e-4, dual=True, max_iter=2000, random_state=0)
     svm.fit(train_features, train_labels)
-    return 100.0 * float(np.mean(svm.predict(test_features) == test_labels))
+    return topk_accuracy(svm.predict(test_features), test_labels, (1,))["top1"]
 
 
 def lowshot_svm_from_features(
@@ -184,11 +207,10 @@ def lowshot_svm_from_features(
     test_features: np.ndarray,
     test_labels: np.ndarray,
     subsets: dict[int, list[np.ndarray]],
-    cost: float = 0.5,
-    ap_definition: str = "sklearn",
-    ignore_difficult: bool = False,
+    options: LowShotOptions,
 ) -> dict[str, float]:
-    """Scores every low-shot subset. Features are L2-normalised here (raw pooled features in).
+    """Scores every low-shot subset (`options`: `cost`, `ap_definition`, `ignore_difficult`). Features are
+    L2-normalised here (raw pooled features in).
 
     Args:
         task: "voc07" (mAP) or "places205" (accuracy).
@@ -211,13 +233,12 @@ def lowshot_svm_from_features(
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 if task == "voc07":
                     score = voc_svm_map(
-                        train_features[rows], train_labels[rows], test_features, test_labels, cost,
-                        ap_definition, ignore_difficult,
+                        train_features[rows], train_labels[rows], test_features, test_labels, options.cost,
+                        options.ap_definition, options.ignore_difficult,
                     )[0]  # fmt: skip
                 else:
-                    score = places_svm_accuracy(
-                        train_features[rows], train_labels[rows], test_features, test_labels, cost
-                    )
+                    train_x, train_y = train_features[rows], train_labels[rows]
+                    score = places_svm_accuracy(train_x, train_y, test_features, test_labels, options.cost)
             scores.append(score)
         results[f"{metric}_k{k}_mean"] = float(np.mean(scores))
         results[f"{metric}_k{k}_std"] = float(np.std(scores))
@@ -229,28 +250,19 @@ def evaluate_lowshot_svm(
     task: str,
     train_dataset: ImageLabelDataset,
     test_dataset: ImageLabelDataset,
-    shots: Sequence[int] = DEFAULT_SHOTS,
-    runs: int = 5,
-    cost: float = 0.5,
-    seed: int = 0,
-    ap_definition: str = "sklearn",
-    ignore_difficult: bool = False,
-    batch_size: int = 256,
-    num_workers: int = 8,
-    device: str | None = None,
-    amp: bool = False,
+    options: LowShotOptions,
 ) -> dict[str, float]:
     """The whole protocol: sample every subset first, extract pooled features of their union only (Places205
     train has 2.4M images; the subsets a few thousand), then fit and score the SVMs."""
-    check_shots(train_dataset.labels, shots, getattr(train_dataset, "classes", None))
-    model = load_model(model, device)
-    subsets = sample_low_shot_runs(train_dataset.labels, shots, runs, seed)
+    check_shots(train_dataset.labels, options.shots, getattr(train_dataset, "classes", None))
+    model = load_model(model, options.device)
+    subsets = sample_low_shot_runs(train_dataset.labels, options.shots, options.runs, options.seed)
     union = np.unique(np.concatenate([rows for per_k in subsets.values() for rows in per_k]))
     row_in_union = {int(i): j for j, i in enumerate(union)}
     remapped = {
         k: [np.asarray([row_in_union[int(i)] for i in rows]) for rows in per_k] for k, per_k in subsets.items()
     }
-    extract = dict(kinds=("pooled",), batch_size=batch_size, num_workers=num_workers, device=device, amp=amp)
+    extract = dict(kinds=("pooled",), **options.extraction())
     train = extract_features(model, train_dataset.subset(union), desc="svm train features", **extract)
     if train.skipped_ids:  # the low-shot subsets index rows of `union`: a missing row would shift them all
         raise ValueError(
@@ -258,9 +270,7 @@ def evaluate_lowshot_svm(
             "fix or remove them from the dataset's list"
         )
     test = extract_features(model, test_dataset, desc="svm test features", **extract)
-    return lowshot_svm_from_features(
-        task, train.pooled, train.labels, test.pooled, test.labels, remapped, cost, ap_definition, ignore_difficult
-    )
+    return lowshot_svm_from_features(task, train.pooled, train.labels, test.pooled, test.labels, remapped, options)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -286,10 +296,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     else:
         train = places205_dataset(args.data_dir, "train", transform)
         test = places205_dataset(args.data_dir, "val", transform)
-    metrics = evaluate_lowshot_svm(
-        model, args.task, train, test, args.shots, args.runs, args.cost, args.seed, args.ap_definition,
-        args.ignore_difficult, args.batch_size, args.num_workers, args.device, args.amp,
-    )  # fmt: skip
+    metrics = evaluate_lowshot_svm(model, args.task, train, test, LowShotOptions.from_args(args))
     name, dataset_type = DATASET_CARDS[args.task]
     metadata = {"ap_definition": args.ap_definition, "difficult": "ignored" if args.ignore_difficult else "negative"}
     path = save_eval_results(
@@ -301,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 __all__ = [
+    "LowShotOptions",
     "average_precision",
     "evaluate_lowshot_svm",
     "lowshot_svm_from_features",

@@ -140,7 +140,8 @@ def build_model_card(
         training_state: `trainer_state.json` facts (`epoch`, `global_step`) if the model was trained here.
         description: an extra paragraph for the description (e.g. "Converted from the official MoPro-V1 checkpoint").
         timm_repo_id: Hub repo of the timm export (None: no timm export).
-        image_mean / image_std: the normalisation of the saved image processor (ImageNet's by default).
+        image_mean / image_std: the normalisation of the saved image processor (default: the project's one ImageNet
+            mean / std, transformers' `IMAGENET_DEFAULT_MEAN` / `_STD`, which the data floor re-exports).
         interpolation / resize_size: the resize filter and short-side size of the saved image processor (default
             size: the official 256/224 ratio at `config.image_size`).
         run_args: the run's `run_args.json` (`model_args`, `data_args`, `training_args` as dicts), if saved. The card

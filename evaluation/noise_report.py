@@ -56,19 +56,19 @@ import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import datasets
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 
 from modeling_mopro import correct_noisy_labels, far_from_prototypes
 from modeling_mopro.cli import check_output_dir, positive_int
-from modeling_mopro.distributed import is_distributed, rank, world_size
 from training.data.image_datasets import (
     DATA_FORMATS,
     add_dataset_arguments,
@@ -78,7 +78,7 @@ from training.data.image_datasets import (
 )
 from training.data.transforms import transforms_from_config
 
-from .features import extract_features, load_model, mopro_parts
+from .features import FeatureOptions, extract_features, load_model, mopro_parts
 from .gallery import (
     DEFAULT_PER_CLASS,
     DEFAULT_THUMBNAIL_SIZE,
@@ -98,6 +98,21 @@ SCORE_COLUMNS = ("label_quality", "ood_score", "label_issue_probability", "ood_p
 GROUND_TRUTH_COLUMNS = ("true_label", "is_ood")
 SUMMARY_FILE = "noise_report_summary.json"
 PLOT_FILE = "noise_report.png"
+
+
+@dataclass(frozen=True)
+class NoiseReportOptions(FeatureOptions):
+    """How the report is made: the data's image and label columns, the decision rule ("fitted" or "training"), the
+    neighbour vote's k and its reference subset, the flagged images per class and their thumbnails' size (0 images:
+    no gallery), and how the model runs."""
+
+    image_column: str = "image"
+    label_column: str = "label"
+    decision_rule: str = "fitted"
+    num_neighbours: int = 50
+    max_reference: int | None = 200_000
+    flagged_images_per_class: int = DEFAULT_PER_CLASS
+    thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE
 
 
 @torch.no_grad()
@@ -139,31 +154,6 @@ def noise_decisions(
         "decision": decision.numpy(),
         "prob_given_label": F.softmax(logits, 1).gather(1, labels[:, None]).squeeze(1).numpy(),
         "max_prototype_similarity": similarities.max(1).values.numpy(),
-    }
-
-
-def process_share(num_samples: int) -> range:
-    """The contiguous rows of a `num_samples`-row dataset that this process scores (all of them in one process).
-
-    Contiguous, disjoint shares that cover the dataset: no sampler padding, so every sample is scored exactly
-    once, and concatenating the shares in rank order gives the dataset order.
-    """
-    return range(rank() * num_samples // world_size(), (rank() + 1) * num_samples // world_size())
-
-
-def _gather_columns(columns: dict[str, list | np.ndarray]) -> dict[str, list | np.ndarray] | None:
-    """Every process's report columns, concatenated in rank order on the main process (None elsewhere)."""
-    if not is_distributed():
-        return columns
-    shares = [None] * world_size() if rank() == 0 else None
-    dist.gather_object(columns, shares, dst=0)
-    if rank() != 0:
-        return None
-    return {
-        name: np.concatenate([share[name] for share in shares])
-        if isinstance(columns[name], np.ndarray)
-        else [value for share in shares for value in share[name]]
-        for name in columns
     }
 
 
@@ -232,22 +222,14 @@ class _BuiltReport(NamedTuple):
 def build_noise_report(
     model,
     dataset,
-    batch_size: int = 256,
-    num_workers: int = 8,
-    device: str | None = None,
-    amp: bool = False,
-    image_column: str = "image",
-    label_column: str = "label",
-    decision_rule: str = "fitted",
-    num_neighbours: int = 50,
-    max_reference: int | None = 200_000,
+    options: NoiseReportOptions,
     id_root: str | os.PathLike | None = None,
     id_column: str | None = None,
 ):
     """Runs the model over `dataset` and returns the per-sample report as a `datasets.Dataset`.
 
-    In several processes (a `torch.distributed` group), each one scores `process_share` of the rows and the main
-    process returns the whole report, in dataset order; the others return None.
+    In several processes (accelerate's `PartialState`), each one scores its `split_between_processes` share of the
+    rows, `gather_object` joins them and the main process returns the whole report, in dataset order; the others None.
 
     Args:
         model: A MoPro model with classifier (or its folder).
@@ -257,47 +239,36 @@ def build_noise_report(
 
     Undecodable images are skipped (logged with their ids) and have no row; `write_noise_report` counts them.
     """
-    dataset, id_column, _ = with_report_ids(dataset, image_column, id_root, id_column)
-    return _build_noise_report(
-        model, dataset, batch_size, num_workers, device, amp, image_column, label_column, decision_rule,
-        num_neighbours, max_reference, id_column,
-    ).report  # fmt: skip
+    dataset, id_column, _ = with_report_ids(dataset, options.image_column, id_root, id_column)
+    return _build_noise_report(model, dataset, options, id_column).report
 
 
-def _build_noise_report(
-    model,
-    dataset,
-    batch_size,
-    num_workers,
-    device,
-    amp,
-    image_column,
-    label_column,
-    decision_rule="fitted",
-    num_neighbours=50,
-    max_reference=200_000,
-    id_column=None,
-) -> _BuiltReport:
+def _build_noise_report(model, dataset, options: NoiseReportOptions, id_column: str | None = None) -> _BuiltReport:
     """`build_noise_report`, plus the ids of the skipped (undecodable) images and the fits behind the decisions
     (main process; None elsewhere). `id_column` names the ids of a `datasets.Dataset` (`with_report_ids`)."""
-    if decision_rule not in DECISION_RULES:
-        raise ValueError(f"decision_rule must be one of {DECISION_RULES}, got {decision_rule!r}")
-    model = load_model(model, device)
+    if options.decision_rule not in DECISION_RULES:
+        raise ValueError(f"decision_rule must be one of {DECISION_RULES}, got {options.decision_rule!r}")
+    model = load_model(model, options.device)
     base, _ = mopro_parts(model)
     extra: dict[str, list] = {}
-    share = process_share(len(dataset))
-    if isinstance(dataset, datasets.Dataset):
-        hf = dataset
-        rows = hf.select_columns([c for c in ("sample_id", *GROUND_TRUTH_COLUMNS) if c in hf.column_names])
-        extra = rows[share.start : share.stop] if rows.column_names else {}
-        extra = {name: np.asarray(values) for name, values in extra.items()}
-        dataset = hf_image_dataset(hf, transforms_from_config(model.config), image_column, label_column, id_column)
-    check_class_names(dataset, model.config, "the noise report's data")
-    if len(share) < len(dataset):
-        dataset = dataset.subset(np.arange(share.start, share.stop))  # keeps the dataset-wide ids
-    features = extract_features(
-        model, dataset, ("embeddings", "logits"), batch_size, num_workers, device, amp, desc="noise report"
-    )
+    state = PartialState()
+    # This process's rows (all of them alone): contiguous, disjoint, unpadded shares that concatenate, in process
+    # order, to the dataset order, so every sample is scored exactly once.
+    with state.split_between_processes(torch.arange(len(dataset))) as share:
+        share = share.numpy()
+        if isinstance(dataset, datasets.Dataset):
+            hf = dataset
+            rows = hf.select_columns([c for c in ("sample_id", *GROUND_TRUTH_COLUMNS) if c in hf.column_names])
+            extra = rows.select(share).to_dict() if rows.column_names else {}
+            extra = {name: np.asarray(values) for name, values in extra.items()}
+            view = transforms_from_config(model.config)
+            dataset = hf_image_dataset(hf, view, options.image_column, options.label_column, id_column)
+        check_class_names(dataset, model.config, "the noise report's data")
+        if len(share) < len(dataset):
+            dataset = dataset.subset(share)  # keeps the dataset-wide ids
+        features = extract_features(
+            model, dataset, ("embeddings", "logits"), desc="noise report", **options.extraction()
+        )
     if features.logits is None:
         raise ValueError("the noise report needs a model with a classifier")
     training_rule = noise_decisions(
@@ -319,17 +290,22 @@ def _build_noise_report(
         embeddings=features.embeddings,  # gathered for the dataset-wide scores below, then dropped
     )  # fmt: skip
     columns.update(extra)
-    columns = _gather_columns(columns)
-    skipped = _gather_columns({"skipped": list(features.skipped_ids)})
-    if columns is None:
+    shares = gather_object([(columns, list(features.skipped_ids))])  # every process's, in process order
+    if state.use_distributed and not state.is_main_process:
         return _BuiltReport(None, None, None)
+    columns = {
+        name: np.concatenate([share[name] for share, _ in shares])
+        if isinstance(values, np.ndarray)
+        else [value for share, _ in shares for value in share[name]]
+        for name, values in columns.items()
+    }
     # The neighbour vote needs every sample's embedding: scored on the main process, on the model's device.
     embeddings = torch.as_tensor(columns.pop("embeddings"), device=next(model.parameters()).device)
     fitted = noise_scores(
-        embeddings, columns["given_label"], model.config.num_labels, model.config.temperature, num_neighbours,
-        max_reference,
+        embeddings, columns["given_label"], model.config.num_labels, model.config.temperature,
+        options.num_neighbours, options.max_reference,
     )  # fmt: skip
-    if decision_rule == "fitted":
+    if options.decision_rule == "fitted":
         suggested, decision = fitted["suggested_label"], [DECISIONS[d] for d in fitted["decision"]]
     else:
         suggested, decision = columns["training_rule_label"], columns["training_rule_decision"]
@@ -343,7 +319,7 @@ def _build_noise_report(
         **{name: fitted[name].astype(np.float32) for name in SCORE_COLUMNS},
         **columns,
     )
-    return _BuiltReport(datasets.Dataset.from_dict(ordered), skipped["skipped"], fitted)
+    return _BuiltReport(datasets.Dataset.from_dict(ordered), [i for _, ids in shares for i in ids], fitted)
 
 
 def _ratio(numerator: int, denominator: int) -> float | None:
@@ -494,19 +470,10 @@ def write_noise_report(
     model,
     dataset,
     output_dir: str | os.PathLike,
-    batch_size: int = 256,
-    num_workers: int = 8,
-    device: str | None = None,
-    amp: bool = False,
-    image_column: str = "image",
-    label_column: str = "label",
-    decision_rule: str = "fitted",
-    num_neighbours: int = 50,
-    max_reference: int | None = 200_000,
+    options: NoiseReportOptions,
+    *,
     data_description: str | None = None,
     model_name: str | None = None,
-    flagged_images_per_class: int = DEFAULT_PER_CLASS,
-    thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
     passed_over: Mapping[str, int] | None = None,
     id_root: str | os.PathLike | None = None,
     id_column: str | None = None,
@@ -531,25 +498,25 @@ def write_noise_report(
     Returns:
         The summary (in every process).
     """
+    flagged_images_per_class, thumbnail_size = options.flagged_images_per_class, options.thumbnail_size
     if flagged_images_per_class < 0 or thumbnail_size < 1:
         raise ValueError(
             f"flagged_images_per_class must be >= 0 and thumbnail_size >= 1, got {flagged_images_per_class} and "
             f"{thumbnail_size}"
         )
-    model = load_model(model, device)
-    dataset, id_column, id_source = with_report_ids(dataset, image_column, id_root, id_column)
-    report, skipped, scores = _build_noise_report(
-        model, dataset, batch_size, num_workers, device, amp, image_column, label_column, decision_rule,
-        num_neighbours, max_reference, id_column,
-    )  # fmt: skip
+    model = load_model(model, options.device)
+    dataset, id_column, id_source = with_report_ids(dataset, options.image_column, id_root, id_column)
+    report, skipped, scores = _build_noise_report(model, dataset, options, id_column)
     summary = None
     if report is not None:  # the main process
         output_dir = Path(output_dir)
         if any((output_dir / name).exists() for name in _MODEL_FILES):
             raise FileExistsError(f"{output_dir} is a model folder: a noise report is never written into one")
         output_dir.mkdir(parents=True, exist_ok=True)
-        summary = summarize_noise_report(report, model.config, decision_rule)
-        summary.update(num_neighbours=num_neighbours, ids=id_source, **fit_summary(scores, decision_rule))
+        summary = summarize_noise_report(report, model.config, options.decision_rule)
+        summary.update(
+            num_neighbours=options.num_neighbours, ids=id_source, **fit_summary(scores, options.decision_rule)
+        )
         if summary.get("warning"):
             print(f"noise report: WARNING: {summary['warning']}")
         # Undecodable images have no row; the summary counts and names them (training skipped them too).
@@ -575,7 +542,7 @@ def write_noise_report(
             elif stale.exists():
                 stale.unlink()
         if flagged_images_per_class:
-            images = _image_sources(dataset, image_column, label_column, id_column)
+            images = _image_sources(dataset, options.image_column, options.label_column, id_column)
             position = {sample_id: k for k, sample_id in enumerate(images.ids)}
             sources = _Sources(images.images, [position[sample_id] for sample_id in report["id"]])
             flagged = flagged_images_dataset(
@@ -598,11 +565,7 @@ def write_noise_report(
             flagged_images_per_class=flagged_images_per_class, thumbnail_size=thumbnail_size,
         )  # fmt: skip
         (output_dir / "README.md").write_text(card)
-    if is_distributed():
-        shared = [summary]
-        dist.broadcast_object_list(shared, src=0)  # waits only for the main process's writing
-        summary = shared[0]
-    return summary
+    return broadcast_object_list([summary])[0]  # in several processes: waits only for the main process's writing
 
 
 def hub_card(card: str, model_repo_id: str | None = None, page: str | None = None) -> tuple[str, str | None]:
@@ -773,11 +736,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     device = args.device or (state.device if state.num_processes > 1 else None)
     model = load_model(args.model_name_or_path, device)
     dataset, description = _load_data(args, model)
+    # The data's columns were renamed to "image" / "label" when it was read (`_load_data`).
+    options = NoiseReportOptions.from_args(args, device=device, image_column="image", label_column="label")
     summary = write_noise_report(
-        model, dataset, output_dir, args.batch_size, args.num_workers, device, args.amp,
-        decision_rule=args.decision_rule, num_neighbours=args.num_neighbours, max_reference=args.max_reference,
-        data_description=description, flagged_images_per_class=args.flagged_images_per_class,
-        thumbnail_size=args.thumbnail_size, passed_over=getattr(dataset, "passed_over", None),
+        model, dataset, output_dir, options, data_description=description,
+        passed_over=getattr(dataset, "passed_over", None),
         id_column=args.id_column if isinstance(dataset, datasets.Dataset) else None,
         id_root=None if isinstance(dataset, datasets.Dataset) else args.data_dir,  # file layouts: paths under it
     )  # fmt: skip
@@ -793,12 +756,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
 __all__ = [
     "DECISIONS",
     "DECISION_RULES",
+    "NoiseReportOptions",
     "build_noise_report",
     "fit_summary",
     "hub_card",
     "noise_decisions",
     "plot_noise_report",
-    "process_share",
     "pseudo_labels",
     "push_noise_report",
     "summarize_noise_report",

@@ -322,23 +322,14 @@ def check_repo_id(repo_id: str, flag: str = "--repo_id") -> None:
 
 
 def load_release_model(model_dir: str | os.PathLike) -> MoProForImageClassification:
-    """The release model of a saved MoPro folder (a pretraining folder is reduced with `to_release_model()`)."""
-    from safetensors import safe_open
+    """The release model of a saved MoPro folder, loaded as every protocol loads one (`features.load_model`: a
+    pretraining folder loads without its momentum encoder and queue), on the CPU."""
+    from .features import load_model
 
-    from modeling_mopro import MoProConfig, MoProForImageClassification, MoProForPreTraining
-
-    config = MoProConfig.from_pretrained(model_dir)
-    architecture = (config.architectures or [None])[0]
-    if architecture is None:
-        weights = Path(model_dir) / "model.safetensors"
-        with safe_open(weights, framework="pt") as f:
-            has_training_state = any(k.startswith("momentum_encoder.") for k in f.keys())
-        architecture = "MoProForPreTraining" if has_training_state else "MoProForImageClassification"
-    if architecture == "MoProForPreTraining":
-        return MoProForPreTraining.from_pretrained(model_dir).to_release_model().eval()
-    if architecture == "MoProForImageClassification":
-        return MoProForImageClassification.from_pretrained(model_dir).eval()
-    raise ValueError(f"{model_dir} holds a {architecture}; a release needs a MoPro model with its classifier.")
+    model = load_model(model_dir, "cpu")
+    if getattr(model, "classifier", None) is None:
+        raise ValueError(f"{model_dir} holds a {type(model).__name__}: a release needs a classifier (a MoPro model)")
+    return model
 
 
 def export_timm(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,8 @@ from torchmetrics.classification import MulticlassCalibrationError
 from training.data.image_datasets import image_folder_dataset
 from training.data.transforms import transforms_from_config
 
-from .features import add_model_arguments, extract_features, load_model, results_dir, save_eval_results
+from .classification import topk_accuracy
+from .features import FeatureOptions, add_model_arguments, extract_features, load_model, results_dir, save_eval_results
 
 DATASET_CARDS = {
     "imagenet-r": ("ImageNet-R", "imagenet-r"),
@@ -77,7 +79,7 @@ def robustness_metrics(
     correct = (prediction == labels).numpy()
     ece = MulticlassCalibrationError(num_classes=probabilities.shape[1], n_bins=ece_bins, norm="l1")
     return {
-        "accuracy": 100.0 * float(correct.mean()),
+        "accuracy": topk_accuracy(probabilities, labels, (1,))["top1"],
         "rms_calibration_error": 100.0 * rms_calibration_error(confidence.numpy(), correct, bin_size),
         "ece": 100.0 * float(ece(probabilities.float(), labels)),
     }
@@ -135,19 +137,22 @@ def subset_logit_indices(
     return np.asarray([mapping[wnid] for wnid in folder_wnids], dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class RobustnessOptions(FeatureOptions):
+    """`evaluate_robustness`'s options: samples per bin of the RMS calibration error, and how the model runs."""
+
+    bin_size: int = 100
+
+
 def evaluate_robustness(
     model,
     data_dir: str | Path,
     class_subset: Sequence[str] | Sequence[int] | Mapping[str, int],
+    options: RobustnessOptions,
     imagenet_classes: Sequence[str] | None = None,
-    bin_size: int = 100,
-    batch_size: int = 256,
-    num_workers: int = 8,
-    device: str | None = None,
-    amp: bool = False,
 ) -> dict[str, float]:
     """Accuracy / RMS calibration error / ECE (%) of a MoPro model on an ImageNet-R/-A style folder of wnids."""
-    model = load_model(model, device)
+    model = load_model(model, options.device)
     folders = sorted(p.name for p in Path(data_dir).iterdir() if p.is_dir())
     indices = subset_logit_indices(folders, class_subset, imagenet_classes)
     num_labels = model.config.num_labels
@@ -159,10 +164,10 @@ def evaluate_robustness(
     dataset = image_folder_dataset(
         data_dir, transforms_from_config(model.config), {w: i for i, w in enumerate(folders)}
     )
-    features = extract_features(model, dataset, ("logits",), batch_size, num_workers, device, amp, desc="robustness")
+    features = extract_features(model, dataset, ("logits",), desc="robustness", **options.extraction())
     if features.logits is None:
         raise ValueError("the model has no classifier (a MoProModel folder)")
-    metrics = robustness_metrics(features.logits[:, indices], features.labels, bin_size)
+    metrics = robustness_metrics(features.logits[:, indices], features.labels, options.bin_size)
     return {**metrics, "num_samples": len(features)}
 
 
@@ -177,10 +182,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
 
     imagenet_classes = read_imagenet_classes(args.imagenet_classes) if args.imagenet_classes else None
-    metrics = evaluate_robustness(
-        args.model_name_or_path, args.data_dir, read_class_subset(args.class_subset), imagenet_classes,
-        args.bin_size, args.batch_size, args.num_workers, args.device, args.amp,
-    )  # fmt: skip
+    subset, options = read_class_subset(args.class_subset), RobustnessOptions.from_args(args)
+    metrics = evaluate_robustness(args.model_name_or_path, args.data_dir, subset, options, imagenet_classes)
     name, dataset_type = DATASET_CARDS.get(args.dataset, (args.dataset, args.dataset))
     key = args.dataset.replace("-", "_")
     path = save_eval_results(results_dir(args), "robustness", metrics, name, dataset_type, key)
@@ -189,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 __all__ = [
+    "RobustnessOptions",
     "evaluate_robustness",
     "read_class_subset",
     "read_imagenet_classes",

@@ -82,7 +82,9 @@ def test_noise_report_skips_undecodable_images_and_counts_them(tmp_path):
     images[3] = {"bytes": b"garbage", "path": None}
     images[10] = {"bytes": b"\xff\xd8\xff truncated jpeg", "path": None}
     dataset = dataset.remove_columns("image").add_column("image", images).cast_column("image", datasets.Image())
-    summary = noise_report.write_noise_report(tiny_model(), dataset, tmp_path, batch_size=4, num_workers=0)
+    summary = noise_report.write_noise_report(
+        tiny_model(), dataset, tmp_path, noise_report.NoiseReportOptions(batch_size=4, num_workers=0)
+    )
     assert summary["num_skipped_images"] == 2
     assert summary["skipped_images"] == ["web/0003.png", "web/0010.png"]  # the dataset's ids (its path column)
     saved = json.loads((tmp_path / "noise_report_summary.json").read_text())
@@ -142,7 +144,7 @@ def test_training_and_evaluation_read_an_image_folder_with_the_same_labels(tmp_p
 
 
 def test_classification_refuses_data_whose_classes_are_not_the_models(tmp_path):
-    from evaluation.classification import evaluate_classification
+    from evaluation.classification import ClassificationOptions, evaluate_classification
     from tests.fixtures_eval import tiny_model, write_image_folder
     from training.data.image_datasets import image_folder_dataset
 
@@ -150,13 +152,14 @@ def test_classification_refuses_data_whose_classes_are_not_the_models(tmp_path):
     model.config.id2label = {0: "a", 1: "b", 2: "c", 3: "d"}
     model.config.label2id = {"a": 0, "b": 1, "c": 2, "d": 3}
     good = write_image_folder(tmp_path / "good", per_class=1, class_names=["a", "b", "c", "d"])
-    assert evaluate_classification(model, image_folder_dataset(good), num_workers=0)["num_samples"] == 4
+    options = ClassificationOptions(num_workers=0)
+    assert evaluate_classification(model, image_folder_dataset(good), options)["num_samples"] == 4
     renamed = write_image_folder(tmp_path / "renamed", per_class=1, class_names=["a", "b", "cat", "d"])
     with pytest.raises(ValueError, match=r"not the model's labels.*label 2: 'cat' in the data, 'c' in the model"):
-        evaluate_classification(model, image_folder_dataset(renamed), num_workers=0)
+        evaluate_classification(model, image_folder_dataset(renamed), options)
     fewer = write_image_folder(tmp_path / "fewer", per_class=1, class_names=["a", "b", "c"])
     with pytest.raises(ValueError, match="not the model's labels"):
-        evaluate_classification(model, image_folder_dataset(fewer), num_workers=0)
+        evaluate_classification(model, image_folder_dataset(fewer), options)
 
 
 def test_noise_report_refuses_data_whose_classes_are_not_the_models(tmp_path):
@@ -168,7 +171,9 @@ def test_noise_report_refuses_data_whose_classes_are_not_the_models(tmp_path):
     model.config.id2label = {0: "a", 1: "b", 2: "c", 3: "d"}
     data = write_image_folder(tmp_path / "data", per_class=1, class_names=["d", "e", "f", "g"])
     with pytest.raises(ValueError, match="not the model's labels"):
-        noise_report.build_noise_report(model, image_folder_dataset(data), num_workers=0)
+        noise_report.build_noise_report(
+            model, image_folder_dataset(data), noise_report.NoiseReportOptions(num_workers=0)
+        )
 
 
 # --- shards -----------------------------------------------------------------------------------------------------

@@ -260,7 +260,8 @@ def test_lowshot_svm_places205_matches_sklearn(workspace):
     model = load_model(workspace["model"])
     view = transforms_from_config(model.config)
     train, test = places205_dataset(places, "train", view), places205_dataset(places, "val", view)
-    metrics = lowshot_svm.evaluate_lowshot_svm(model, "places205", train, test, shots=(1, 4), runs=2, num_workers=0)
+    options = lowshot_svm.LowShotOptions(shots=(1, 4), runs=2, num_workers=0)
+    metrics = lowshot_svm.evaluate_lowshot_svm(model, "places205", train, test, options)
     train_x = l2_normalize(extract_features(model, train, ("pooled",), num_workers=0, progress=False).pooled)
     test_x = l2_normalize(extract_features(model, test, ("pooled",), num_workers=0, progress=False).pooled)
     for k, runs in lowshot_svm.sample_low_shot_runs(train.labels, (1, 4), runs=2, seed=0).items():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from PIL import Image
 
 from evaluation import noise_report, noise_report_card
@@ -78,9 +79,8 @@ def noisy_data():
 @pytest.mark.parametrize("ood_rule", ["official", "prototype_distance"])
 def test_noise_report_follows_training_rule(noisy_data, tmp_path, ood_rule):
     model_dir = save_noise_model(tmp_path / "model", noisy_data, ood_rule=ood_rule)
-    summary = noise_report.write_noise_report(
-        model_dir, noisy_data, tmp_path / "out", batch_size=10, num_workers=0, decision_rule="training"
-    )
+    options = noise_report.NoiseReportOptions(batch_size=10, num_workers=0, decision_rule="training")
+    summary = noise_report.write_noise_report(model_dir, noisy_data, tmp_path / "out", options)
     report = datasets.load_from_disk(str(tmp_path / "out"))
 
     model = load_model(model_dir)
@@ -126,12 +126,13 @@ def test_noise_report_follows_training_rule(noisy_data, tmp_path, ood_rule):
 
 def test_prototype_distance_drops_more(noisy_data, tmp_path):
     """Same weights and thresholds: the prototype-distance rule drops a superset of the official rule's OOD."""
+    options = noise_report.NoiseReportOptions(num_workers=0)
     official = noise_report.build_noise_report(
-        load_model(save_noise_model(tmp_path / "a", noisy_data)), noisy_data, num_workers=0
+        load_model(save_noise_model(tmp_path / "a", noisy_data)), noisy_data, options
     )
     strict_model = load_model(tmp_path / "a")
     strict_model.config.ood_rule = "prototype_distance"
-    strict = noise_report.build_noise_report(strict_model, noisy_data, num_workers=0)
+    strict = noise_report.build_noise_report(strict_model, noisy_data, options)
     official_ood = np.asarray(official["training_rule_decision"]) == "ood"
     strict_ood = np.asarray(strict["training_rule_decision"]) == "ood"
     assert (strict_ood >= official_ood).all() and strict_ood.sum() > official_ood.sum()
@@ -172,13 +173,16 @@ def test_each_process_scores_a_contiguous_share_with_dataset_wide_ids(monkeypatc
     keep the dataset's ids and ground truth, not positions within the share."""
     dataset = noisy_hf_dataset(11)
     model = tiny_model(seed=1)
-    whole = noise_report.build_noise_report(model, dataset, batch_size=4, num_workers=0).to_dict()
-    monkeypatch.setattr(noise_report, "world_size", lambda: world)
+    options = noise_report.NoiseReportOptions(batch_size=4, num_workers=0)
+    whole = noise_report.build_noise_report(model, dataset, options).to_dict()
+    state = PartialState()  # one process here: `gather_object` passes each share through as that process's report
+    monkeypatch.setattr(state, "num_processes", world)
     shares = []
     for process in range(world):
-        monkeypatch.setattr(noise_report, "rank", lambda process=process: process)
-        shares.append(noise_report.build_noise_report(model, dataset, batch_size=4, num_workers=0).to_dict())
-    assert [len(share["id"]) for share in shares] == [(p + 1) * 11 // world - p * 11 // world for p in range(world)]
+        monkeypatch.setattr(state, "process_index", process)
+        shares.append(noise_report.build_noise_report(model, dataset, options).to_dict())
+    # accelerate's split: the first 11 % world processes take one row more.
+    assert [len(share["id"]) for share in shares] == [11 // world + (p < 11 % world) for p in range(world)]
     # The per-sample columns; the neighbour scores need every embedding and are computed after the gather.
     per_sample = [c for c in whole if c not in (*noise_report.SCORE_COLUMNS, "decision", "suggested_label")]
     for column in per_sample:
@@ -196,7 +200,9 @@ DOCUMENTED_COLUMNS = [name for name, _ in noise_report_card.COLUMN_DOCS]
 
 def test_report_reloads_as_a_dataset_with_the_documented_columns(noisy_data, tmp_path):
     model = tiny_model(seed=1)
-    summary = noise_report.write_noise_report(model, noisy_data, tmp_path / "out", batch_size=10, num_workers=0)
+    summary = noise_report.write_noise_report(
+        model, noisy_data, tmp_path / "out", noise_report.NoiseReportOptions(batch_size=10, num_workers=0)
+    )
     report = datasets.load_from_disk(str(tmp_path / "out"))
     assert report.column_names == DOCUMENTED_COLUMNS  # every documented column, in the documented order
     assert len(report) == 32 and report["id"] == noisy_data["path"]
@@ -232,8 +238,8 @@ def test_dataset_card_renders_for_its_reader(noisy_data, tmp_path):
 
     model = tiny_model(seed=1)
     summary = noise_report.write_noise_report(
-        model, noisy_data, tmp_path / "out", batch_size=10, num_workers=0, data_description="web crawl v3",
-        model_name="org/web-model",
+        model, noisy_data, tmp_path / "out", noise_report.NoiseReportOptions(batch_size=10, num_workers=0),
+        data_description="web crawl v3", model_name="org/web-model",
     )  # fmt: skip
     card = DatasetCard.load(tmp_path / "out" / "README.md")
     assert "noisy-labels" in card.data.tags and card.data.task_categories == ["image-classification"]
@@ -256,7 +262,9 @@ def test_dataset_card_renders_for_its_reader(noisy_data, tmp_path):
 
     # Data without ground truth: no section that would have nothing to say.
     plain = noisy_data.remove_columns(["true_label", "is_ood"])
-    noise_report.write_noise_report(model, plain, tmp_path / "plain", batch_size=10, num_workers=0)
+    noise_report.write_noise_report(
+        model, plain, tmp_path / "plain", noise_report.NoiseReportOptions(batch_size=10, num_workers=0)
+    )
     plain_card = (tmp_path / "plain" / "README.md").read_text()
     assert "Against the ground truth" not in plain_card
     assert "Scored by a MoPro model that was not saved." in plain_card  # built in memory, no folder to name
@@ -301,7 +309,9 @@ def test_push_publishes_the_report_and_the_model_card_links_it(noisy_data, tmp_p
     monkeypatch.setattr(HfApi, "upload_file", upload)
     monkeypatch.setattr(HfApi, "upload_folder", upload)
     model = tiny_model(seed=1)
-    noise_report.write_noise_report(model, noisy_data, tmp_path / "out", batch_size=10, num_workers=0)
+    noise_report.write_noise_report(
+        model, noisy_data, tmp_path / "out", noise_report.NoiseReportOptions(batch_size=10, num_workers=0)
+    )
     url = noise_report.push_noise_report(tmp_path / "out", "org/web-noise")
     assert url == "https://huggingface.co/datasets/org/web-noise"
     flagged = len(datasets.load_from_disk(str(tmp_path / "out" / "flagged_images")))
@@ -369,7 +379,9 @@ def test_an_untrusted_ood_fit_is_said_in_summary_card_gallery_and_output(noisy_d
     from evaluation import noise_scores as scores_module
 
     monkeypatch.setattr(scores_module, "MAX_DIP", -1.0)
-    summary = noise_report.write_noise_report(tiny_model(seed=1), noisy_data, tmp_path / "out", num_workers=0)
+    summary = noise_report.write_noise_report(
+        tiny_model(seed=1), noisy_data, tmp_path / "out", noise_report.NoiseReportOptions(num_workers=0)
+    )
     assert summary["ood_fallback"] is True and summary["ood_fallback_rule"] == scores_module.FALLBACK_OOD_RULE
     assert summary["fraction_ood"] <= scores_module.FALLBACK_MAX_SHARE
     warning = summary["warning"]

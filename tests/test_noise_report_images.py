@@ -29,10 +29,10 @@ def written(tmp_path_factory):
     data = noisy_hf_dataset(num_samples=32)
     model_dir = save_noise_model(root / "model", data)
     out = root / "report"
-    summary = noise_report.write_noise_report(
-        model_dir, data, out, batch_size=16, num_workers=0, decision_rule="training",
-        flagged_images_per_class=32, thumbnail_size=24,
-    )  # fmt: skip
+    options = noise_report.NoiseReportOptions(
+        batch_size=16, num_workers=0, decision_rule="training", flagged_images_per_class=32, thumbnail_size=24
+    )
+    summary = noise_report.write_noise_report(model_dir, data, out, options)
     return data, out, summary, model_dir
 
 
@@ -95,9 +95,10 @@ def test_flagged_images_load_as_the_hub_configuration(written, tmp_path):
 def test_top_n_per_class_by_score(written, tmp_path):
     data, _, _, model_dir = written
     out = tmp_path / "report"
-    noise_report.write_noise_report(
-        model_dir, data, out, batch_size=16, num_workers=0, decision_rule="training", flagged_images_per_class=1
+    options = noise_report.NoiseReportOptions(
+        batch_size=16, num_workers=0, decision_rule="training", flagged_images_per_class=1
     )
+    noise_report.write_noise_report(model_dir, data, out, options)
     report = datasets.load_from_disk(str(out))
     flagged = datasets.load_from_disk(str(out / gallery.FLAGGED_CONFIG))
     given, decision = np.asarray(report["given_label"]), np.asarray(report["decision"])
@@ -116,7 +117,8 @@ def test_top_n_per_class_by_score(written, tmp_path):
 def test_no_images_when_asked(written, tmp_path, capsys):
     data, _, _, model_dir = written
     out = tmp_path / "report"
-    noise_report.write_noise_report(model_dir, data, out, batch_size=16, num_workers=0, flagged_images_per_class=0)
+    options = noise_report.NoiseReportOptions(batch_size=16, num_workers=0, flagged_images_per_class=0)
+    noise_report.write_noise_report(model_dir, data, out, options)
     assert not (out / gallery.FLAGGED_CONFIG).exists() and not (out / gallery.GALLERY_FILE).exists()
     assert "configs" not in (out / "README.md").read_text()
     # Bad bounds: a one-line error before any scoring (exit 2), as every flag of the command.
@@ -131,7 +133,8 @@ def test_no_images_when_asked(written, tmp_path, capsys):
 def test_sizes_are_printed(written, tmp_path, capsys):
     data, _, _, model_dir = written
     out = tmp_path / "report"
-    noise_report.write_noise_report(model_dir, data, out, batch_size=16, num_workers=0, decision_rule="training")
+    options = noise_report.NoiseReportOptions(batch_size=16, num_workers=0, decision_rule="training")
+    noise_report.write_noise_report(model_dir, data, out, options)
     printed = capsys.readouterr().out
     size = gallery.folder_size([out / gallery.FLAGGED_CONFIG, out / gallery.THUMBNAIL_DIR, out / gallery.GALLERY_FILE])
     assert f"{size / 1e6:.2f} MB" in printed and "12 OOD per class, 96-px JPEG thumbnails" in printed
@@ -147,9 +150,8 @@ def test_local_card_names_the_model_by_absolute_path_and_the_pushed_card_never(w
     monkeypatch.chdir(model_dir.parent)
     out = tmp_path / "report"
     # A relative model folder, as run_mopro passes its --output_dir.
-    noise_report.write_noise_report(
-        model_dir.name, data, out, batch_size=16, num_workers=0, flagged_images_per_class=2
-    )
+    options = noise_report.NoiseReportOptions(batch_size=16, num_workers=0, flagged_images_per_class=2)
+    noise_report.write_noise_report(model_dir.name, data, out, options)
     local = (out / "README.md").read_text()
     assert f"Scored by the MoPro model `{model_dir.resolve()}`." in local
     assert f"<code>{model_dir.resolve()}</code>" in (out / gallery.GALLERY_FILE).read_text()  # the page too

@@ -484,7 +484,7 @@ def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArgum
     the main process gathers the rows and writes them, and every process returns the summary. A 2.4M-image
     training set scored by the main process alone would outlast the other processes' barrier timeout."""
     from evaluation.model_card import describe_training_data
-    from evaluation.noise_report import write_noise_report
+    from evaluation.noise_report import NoiseReportOptions, write_noise_report
 
     if isinstance(train_dataset, torch.utils.data.IterableDataset):
         # A stream cannot be split into exact shares: the same source, read map-style (paths, or cached shards).
@@ -496,11 +496,13 @@ def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArgum
         model,
         train_dataset,
         output_dir=os.path.join(training_args.output_dir, "noise_report"),
-        batch_size=training_args.per_device_eval_batch_size,
-        num_workers=training_args.dataloader_num_workers,
-        device=training_args.device,
-        image_column=data_args.image_column_name,
-        label_column=data_args.label_column_name,
+        options=NoiseReportOptions(
+            batch_size=training_args.per_device_eval_batch_size,
+            num_workers=training_args.dataloader_num_workers,
+            device=training_args.device,
+            image_column=data_args.image_column_name,
+            label_column=data_args.label_column_name,
+        ),
         data_description=f"the training set of {describe_training_data({'data_args': vars(data_args)}).name}",
         model_name=training_args.output_dir,  # where the model is saved
         passed_over=passed_over_counts(data_args.train_dir) if data_args.train_dir else None,

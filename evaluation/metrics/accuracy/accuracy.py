@@ -2,13 +2,14 @@
 
     evaluate.load("evaluation/metrics/accuracy")   # or the path of this file
 
-`evaluate.load("accuracy")` fetches its script from the Hub. This module computes the same quantity (the fraction of
-predictions equal to their reference), as `evaluation.classification` reports it in percent.
+`evaluate.load("accuracy")` fetches its script from the Hub. This module is only the `evaluate` face of the project's
+one accuracy, `evaluation.classification.topk_accuracy` (as a fraction here, in percent there).
 """
 
 import datasets
 import evaluate
-import numpy as np
+
+from evaluation.classification import topk_accuracy
 
 _DESCRIPTION = "Top-1 accuracy: the fraction of predicted class ids equal to the reference class ids."
 _INPUTS = """
@@ -33,9 +34,4 @@ class Accuracy(evaluate.Metric):
         )
 
     def _compute(self, predictions, references) -> dict[str, float]:
-        predictions, references = np.asarray(predictions), np.asarray(references)
-        if predictions.shape != references.shape or predictions.size == 0:
-            raise ValueError(
-                f"accuracy needs as many predictions as references (>0), got {predictions.shape} and {references.shape}."
-            )
-        return {"accuracy": float((predictions == references).mean())}
+        return {"accuracy": topk_accuracy(predictions, references, (1,))["top1"] / 100}
