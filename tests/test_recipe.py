@@ -217,3 +217,22 @@ def test_classifier_retrain_recipe_is_official():
     assert defaults["epochs"] == 16 and defaults["batch_size"] == 256 and defaults["learning_rate"] == 0.01
     assert defaults["gamma"] == 0.1 and tuple(defaults["milestones"]) == (5, 10)
     assert defaults["momentum"] == 0.9 and defaults["weight_decay"] == 0.0 and defaults["finetune"] is False
+
+
+def test_every_model_hyperparameter_is_declared_once_in_the_config():
+    """`ModelArguments`, the field tuples and the plan's recipe rows come from `MoProConfig`: a new config field is a
+    flag (with the config's own help text), and an official model value is the config's default."""
+    import dataclasses
+
+    from modeling_mopro import MoProConfig
+    from training.arguments import ARCHITECTURE_FIELDS, HYPERPARAMETER_FIELDS, MODEL_FIELDS, ModelArguments
+
+    own = [f.name for f in dataclasses.fields(MoProConfig) if f.name in vars(MoProConfig)["__annotations__"]]
+    assert list(MODEL_FIELDS) == own and sorted(ARCHITECTURE_FIELDS + HYPERPARAMETER_FIELDS) == sorted(own)
+    flags = {f.name: f for f in dataclasses.fields(ModelArguments)}
+    for name in own:
+        assert flags[name].default is None  # "not given": a loaded model keeps its own value
+        assert flags[name].metadata["help"].split()[0] in MoProConfig.__doc__
+    assert "EMA coefficient of the momentum encoder" in flags["encoder_momentum"].metadata["help"]
+    for name in ("backbone", "queue_size", "alpha", "backbone_zero_init_last"):
+        assert plan.OFFICIAL_RECIPE[name][0] == getattr(MoProConfig(), name)

@@ -70,12 +70,13 @@ def _config_field_docs() -> dict[str, str]:
 
 
 # The MoPro hyperparameters, declared once: `MoProConfig`'s own fields (in its order).
-MODEL_FIELDS = tuple(name for name, kind in vars(MoProConfig)["__annotations__"].items() if "ClassVar" not in kind)
+_CONFIG_FIELDS = vars(MoProConfig)["__annotations__"]
+MODEL_FIELDS = tuple(name for name, kind in _CONFIG_FIELDS.items() if "ClassVar" not in str(kind))
 _FLAG_TYPES = {"str": str, "int": int, "float": float, "bool": bool}  # anything else (a dict) is given as JSON
 
 
 def _model_argument(name: str, doc: str) -> tuple:
-    kind = vars(MoProConfig)["__annotations__"][name]
+    kind = str(_CONFIG_FIELDS[name])
     default = MoProConfig.__dataclass_fields__[name].default
     help_text = f"{doc} {'' if kind in _FLAG_TYPES else 'Given as JSON. '}Unset: {default!r} for a new model."
     help_text = help_text.replace("%", "%%")  # argparse formats help with %
