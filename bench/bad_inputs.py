@@ -202,12 +202,14 @@ class Setup:
 
     @cached_property
     def trained_run(self) -> Path:
-        """A finished tiny training run into the demo's default output folder (relative to its working folder),
-        with a checkpoint at step 2."""
+        """A finished tiny training run into its default output folder (relative to its working folder), with a
+        checkpoint at step 2: `--train_dir` without a YAML file takes the own-data recipe, so its `output_dir`."""
+        import yaml
+
         cwd = self.path("default_cwd")
         cwd.mkdir(parents=True)
         run_command("run_mopro", self.train("--save_strategy", "steps", "--save_steps", "2"), cwd, timeout=300)
-        out = cwd / "outputs" / "mopro-fashion-mnist-demo"
+        out = cwd / yaml.safe_load((REPO / "training" / "configs" / "own_data.yaml").read_text())["output_dir"]
         if not (out / "checkpoint-2").is_dir():
             raise RuntimeError(f"the setup's training run wrote no checkpoint-2 in {out}")
         return out

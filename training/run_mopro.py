@@ -480,7 +480,7 @@ def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArgum
     """Per-sample noise decisions of the trained model on the training set, scored against the ground truth
     when the dataset keeps it (the demo does; the columns never reach training).
 
-    Call it in every process: each one scores its own contiguous share (`evaluation.noise_report.process_share`),
+    Call it in every process: each one scores its own contiguous share (`PartialState.split_between_processes` in `evaluation.noise_report`),
     the main process gathers the rows and writes them, and every process returns the summary. A 2.4M-image
     training set scored by the main process alone would outlast the other processes' barrier timeout."""
     from evaluation.model_card import describe_training_data

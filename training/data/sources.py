@@ -444,7 +444,7 @@ def training_set_for_report(data_args: object | None = None, seed: int = 42, **o
     """The training set of a streamed run as a map-style dataset, for the noise report at the end of training.
 
     The report scores every training sample exactly once, in contiguous shares per process
-    (`evaluation.noise_report.process_share`), which a stream cannot give. The same source is read without
+    (`PartialState.split_between_processes` in `evaluation.noise_report`), which a stream cannot give. The same source is read without
     streaming: a WebVision file list (paths only), `make_shards` shards converted once into the `datasets` cache
     (the disk of the shards again), the demo or an image folder in memory, a Hub dataset downloaded. A ``path``
     column names each sample where the source knows it (WebVision: the path relative to the root, as the official
