@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
-from modeling_mopro import correct_noisy_labels, far_from_prototypes
+from modeling_mopro import correct_noisy_labels, far_from_prototypes, neighbour_label_vote
 from modeling_mopro.cli import check_output_dir, positive_int
 from training.data.image_datasets import (
     DATA_FORMATS,
@@ -91,7 +91,7 @@ from .gallery import (
     write_gallery,
 )
 from .noise_report_card import noise_report_card
-from .noise_scores import DECISIONS, FALLBACK_OOD_RULE, ScoredSamples, noise_scores
+from .noise_scores import DECISIONS, FALLBACK_OOD_RULE, ScoredSamples, nearest_neighbours, noise_scores
 
 DECISION_RULES = ("fitted", "training")
 SCORE_COLUMNS = ("label_quality", "ood_score", "label_issue_probability", "ood_probability")
@@ -122,6 +122,7 @@ def noise_decisions(
     prototypes: torch.Tensor,
     labels: np.ndarray | torch.Tensor,
     config,
+    neighbour_vote: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """The training-time correction rule applied offline, with the scores behind it.
 
@@ -131,6 +132,7 @@ def noise_decisions(
         prototypes: (K, D) class prototypes.
         labels: (N,) given labels.
         config: a `MoProConfig` (alpha, pseudo_label_threshold, temperature, ood_rule, ood_similarity_threshold).
+        neighbour_vote: (N, K) the neighbours' vote of the `queue_vote` rule, mixed in with `config.queue_vote_weight`.
 
     Returns:
         numpy arrays: `corrected_label`, `kept`, `decision` (index into DECISIONS), `prob_given_label`,
@@ -142,8 +144,10 @@ def noise_decisions(
     labels = torch.as_tensor(labels).long()
     similarities = embeddings @ prototypes.T  # (N, K), as `prototype_logits` before the temperature
     prototype_logits = similarities / config.temperature
+    weight = getattr(config, "queue_vote_weight", 0.0) if neighbour_vote is not None else 0.0
+    vote = None if neighbour_vote is None else neighbour_vote.float().cpu()
     corrected, kept = correct_noisy_labels(
-        logits, prototype_logits, labels, config.alpha, config.pseudo_label_threshold
+        logits, prototype_logits, labels, config.alpha, config.pseudo_label_threshold, None, vote, weight
     )
     if config.ood_rule == "prototype_distance":
         kept = kept & ~far_from_prototypes(embeddings, prototypes, config.ood_similarity_threshold)
@@ -271,9 +275,6 @@ def _build_noise_report(model, dataset, options: NoiseReportOptions, id_column: 
         )
     if features.logits is None:
         raise ValueError("the noise report needs a model with a classifier")
-    training_rule = noise_decisions(
-        features.logits, features.embeddings, base.prototypes, features.labels, model.config
-    )
     if features.skipped_ids and extra:  # the ground-truth rows of the skipped images go too
         position = {sample_id: k for k, sample_id in enumerate(dataset.ids)}
         kept = np.ones(len(dataset), dtype=bool)
@@ -284,10 +285,8 @@ def _build_noise_report(model, dataset, options: NoiseReportOptions, id_column: 
         columns["sample_id"] = extra.pop("sample_id")
     columns.update(
         given_label=features.labels.astype(np.int64),
-        training_rule_decision=[DECISIONS[d] for d in training_rule["decision"]],
-        training_rule_label=training_rule["corrected_label"].astype(np.int64),
-        **{k: training_rule[k].astype(np.float32) for k in ("prob_given_label", "max_prototype_similarity")},
         embeddings=features.embeddings,  # gathered for the dataset-wide scores below, then dropped
+        logits=features.logits,  # gathered for the training rule, whose `queue_vote` needs every sample too
     )  # fmt: skip
     columns.update(extra)
     shares = gather_object([(columns, list(features.skipped_ids))])  # every process's, in process order
@@ -301,10 +300,23 @@ def _build_noise_report(model, dataset, options: NoiseReportOptions, id_column: 
     }
     # The neighbour vote needs every sample's embedding: scored on the main process, on the model's device.
     embeddings = torch.as_tensor(columns.pop("embeddings"), device=next(model.parameters()).device)
+    logits, config = columns.pop("logits"), model.config
     fitted = noise_scores(
-        embeddings, columns["given_label"], model.config.num_labels, model.config.temperature,
+        embeddings, columns["given_label"], config.num_labels, config.temperature,
         options.num_neighbours, options.max_reference,
     )  # fmt: skip
+    vote = None  # `queue_vote` votes over the training queue's keys; offline, the dataset's own embeddings stand in
+    if getattr(config, "noise_correction_rule", "official") == "queue_vote":
+        similarities, neighbours = nearest_neighbours(embeddings, config.queue_vote_k, options.max_reference)
+        given = torch.as_tensor(columns["given_label"], device=embeddings.device)
+        vote = neighbour_label_vote(similarities, given[neighbours], config.num_labels, config.temperature)
+    rule = noise_decisions(logits, embeddings.cpu(), base.prototypes, columns["given_label"], config, vote)
+    columns = {  # before the ground truth, as the report's columns have always been ordered
+        "training_rule_decision": [DECISIONS[d] for d in rule["decision"]],
+        "training_rule_label": rule["corrected_label"].astype(np.int64),
+        **{k: rule[k].astype(np.float32) for k in ("prob_given_label", "max_prototype_similarity")},
+        **columns,
+    }
     if options.decision_rule == "fitted":
         suggested, decision = fitted["suggested_label"], [DECISIONS[d] for d in fitted["decision"]]
     else:

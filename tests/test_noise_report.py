@@ -16,7 +16,7 @@ from PIL import Image
 from evaluation import noise_report, noise_report_card
 from evaluation.features import extract_features, load_model
 from evaluation.noise_scores import noise_scores
-from modeling_mopro import correct_noisy_labels, far_from_prototypes
+from modeling_mopro import correct_noisy_labels, far_from_prototypes, neighbour_label_vote
 from tests.fixtures_eval import forbid_hub_network, noisy_hf_dataset, tiny_model, write_image_folder
 from training.data.image_datasets import (
     hf_image_dataset,
@@ -471,3 +471,29 @@ def test_run_mopro_report_names_files_and_its_pseudo_labels_retrain_the_classifi
     from training.data.image_datasets import apply_pseudo_labels
 
     assert apply_pseudo_labels(image_folder_dataset(data), annotation).labels.tolist() == pseudo["labels"]
+
+
+def test_noise_report_training_rule_follows_queue_vote(noisy_data, tmp_path):
+    """A model trained with `noise_correction_rule="queue_vote"`: the report's training rule mixes in the neighbours'
+    vote of the given labels (the dataset's own embeddings standing in for the queue, each sample left out of its
+    own vote), with the config's k and weight -- not the official rule the model was not trained with."""
+    overrides = {"noise_correction_rule": "queue_vote", "queue_vote_k": 5, "queue_vote_weight": 0.9}
+    model_dir = save_noise_model(tmp_path / "model", noisy_data, **overrides)
+    options = noise_report.NoiseReportOptions(batch_size=10, num_workers=0, decision_rule="training")
+    noise_report.write_noise_report(model_dir, noisy_data, tmp_path / "out", options)
+    report = datasets.load_from_disk(str(tmp_path / "out"))
+
+    model = load_model(model_dir)
+    official, _, outputs, prototype_logits, labels = reference_decisions(model, noisy_data)
+    cosine = outputs.embeddings @ outputs.embeddings.T
+    cosine.fill_diagonal_(float("-inf"))
+    similarities, neighbours = cosine.topk(5, dim=1)
+    vote = neighbour_label_vote(similarities, labels[neighbours], model.config.num_labels, model.config.temperature)
+    corrected, kept = correct_noisy_labels(
+        outputs.logits, prototype_logits, labels, model.config.alpha, model.config.pseudo_label_threshold, None,
+        vote, 0.9,
+    )  # fmt: skip
+    names = np.where(~kept.numpy(), "ood", np.where((corrected != labels).numpy(), "relabelled", "clean"))
+    assert names.tolist() != official.tolist()  # the vote changes decisions here: the test can tell the rules apart
+    assert report["training_rule_decision"] == report["decision"] == names.tolist()
+    assert report["training_rule_label"] == corrected.tolist()
