@@ -177,6 +177,26 @@ def test_the_plan_prints_the_sources(small_images, capsys):
     text = capsys.readouterr().out
     lines = text.splitlines()
     assert lines[0] == "values from (a later source wins):"
-    assert lines[1].startswith("  demo.yaml (no YAML file and no --train_dir/--dataset_name: the offline demo): ")
+    assert lines[1].startswith("  demo.yaml (no YAML file and no data source given: the offline demo): ")
     assert lines[2].startswith("  built-in defaults (") and "resolution rule" not in text
     assert "config                   training/configs/demo.yaml" in text
+
+
+@pytest.mark.parametrize(
+    "argv,config",
+    [
+        (["--webvision_dir", "/data/webvision"], "webvision_v1_r50.yaml"),
+        (["--webvision_dir", "/data/webvision", "--webvision_version", "v2"], "webvision_v2_r50.yaml"),
+        (["--webvision_dir=/data/webvision", "--webvision_version=v2"], "webvision_v2_r50.yaml"),
+        (["--shard_dir", "/data/shards"], "own_data.yaml"),
+    ],
+)
+def test_webvision_and_shards_without_yaml_never_get_the_demo_config(argv, config):
+    """Every data source but the demo's own takes a recipe made for it: WebVision its official one (of the version
+    given), shards the own-data recipe (224 px: shards are not sampled for the resolution rule), logged as such."""
+    model_args, data_args, training_args = parse_args(argv)
+    assert Path(model_args.config_file).name == config
+    assert model_args.config_sources[0].name == config
+    assert "no YAML file and --" in model_args.config_sources[0].why
+    shipped = yaml.safe_load((DEMO_CONFIG.parent / config).read_text())
+    assert model_args.image_size == shipped["image_size"] == 224 and model_args.backbone == shipped["backbone"]

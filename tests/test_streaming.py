@@ -212,8 +212,10 @@ def webvision_dir(tmp_path: Path, num_classes: int = 3) -> Path:
     return root
 
 
+# The demo's YAML file named, as these runs had it before `--shard_dir` / `--webvision_dir` without one took their own
+# recipes (a tiny model on CPU processes either way; `use_cpu` comes from it).
 STREAMED_RUN = [
-    *MODEL, "--image_size", "16", "--streaming", "true", "--samples_per_epoch", "16", "--max_steps", "6",
+    str(REPO / "training" / "configs" / "demo.yaml"), *MODEL, "--image_size", "16", "--streaming", "true", "--samples_per_epoch", "16", "--max_steps", "6",
     "--global_batch_size", "4", "--per_device_eval_batch_size", "4", "--dataloader_num_workers", "0",
     "--eval_strategy", "epoch", "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true",
     "--prototype_start_epoch", "0", "--noise_correction_start_epoch", "1", "--noise_correction_schedule", "fixed",

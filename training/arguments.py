@@ -323,7 +323,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTra
     `model_args.config_sources` (`ConfigSource`s) says which source supplied which values."""
     cli = list(argv)
     given = {arg[2:].split("=", 1)[0] for arg in cli if arg.startswith("--")}
-    config_file, why = _default_config(given)
+    config_file, why = _default_config(given, cli)
     if cli and cli[0].endswith((".yaml", ".yml")):
         config_file, why = cli.pop(0), "the YAML file given"
     with open(config_file) as f:
@@ -353,7 +353,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTra
         else:
             model_args.image_size = rule.image_size
             from_yaml.remove("image_size")
-    name = resolved.name if resolved in (DEMO_CONFIG, OWN_DATA_CONFIG) else str(config_file)
+    name = resolved.name if resolved.parent == DEMO_CONFIG.parent else str(config_file)  # a shipped config: its name
     sources = [ConfigSource(name, why, tuple(from_yaml))]
     if rule is not None:
         sources.append(ConfigSource("resolution rule", rule.describe(), ("image_size",)))
@@ -365,13 +365,30 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTra
     return model_args, data_args, training_args
 
 
-def _default_config(given: set[str]) -> tuple[Path, str]:
-    """The config of a command without a YAML file, and why: the own-data recipe when the data is the user's
-    images, the demo's otherwise (no data source: the demo's own data; WebVision or shards: their own YAML files)."""
-    own = [name for name in OWN_DATA_SOURCES if name in given]
+def _default_config(given: set[str], cli: list[str]) -> tuple[Path, str]:
+    """The config of a command without a YAML file, and why: WebVision's official recipe for `--webvision_dir` (of
+    its `--webvision_version`), the own-data recipe for the user's images (`--train_dir`, `--dataset_name`, shards),
+    the demo's only without any data source (the demo's own data): never the demo's 32-px model on other data."""
+    if "webvision_dir" in given:
+        version = _flag_value(cli, "webvision_version") or DataArguments.webvision_version
+        config = DEMO_CONFIG.with_name(f"webvision_{version.lower()}_r50.yaml")
+        if config.is_file():  # an unknown version is left to the WebVision reader's error
+            return config, f"no YAML file and --webvision_dir given: the official recipe of WebVision {version}"
+    own = [name for name in (*OWN_DATA_SOURCES, "shard_dir") if name in given]
     if own:
         return OWN_DATA_CONFIG, f"no YAML file and --{own[0]} given: the recipe for real photos"
-    return DEMO_CONFIG, "no YAML file and no --train_dir/--dataset_name: the offline demo"
+    return DEMO_CONFIG, "no YAML file and no data source given: the offline demo"
+
+
+def _flag_value(cli: list[str], name: str) -> str | None:
+    """The last value given to `--name` (`--name value` or `--name=value`) on the command line, None if not given."""
+    value = None
+    for i, arg in enumerate(cli):
+        if arg == f"--{name}" and i + 1 < len(cli):
+            value = cli[i + 1]
+        elif arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def _check_yaml_booleans(config_file, values: dict, argument_classes) -> None:

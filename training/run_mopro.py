@@ -4,9 +4,10 @@
     accelerate launch training/run_mopro.py training/configs/webvision_v1_r50.yaml --webvision_dir /data/webvision
     python training/run_mopro.py training/configs/demo.yaml --baseline ce   # same data, plain CE
 
-A YAML file (first argument) gives defaults; without one, `training/configs/own_data.yaml` for `--train_dir` or
-`--dataset_name` (the recipe for real photos, its image size chosen from the images: `training/own_data.py`), else
-`training/configs/demo.yaml` (the offline demo). Command-line flags override it. Every `TrainingArguments` flag works.
+A YAML file (first argument) gives defaults; without one, `training/configs/webvision_<version>_r50.yaml` for
+`--webvision_dir`, `training/configs/own_data.yaml` for `--train_dir`, `--dataset_name` or `--shard_dir` (the recipe
+for real photos, its image size chosen from the images: `training/own_data.py`), else `training/configs/demo.yaml`
+(the offline demo, on its own data only). Command-line flags override it. Every `TrainingArguments` flag works.
 Where each value came from is logged at start (`training.plan` prints the same).
 """
 
