@@ -34,6 +34,11 @@ def run_command(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str]
             raise
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"error: {message}", file=sys.stderr)
+        # Leave torch.distributed's group before exiting: a process that exits with its gloo group alive races the
+        # peers' exits in gloo's threads and can abort (status -6, "terminate called") instead of exiting 2.
+        distributed = sys.modules.get("torch.distributed")
+        if distributed is not None and distributed.is_available() and distributed.is_initialized():
+            distributed.destroy_process_group()
         sys.exit(2)
 
 
