@@ -283,11 +283,16 @@ def _build_noise_report(model, dataset, options: NoiseReportOptions, id_column: 
     columns = {"id": features.ids}
     if "sample_id" in extra:
         columns["sample_id"] = extra.pop("sample_id")
-    columns.update(
-        given_label=features.labels.astype(np.int64),
-        embeddings=features.embeddings,  # gathered for the dataset-wide scores below, then dropped
-        logits=features.logits,  # gathered for the training rule, whose `queue_vote` needs every sample too
-    )  # fmt: skip
+    columns["given_label"] = features.labels.astype(np.int64)
+    # The training rule is per sample, so each process applies it to its share; only `queue_vote`'s neighbour vote
+    # needs every sample's embedding: then the (N, K) logits are gathered too and the rule runs after the gather.
+    queue_vote = getattr(model.config, "noise_correction_rule", "official") == "queue_vote"
+    if queue_vote:
+        columns["logits"] = features.logits
+    else:
+        rule = noise_decisions(features.logits, features.embeddings, base.prototypes, features.labels, model.config)
+        columns.update(_rule_columns(rule))
+    columns["embeddings"] = features.embeddings  # gathered for the dataset-wide scores below, then dropped
     columns.update(extra)
     shares = gather_object([(columns, list(features.skipped_ids))])  # every process's, in process order
     if state.use_distributed and not state.is_main_process:
@@ -300,23 +305,22 @@ def _build_noise_report(model, dataset, options: NoiseReportOptions, id_column: 
     }
     # The neighbour vote needs every sample's embedding: scored on the main process, on the model's device.
     embeddings = torch.as_tensor(columns.pop("embeddings"), device=next(model.parameters()).device)
-    logits, config = columns.pop("logits"), model.config
+    config = model.config
     fitted = noise_scores(
         embeddings, columns["given_label"], config.num_labels, config.temperature,
         options.num_neighbours, options.max_reference,
     )  # fmt: skip
-    vote = None  # `queue_vote` votes over the training queue's keys; offline, the dataset's own embeddings stand in
-    if getattr(config, "noise_correction_rule", "official") == "queue_vote":
-        similarities, neighbours = nearest_neighbours(embeddings, config.queue_vote_k, options.max_reference)
-        given = torch.as_tensor(columns["given_label"], device=embeddings.device)
-        vote = neighbour_label_vote(similarities, given[neighbours], config.num_labels, config.temperature)
-    rule = noise_decisions(logits, embeddings.cpu(), base.prototypes, columns["given_label"], config, vote)
-    columns = {  # before the ground truth, as the report's columns have always been ordered
-        "training_rule_decision": [DECISIONS[d] for d in rule["decision"]],
-        "training_rule_label": rule["corrected_label"].astype(np.int64),
-        **{k: rule[k].astype(np.float32) for k in ("prob_given_label", "max_prototype_similarity")},
-        **columns,
-    }
+    if queue_vote:  # the training queue's keys vote in training; offline, the dataset's own embeddings stand in
+        if config.queue_vote_k == options.num_neighbours:  # the fitted scores' evidence is that very vote
+            vote = torch.as_tensor(fitted["class_evidence"])
+        else:
+            similarities, neighbours = nearest_neighbours(embeddings, config.queue_vote_k, options.max_reference)
+            given = torch.as_tensor(columns["given_label"], device=embeddings.device)
+            vote = neighbour_label_vote(similarities, given[neighbours], config.num_labels, config.temperature)
+        rule = noise_decisions(
+            columns.pop("logits"), embeddings.cpu(), base.prototypes, columns["given_label"], config, vote
+        )
+        columns = {**_rule_columns(rule), **columns}  # before the ground truth, as in the per-process case
     if options.decision_rule == "fitted":
         suggested, decision = fitted["suggested_label"], [DECISIONS[d] for d in fitted["decision"]]
     else:
@@ -332,6 +336,15 @@ def _build_noise_report(model, dataset, options: NoiseReportOptions, id_column: 
         **columns,
     )
     return _BuiltReport(datasets.Dataset.from_dict(ordered), [i for _, ids in shares for i in ids], fitted)
+
+
+def _rule_columns(rule: dict[str, np.ndarray]) -> dict[str, list | np.ndarray]:
+    """The report's columns of the training rule's decisions (`noise_decisions`)."""
+    return {
+        "training_rule_decision": [DECISIONS[d] for d in rule["decision"]],
+        "training_rule_label": rule["corrected_label"].astype(np.int64),
+        **{k: rule[k].astype(np.float32) for k in ("prob_given_label", "max_prototype_similarity")},
+    }
 
 
 def _ratio(numerator: int, denominator: int) -> float | None:

@@ -473,13 +473,16 @@ def test_run_mopro_report_names_files_and_its_pseudo_labels_retrain_the_classifi
     assert apply_pseudo_labels(image_folder_dataset(data), annotation).labels.tolist() == pseudo["labels"]
 
 
-def test_noise_report_training_rule_follows_queue_vote(noisy_data, tmp_path):
+@pytest.mark.parametrize("num_neighbours", [5, 7])  # the report's own k: equal to the rule's (its vote reused) or not
+def test_noise_report_training_rule_follows_queue_vote(noisy_data, tmp_path, num_neighbours):
     """A model trained with `noise_correction_rule="queue_vote"`: the report's training rule mixes in the neighbours'
     vote of the given labels (the dataset's own embeddings standing in for the queue, each sample left out of its
     own vote), with the config's k and weight -- not the official rule the model was not trained with."""
     overrides = {"noise_correction_rule": "queue_vote", "queue_vote_k": 5, "queue_vote_weight": 0.9}
     model_dir = save_noise_model(tmp_path / "model", noisy_data, **overrides)
-    options = noise_report.NoiseReportOptions(batch_size=10, num_workers=0, decision_rule="training")
+    options = noise_report.NoiseReportOptions(
+        batch_size=10, num_workers=0, decision_rule="training", num_neighbours=num_neighbours
+    )
     noise_report.write_noise_report(model_dir, noisy_data, tmp_path / "out", options)
     report = datasets.load_from_disk(str(tmp_path / "out"))
 
