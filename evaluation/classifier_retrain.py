@@ -36,9 +36,7 @@ from training.data.image_datasets import (
     ImageLabelDataset,
     apply_pseudo_labels,
     collate_without_index,
-    hf_image_dataset,
-    image_folder_dataset,
-    load_hf_dataset,
+    image_dataset,
     pseudo_label_dataset,
     webvision_val_dataset,
 )
@@ -184,18 +182,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     if args.train_data_format == "files":
         train = pseudo_label_dataset(args.train_data_dir, args.annotation, train_view)
     else:
-        full = (
-            image_folder_dataset(args.train_data_dir, train_view)
-            if args.train_data_format == "imagefolder"
-            else hf_image_dataset(load_hf_dataset(args.train_data_dir, args.train_split), train_view)
-        )
+        full = image_dataset(args.train_data_format, args.train_data_dir, args.train_split, train_view)
         train = apply_pseudo_labels(full, args.annotation)
     test_view = transforms_from_config(config)
     evals = {}
     if args.webvision_dir:
         evals["webvision"] = webvision_val_dataset(args.webvision_dir, test_view, config.num_labels)
     if args.imagenet_dir:
-        evals["imagenet"] = image_folder_dataset(args.imagenet_dir, test_view)
+        evals["imagenet"] = image_dataset("imagefolder", args.imagenet_dir, None, test_view)
     options = ClassifierRetrainOptions.from_flags(args)
     results = classifier_retrain(args.model_name_or_path, train, evals, args.output_dir, options)
     for name, metrics in results.items():

@@ -76,6 +76,7 @@ from training.data.image_datasets import (
     dataset_from_arguments,
     hf_image_dataset,
 )
+from training.data.image_folder import passed_over_counts
 from training.data.transforms import transforms_from_config
 
 from .features import FeatureOptions, extract_features, load_model, mopro_parts
@@ -200,7 +201,9 @@ def with_report_ids(
         if id_column not in columns:
             raise ValueError(f"id column {id_column!r} is not in the data (columns: {', '.join(columns)})")
         return dataset, id_column, f"the data's `{id_column}` column"
-    if "path" not in columns and id_root is not None and image_column in columns:
+    if "path" in columns and id_root is not None:  # a file layout read from that folder (`load_source`)
+        return dataset, "path", f"paths relative to {os.path.abspath(id_root)}"
+    if id_root is not None and image_column in columns:
         root = os.path.abspath(id_root)
         paths = [_image_path(value) for value in dataset.select_columns([image_column])[image_column]]
         relative = [None if p is None else os.path.relpath(os.path.join(root, p), root) for p in paths]
@@ -765,9 +768,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     options = NoiseReportOptions.from_args(args, device=device, image_column="image", label_column="label")
     summary = write_noise_report(
         model, dataset, output_dir, options, data_description=description,
-        passed_over=getattr(dataset, "passed_over", None),
-        id_column=args.id_column if isinstance(dataset, datasets.Dataset) else None,
-        id_root=None if isinstance(dataset, datasets.Dataset) else args.data_dir,  # file layouts: paths under it
+        passed_over=passed_over_counts(args.data_dir) if args.data_format == "imagefolder" else None,
+        id_column=args.id_column,
+        id_root=args.data_dir if args.data_format in ("imagefolder", "webvision_val") else None,  # paths under it
     )  # fmt: skip
     if state.is_main_process:
         if args.push_to_hub:

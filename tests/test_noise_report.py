@@ -409,10 +409,11 @@ def test_report_ids_come_from_paths_an_id_column_or_row_indices(tmp_path):
         "b/b_1.png",
     ]
     assert source == f"paths relative to {os.path.abspath(folder)}"
-    # A `datasets` source: its file or id column when it has one, else the row index, said as such.
-    named = train.add_column("file_name", [f"img{i}.png" for i in range(4)])
+    # A `datasets` source without paths: its file or id column when it has one, else the row index, said as such.
+    plain = train.remove_columns("path")
+    named = plain.add_column("file_name", [f"img{i}.png" for i in range(4)])
     assert noise_report.with_report_ids(named)[1:] == ("file_name", "the data's `file_name` column")
-    _, column, source = noise_report.with_report_ids(train)
+    _, column, source = noise_report.with_report_ids(plain)
     assert column == "sample_id" and source.startswith("row indices (`sample_id`)")
     with pytest.raises(ValueError, match="id column 'name' is not in the data"):
         noise_report.with_report_ids(train, id_column="name")

@@ -28,11 +28,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from .image_folder import read_image_folder
+from .image_folder import passed_over_counts, read_image_folder
+from .sources import is_saved_dataset, load_source, with_webvision_paths
 from .transforms import MoProViewTransforms, decode_or_skip
 from .webvision import VAL_FILELIST, VAL_IMAGE_DIR, read_webvision_filelist
 
@@ -344,8 +346,6 @@ def hf_image_dataset(
 
     Ids come from `id_column`, else from a `path` or `sample_id` column when present, else the row positions.
     """
-    import datasets
-
     feature = dataset.features.get(image_column)
     if isinstance(feature, datasets.Image) and feature.decode:
         # Our decoder, in the workers: a bad file is then a logged skip, not a crash inside `datasets`.
@@ -356,23 +356,6 @@ def hf_image_dataset(
     names = getattr(dataset.features.get(label_column), "names", None)
     labels = np.asarray(list(dataset[label_column]))
     return ImageLabelDataset(_HFColumn(dataset, image_column), labels, ids, transform, names)
-
-
-def is_saved_dataset(path: Path) -> bool:
-    """Whether `path` is a `save_to_disk` folder (a `Dataset` or a `DatasetDict`)."""
-    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
-
-
-def load_hf_dataset(name_or_path: str, split: str = "train"):
-    """A `datasets.Dataset` from a `save_to_disk` folder, or `load_dataset(name_or_path, split=split)` (offline
-    this only works for local files or a filled cache)."""
-    import datasets
-
-    path = Path(name_or_path)
-    if is_saved_dataset(path):
-        loaded = datasets.load_from_disk(str(path))
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    return datasets.load_dataset(name_or_path, split=split)
 
 
 # ----------------------------------------------------------------------------------------------- script glue
@@ -408,6 +391,24 @@ def result_key(args: argparse.Namespace) -> str:
     )
 
 
+def image_dataset(
+    kind: str, root: str | os.PathLike, split: str | None, transform: Transform | None = None, **source
+) -> ImageLabelDataset:
+    """One split of a source read by the one dispatcher (`sources.load_source`, `**source` its options), as an
+    `ImageLabelDataset` whose ids are the files' paths relative to `root` where the layout has files."""
+    dataset, _ = load_source(kind, root, split, **source)
+    dataset = with_webvision_paths(dataset, root) if kind == "webvision" else dataset
+    return _image_label_dataset(dataset, kind, root, transform)
+
+
+def _image_label_dataset(dataset, kind: str, root, transform: Transform | None, id_column: str | None = None):
+    """A dispatcher's `datasets.Dataset` as an `ImageLabelDataset`; an image folder's keeps what its reader passed over."""
+    id_column = id_column or ("path" if "path" in dataset.column_names else None)
+    wrapped = hf_image_dataset(dataset, transform, id_column=id_column)
+    wrapped.passed_over = passed_over_counts(root) if kind == "imagefolder" else None
+    return wrapped
+
+
 def dataset_from_arguments(
     args: argparse.Namespace,
     transform: Transform,
@@ -416,16 +417,12 @@ def dataset_from_arguments(
     formats: Sequence[str] = DATA_FORMATS,
     keep_datasets: bool = False,
 ) -> tuple[Any, dict[int, str]]:
-    """The dataset of the `add_dataset_arguments` arguments and its class names (``{}`` if it names none): the source
-    dispatcher of the evaluation commands and the noise report. `auto` takes the first of `_AUTO_FORMATS` in
-    `formats` that fits, else an image folder, and writes it back to ``args``. WebVision lists and shards are read as
-    in training (`sources.load_source`). With `keep_datasets`, `datasets` data stays a `datasets.Dataset` ("image",
-    "label" and its other columns, which the noise report copies), else it becomes an `ImageLabelDataset`.
+    """The dataset of the `add_dataset_arguments` arguments and its classes, read by the one dispatcher
+    (`sources.load_source`): the evaluation commands' and the noise report's. `auto` takes the first of
+    `_AUTO_FORMATS` in `formats` that fits, else an image folder, and writes it back to ``args``. With
+    `keep_datasets`, the data stays a `datasets.Dataset` ("image", "label", "path" where the layout has files, and
+    its other columns, which the noise report copies), else it becomes an `ImageLabelDataset`.
     """
-    import datasets
-
-    from .sources import load_source, with_webvision_paths
-
     get = lambda name: getattr(args, f"{prefix}{name}")  # noqa: E731
     data_dir, data_format = get("data_dir"), get("data_format")
     path, split = Path(data_dir), get("split") or default_split
@@ -434,28 +431,20 @@ def dataset_from_arguments(
             (name for name, found in _AUTO_FORMATS if name in formats and found(path, split)), "imagefolder"
         )
         setattr(args, f"{prefix}data_format", data_format)
-    if data_format in ("webvision", "shards"):
-        version = getattr(args, "webvision_version", "v1")
-        dataset, id2label = load_source(data_format, path, split, webvision_version=version)
-        if data_format == "webvision":  # ids are paths relative to the root, as officially
-            dataset = with_webvision_paths(dataset, path)
-        names = [id2label[i] for i in range(len(id2label))]
-        dataset = dataset.cast_column("label", datasets.ClassLabel(names=names))
-        return (dataset if keep_datasets else hf_image_dataset(dataset, transform)), id2label
-    if data_format == "webvision_val":
-        dataset = webvision_val_dataset(path, transform)
-    elif data_format == "imagefolder":
-        dataset = image_folder_dataset(path, transform)
-    elif keep_datasets:
-        dataset = load_hf_dataset(data_dir, split)
-        if get("image_column") != "image" or get("label_column") != "label":
-            dataset = dataset.rename_columns({get("image_column"): "image", get("label_column"): "label"})
-        return dataset, dict(enumerate(getattr(dataset.features.get("label"), "names", None) or []))
-    else:
-        dataset = hf_image_dataset(
-            load_hf_dataset(data_dir, split), transform, get("image_column"), get("label_column"), get("id_column")
-        )
-    return dataset, dict(enumerate(dataset.classes or []))
+    kind = "webvision" if data_format == "webvision_val" else data_format  # a root with only the val list
+    dataset, id2label = load_source(
+        kind, data_dir, "validation" if data_format == "webvision_val" else split,
+        webvision_version=getattr(args, "webvision_version", "v1"), label_column=get("label_column"),
+    )  # fmt: skip
+    if kind == "webvision":  # ids are paths relative to the root, as officially; a val-only root names no class
+        dataset = with_webvision_paths(dataset, path)
+        if data_format == "webvision":
+            dataset = dataset.cast_column("label", datasets.ClassLabel(names=list(id2label.values())))
+    elif kind == "hf" and (get("image_column"), get("label_column")) != ("image", "label"):
+        dataset = dataset.rename_columns({get("image_column"): "image", get("label_column"): "label"})
+    if keep_datasets:
+        return dataset, id2label
+    return _image_label_dataset(dataset, kind, path, transform, get("id_column")), id2label
 
 
 # `auto`'s choices in order: the first format whose test holds for (data folder, split).
@@ -481,8 +470,7 @@ __all__ = [
     "file_list_dataset",
     "hf_image_dataset",
     "image_folder_dataset",
-    "is_saved_dataset",
-    "load_hf_dataset",
+    "image_dataset",
     "places205_dataset",
     "pseudo_label_dataset",
     "read_pseudo_labels",

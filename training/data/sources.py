@@ -41,8 +41,9 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, IterableDataset, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, IterableDataset, Value, load_dataset
 
 from .image_folder import read_image_folder
 from .make_shards import load_shards, read_id2label, shard_files
@@ -129,33 +130,28 @@ def _id2label_from_features(dataset: AnyDataset, label_column: str, source: str)
 
 
 def _from_hub(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset | None, dict[int, str]]:
-    splits = load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming)
-    if "train" not in splits:
-        raise ValueError(f"{args.dataset_name} has no train split (splits: {list(splits)})")
-    id2label = _id2label_from_features(splits["train"], args.label_column_name, args.dataset_name)
+    splits, id2label = load_source(
+        "hf", args.dataset_name, None, args.streaming, config_name=args.dataset_config_name,
+        label_column=args.label_column_name,
+    )  # fmt: skip
     eval_dataset = _eval_split(splits, args.dataset_name)
     if isinstance(eval_dataset, IterableDataset):  # evaluation is map-style (module docstring): load that split
-        eval_dataset = load_dataset(args.dataset_name, args.dataset_config_name, split=eval_dataset.split)
+        eval_dataset = load_hf_dataset(args.dataset_name, eval_dataset.split, args.dataset_config_name)
     return splits["train"], eval_dataset, id2label
 
 
-def _image_folder_dataset(root: str, class_names: list[str] | None = None) -> tuple[Dataset, list[str]]:
-    paths, labels, class_names = read_image_folder(root, class_names)
-    features = Features({"image": Image(decode=False), "label": ClassLabel(names=class_names)})
-    images = [{"bytes": None, "path": path} for path in paths]
-    return Dataset.from_dict({"image": images, "label": labels}, features=features), class_names
-
-
 def _from_image_folders(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset | None, dict[int, str]]:
-    # The reader and label rule of the evaluation scripts too (training/data/image_folder.py); the validation folder
-    # is labelled with the training folder's classes.
-    train, class_names = _image_folder_dataset(args.train_dir)
-    eval_dataset = _image_folder_dataset(args.validation_dir, class_names)[0] if args.validation_dir else None
+    # The validation folder is labelled with the training folder's classes.
+    train, id2label = load_source("imagefolder", args.train_dir)
+    validation = args.validation_dir and load_source(
+        "imagefolder", args.validation_dir, class_names=[*id2label.values()]
+    )
+    eval_dataset = validation[0] if validation else None
     if args.streaming:
         # Sample ids first: a streamed training set cannot number its samples afterwards.
         train = train.add_column("sample_id", np.arange(len(train), dtype=np.int64))
         train = train.to_iterable_dataset(num_shards=max(1, min(args.num_streaming_shards, len(train))))
-    return train, eval_dataset, dict(enumerate(class_names))
+    return train, eval_dataset, id2label
 
 
 def _from_webvision(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyDataset, dict[int, str]]:
@@ -170,21 +166,63 @@ def _from_webvision(args: DataArguments, seed: int) -> tuple[AnyDataset, AnyData
 def load_source(
     kind: str,
     root: str | os.PathLike,
-    split: str = "train",
+    split: str | None = "train",
     streaming: bool = False,
     webvision_version: str = "v1",
     num_streaming_shards: int = 64,
     seed: int | None = None,
-) -> tuple[AnyDataset, dict[int, str]]:
-    """One split of a WebVision root ("webvision") or a `make_shards` folder ("shards", checked first) and its classes:
-    their one reader, for training (`build_datasets`) and evaluation (`image_datasets.dataset_from_arguments`)."""
+    class_names: list[str] | None = None,
+    config_name: str | None = None,
+    label_column: str = "label",
+) -> tuple[AnyDataset | DatasetDict, dict[int, str]]:
+    """One split of a data source and its classes: the one dispatcher over the data layouts, for training
+    (`build_datasets`) and evaluation (`image_datasets.dataset_from_arguments`, which the noise report uses too).
+
+    Kinds (`SOURCE_KINDS`): "imagefolder" (`root/<class>/<image>`, `training.data.image_folder`; `class_names`
+    labels it with another folder's classes; a "path" column holds each file relative to `root`), "webvision" (a
+    WebVision root; split "validation" needs only `info/val_filelist.txt`), "shards" (a `make_shards` folder, every
+    shard checked first), "hf" (a `save_to_disk` folder or a `load_dataset` name; split None gives every split, as
+    a `DatasetDict`). Images stay undecoded; the columns are "image" and "label" except for "hf", which keeps the
+    dataset's own (its classes are read from `label_column`).
+    """
+    if kind == "imagefolder":
+        paths, labels, names = read_image_folder(root, class_names)
+        features = Features({"image": Image(decode=False), "label": ClassLabel(names=names), "path": Value("string")})
+        columns = {"image": [{"bytes": None, "path": p} for p in paths], "label": labels,
+                   "path": [os.path.relpath(p, root) for p in paths]}  # fmt: skip
+        return Dataset.from_dict(columns, features=features), dict(enumerate(names))
     if kind == "webvision":
         dataset = load_webvision(root, webvision_version, split, streaming, num_streaming_shards, seed)
         return dataset, read_webvision_class_names(root, webvision_num_classes(webvision_version))
     if kind == "shards":
         check_shards(Path(root) / split)
         return load_shards(Path(root) / split, streaming=streaming), read_id2label(root)
-    raise ValueError(f"unknown data source {kind!r} (webvision, shards)")
+    if kind == "hf":
+        dataset = load_hf_dataset(str(root), split, config_name, streaming)
+        if split is None and "train" not in dataset:
+            raise ValueError(f"{root} has no train split (splits: {list(dataset)})")
+        return dataset, _id2label_from_features(dataset["train"] if split is None else dataset, label_column, root)
+    raise ValueError(f"unknown data source {kind!r} ({', '.join(SOURCE_KINDS)})")
+
+
+SOURCE_KINDS = ("imagefolder", "webvision", "shards", "hf")
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """Whether `path` is a `save_to_disk` folder (a `Dataset` or a `DatasetDict`)."""
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def load_hf_dataset(name_or_path: str, split: str | None = "train", config_name: str | None = None, streaming=False):
+    """A `save_to_disk` folder's split, or `load_dataset(name_or_path, config_name, split=split)` (offline this only
+    works for local files or a filled cache); split None: every split."""
+    path = Path(name_or_path)
+    if is_saved_dataset(path):
+        loaded = datasets.load_from_disk(str(path))
+        if split is None:
+            return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
+        return loaded[split] if isinstance(loaded, DatasetDict) else loaded
+    return load_dataset(name_or_path, config_name, split=split, streaming=streaming)
 
 
 def with_webvision_paths(dataset: Dataset, root: str | os.PathLike, image_column: str = "image") -> Dataset:
