@@ -12,6 +12,8 @@ import pytest
 import torch
 from datasets import Dataset, IterableDataset
 from datasets import Image as ImageFeature
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageFile
 from torchvision import transforms as v1
 from torchvision.transforms import v2
@@ -157,6 +159,36 @@ def test_view_pipelines_follow_the_official_order(views):
     jitter = next(t for t in views.strong.transforms if isinstance(t, v2.ColorJitter))
     assert jitter.brightness == (0.6, 1.4) and jitter.hue == (-0.4, 0.4)
     assert views.test_resize_size == int(SIZE / (224 / 256)) and MoProViewTransforms().test_resize_size == 256
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    size=st.sampled_from([16, 32, 100, 224, 383, 384, 448]),
+    shape=st.tuples(st.integers(8, 520), st.integers(8, 520)),
+    resample=st.sampled_from(["BILINEAR", "BICUBIC", "NEAREST", "LANCZOS"]),
+    crop_pct=st.floats(0.5, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_the_one_test_view_is_what_the_pipeline_computes_with_the_saved_processor(
+    size, shape, resample, crop_pct, seed
+):
+    """Evaluation, training's validation and the noise report see an image as `pipeline()` does with the processor
+    saved beside the model, whatever its size (the ConvNeXt processor warps at 384 px and over), filter and crop."""
+    from transformers.image_utils import PILImageResampling
+
+    from modeling_mopro import build_image_processor
+    from training.data.transforms import evaluation_view
+
+    processor = build_image_processor(size, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    processor.resample, processor.crop_pct = PILImageResampling[resample], crop_pct
+    pixels = np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    expected = processor(image, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(evaluation_view(processor)(image), expected, rtol=0, atol=1e-4)
+    views = MoProViewTransforms(size, processor.image_mean, processor.image_std, processor=processor)
+    torch.testing.assert_close(views.test(image), expected, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match=f"for {size + 1} px"):
+        MoProViewTransforms(size + 1, processor=processor)
 
 
 def test_train_views_shapes_and_randomness(views):

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     processor = build_processor(model_args, config)
     transforms = MoProViewTransforms(
         config.image_size, mean=processor.image_mean, std=processor.image_std,
-        crop_scale=(data_args.crop_min_scale, 1.0),
+        crop_scale=(data_args.crop_min_scale, 1.0), processor=processor,
     )  # fmt: skip
     resume_changes = []
     if training_args.do_train and training_args.resume_from_checkpoint:

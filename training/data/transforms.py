@@ -29,10 +29,14 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, v2
+from transformers import ConvNextImageProcessorPil
 
 # The one ImageNet mean/std: transformers' own, the image processor's default too (`build_image_processor`).
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from transformers.image_utils import IMAGENET_DEFAULT_STD as IMAGENET_STD
+from transformers.image_utils import PILImageResampling
+
+from modeling_mopro import build_image_processor, image_processor_for
 
 from .color_jitter import FastColorJitter
 
@@ -146,7 +150,8 @@ def check_image_geometry(width: int, height: int, description: str) -> None:
         )
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise BadImageError(
-            description, f"too large in one dimension: {width} x {height} pixels, aspect ratio above {MAX_ASPECT_RATIO:g}"
+            description,
+            f"too large in one dimension: {width} x {height} pixels, aspect ratio above {MAX_ASPECT_RATIO:g}",
         )
 
 
@@ -312,8 +317,8 @@ class MoProViewTransforms:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         crop_scale: tuple[float, float] = (0.2, 1.0),
-        test_resize_size: int | None = None,
         interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+        processor: ConvNextImageProcessorPil | None = None,
     ) -> None:
         """Builds the three views.
 
@@ -322,14 +327,12 @@ class MoProViewTransforms:
             mean: Per-channel normalisation mean (ImageNet by default).
             std: Per-channel normalisation standard deviation (ImageNet by default).
             crop_scale: Area range of ``RandomResizedCrop`` (official: 0.2 to 1).
-            test_resize_size: Shorter side before the centre crop; defaults to ``int(image_size / (224 / 256))``
-                (256 for 224; the same expression as the saved image processor, so both crop alike at any size)
-                (256 for 224, as in the official code).
-            interpolation: Resampling filter of every resize (official: bilinear).
+            interpolation: Resampling filter of the training views' crops (official: bilinear).
+            processor: The image processor saved with the model, which defines the test view (`evaluation_view`); by
+                default the official one at `image_size` with `mean` / `std` (`build_image_processor`).
         """
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
-        self.test_resize_size = test_resize_size or int(image_size / (224 / 256))
         finish = [
             v2.ToImage(),  # no-op for tensors; PIL -> uint8 CHW tensor otherwise
             v2.ToDtype(torch.float32, scale=True),
@@ -359,13 +362,11 @@ class MoProViewTransforms:
         )
         self.weak = v2.Compose([*self.weak_augment.transforms, *finish])
         self.strong = v2.Compose([*self.strong_augment.transforms, *finish])
-        self.test = v2.Compose(
-            [
-                v2.Resize(self.test_resize_size, interpolation=interpolation, antialias=True),
-                v2.CenterCrop(image_size),
-                *finish,
-            ]
-        )
+        processor = processor or build_image_processor(image_size, mean, std)
+        if processor.size.get("shortest_edge") != image_size:
+            raise ValueError(f"the image processor is for {processor.size} px images, the views for {image_size} px")
+        self.test = evaluation_view(processor)
+        self.test_resize_size = self.test.transforms[0].size[0]
 
     def train_views(self, image: Image.Image | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the (weak, strong) uint8 views of one decoded image, converting it to a tensor only once.
@@ -388,12 +389,44 @@ class MoProViewTransforms:
         return f"{type(self).__name__}(weak={self.weak}, strong={self.strong}, test={self.test})"
 
 
+class CentreCrop(torch.nn.Module):
+    """The processor's centre crop: top-left corner at ``(H - size) // 2``, ``(W - size) // 2``. torchvision's
+    `CenterCrop` rounds an odd margin's half instead (to even), one pixel off on some images."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, image):
+        height, width = v2.functional.get_size(image)
+        return v2.functional.crop(image, (height - self.size) // 2, (width - self.size) // 2, self.size, self.size)
+
+
+def evaluation_view(processor: ConvNextImageProcessorPil) -> v2.Compose:
+    """The evaluation view that a saved image processor defines, as torchvision ops on the decoded PIL image: the one
+    test view of training, every evaluation protocol and the noise report, equal to what `pipeline()` computes with
+    that processor (to float rounding; tested over sizes, filters and crop fractions). The processor's rule: resize
+    the short side to ``int(size / crop_pct)`` and centre-crop ``size`` (official at 224: 256 then 224), or, at 384 px
+    and more, resize the whole image to ``size`` x ``size`` (transformers' ConvNeXt processor warps there)."""
+    size, mode = processor.size["shortest_edge"], InterpolationMode[PILImageResampling(processor.resample).name]
+    resize = int(size / processor.crop_pct) if size < 384 else (size, size)
+    return v2.Compose(
+        [
+            v2.Resize(resize, interpolation=mode, antialias=True),
+            *([CentreCrop(size)] if size < 384 else []),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(processor.image_mean), std=list(processor.image_std)),
+            v2.ToPureTensor(),
+        ]
+    )
+
+
 def transforms_from_config(config, train: bool = False, crop_scale: tuple[float, float] = (0.08, 1.0)):
     """The test view (or, with `train`, the weak view: RandomResizedCrop(scale=crop_scale) + flip, the fine-tuning
-    and classifier-retraining augmentation) at the model's `image_size`, normalised as by the image processor saved
-    with the model (`image_processor_for`: the one the pipeline uses; ImageNet's for a model in memory)."""
-    from modeling_mopro import image_processor_for
-
+    and classifier-retraining augmentation) at the model's `image_size`, as the image processor saved with the model
+    defines it (`image_processor_for`: the one the pipeline uses; the official one for a model in memory)."""
     processor = image_processor_for(config)
-    views = MoProViewTransforms(config.image_size, processor.image_mean, processor.image_std, crop_scale=crop_scale)
+    mean, std = processor.image_mean, processor.image_std
+    views = MoProViewTransforms(config.image_size, mean, std, crop_scale, processor=processor)
     return views.weak if train else views.test
