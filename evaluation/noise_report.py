@@ -570,9 +570,11 @@ def write_noise_report(
             elif stale.exists():
                 stale.unlink()
         if flagged_images_per_class:
-            images = _image_sources(dataset, options.image_column, options.label_column, id_column)
+            images = dataset  # the scored data, undecoded; its ids are the report's, which drops undecodable images
+            if isinstance(dataset, datasets.Dataset):
+                images = hf_image_dataset(dataset, None, options.image_column, options.label_column, id_column)
             position = {sample_id: k for k, sample_id in enumerate(images.ids)}
-            sources = _Sources(images.images, [position[sample_id] for sample_id in report["id"]])
+            sources = images.subset([position[sample_id] for sample_id in report["id"]]).images
             flagged = flagged_images_dataset(
                 report, flagged_rows(report, flagged_images_per_class), sources, thumbnail_size
             )
@@ -659,24 +661,6 @@ def push_noise_report(
     summary["dataset_repo"] = repo_id
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return f"https://huggingface.co/datasets/{repo_id}"
-
-
-class _Sources:
-    """The image source of each report row: `images[positions[i]]` (the report drops undecodable images)."""
-
-    def __init__(self, images, positions: list[int]) -> None:
-        self.images, self.positions = images, positions
-
-    def __getitem__(self, i: int):
-        return self.images[self.positions[i]]
-
-
-def _image_sources(dataset, image_column: str, label_column: str, id_column: str | None = None):
-    """The scored data as an `ImageLabelDataset` (its `ids` are the report's `id` column, its `images` the raw
-    sources), without decoding anything."""
-    if isinstance(dataset, datasets.Dataset):
-        return hf_image_dataset(dataset, None, image_column, label_column, id_column)
-    return dataset
 
 
 def _is_noise_report(folder: Path) -> bool:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
-from training.data.image_datasets import image_folder_dataset
+from training.data.image_datasets import image_dataset
 from training.data.transforms import transforms_from_config
 
 from .classification import topk_accuracy
@@ -161,9 +161,7 @@ def evaluate_robustness(
             f"the class subset maps to logit {int(indices.max() if indices.max() >= num_labels else indices.min())}, "
             f"outside the model's {num_labels} classes"
         )
-    dataset = image_folder_dataset(
-        data_dir, transforms_from_config(model.config), {w: i for i, w in enumerate(folders)}
-    )
+    dataset = image_dataset("imagefolder", data_dir, None, transforms_from_config(model.config), class_names=folders)
     features = extract_features(model, dataset, ("logits",), desc="robustness", **options.extraction())
     if features.logits is None:
         raise ValueError("the model has no classifier (a MoProModel folder)")

@@ -99,18 +99,18 @@ def test_noise_report_skips_undecodable_images_and_counts_them(tmp_path):
 def test_extract_features_skips_bad_files_of_an_image_folder(tmp_path):
     from evaluation.features import extract_features
     from tests.fixtures_eval import tiny_model, write_image_folder
-    from training.data.image_datasets import image_folder_dataset
+    from training.data.image_datasets import image_dataset
 
     root = write_image_folder(tmp_path / "data", per_class=3, class_names=["a", "b", "c", "d"])
     (root / "b" / "b_1.png").write_bytes(b"not a png")
-    features = extract_features(tiny_model(), image_folder_dataset(root), batch_size=4, num_workers=0, progress=False)
+    features = extract_features(tiny_model(), image_dataset("imagefolder", root, None), batch_size=4, num_workers=0, progress=False)
     assert features.skipped_ids == ["b/b_1.png"] and len(features) == 11 and "b/b_1.png" not in features.ids
 
 
 # --- image folders: one reader, one label rule, checked against the model ------------------------------------------
 def test_empty_class_folder_is_an_error_naming_it_in_training_and_evaluation(tmp_path):
     from tests.fixtures_eval import write_image_folder
-    from training.data.image_datasets import image_folder_dataset
+    from training.data.image_datasets import image_dataset
     from training.data.sources import build_datasets
 
     root = write_image_folder(tmp_path / "data", per_class=2, class_names=["a", "b", "c"])
@@ -119,18 +119,18 @@ def test_empty_class_folder_is_an_error_naming_it_in_training_and_evaluation(tmp
     with pytest.raises(ValueError, match=r"class folder.*bb.*no image"):
         build_datasets(train_dir=str(root))
     with pytest.raises(ValueError, match=r"class folder.*bb.*no image"):
-        image_folder_dataset(root)
+        image_dataset("imagefolder", root, None)
 
 
 def test_training_and_evaluation_read_an_image_folder_with_the_same_labels(tmp_path):
     from tests.fixtures_eval import write_image_folder
-    from training.data.image_datasets import image_folder_dataset
+    from training.data.image_datasets import image_dataset
     from training.data.sources import build_datasets
 
     names = [str(i) for i in range(12)]  # numeric: "10" and "11" after "9", label == folder number
     root = write_image_folder(tmp_path / "data", per_class=1, class_names=names)
     train, _, id2label = build_datasets(train_dir=str(root))
-    evaluation = image_folder_dataset(root)
+    evaluation = image_dataset("imagefolder", root, None)
     assert id2label == dict(enumerate(names)) and evaluation.classes == names
     train_labels = {os.path.relpath(row["image"]["path"], root): row["label"] for row in train}
     assert train_labels == dict(zip(evaluation.ids, evaluation.labels.tolist(), strict=True))
@@ -146,33 +146,33 @@ def test_training_and_evaluation_read_an_image_folder_with_the_same_labels(tmp_p
 def test_classification_refuses_data_whose_classes_are_not_the_models(tmp_path):
     from evaluation.classification import ClassificationOptions, evaluate_classification
     from tests.fixtures_eval import tiny_model, write_image_folder
-    from training.data.image_datasets import image_folder_dataset
+    from training.data.image_datasets import image_dataset
 
     model = tiny_model()
     model.config.id2label = {0: "a", 1: "b", 2: "c", 3: "d"}
     model.config.label2id = {"a": 0, "b": 1, "c": 2, "d": 3}
     good = write_image_folder(tmp_path / "good", per_class=1, class_names=["a", "b", "c", "d"])
     options = ClassificationOptions(num_workers=0)
-    assert evaluate_classification(model, image_folder_dataset(good), options)["num_samples"] == 4
+    assert evaluate_classification(model, image_dataset("imagefolder", good, None), options)["num_samples"] == 4
     renamed = write_image_folder(tmp_path / "renamed", per_class=1, class_names=["a", "b", "cat", "d"])
     with pytest.raises(ValueError, match=r"not the model's labels.*label 2: 'cat' in the data, 'c' in the model"):
-        evaluate_classification(model, image_folder_dataset(renamed), options)
+        evaluate_classification(model, image_dataset("imagefolder", renamed, None), options)
     fewer = write_image_folder(tmp_path / "fewer", per_class=1, class_names=["a", "b", "c"])
     with pytest.raises(ValueError, match="not the model's labels"):
-        evaluate_classification(model, image_folder_dataset(fewer), options)
+        evaluate_classification(model, image_dataset("imagefolder", fewer, None), options)
 
 
 def test_noise_report_refuses_data_whose_classes_are_not_the_models(tmp_path):
     from evaluation import noise_report
     from tests.fixtures_eval import tiny_model, write_image_folder
-    from training.data.image_datasets import image_folder_dataset
+    from training.data.image_datasets import image_dataset
 
     model = tiny_model()
     model.config.id2label = {0: "a", 1: "b", 2: "c", 3: "d"}
     data = write_image_folder(tmp_path / "data", per_class=1, class_names=["d", "e", "f", "g"])
     with pytest.raises(ValueError, match="not the model's labels"):
         noise_report.build_noise_report(
-            model, image_folder_dataset(data), noise_report.NoiseReportOptions(num_workers=0)
+            model, image_dataset("imagefolder", data, None), noise_report.NoiseReportOptions(num_workers=0)
         )
 
 
@@ -215,11 +215,11 @@ def test_webvision_val_list_is_read_by_the_training_reader(tmp_path):
 
 def test_trainer_collator_of_the_evaluation_scripts_drops_undecodable_images(tmp_path, caplog):
     from tests.fixtures_eval import write_image_folder
-    from training.data.image_datasets import collate_without_index, image_folder_dataset
+    from training.data.image_datasets import collate_without_index, image_dataset
 
     root = write_image_folder(tmp_path / "data", per_class=2, class_names=["a", "b"])
     (root / "a" / "a_1.png").write_bytes(b"broken")
-    dataset = image_folder_dataset(root)
+    dataset = image_dataset("imagefolder", root, None)
     with caplog.at_level(logging.WARNING, logger="training.data.transforms"):
         batch = collate_without_index([dataset[i] for i in range(len(dataset))])
     assert batch["labels"].tolist() == [0, 1, 1] and batch["pixel_values"].shape[0] == 3

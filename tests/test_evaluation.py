@@ -27,7 +27,7 @@ from tests.fixtures_eval import (
     write_voc07,
 )
 from training.data.image_datasets import (
-    image_folder_dataset,
+    image_dataset,
     places205_dataset,
     voc07_dataset,
 )
@@ -69,7 +69,7 @@ def test_image_folder_labels_and_test_view(tmp_path):
     # Integer folder names (official `imagenet/val/<c>/`) in numeric order, not lexicographic ("2" before "10");
     # labels are positions, as in training (training/data/image_folder.py), so 0..N-1 folders keep their number.
     write_image_folder(tmp_path, 2, ["2", "10"])
-    dataset = image_folder_dataset(tmp_path, transforms_from_config(tiny_config()))
+    dataset = image_dataset("imagefolder", tmp_path, None, transforms_from_config(tiny_config()))
     assert dataset.classes == ["2", "10"]
     assert dataset.labels.tolist() == [0, 0, 1, 1] and dataset.ids[0].startswith("2/")
     item = dataset[0]
@@ -80,7 +80,7 @@ def test_image_folder_labels_and_test_view(tmp_path):
 
 def test_extract_features_equals_model_outputs(workspace, tmp_path):
     model = load_model(workspace["model"])
-    dataset = image_folder_dataset(workspace["val"], transforms_from_config(model.config))
+    dataset = image_dataset("imagefolder", workspace["val"], None, transforms_from_config(model.config))
     features = extract_features(model, dataset, batch_size=7, num_workers=2, progress=False)  # worker processes
     reference, labels = forward_all(model, dataset)
     np.testing.assert_allclose(features.logits, reference.logits.numpy(), atol=1e-5)
@@ -128,7 +128,7 @@ def test_classification_script_matches_sklearn(workspace):
     saved = read_result(workspace["model"], "eval_classification_imagenet.json")
     assert saved["top1"] == pytest.approx(metrics["top1"]) and saved["dataset_type"] == "imagenet-1k"
     model = load_model(workspace["model"])
-    outputs, labels = forward_all(model, image_folder_dataset(workspace["val"], transforms_from_config(model.config)))
+    outputs, labels = forward_all(model, image_dataset("imagefolder", workspace["val"], None, transforms_from_config(model.config)))
     expected = 100 * top_k_accuracy_score(labels, outputs.logits.numpy(), k=1, labels=np.arange(NUM_LABELS))
     assert saved["top1"] == pytest.approx(expected, abs=1e-4)
     assert saved["top5"] == 100.0  # 4 classes: top-5 is clipped to top-4
@@ -140,10 +140,10 @@ def test_classification_on_webvision_and_datasets_layouts(workspace, tmp_path):
     webvision = tmp_path / "webvision"
     (webvision / "info").mkdir(parents=True)
     (webvision / "val_images_256").mkdir()
-    source = image_folder_dataset(workspace["val"])
+    source = image_dataset("imagefolder", workspace["val"], None)
     lines = []
     for i, (path, label) in enumerate(zip(source.images, source.labels, strict=True)):
-        (webvision / "val_images_256" / f"val{i:06d}.png").write_bytes(Path(path).read_bytes())
+        (webvision / "val_images_256" / f"val{i:06d}.png").write_bytes(Path(path["path"]).read_bytes())
         lines.append(f"val{i:06d}.png {label}")
     (webvision / "info" / "val_filelist.txt").write_text("\n".join(lines) + "\n")
     common = ["--model_name_or_path", str(workspace["model"]), "--output_dir", str(tmp_path), "--num_workers", "0"]
@@ -344,7 +344,7 @@ def test_robustness_script_restricts_logits(workspace):
     )  # fmt: skip
     saved = read_result(workspace["model"], "eval_robustness_imagenet_r.json")
     model = load_model(workspace["model"])
-    outputs, labels = forward_all(model, image_folder_dataset(data, transforms_from_config(model.config)))
+    outputs, labels = forward_all(model, image_dataset("imagefolder", data, None, transforms_from_config(model.config)))
     probabilities = outputs.logits[:, [0, 2, 3]].softmax(1).numpy()
     confidence, correct = probabilities.max(1), (probabilities.argmax(1) == labels.numpy()).astype(float)
     assert saved["accuracy"] == pytest.approx(100 * correct.mean())
@@ -393,9 +393,9 @@ def test_knn_script(workspace):
     saved = read_result(workspace["model"], "eval_knn_imagenet.json")
     model = load_model(workspace["model"])
     view = transforms_from_config(model.config)
-    train, _ = forward_all(model, image_folder_dataset(workspace["train"], view))
-    test, test_y = forward_all(model, image_folder_dataset(workspace["val"], view))
-    train_y = image_folder_dataset(workspace["train"], view).labels
+    train, _ = forward_all(model, image_dataset("imagefolder", workspace["train"], None, view))
+    test, test_y = forward_all(model, image_dataset("imagefolder", workspace["val"], None, view))
+    train_y = image_dataset("imagefolder", workspace["train"], None, view).labels
     expected = naive_knn(train.embeddings.numpy(), train_y, test.embeddings.numpy(), 10, 0.1, False, NUM_LABELS)
     assert saved["knn_top1_k10"] == pytest.approx(100 * np.mean(expected == test_y.numpy()))
     assert saved["knn_majority_top1_k5"] == pytest.approx(metrics["knn_majority_top1_k5"])
@@ -515,7 +515,7 @@ def test_class_balanced_weights_and_sampler():
 
 
 def test_classifier_retrain_script_runs(workspace, tmp_path):
-    dataset = image_folder_dataset(workspace["train"])
+    dataset = image_dataset("imagefolder", workspace["train"], None)
     keep = list(range(0, len(dataset), 2))
     annotation = {"images": [dataset.ids[i] for i in keep], "labels": [int(dataset.labels[i]) for i in keep]}
     (tmp_path / "pseudo_label.json").write_text(json.dumps(annotation))
@@ -537,7 +537,7 @@ def test_classifier_retrain_script_runs(workspace, tmp_path):
 
 def test_prototype_similarities_are_cosines(workspace):
     model = load_model(workspace["model"])
-    dataset = image_folder_dataset(workspace["val"], transforms_from_config(model.config))
+    dataset = image_dataset("imagefolder", workspace["val"], None, transforms_from_config(model.config))
     features = extract_features(
         model, dataset, ("embeddings", "prototype_similarities"), num_workers=0, progress=False
     )

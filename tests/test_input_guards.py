@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from training.data.image_datasets import ImageLabelDataset, image_folder_dataset
+from training.data.image_datasets import ImageLabelDataset, image_dataset
 from training.data.image_folder import PASSED_OVER_REASONS, read_image_folder
 from training.data.transforms import BadImageError, MoProViewTransforms, decode_image, decode_image_tensor
 
@@ -90,7 +90,7 @@ def test_named_pipe_links_and_unknown_extensions_are_passed_over_and_counted(tmp
     assert listing.passed_over == {"extension": 1, "not a regular file": 1, "link": 2}
     assert "passed over 4 file(s)" in caplog.text and "x.png" in caplog.text
     # evaluation reads the same listing and keeps the counts for its results
-    assert image_folder_dataset(root).passed_over == listing.passed_over
+    assert image_dataset("imagefolder", root, None).passed_over == listing.passed_over
 
 
 def test_a_pipe_given_as_an_image_is_a_bad_image_not_a_hang(tmp_path):

@@ -20,7 +20,7 @@ from modeling_mopro import correct_noisy_labels, far_from_prototypes, neighbour_
 from tests.fixtures_eval import forbid_hub_network, noisy_hf_dataset, tiny_model, write_image_folder
 from training.data.image_datasets import (
     hf_image_dataset,
-    image_folder_dataset,
+    image_dataset,
     pseudo_label_dataset,
 )
 from training.data.transforms import transforms_from_config
@@ -154,7 +154,7 @@ def test_noise_report_script_on_image_folder(tmp_path):
     kept = [i for i, d in enumerate(report["decision"]) if d != "ood"]
     assert cleaned.ids == [report["id"][i] for i in kept]
     assert cleaned.labels.tolist() == [report["suggested_label"][i] for i in kept]
-    assert report["id"] == image_folder_dataset(data).ids
+    assert report["id"] == image_dataset("imagefolder", data, None).ids
     assert (
         json.loads((out / "noise_report_summary.json").read_text())["ids"]
         == f"paths relative to {os.path.abspath(data)}"
@@ -336,7 +336,8 @@ def test_push_publishes_the_report_and_the_model_card_links_it(noisy_data, tmp_p
 @pytest.mark.parametrize("source", ["webvision", "shards"])
 def test_report_reads_every_source_the_trainer_reads(source, tmp_path):
     """WebVision lists and make_shards folders (auto-detected), besides `datasets` folders and image folders."""
-    from training.data.make_shards import records_from_image_folder, write_id2label, write_shards
+    from training.data.make_shards import records_from_dataset, write_id2label, write_shards
+    from training.data.sources import load_source
 
     folder = write_image_folder(tmp_path / "folder", 4, ["a", "b", "c", "d"])
     if source == "webvision":
@@ -354,7 +355,7 @@ def test_report_reads_every_source_the_trainer_reads(source, tmp_path):
         model = tiny_model(seed=1, num_labels=1000)  # WebVision V1: 1,000 classes
     else:
         data = tmp_path / "shards"
-        write_shards(records_from_image_folder(folder), data / "train", samples_per_shard=5)
+        write_shards(records_from_dataset(load_source("imagefolder", folder)[0]), data / "train", samples_per_shard=5)
         write_id2label(data, dict(enumerate("abcd")))
         model = tiny_model(seed=1, id2label=dict(enumerate("abcd")), label2id={n: i for i, n in enumerate("abcd")})
     model.save_pretrained(tmp_path / "model")
@@ -402,7 +403,7 @@ def test_report_ids_come_from_paths_an_id_column_or_row_indices(tmp_path):
 
     train = build_datasets(train_dir=str(folder))[0]  # what run_mopro trains on: image dicts with absolute paths
     with_ids, column, source = noise_report.with_report_ids(train, id_root=folder)
-    assert column == "path" and with_ids["path"] == image_folder_dataset(folder).ids == [
+    assert column == "path" and with_ids["path"] == image_dataset("imagefolder", folder, None).ids == [
         "a/a_0.png",
         "a/a_1.png",
         "b/b_0.png",
@@ -434,7 +435,7 @@ def test_run_mopro_report_names_files_and_its_pseudo_labels_retrain_the_classifi
     run_mopro([*MODEL, *RUN, "--image_size", "32", "--train_dir", str(data), "--output_dir", str(out),
                "--report_to", "none", "--noise_report", "true"])  # fmt: skip
     report = datasets.load_from_disk(str(out / "noise_report"))
-    assert report["id"] == image_folder_dataset(data).ids  # "cat/0.png", ...: every file, in the folder's order
+    assert report["id"] == image_dataset("imagefolder", data, None).ids  # "cat/0.png", ...: every file, in the folder's order
     summary = json.loads((out / "noise_report" / "noise_report_summary.json").read_text())
     assert summary["ids"] == f"paths relative to {os.path.abspath(data)}"
     annotation = out / "noise_report" / "pseudo_label.json"
@@ -471,7 +472,7 @@ def test_run_mopro_report_names_files_and_its_pseudo_labels_retrain_the_classifi
     # The image-folder reading of the same annotation (`--train_data_format imagefolder`) matches it too.
     from training.data.image_datasets import apply_pseudo_labels
 
-    assert apply_pseudo_labels(image_folder_dataset(data), annotation).labels.tolist() == pseudo["labels"]
+    assert apply_pseudo_labels(image_dataset("imagefolder", data, None), annotation).labels.tolist() == pseudo["labels"]
 
 
 @pytest.mark.parametrize("num_neighbours", [5, 7])  # the report's own k: equal to the rule's (its vote reused) or not

@@ -10,8 +10,8 @@ from datasets import Dataset, IterableDataset
 from PIL import Image
 
 from training.data.collator import MoProCollator
-from training.data.make_shards import load_shards, records_from_webvision, write_shards
-from training.data.sources import build_datasets
+from training.data.make_shards import load_shards, records_from_dataset, write_shards
+from training.data.sources import build_datasets, load_source
 from training.data.transforms import MoProViewTransforms
 from training.data.webvision import load_webvision, read_webvision_class_names, read_webvision_filelist
 
@@ -135,7 +135,7 @@ def test_class_names(webvision_root):
 
 def test_webvision_to_shards_and_training_batch(webvision_root, tmp_path):
     summary = write_shards(
-        records_from_webvision(webvision_root, "v2", "train"), tmp_path / "out", samples_per_shard=3
+        records_from_dataset(load_source("webvision", webvision_root, "train", webvision_version="v2")[0]), tmp_path / "out", samples_per_shard=3
     )
     assert summary.num_samples == 7 and len(summary.shard_paths) == 3
     rows = sorted(load_shards(tmp_path / "out"), key=lambda row: row["sample_id"])

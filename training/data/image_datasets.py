@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from .image_folder import passed_over_counts, read_image_folder
+from .image_folder import passed_over_counts
 from .sources import is_saved_dataset, load_source, with_webvision_paths
 from .transforms import MoProViewTransforms, decode_or_skip
 from .webvision import VAL_FILELIST, VAL_IMAGE_DIR, read_webvision_filelist
@@ -154,37 +154,6 @@ def collate_without_index(examples: list[dict[str, torch.Tensor]]) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------------------------------- layouts
-def image_folder_dataset(
-    root: str | os.PathLike,
-    transform: Transform | None = None,
-    class_to_idx: Mapping[str, int] | None = None,
-) -> ImageLabelDataset:
-    """`root/<class>/<image>`, read and labelled as in training (`training.data.image_folder.read_image_folder`: numeric
-    folder names in numeric order, other names sorted; an empty class folder is an error).
-
-    Args:
-        root: Folder with one sub-folder per class.
-        transform: Image transform (test view by default).
-        class_to_idx: Explicit label of each class folder (e.g. a benchmark's subset of a model's classes); a
-            folder not in it is an error, a class without a folder is allowed.
-    """
-    root = Path(root)
-    if class_to_idx is None:
-        listing = read_image_folder(root)
-        paths, labels, classes = listing
-    else:
-        listing = read_image_folder(root, list(class_to_idx))
-        paths, positions, names = listing
-        labels = [class_to_idx[names[position]] for position in positions]
-        classes = sorted(class_to_idx, key=class_to_idx.__getitem__)
-    if not paths:
-        raise FileNotFoundError(f"no images under {root}")
-    ids = [os.path.relpath(p, root) for p in paths]
-    dataset = ImageLabelDataset(paths, labels, ids, transform, classes)
-    dataset.passed_over = listing.passed_over  # what the reader passed over, by reason, for the results
-    return dataset
-
-
 def check_class_names(dataset: Any, config: Any, source: str = "the evaluation data") -> None:
     """Checks that a dataset's labels mean the model's classes: its class names are ``config.id2label``, in order.
 
@@ -469,7 +438,6 @@ __all__ = [
     "dataset_from_arguments",
     "file_list_dataset",
     "hf_image_dataset",
-    "image_folder_dataset",
     "image_dataset",
     "places205_dataset",
     "pseudo_label_dataset",

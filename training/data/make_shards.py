@@ -36,9 +36,9 @@ from datasets import Dataset, Features, Image, IterableDataset, Value, load_data
 
 from modeling_mopro.cli import check_output_dir
 
-from .image_folder import image_folder_classes, read_image_folder
+from .image_folder import image_folder_classes
 from .transforms import BadImageError, ImageSource, decode_image, describe_image_source, read_encoded_image
-from .webvision import WEBVISION_NUM_CLASSES, load_webvision, read_webvision_class_names, webvision_num_classes
+from .webvision import WEBVISION_NUM_CLASSES
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,9 @@ def write_shards(
             image_bytes = _encoded_image(record.image, image_format)
         except BadImageError as error:
             summary.num_skipped += 1
-            logger.warning("Skipping sample_id=%d (%s): %s", record.sample_id, record.path or error.source, error.reason)
+            logger.warning(
+                "Skipping sample_id=%d (%s): %s", record.sample_id, record.path or error.source, error.reason
+            )
             continue
         if tar is None:
             temporary = output_dir / (SHARD_PATTERN.format(index=len(summary.shard_paths)) + ".partial")
@@ -209,51 +211,6 @@ def shard_order(num_samples: int, seed: int | None) -> np.ndarray:
     return np.random.default_rng(seed).permutation(num_samples)
 
 
-def records_from_webvision(
-    root: str | os.PathLike, version: str = "v1", split: str = "train", shuffle_seed: int | None = None
-) -> Iterator[ShardRecord]:
-    """Yields the samples of a WebVision split (ids as in `load_webvision`).
-
-    Args:
-        shuffle_seed: Yield in `shard_order` (the file list is held as an Arrow table of paths, ~100 MB for
-            WebVision 1.0); None reads the file lists lazily, in their class-sorted order.
-    """
-    if shuffle_seed is None:
-        examples = load_webvision(root, version, split, streaming=True, num_shards=1)
-    else:
-        examples = load_webvision(root, version, split)
-        examples = examples.select(shard_order(len(examples), shuffle_seed))
-    for example in examples:
-        yield ShardRecord(example["image"], example["label"], example["sample_id"], example["image"])
-
-
-def records_from_image_folder(
-    folder: str | os.PathLike, class_names: Sequence[str] | None = None, shuffle_seed: int | None = None
-) -> Iterator[ShardRecord]:
-    """Yields the images of ``folder/<class name>/...``, labelled by class position.
-
-    Sample ids number the images in sorted order (class by class), whatever the order they are yielded in.
-
-    Args:
-        folder: The split folder holding one subfolder per class.
-        class_names: The label order; defaults to `image_folder_classes(folder)` (the label rule of training and
-            evaluation). Pass the training split's names when sharding a validation folder that lacks some classes.
-        shuffle_seed: Yield in `shard_order` (the paths are listed first); None yields in sorted order.
-    """
-    # The reader of training and evaluation: the same images and labels, and an empty class folder is an error.
-    paths, labels, _ = read_image_folder(folder, class_names)
-    records = (
-        ShardRecord(path, label, sample_id, path)
-        for sample_id, (path, label) in enumerate(zip(paths, labels, strict=True))
-    )
-    if shuffle_seed is None:
-        yield from records
-        return
-    records = list(records)
-    for index in shard_order(len(records), shuffle_seed):
-        yield records[index]
-
-
 def records_from_dataset(
     dataset: Dataset | IterableDataset,
     image_column: str = "image",
@@ -281,7 +238,7 @@ def records_from_dataset(
     for position, example in enumerate(dataset):
         index = position if order is None else int(order[position])
         image = example[image_column]
-        path = (image.get("path") or "") if isinstance(image, dict) else ""
+        path = (image.get("path") or "") if isinstance(image, dict) else image if isinstance(image, str) else ""
         yield ShardRecord(image, example[label_column], example.get("sample_id", index), path)
 
 
@@ -393,31 +350,31 @@ def main(argv: Sequence[str] | None = None) -> ShardSummary:
     for flag, folder in (("--webvision_dir", args.webvision_dir), ("--image_folder", args.image_folder)):
         if folder is not None and not Path(folder).is_dir():
             raise FileNotFoundError(f"{flag} {folder} is not a folder; give the path of an existing folder")
-    if args.webvision_dir:
-        num_classes = webvision_num_classes(args.webvision_version)
-        id2label = read_webvision_class_names(args.webvision_dir, num_classes)
-        records = records_from_webvision(args.webvision_dir, args.webvision_version, args.split, args.shuffle_seed)
-    elif args.image_folder:
-        class_names = image_folder_classes(args.image_folder)
-        if (Path(args.output_dir) / ID2LABEL_FILE).is_file():
-            # A later split (e.g. validation) may lack classes: label it with the classes already written.
-            known = list(read_id2label(args.output_dir).values())
-            unknown = sorted(set(class_names) - set(known))
-            if unknown:
-                raise ValueError(
-                    f"classes {unknown} of {args.image_folder} are not in {args.output_dir}/{ID2LABEL_FILE}"
-                )
-            class_names = known
-        id2label = dict(enumerate(class_names))
-        records = records_from_image_folder(args.image_folder, class_names, args.shuffle_seed)
-    else:
-        # The random order needs random access: the dataset is downloaded into the `datasets` cache (Arrow).
-        dataset = load_dataset(args.dataset_name, args.dataset_config_name, split=args.split)
-        label_feature = dataset.features[args.label_column] if dataset.features else None
-        if not hasattr(label_feature, "names"):
-            raise ValueError(f"column {args.label_column!r} of {args.dataset_name} is not a ClassLabel")
-        id2label = dict(enumerate(label_feature.names))
-        records = records_from_dataset(dataset, args.image_column, args.label_column, args.shuffle_seed)
+    kind, root = (
+        ("webvision", args.webvision_dir) if args.webvision_dir
+        else ("imagefolder", args.image_folder) if args.image_folder else ("hf", args.dataset_name)
+    )  # fmt: skip
+    class_names = None
+    if kind == "imagefolder" and (Path(args.output_dir) / ID2LABEL_FILE).is_file():
+        # A later split (e.g. validation) may lack classes: label it with the classes already written.
+        known = list(read_id2label(args.output_dir).values())
+        unknown = sorted(set(image_folder_classes(root)) - set(known))
+        if unknown:
+            raise ValueError(f"classes {unknown} of {root} are not in {args.output_dir}/{ID2LABEL_FILE}")
+        class_names = known
+    from .sources import load_source  # it reads shards with this module's reader
+
+    # The one reader of every layout. A WebVision list in its (class-sorted) file order is read lazily; the random
+    # order needs random access, so the list or `datasets` data is loaded (Arrow) first.
+    dataset, id2label = load_source(
+        kind, root, args.split, streaming=kind == "webvision" and args.shuffle_seed is None, num_streaming_shards=1,
+        webvision_version=args.webvision_version, class_names=class_names, config_name=args.dataset_config_name,
+        label_column=args.label_column,
+    )  # fmt: skip
+    columns = (args.image_column, args.label_column) if kind == "hf" else ("image", "label")
+    if kind == "hf" and not hasattr(dataset.features[args.label_column], "names"):
+        raise ValueError(f"column {args.label_column!r} of {root} is not a ClassLabel")
+    records = records_from_dataset(dataset, *columns, args.shuffle_seed)
     write_id2label(args.output_dir, id2label)
     summary = write_shards(records, split_dir, args.samples_per_shard, args.image_format, overwrite=args.overwrite)
     if summary.num_samples == 0:
