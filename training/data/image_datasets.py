@@ -1,22 +1,18 @@
-"""Small dataset loaders for the evaluation protocols: every layout becomes an `ImageLabelDataset`.
+"""The evaluation protocols' datasets: every layout becomes an `ImageLabelDataset`.
 
 An `ImageLabelDataset` yields `{"pixel_values": (3, S, S), "labels": () long or (C,) float, "index": ()}` and keeps
 one string id per sample (a path relative to the data root, or a `datasets` id column), so protocols can report
 per-sample results. Images are decoded lazily (in DataLoader workers) with the project's tolerant decoder, and go
-through the official test view by default: resize the short side to `image_size * 256 / 224`, centre-crop
-`image_size` (bilinear, as torchvision in the official scripts).
+through the test view (`training.data.transforms.evaluation_view`) by default.
 
-Layouts:
-- image folder `root/<class>/<image>` (ImageNet val, ImageNet-R/-A), read as in training
-  (`training.data.image_folder`): classes sorted by name, as torchvision's `ImageFolder` (the ImageNet class index,
-  which WebVision 1.0 shares); integer folder names (the official `imagenet/val/<c>/` layout) in numeric order.
-- WebVision val: `root/info/val_filelist.txt` ("val000001.jpg 0") and `root/val_images_256/`.
-- a list of relative paths and labels (`pseudo_label.json`, Places205 csv files, subsets).
+Image folders, WebVision (lists or its val layout), `make_shards` folders and `datasets` data are read by the one
+source dispatcher, `training.data.sources.load_source` (`image_dataset`, `dataset_from_arguments`), as in training.
+Read here, besides:
+- a list of relative paths and labels (`pseudo_label.json`, Places205 csv files, subsets);
 - PASCAL VOC2007: `root/VOCdevkit/VOC2007/{ImageSets/Main/<class>_<split>.txt, JPEGImages/}`; labels (20,) in
-  {1 positive, 0 difficult, -1 negative}, as the devkit writes them.
+  {1 positive, 0 difficult, -1 negative}, as the devkit writes them;
 - Places205: `root/trainvalsplit_places205/{train,val}_places205.csv` ("path label", space separated) and the
   images under `root/data/vision/torralba/deeplearning/images256/` (the official `Places_dataset.py` layout).
-- a `datasets` dataset (or a folder written by `save_to_disk`) with an image and a label column.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""One entry point for every training data source: `build_datasets`.
+"""Every data source, read in one place: `load_source` (one split of one layout, for training, evaluation, the noise
+report and `make_shards`) and `build_datasets` (training's train/eval pair from its arguments).
 
 Every returned dataset has an image column (undecoded: path string, ``{"bytes", "path"}`` dict or bytes;
 `training.data.collator.MoProCollator` decodes it in the DataLoader workers), a label column (int), both named as
