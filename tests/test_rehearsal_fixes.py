@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import set_seed
 from transformers.integrations import get_available_reporting_integrations
 
@@ -189,3 +190,19 @@ def test_an_output_folder_not_shared_by_the_nodes_is_refused(tmp_path):
     results = _two_nodes(tmp_path, shared, save_on_each_node=False, port=29615)
     assert [rc for rc, _, _ in results] == [0, 0], results
     assert not list((tmp_path / "shared").glob(".node-check-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="with GPUs the processes do form one group")
+def test_processes_that_do_not_form_a_group_are_refused(tmp_path):
+    """`--multi_gpu` on a machine without a GPU and a run not on the CPU: two processes each alone as rank 0. Before,
+    both went on and the second refused the folder as "in use by another run"; now each says why, with the fix."""
+    argv = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29617",
+            "training/run_mopro.py", "training/configs/demo.yaml", "--use_cpu", "false", "--num_train", "64",
+            "--num_test", "64", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(lines) == 2, done.stderr[-3000:]
+    assert all("launched as 2 processes, but they do not form one process group" in line for line in lines)
+    assert "--cpu" in lines[0] and not (tmp_path / "out").exists()  # refused before the folder is touched

@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name in (__name__, "training"):
         logging.getLogger(name).setLevel(logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
+    check_one_process_group(training_args)
     # Path checks first: a wrong folder is known before any data is read or model built.
     if training_args.do_train:
         training_args.resume_from_checkpoint = resolve_checkpoint(training_args)
@@ -302,6 +303,20 @@ def prepare_output_dir(
         logger.warning("--overwrite_output_dir: removing the earlier run's %s from %s", found + checkpoints, out)
         for path in [out / name for name in found] + checkpoints:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def check_one_process_group(training_args: MoProTrainingArguments) -> None:
+    """The processes a launcher started must form one group. On a machine without a GPU, `accelerate launch
+    --multi_gpu` (or torchrun) of a run that is not on the CPU starts N processes that each train alone as rank 0 of
+    1: each claims the output folder, reads all the data and writes the same files (seen: the second one refused the
+    folder as "in use by another run", which names the wrong cause)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:
+        raise ValueError(
+            f"launched as {launched} processes, but they do not form one process group (this one sees "
+            f"{training_args.world_size}; device {training_args.device}): on a machine without a GPU, pass --cpu to "
+            "accelerate launch or set use_cpu: true in the YAML"
+        )
 
 
 def check_output_dir_shared(training_args: MoProTrainingArguments) -> None:
