@@ -59,6 +59,7 @@ def accuracy_cell(run_dir: Path) -> dict | None:
         "best": max(best, results["eval_accuracy"]),
         "best_epoch": None if best_epoch is None else round(best_epoch),
         "correction_start_epoch": None if start is None or start < 0 else round(start),
+        "epochs": round(results["epoch"]) if "epoch" in results else None,
     }
 
 

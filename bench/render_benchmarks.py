@@ -184,6 +184,13 @@ def bad_inputs_per_command(data: dict) -> str:
     return ", ".join(f"{command} {count}" for command, count in counts.most_common())
 
 
+def _epochs_said(data: dict) -> str:
+    """"30 epochs", plus the epochs of the rows that ran another count (the own-data recipe's), as recorded."""
+    other = sorted({cell["epochs"] for by_seed in data["accuracy"].values() for by_method in by_seed.values()
+                    for cell in by_method.values() if cell and cell.get("epochs") not in (None, data["epochs"])})  # fmt: skip
+    return f"{data['epochs']} epochs" + (f" (own-data rows: {', '.join(map(str, other))})" if other else "")
+
+
 def _user_sees(row: dict, width: int = 105) -> str:
     """The first line the user saw (the temporary folder shortened to `…/`), or the case's note in brackets."""
     message = re.sub(r"/tmp/", "…/", row["message"])
@@ -374,7 +381,7 @@ def natural_accuracy(data: dict) -> str:
             )
     run = data["_run"]
     lines.append(
-        f"\n{data['epochs']} epochs; runs finished {' to '.join(run['run_dates'])} at commit `{run['commit']}`, "
+        f"\n{_epochs_said(data)}; runs finished {' to '.join(run['run_dates'])} at commit `{run['commit']}`, "
         f"{run['load']}; `{run['command']}`."
     )
     return "\n".join(lines)
@@ -442,7 +449,9 @@ def plot_natural(data: dict, path: Path) -> None:
         axes.set_title(setting, fontsize=10)
         axes.grid(axis="y", alpha=0.3)
     figure.axes[0].set_ylabel("final clean test accuracy (%)")
-    figure.suptitle(f"Natural images (CIFAR-10 photos, {data['epochs']} epochs): final clean accuracy", fontsize=10)
+    figure.suptitle(
+        f"Natural images (CIFAR-10 photos, {_epochs_said(data)}): final clean accuracy", fontsize=10
+    )
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(str(path), format="png")

@@ -99,7 +99,7 @@ def fake_natural_results(results_dir: Path) -> None:
     def run(setting: str, seed: int, method: str, accuracies: list[float], start: float | None = None) -> None:
         folder = results_dir / "accuracy" / f"{setting}_s{seed}" / method
         folder.mkdir(parents=True)
-        results = {"eval_accuracy": accuracies[-1]}
+        results = {"eval_accuracy": accuracies[-1], "epoch": float(len(accuracies))}
         if start is not None:
             results["train_noise_correction_start_epoch"] = start
         (folder / "all_results.json").write_text(json.dumps(results))
@@ -126,8 +126,10 @@ def test_collector_reads_a_partial_tree_and_the_table_shows_what_is_missing(tmp_
                                  "--commit", "abc1234", "--load", "a test"]) == 0  # fmt: skip
     data = json.loads(output.read_text())
     human = data["accuracy"]["human"]
-    assert human["0"]["ce"] == {"final": 0.50, "best": 0.55, "best_epoch": 2, "correction_start_epoch": None}
-    assert human["0"]["mopro_adaptive"] == {"final": 0.58, "best": 0.58, "best_epoch": 3, "correction_start_epoch": 2}
+    assert human["0"]["ce"] == {"final": 0.50, "best": 0.55, "best_epoch": 2, "correction_start_epoch": None,
+                                 "epochs": 3}
+    assert human["0"]["mopro_adaptive"] == {"final": 0.58, "best": 0.58, "best_epoch": 3, "correction_start_epoch": 2,
+                                             "epochs": 3}
     assert human["0"]["mopro_fixed"] is None and human["1"]["mopro_adaptive"] is None and human["2"]["ce"] is None
     assert data["_run"]["commit"] == "abc1234" and data["_run"]["load"] == "a test"
     assert {"cpu_count", "load_average"} <= set(data["_run"]["machine"])
