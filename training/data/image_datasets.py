@@ -367,8 +367,8 @@ def image_dataset(
 
 
 def _image_label_dataset(dataset, kind: str, root, transform: Transform | None, id_column: str | None = None):
-    """A dispatcher's `datasets.Dataset` as an `ImageLabelDataset`; an image folder's keeps what its reader passed over."""
-    id_column = id_column or ("path" if "path" in dataset.column_names else None)
+    """A dispatcher's `datasets.Dataset` as an `ImageLabelDataset` (ids: `id_column`, else its `path` column where the
+    layout has files); an image folder's keeps what its reader passed over."""
     wrapped = hf_image_dataset(dataset, transform, id_column=id_column)
     wrapped.passed_over = passed_over_counts(root) if kind == "imagefolder" else None
     return wrapped

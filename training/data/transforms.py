@@ -366,7 +366,6 @@ class MoProViewTransforms:
         if processor.size.get("shortest_edge") != image_size:
             raise ValueError(f"the image processor is for {processor.size} px images, the views for {image_size} px")
         self.test = evaluation_view(processor)
-        self.test_resize_size = self.test.transforms[0].size[0]
 
     def train_views(self, image: Image.Image | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the (weak, strong) uint8 views of one decoded image, converting it to a tensor only once.
@@ -409,11 +408,13 @@ def evaluation_view(processor: ConvNextImageProcessorPil) -> v2.Compose:
     the short side to ``int(size / crop_pct)`` and centre-crop ``size`` (official at 224: 256 then 224), or, at 384 px
     and more, resize the whole image to ``size`` x ``size`` (transformers' ConvNeXt processor warps there)."""
     size, mode = processor.size["shortest_edge"], InterpolationMode[PILImageResampling(processor.resample).name]
-    resize = int(size / processor.crop_pct) if size < 384 else (size, size)
+    if size < 384:
+        geometry = [v2.Resize(int(size / processor.crop_pct), interpolation=mode, antialias=True), CentreCrop(size)]
+    else:
+        geometry = [v2.Resize((size, size), interpolation=mode, antialias=True)]
     return v2.Compose(
         [
-            v2.Resize(resize, interpolation=mode, antialias=True),
-            *([CentreCrop(size)] if size < 384 else []),
+            *geometry,
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(processor.image_mean), std=list(processor.image_std)),
