@@ -34,6 +34,7 @@ from bench.natural_benchmark import (  # noqa: E402
     EPOCHS,
     OWN_DATA_METHODS,
     OWN_DATA_SETTINGS,
+    OWN_DATA_VERSIONS,
     SEEDS,
 )
 from bench.natural_data import SETTINGS  # noqa: E402
@@ -87,8 +88,8 @@ def detection_cells(setting_dir: Path, seeds) -> dict:
 
 def methods_of(setting: str) -> list[str]:
     """The accuracy rows the protocol runs on `setting`: the demo-recipe rows, the added correction, and the own-data
-    recipe's rows on the settings it is compared on."""
-    own = [f"own_{method}" for method in OWN_DATA_METHODS] if setting in OWN_DATA_SETTINGS else []
+    recipe's rows (each version) on the settings it is compared on."""
+    own = [f"{v}_{m}" for v in OWN_DATA_VERSIONS for m in OWN_DATA_METHODS] if setting in OWN_DATA_SETTINGS else []
     return [*ACCURACY_METHODS, *ADDED_METHODS, *own]
 
 

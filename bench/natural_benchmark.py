@@ -13,7 +13,9 @@ Per setting (human, asym20, asym40, ood20) and seed (0, 1, 2), built by `bench/n
 - after all of these, the own-data recipe (`run_mopro.py --train_dir ... --validation_dir ...` without a YAML) on
   human and ood20: CE and MoPro (adaptive); outputs `<results_dir>/accuracy/<setting>_s<seed>/own_<method>/`;
 - then MoPro with the `queue_vote` correction (the demo's recipe, parameters from the Fashion-MNIST development
-  cells), every setting; outputs `<results_dir>/accuracy/<setting>_s<seed>/mopro_queue_vote/`.
+  cells), every setting; outputs `<results_dir>/accuracy/<setting>_s<seed>/mopro_queue_vote/`;
+- then the own-data recipe again with its small-image rule (output stride 16 at 32 px), human and ood20; outputs
+  `<results_dir>/accuracy/<setting>_s<seed>/own_os16_<method>/`.
 A run whose output is complete (`all_results.json`, `run.json`) is skipped, so an interrupted table resumes (an
 unfinished run_mopro folder is started afresh: `--overwrite_output_dir true`). The
 order is seed-major: each finished seed is a complete set of rows. Every command runs with one thread
@@ -54,6 +56,10 @@ ADDED_METHODS = {
 }  # fmt: skip
 OWN_DATA_SETTINGS = ("human", "ood20")
 OWN_DATA_METHODS = {"ce": ["--baseline", "ce"], "mopro_adaptive": []}  # own_data.yaml's schedule is adaptive
+# The own-data recipe's versions, each a row prefix: `own` as it ran at 707d420 (timm's output stride 32 at 32 px:
+# `--backbone_kwargs {}` keeps it now that the small-image rule exists), `own_os16` with the rule (output stride 16
+# at 64 px or less, chosen on the Fashion-MNIST development folders, 2026-12-05); appended after every other job.
+OWN_DATA_VERSIONS = {"own": ["--backbone_kwargs", "{}"], "own_os16": []}
 
 
 @dataclass(frozen=True)
@@ -83,19 +89,27 @@ def jobs(built_dir: Path, results_dir: Path, seeds=SEEDS, settings=natural_data.
         detection = results_dir / "detection" / setting
         argv = (python, "bench/label_noise_benchmark.py", "report", "--results_dir", str(detection))
         out.append(Job(f"report_{setting}", argv, detection / "table.md"))
-    for seed in seeds:
-        for setting in [s for s in settings if s in OWN_DATA_SETTINGS]:
-            data = built_dir / f"{setting}_s{seed}"
-            for method, flags in OWN_DATA_METHODS.items():
-                output = results_dir / "accuracy" / f"{setting}_s{seed}" / f"own_{method}"
-                argv = (python, "training/run_mopro.py", "--train_dir", str(data / "train"),
-                        "--validation_dir", str(data / "test"), "--seed", str(seed), "--dataloader_num_workers", "1",
-                        "--output_dir", str(output), "--overwrite_output_dir", "true", *flags)  # fmt: skip
-                out.append(Job(f"accuracy_{setting}_s{seed}_own_{method}", argv, output / "all_results.json"))
+    out += own_data_jobs(built_dir, results_dir, seeds, settings, "own")
     for seed in seeds:
         for setting in settings:
             data = built_dir / f"{setting}_s{seed}"
             out += [demo_recipe_job(data, results_dir, setting, seed, m, f) for m, f in ADDED_METHODS.items()]
+    return out + own_data_jobs(built_dir, results_dir, seeds, settings, "own_os16")
+
+
+def own_data_jobs(built_dir: Path, results_dir: Path, seeds, settings, version: str) -> list[Job]:
+    """The own-data recipe's rows of one version (`OWN_DATA_VERSIONS`), seed-major."""
+    out = []
+    for seed in seeds:
+        for setting in [s for s in settings if s in OWN_DATA_SETTINGS]:
+            data = built_dir / f"{setting}_s{seed}"
+            for method, flags in OWN_DATA_METHODS.items():
+                output = results_dir / "accuracy" / f"{setting}_s{seed}" / f"{version}_{method}"
+                argv = (sys.executable, "training/run_mopro.py", "--train_dir", str(data / "train"),
+                        "--validation_dir", str(data / "test"), "--seed", str(seed), "--dataloader_num_workers", "1",
+                        "--output_dir", str(output), "--overwrite_output_dir", "true",
+                        *OWN_DATA_VERSIONS[version], *flags)  # fmt: skip
+                out.append(Job(f"accuracy_{setting}_s{seed}_{version}_{method}", argv, output / "all_results.json"))
     return out
 
 

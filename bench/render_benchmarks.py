@@ -327,13 +327,16 @@ METHOD_NAMES = {
     "mopro_adaptive": "MoPro, adaptive",
     "mopro_fixed": "MoPro, fixed (epoch 4)",
     "mopro_queue_vote": "MoPro, queue_vote (added option)",
-    "own_ce": "CE, own-data recipe",
-    "own_mopro_adaptive": "MoPro, own-data recipe",
+    "own_ce": "CE, own-data recipe at 707d420 (stride 32)",
+    "own_mopro_adaptive": "MoPro, own-data recipe at 707d420 (stride 32)",
+    "own_os16_ce": "CE, own-data recipe (small-image rule: stride 16)",
+    "own_os16_mopro_adaptive": "MoPro, own-data recipe (small-image rule: stride 16)",
 }
 
 
 SHORT_NAMES = {"ce": "CE", "mopro_adaptive": "MoPro\nadaptive", "mopro_fixed": "MoPro\nfixed", "mopro_queue_vote": "MoPro\nqueue_vote",
-               "own_ce": "CE\nown-data", "own_mopro_adaptive": "MoPro\nown-data"}  # fmt: skip
+               "own_ce": "CE\nown s32", "own_mopro_adaptive": "MoPro\nown s32", "own_os16_ce": "CE\nown s16",
+               "own_os16_mopro_adaptive": "MoPro\nown s16"}  # fmt: skip
 
 
 def _methods_in(data: dict, setting: str) -> list[str]:
@@ -430,7 +433,8 @@ def plot_natural(data: dict, path: Path) -> None:
               if v is not None]  # fmt: skip
     top = min(100, 10 * math.ceil(max(finals, default=90) / 10) + 10)  # room above the highest dot
     colours = {"ce": "tab:blue", "mopro_adaptive": "tab:orange", "mopro_fixed": "tab:red",
-               "mopro_queue_vote": "tab:green", "own_ce": "tab:cyan", "own_mopro_adaptive": "tab:olive"}  # fmt: skip
+               "mopro_queue_vote": "tab:green", "own_ce": "tab:cyan", "own_mopro_adaptive": "tab:olive",
+               "own_os16_ce": "tab:purple", "own_os16_mopro_adaptive": "tab:brown"}  # fmt: skip
     for position, setting in enumerate(settings, start=1):
         axes = figure.add_subplot(1, len(settings), position)
         methods = _methods_in(data, setting)

@@ -252,9 +252,9 @@ def test_natural_benchmark_plans_every_run_with_the_pinned_recipe(tmp_path, caps
     assert natural_benchmark.main(["plan", "--built_dir", str(tmp_path / "b"), "--results_dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     # seeds x settings x (3 accuracy + 2 detection runs), 4 reports; then the own-data rows, after all of them; then
-    # the queue_vote rows (demo recipe, every setting)
-    assert len(lines) == 3 * 4 * (3 + 2) + 4 + 3 * 2 * 2 + 3 * 4
-    lines, own, vote = lines[:64], lines[64:76], lines[76:]
+    # the queue_vote rows (demo recipe, every setting), then the own-data recipe with its small-image rule
+    assert len(lines) == 3 * 4 * (3 + 2) + 4 + 3 * 2 * 2 + 3 * 4 + 3 * 2 * 2
+    lines, own, vote, own_os16 = lines[:64], lines[64:76], lines[76:88], lines[88:]
     assert all("training/configs/demo.yaml" in line and "--num_train_epochs 30 --lr_milestones 15 25" in line
                and "--noise_correction_rule queue_vote" in line and line.endswith("mopro_queue_vote --overwrite_output_dir "
                "true --noise_correction_rule queue_vote --queue_vote_k 50 --queue_vote_weight 0.5 "
@@ -268,13 +268,16 @@ def test_natural_benchmark_plans_every_run_with_the_pinned_recipe(tmp_path, caps
                for line in accuracy)  # fmt: skip
     assert sum("--noise_correction_schedule fixed --noise_correction_start_epoch 4" in line for line in accuracy) == 12
     assert all(f"_s{line.split('--seed ')[1].split()[0]}/" in line for line in accuracy)  # data of the run's seed
-    # the own-data recipe: no YAML and no recipe flag (its own epochs and image size), human and ood20, CE and MoPro
-    assert all("run_mopro.py --train_dir" in line and ".yaml" not in line and "--num_train_epochs" not in line
-               and f"_s{line.split('--seed ')[1].split()[0]}/" in line for line in own)  # fmt: skip
-    outputs = sorted(line.split("--output_dir ")[1].split()[0].removeprefix(str(tmp_path)) for line in own)
-    assert outputs == sorted(f"/accuracy/{setting}_s{seed}/own_{method}" for seed in range(3)
-                             for setting in ("human", "ood20") for method in ("ce", "mopro_adaptive"))  # fmt: skip
-    assert sum("--baseline ce" in line for line in own) == 6
+    # the own-data recipe: no YAML and no recipe flag (its own epochs and image size), human and ood20, CE and MoPro;
+    # its first rows as they ran at 707d420 (the small-image rule held off by an explicit empty --backbone_kwargs)
+    for rows, version, flag in ((own, "own", "--backbone_kwargs {}"), (own_os16, "own_os16", "")):
+        assert all("run_mopro.py --train_dir" in line and ".yaml" not in line and "--num_train_epochs" not in line
+                   and f"_s{line.split('--seed ')[1].split()[0]}/" in line for line in rows)  # fmt: skip
+        assert all(("--backbone_kwargs" in line) == bool(flag) and flag in line for line in rows)
+        outputs = sorted(line.split("--output_dir ")[1].split()[0].removeprefix(str(tmp_path)) for line in rows)
+        assert outputs == sorted(f"/accuracy/{setting}_s{seed}/{version}_{method}" for seed in range(3)
+                                 for setting in ("human", "ood20") for method in ("ce", "mopro_adaptive"))  # fmt: skip
+        assert sum("--baseline ce" in line for line in rows) == 6
 
 
 def test_natural_benchmark_run_skips_finished_jobs_and_counts_failures(tmp_path):
