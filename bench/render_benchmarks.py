@@ -390,6 +390,29 @@ def natural_accuracy(data: dict) -> str:
     return "\n".join(lines)
 
 
+@renderer("small_image_dev", block=True)
+def small_image_dev(data: dict) -> str:
+    """Per variant and method: final accuracy per seed, mean, paired gain over stride 32, train time ratio."""
+    runs = [r for r in data["runs"].values() if r]
+    seeds = sorted({r["seed"] for r in runs})
+    lines = [f"| variant | method | final clean test accuracy, seeds {' / '.join(map(str, seeds))} | mean | "
+             "− stride32, paired by seed | train time / stride32's |", "|---|---|---|---|---|---|"]  # fmt: skip
+    base = {(r["method"], r["seed"]): r for r in runs if r["variant"] == "stride32"}
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        for method in dict.fromkeys(r["method"] for r in runs if r["variant"] == variant):
+            mine = {r["seed"]: r for r in runs if (r["variant"], r["method"]) == (variant, method)}
+            finals = " / ".join(_pct(mine[s]["final"], 2) if s in mine else "not run" for s in seeds)
+            pairs = [(mine[s], base[(method, s)]) for s in mine if (method, s) in base]
+            gain = "" if variant == "stride32" else _mean_sd([a["final"] - b["final"] for a, b in pairs], signed=True)
+            ratio = statistics.mean(a["train_runtime"] / b["train_runtime"] for a, b in pairs)
+            lines.append(f"| {variant} | {method} | {finals} | {_mean_sd([r['final'] for r in mine.values()])} | "
+                         f"{gain} | {ratio:.2f} |")  # fmt: skip
+    run = data["_run"]
+    lines.append(f"\n{data['epochs']} epochs; collected {run['date']} at commit `{run['commit']}`, {run['load']}; "
+                 f"`{run['command']}`.")  # fmt: skip
+    return "\n".join(lines)
+
+
 DETECTION_COLUMNS = (  # (key, header, as a rate in %)
     ("label_error_precision", "label-error P", True),
     ("label_error_recall", "label-error R", True),
