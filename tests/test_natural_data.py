@@ -346,3 +346,24 @@ def test_human_label_signal_separates_a_right_map_from_a_mixed_up_one():
     result = natural_data.human_label_signal(mixed, clean, human, batch=1000)
     assert result[0]["difference"] > 4 * result[0]["standard_error"]
     assert abs(result[1]["difference"]) < 3 * result[1]["standard_error"]
+
+
+def test_small_image_dev_runs_compare_what_they_name(tmp_path):
+    """Each development run gets the net its variant names, parsed as run_mopro parses it: the stride-32 baseline
+    must hold the small-image rule off (it ran once by mistake with the rule on: identical to stride 16)."""
+    import small_image_dev
+
+    from training.arguments import parse_args
+
+    folder = tmp_path / "dev"
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (folder / split / name).mkdir(parents=True)
+            Image.new("L", (28, 28)).save(folder / split / name / "0.png")
+    expected = {"stride32": ({}, 32), "stride16": ({"output_stride": 16}, 32), "upsample64": ({}, 64)}
+    jobs = small_image_dev.jobs(folder, tmp_path / "out")
+    assert len(jobs) == len(small_image_dev.RUNS) == 9
+    for job, (variant, method, _) in zip(jobs, small_image_dev.RUNS, strict=True):
+        model_args, _, training_args = parse_args(list(job.argv[2:]))
+        assert (json.loads(model_args.backbone_kwargs), model_args.image_size) == expected[variant]
+        assert training_args.num_train_epochs == 12 and (training_args.baseline == "ce") == (method == "ce")
