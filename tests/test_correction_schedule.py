@@ -6,12 +6,19 @@ import json
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from transformers import set_seed
 
 from modeling_mopro import MoProPhase, correct_noisy_labels, correction_thresholds
 from tests.trainer_fixtures import tiny_image_dataset, tiny_trainer
 from training.arguments import MoProTrainingArguments
-from training.correction_schedule import AdaptiveCorrectionSchedule, FixedCorrectionSchedule
+from training.correction_schedule import (
+    AdaptiveCorrectionSchedule,
+    FixedCorrectionSchedule,
+    chance_fit,
+    fit_beyond_chance,
+)
 
 
 def feed(schedule, signals):
@@ -68,6 +75,48 @@ def test_a_falling_fit_counts_as_a_plateau_and_the_earliest_epoch_holds():
     assert schedule.start_epoch == 4.0  # signals were good from epoch 1 on, but not before epoch 4
 
 
+def test_a_collapsed_model_is_never_corrected():
+    """The run that showed it (32-px photos, 10 classes): both heads name one class, so they agree on 92% of the
+    samples, and the fit stays at that class's share of the given labels (12%), a plateau. Conditions (1) and (2)
+    hold; the chance-corrected fit (kappa 0.005) keeps the gate shut until the model learns the classes."""
+    schedule = AdaptiveCorrectionSchedule(earliest_epoch=2)
+    for epoch in range(6):
+        schedule.end_epoch(epoch, agreement=0.924, fit=0.124, chance_fit=0.12)
+    assert schedule.start_epoch is None
+    assert schedule.history[-1]["chance_fit"] == 0.12
+    schedule.end_epoch(6, agreement=0.7, fit=0.40, chance_fit=0.11)  # learnt (kappa 0.33), but still rising
+    schedule.end_epoch(7, agreement=0.7, fit=0.405, chance_fit=0.11)  # and now a plateau
+    assert schedule.start_epoch == 8.0
+
+
+@given(
+    st.lists(st.integers(0, 50), min_size=2, max_size=12).filter(lambda counts: sum(counts) > 0),
+    st.data(),
+    st.floats(0.6, 1.0),
+    st.integers(0, 40),
+)
+def test_a_model_predicting_one_class_never_opens_the_gate(label_counts, data, agreement, epochs):
+    """Any label shares, any single class predicted for every sample, any agreement: the fit such a model has is its
+    chance fit, so the gate stays shut for any positive `min_fit_beyond_chance`."""
+    k = data.draw(st.integers(0, len(label_counts) - 1))
+    predicted = [0] * len(label_counts)
+    predicted[k] = sum(label_counts)
+    fit = label_counts[k] / sum(label_counts)  # one class for all: right exactly where the label is k
+    chance = chance_fit(predicted, label_counts)
+    assert chance == pytest.approx(fit)
+    assert fit_beyond_chance(fit, chance) == pytest.approx(0.0, abs=1e-12)
+    schedule = AdaptiveCorrectionSchedule(earliest_epoch=1)
+    for epoch in range(epochs):
+        schedule.end_epoch(epoch, agreement, fit, chance)
+    assert schedule.start_epoch is None
+
+
+def test_chance_fit_and_kappa():
+    assert chance_fit([5, 5], [5, 5]) == 0.5 and chance_fit([10, 0], [2, 8]) == 0.2
+    assert chance_fit([0, 0], [1, 1]) is None and chance_fit([1, 1], [0, 0]) is None
+    assert fit_beyond_chance(0.55, 0.1) == pytest.approx(0.5) and fit_beyond_chance(1.0, 1.0) == 0.0
+
+
 def test_once_started_the_correction_never_stops_and_ramps_linearly():
     schedule = AdaptiveCorrectionSchedule(earliest_epoch=2, ramp_epochs=4)
     feed(schedule, [(0.8, 0.4), (0.8, 0.4)])
@@ -102,7 +151,8 @@ def test_the_state_round_trip_decides_the_same():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("min_agreement", 1.5), ("plateau_tolerance", -0.1), ("ramp_epochs", -1.0), ("ramp_epochs", float("nan"))],
+    [("min_agreement", 1.5), ("min_fit_beyond_chance", -0.1), ("plateau_tolerance", -0.1), ("ramp_epochs", -1.0),
+     ("ramp_epochs", float("nan"))],
 )
 def test_bad_schedule_settings_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
@@ -179,6 +229,12 @@ def test_the_trainer_feeds_each_epochs_mean_signals_and_follows_the_decision(tmp
         assert h["agreement"] == pytest.approx(sum(e["classifier_prototype_agreement"] for e in window) / 8)
         assert h["fit"] == pytest.approx(sum(e["fit_given_labels"] for e in window) / 8)
     assert history[0]["agreement"] < 0.5  # no prototypes yet in epoch 0: they agree only by chance
+    # the chance fit is the label shares averaged with the shares of the classifier's argmax as weights: within the
+    # smallest and largest share of the given labels (an epoch is every sample once)
+    labels = [row["label"] for row in tiny_image_dataset(48)]
+    shares = [labels.count(k) / len(labels) for k in set(labels)]
+    for h in history:
+        assert min(shares) - 1e-9 <= h["chance_fit"] <= max(shares) + 1e-9
 
 
 def test_an_untrusted_model_is_never_corrected(tmp_path):
@@ -187,7 +243,7 @@ def test_an_untrusted_model_is_never_corrected(tmp_path):
         str(tmp_path), tiny_image_dataset(48), max_steps=24, noise_correction_schedule="adaptive",
         correction_min_agreement=1.0, correction_plateau_tolerance=0.0,
     )  # fmt: skip
-    trainer.correction_schedule.end_epoch = lambda epoch, agreement, fit: None  # signals that never pass
+    trainer.correction_schedule.end_epoch = lambda *signals: None  # signals that never pass
     phases, _ = _phases(trainer)
     trainer.train()
     assert phases[8:] == [MoProPhase.PROTOTYPES] * 16

@@ -90,9 +90,11 @@ def test_the_adaptive_schedule_shows_its_earliest_step_and_gates(capsys):
                       "--noise_correction_schedule", "adaptive", "--correction_min_agreement", "0.7"])  # fmt: skip
     text = capsys.readouterr().out
     assert "adaptive: not before step 104,819" in text and "agree on >= 70% of the samples" in text
+    assert "chance fit by kappa >= 0.1;" in text
     plan = run_plan(capsys, V1, "--num_processes", "8", "--noise_correction_schedule", "adaptive")
     assert plan["noise_correction_schedule"] == {
-        "name": "adaptive", "min_agreement": 0.6, "plateau_tolerance": 0.01, "ramp_epochs": 4.0
+        "name": "adaptive", "min_agreement": 0.6, "min_fit_beyond_chance": 0.1, "plateau_tolerance": 0.01,
+        "ramp_epochs": 4.0,
     }  # fmt: skip
 
 

@@ -146,9 +146,12 @@ def test_collector_reads_a_partial_tree_and_the_table_shows_what_is_missing(tmp_
     assert "+8.00 (1 of 3 seeds)" in adaptive  # paired with CE on seed 0 only
     assert rows[("human", "CE")].rstrip(" |").endswith("3.00")  # final below best: 5 and 1 points
     assert "missing / missing / missing" in rows[("asym40", "MoPro, fixed (epoch 4)")]
-    # header + 4 settings x (3 demo-recipe rows + queue_vote) + the own-data recipe's 2 rows on human and ood20 only
-    assert len([line for line in table.splitlines() if line.startswith("| ") and "---" not in line]) == 1 + 4 * 4 + 2 * 2
-    assert "| asym20 | CE, own-data recipe |" not in table and "| ood20 | MoPro, own-data recipe |" in table
+    # header + 4 settings x (3 demo-recipe rows + queue_vote) + the own-data recipe's 2 rows x 2 versions on human and
+    # ood20 only
+    assert len([line for line in table.splitlines() if line.startswith("| ") and "---" not in line]) == 1 + 4 * 4 + 2 * 4
+    assert "| asym20 | CE, own-data recipe" not in table
+    assert "| ood20 | MoPro, own-data recipe at 707d420 (stride 32) |" in table
+    assert "| ood20 | MoPro, own-data recipe (small-image rule: stride 16) |" in table
 
     detection = render_benchmarks.natural_detection(data)
     assert "| human | MoPro, fitted thresholds | 0 | 80.0 | 60.0 | 68.6 | 0.900 | – | 0.750 |" in detection

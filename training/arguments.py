@@ -158,6 +158,11 @@ class MoProTrainingArguments(TrainingArguments):
         default=0.6,
         metadata={"help": "Adaptive schedule: share of samples on which classifier and nearest prototype agree."},
     )
+    correction_min_fit_beyond_chance: float = field(
+        default=0.1,
+        metadata={"help": "Adaptive schedule: least Cohen's kappa of the classifier's argmax against the given labels "
+                  "(0: chance, e.g. one class predicted for all; 1: a perfect fit) before correction may start."},
+    )  # fmt: skip
     correction_plateau_tolerance: float = field(
         default=0.01,
         metadata={"help": "Adaptive schedule: largest rise per epoch of the fit to the given labels on a plateau."},
@@ -273,6 +278,7 @@ class MoProTrainingArguments(TrainingArguments):
         return AdaptiveCorrectionSchedule(
             earliest_epoch=self.noise_correction_start_epoch,
             min_agreement=self.correction_min_agreement,
+            min_fit_beyond_chance=self.correction_min_fit_beyond_chance,
             plateau_tolerance=self.correction_plateau_tolerance,
             ramp_epochs=self.correction_ramp_epochs,
         )

@@ -197,6 +197,7 @@ def _schedule(training_args) -> dict[str, Any]:
     return {
         "name": "adaptive",
         "min_agreement": training_args.correction_min_agreement,
+        "min_fit_beyond_chance": training_args.correction_min_fit_beyond_chance,
         "plateau_tolerance": training_args.correction_plateau_tolerance,
         "ramp_epochs": training_args.correction_ramp_epochs,
     }
@@ -209,8 +210,9 @@ def _correction_row(result: dict[str, Any]) -> str:
         return step
     return (
         f"adaptive: not before {step}, from the first epoch on which classifier and prototypes agree on "
-        f">= {schedule['min_agreement']:.0%} of the samples and the fit to the given labels rose < "
-        f"{schedule['plateau_tolerance']:.0%}; full strength {schedule['ramp_epochs']:g} epochs later"
+        f">= {schedule['min_agreement']:.0%} of the samples, the fit to the given labels rose < "
+        f"{schedule['plateau_tolerance']:.0%} and beats the class shares' chance fit by kappa >= "
+        f"{schedule['min_fit_beyond_chance']:g}; full strength {schedule['ramp_epochs']:g} epochs later"
     )
 
 

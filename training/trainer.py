@@ -28,7 +28,7 @@ from modeling_mopro import MoProForPreTraining, MoProPhase
 from modeling_mopro.modeling_mopro import pixel_statistics_on
 
 from .arguments import steps_per_epoch
-from .correction_schedule import phase_for_epoch, whole_epochs
+from .correction_schedule import chance_fit, phase_for_epoch, whole_epochs
 from .data.gpu_augment import EncodedImages, GpuViewAugment, decode_on_device
 from .data.sources import StreamedEpochs
 from .data.transforms import normalize_pixels
@@ -42,7 +42,8 @@ _STATS = (
     "loss_cls", "loss_instance", "loss_prototype", "samples", "kept", "relabeled", "skipped_images",
     "classifier_prototype_agreement", "fit_given_labels",
 )  # fmt: skip
-# The statistics a correction schedule reads at the end of each epoch (`training.correction_schedule`).
+# The statistics a correction schedule reads at the end of each epoch (`training.correction_schedule`), followed in
+# the epoch's signal vector by two per-class counts (K each): the classifier's argmax and the given labels.
 _SIGNALS = ("samples", "classifier_prototype_agreement", "fit_given_labels")
 
 
@@ -338,17 +339,20 @@ class MoProTrainer(Trainer):
         epoch = self.state.global_step // self.steps_per_epoch()
         while self._signals_epoch < epoch:
             values = [0.0] * len(_SIGNALS) if self._epoch_signals is None else self._epoch_signals.tolist()
-            sums = dict(zip(_SIGNALS, values, strict=True))
+            sums = dict(zip(_SIGNALS, values[: len(_SIGNALS)], strict=True))
+            counts = values[len(_SIGNALS) :]  # empty in a checkpoint of a partial epoch saved before they existed
             if sums["samples"] > 0:
                 decided = self.correction_schedule.start_epoch
                 agreement = sums["classifier_prototype_agreement"] / sums["samples"]
                 fit = sums["fit_given_labels"] / sums["samples"]
-                self.correction_schedule.end_epoch(self._signals_epoch, agreement, fit)
+                half = len(counts) // 2
+                chance = chance_fit(counts[:half], counts[half:]) if counts else None
+                self.correction_schedule.end_epoch(self._signals_epoch, agreement, fit, chance)
                 if self.correction_schedule.start_epoch != decided and self.is_world_process_zero():
                     logger.info(
                         f"noise correction starts at epoch {self._signals_epoch + 1}: classifier and prototypes agree "
                         f"on {agreement:.1%} of epoch {self._signals_epoch}'s samples, which fit their given label "
-                        f"{fit:.1%} of the time"
+                        f"{fit:.1%} of the time" + ("" if chance is None else f" (class shares alone: {chance:.1%})")
                     )
             self._epoch_signals = None
             self._signals_epoch += 1
@@ -622,9 +626,20 @@ class MoProTrainer(Trainer):
                 (predicted == labels).sum().float(),
             ]
         )
-        stats = self.accelerator.gather(stats[None]).sum(0)  # (len(_STATS),) summed over processes
+        # Per-class counts of the classifier's argmax and of the given labels, for the schedule's chance fit:
+        # scatter_add, not bincount or a boolean index, which would sync with the host on a GPU.
+        num_classes = logits.shape[1]
+        valid = (labels >= 0).float()  # no negative label reaches training; counted out all the same
+        counts = torch.zeros(2, num_classes, device=device)
+        counts[0].scatter_add_(0, predicted, torch.ones_like(valid))
+        counts[1].scatter_add_(0, labels.clamp(0, num_classes - 1), valid)
+        gathered = self.accelerator.gather(torch.cat([stats, counts.flatten()])[None]).sum(0)  # summed over processes
+        stats, counts = gathered[: len(_STATS)], gathered[len(_STATS) :]
         self._stats_sum = stats if self._stats_sum is None else self._stats_sum + stats
-        signals = stats[[_STATS.index(name) for name in _SIGNALS]]
+        signals = torch.cat([stats[[_STATS.index(name) for name in _SIGNALS]], counts])
+        if self._epoch_signals is not None and len(self._epoch_signals) != len(signals):
+            # resumed from a checkpoint saved before the counts existed: keep its sums, count from here on
+            self._epoch_signals = torch.cat([self._epoch_signals[: len(_SIGNALS)], torch.zeros_like(counts)])
         self._epoch_signals = signals if self._epoch_signals is None else self._epoch_signals + signals
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
