@@ -76,9 +76,9 @@ def test_a_falling_fit_counts_as_a_plateau_and_the_earliest_epoch_holds():
 
 
 def test_a_collapsed_model_is_never_corrected():
-    """The run that showed it (32-px photos, 10 classes): both heads name one class, so they agree on 92% of the
-    samples, and the fit stays at that class's share of the given labels (12%), a plateau. Conditions (1) and (2)
-    hold; the chance-corrected fit (kappa 0.005) keeps the gate shut until the model learns the classes."""
+    """As the run that showed it (32-px photos, 10 classes): the heads agree on 92% of the samples and the fit stays
+    at 12%, a plateau, about what naming the largest class for every sample gives. Conditions (1) and (2) hold; the
+    chance-corrected fit (kappa 0.005 at a chance fit of 12%) keeps the gate shut until the model learns."""
     schedule = AdaptiveCorrectionSchedule(earliest_epoch=2)
     for epoch in range(6):
         schedule.end_epoch(epoch, agreement=0.924, fit=0.124, chance_fit=0.12)
