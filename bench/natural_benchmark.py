@@ -14,8 +14,8 @@ Per setting (human, asym20, asym40, ood20) and seed (0, 1, 2), built by `bench/n
   human and ood20: CE and MoPro (adaptive); outputs `<results_dir>/accuracy/<setting>_s<seed>/own_<method>/`;
 - then MoPro with the `queue_vote` correction (the demo's recipe, parameters from the Fashion-MNIST development
   cells), every setting; outputs `<results_dir>/accuracy/<setting>_s<seed>/mopro_queue_vote/`;
-- then the own-data recipe again with its small-image rule (output stride 16 at 32 px), human and ood20; outputs
-  `<results_dir>/accuracy/<setting>_s<seed>/own_os16_<method>/`.
+- then the own-data recipe again with the small-image rule (`--backbone_kwargs '{"output_stride": 16}'`), human and
+  ood20; outputs `<results_dir>/accuracy/<setting>_s<seed>/own_os16_<method>/`.
 A run whose output is complete (`all_results.json`, `run.json`) is skipped, so an interrupted table resumes (an
 unfinished run_mopro folder is started afresh: `--overwrite_output_dir true`). The
 order is seed-major: each finished seed is a complete set of rows. Every command runs with one thread
@@ -56,10 +56,10 @@ ADDED_METHODS = {
 }  # fmt: skip
 OWN_DATA_SETTINGS = ("human", "ood20")
 OWN_DATA_METHODS = {"ce": ["--baseline", "ce"], "mopro_adaptive": []}  # own_data.yaml's schedule is adaptive
-# The own-data recipe's versions, each a row prefix: `own` as it ran at 707d420 (timm's output stride 32 at 32 px:
-# `--backbone_kwargs {}` keeps it now that the small-image rule exists), `own_os16` with the rule (output stride 16
-# at 64 px or less, chosen on the Fashion-MNIST development folders, 2026-12-05); appended after every other job.
-OWN_DATA_VERSIONS = {"own": ["--backbone_kwargs", "{}"], "own_os16": []}
+# The own-data recipe's versions, each a row prefix: `own` as a user gets it (timm's output stride 32 at 32 px),
+# `own_os16` with its last stage dilated (output stride 16: the small-image rule, chosen on the Fashion-MNIST
+# development folders and the recipe's default for a day, 2026-12-05; BENCHMARKS.md); appended after every other job.
+OWN_DATA_VERSIONS = {"own": [], "own_os16": ["--backbone_kwargs", '{"output_stride": 16}']}
 
 
 @dataclass(frozen=True)

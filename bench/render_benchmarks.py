@@ -327,10 +327,10 @@ METHOD_NAMES = {
     "mopro_adaptive": "MoPro, adaptive",
     "mopro_fixed": "MoPro, fixed (epoch 4)",
     "mopro_queue_vote": "MoPro, queue_vote (added option)",
-    "own_ce": "CE, own-data recipe at 707d420 (stride 32)",
-    "own_mopro_adaptive": "MoPro, own-data recipe at 707d420 (stride 32)",
-    "own_os16_ce": "CE, own-data recipe (small-image rule: stride 16)",
-    "own_os16_mopro_adaptive": "MoPro, own-data recipe (small-image rule: stride 16)",
+    "own_ce": "CE, own-data recipe",
+    "own_mopro_adaptive": "MoPro, own-data recipe",
+    "own_os16_ce": "CE, own-data recipe + output stride 16 (tried)",
+    "own_os16_mopro_adaptive": "MoPro, own-data recipe + output stride 16 (tried)",
 }
 
 
@@ -411,6 +411,22 @@ def small_image_dev(data: dict) -> str:
     lines.append(f"\n{data['epochs']} epochs; collected {run['date']} at commit `{run['commit']}`, {run['load']}; "
                  f"`{run['command']}`.")  # fmt: skip
     return "\n".join(lines)
+
+
+@renderer("natural_stride16_gain")
+def natural_stride16_gain(data: dict) -> str:
+    """The own-data rows with output stride 16 minus those without, paired by setting and seed, per method."""
+    gains: dict[str, list[float]] = {"ce": [], "mopro_adaptive": []}
+    for by_seed in data["accuracy"].values():
+        for cells in by_seed.values():
+            for method, values in gains.items():
+                dilated, plain = cells.get(f"own_os16_{method}"), cells.get(f"own_{method}")
+                if dilated and plain:
+                    values.append(dilated["final"] - plain["final"])
+    every = gains["ce"] + gains["mopro_adaptive"]
+    parts = [f"{name} {_mean_sd(values, signed=True)} ({len(values)} pairs)"
+             for name, values in (("CE", gains["ce"]), ("MoPro", gains["mopro_adaptive"]), ("all", every))]  # fmt: skip
+    return ", ".join(parts)
 
 
 DETECTION_COLUMNS = (  # (key, header, as a rate in %)

@@ -269,8 +269,8 @@ def test_natural_benchmark_plans_every_run_with_the_pinned_recipe(tmp_path, caps
     assert sum("--noise_correction_schedule fixed --noise_correction_start_epoch 4" in line for line in accuracy) == 12
     assert all(f"_s{line.split('--seed ')[1].split()[0]}/" in line for line in accuracy)  # data of the run's seed
     # the own-data recipe: no YAML and no recipe flag (its own epochs and image size), human and ood20, CE and MoPro;
-    # its first rows as they ran at 707d420 (the small-image rule held off by an explicit empty --backbone_kwargs)
-    for rows, version, flag in ((own, "own", "--backbone_kwargs {}"), (own_os16, "own_os16", "")):
+    # then again with the small-image rule's dilated last stage
+    for rows, version, flag in ((own, "own", ""), (own_os16, "own_os16", '--backbone_kwargs {"output_stride": 16}')):
         assert all("run_mopro.py --train_dir" in line and ".yaml" not in line and "--num_train_epochs" not in line
                    and f"_s{line.split('--seed ')[1].split()[0]}/" in line for line in rows)  # fmt: skip
         assert all(("--backbone_kwargs" in line) == bool(flag) and flag in line for line in rows)
@@ -349,8 +349,8 @@ def test_human_label_signal_separates_a_right_map_from_a_mixed_up_one():
 
 
 def test_small_image_dev_runs_compare_what_they_name(tmp_path):
-    """Each development run gets the net its variant names, parsed as run_mopro parses it: the stride-32 baseline
-    must hold the small-image rule off (it ran once by mistake with the rule on: identical to stride 16)."""
+    """Each development run gets the net its variant names, parsed as run_mopro parses it (while the small-image rule
+    was the own-data default, a baseline run without an explicit `--backbone_kwargs {}` ran with stride 16)."""
     import small_image_dev
 
     from training.arguments import parse_args

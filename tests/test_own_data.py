@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from PIL import Image
 
 from training import plan as plan_module
-from training.own_data import OWN_DATA_CONFIG, choose_image_size, image_size_for, output_stride_for
+from training.own_data import OWN_DATA_CONFIG, choose_image_size, image_size_for
 from training.run_mopro import DEMO_CONFIG, main, parse_args
 
 
@@ -88,44 +85,6 @@ def test_rule_passes_over_unreadable_files_and_falls_back_when_none_is_readable(
     assert "no training image could be read" in model_args.config_sources[0].why
 
 
-@pytest.mark.parametrize(
-    ("flags", "stride"),
-    [([], 16), (["--image_size", "64"], 16), (["--image_size", "96"], None), (["--backbone", "resnet34"], None),
-     (["--backbone_kwargs", "{}"], None), (["--backbone_kwargs", '{"drop_rate": 0.1}'], None)],
-)  # fmt: skip
-def test_the_small_image_rule_applies_to_the_recipes_own_backbone_only(small_images, flags, stride):
-    """The final image size decides (the rule's or the flag's); a backbone or its kwargs given are the user's."""
-    model_args, _, _ = parse_args(["--train_dir", str(small_images), *flags])
-    kwargs = json.loads(model_args.backbone_kwargs) if model_args.backbone_kwargs else {}
-    assert kwargs.get("output_stride") == stride
-    assert ("small-image rule" in sources(model_args)) == (stride is not None)
-
-
-TINY_RESNET = {"layers": [1, 1, 1, 1], "channels": [4, 8, 16, 32]}  # widths double, as in resnet18
-
-
-@settings(max_examples=25, deadline=None)
-@given(st.integers(8, 320))
-def test_the_small_image_rule_dilates_exactly_where_the_last_map_is_at_most_2x2(image_size):
-    """Against timm itself: stride 16 exactly where its stride 32 leaves a last feature map of at most 2x2 (the
-    maps are ceil(size / stride) wide, so 65 px already leaves 3x3); the dilated net has the same parameters (a
-    checkpoint of either loads into the other) and a ceil(size / 16) map."""
-    import timm
-    import torch
-
-    image = torch.zeros(1, 3, image_size, image_size)
-    plain = timm.create_model("resnet18", num_classes=0, **TINY_RESNET).eval()
-    last = plain.forward_features(image).shape[-1]
-    assert last == math.ceil(image_size / 32)
-    assert output_stride_for(image_size) == (16 if last <= 2 else None)
-    if output_stride_for(image_size):
-        dilated = timm.create_model("resnet18", num_classes=0, output_stride=16, **TINY_RESNET).eval()
-        assert dilated.forward_features(image).shape[-1] == math.ceil(image_size / 16)
-        assert {k: v.shape for k, v in plain.state_dict().items()} == {
-            k: v.shape for k, v in dilated.state_dict().items()
-        }
-
-
 # ------------------------------------------------------------------------------------------ which config
 def test_the_readme_demo_command_keeps_the_demo_config():
     """`accelerate launch --cpu training/run_mopro.py` passes no argument: the demo, its config unchanged."""
@@ -147,18 +106,11 @@ def test_train_dir_without_yaml_gets_the_own_data_recipe(small_images, large_ima
         assert Path(model_args.config_file).resolve() == OWN_DATA_CONFIG
         # real photos: the official two views, a full-width ResNet-18, the adaptive schedule, the images' size
         assert data_args.crop_min_scale == 0.2
-        assert model_args.backbone == "resnet18"
+        assert model_args.backbone == "resnet18" and model_args.backbone_kwargs is None
         assert training_args.noise_correction_schedule == "adaptive"
         assert model_args.image_size == size
         found = sources(model_args)
-        if size <= 64:  # small images: the last stage dilated (timm's output_stride 16), said by its own source
-            assert json.loads(model_args.backbone_kwargs) == {"output_stride": 16}
-            assert list(found) == ["own_data.yaml", "resolution rule", "small-image rule", "command line",
-                                   "built-in defaults"]  # fmt: skip
-            assert found["small-image rule"] == ("backbone_kwargs",)
-        else:
-            assert model_args.backbone_kwargs is None
-            assert list(found) == ["own_data.yaml", "resolution rule", "command line", "built-in defaults"]
+        assert list(found) == ["own_data.yaml", "resolution rule", "command line", "built-in defaults"]
         assert found["resolution rule"] == ("image_size",) and "image_size" not in found["own_data.yaml"]
         assert set(found["own_data.yaml"]) == set(own_data_yaml()) - {"image_size"}
         assert found["command line"] == ("train_dir",)
@@ -209,12 +161,10 @@ def test_the_run_logs_one_line_per_source(tmp_path, caplog):
         main(["--train_dir", str(folder), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config: ")]
     assert [line.split(" (", 1)[0] for line in lines] == [
-        "config: own_data.yaml", "config: resolution rule", "config: small-image rule", "config: command line",
-        "config: built-in defaults",
+        "config: own_data.yaml", "config: resolution rule", "config: command line", "config: built-in defaults"
     ]  # fmt: skip
     assert "median shorter side 32 px of 3 images" in lines[1] and lines[1].endswith(": image_size")
-    assert "output_stride 16" in lines[2] and lines[2].endswith(": backbone_kwargs")
-    assert lines[3].endswith(": output_dir, train_dir, use_cpu")
+    assert lines[2].endswith(": output_dir, train_dir, use_cpu")
 
 
 def test_the_plan_prints_the_sources(small_images, capsys):

@@ -22,7 +22,7 @@ from modeling_mopro import MoProConfig
 
 from .correction_schedule import SCHEDULES, AdaptiveCorrectionSchedule, FixedCorrectionSchedule
 from .data.sources import DataArguments
-from .own_data import OWN_DATA_CONFIG, OWN_DATA_SOURCES, choose_image_size, output_stride_for
+from .own_data import OWN_DATA_CONFIG, OWN_DATA_SOURCES, choose_image_size
 
 logger = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -359,21 +359,10 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTra
         else:
             model_args.image_size = rule.image_size
             from_yaml.remove("image_size")
-    stride, own_backbone = None, not {"backbone", "backbone_kwargs"} & given
-    if resolved == OWN_DATA_CONFIG and own_backbone and not model_args.model_name_or_path:
-        # The recipe's own ResNet-18 on small images: its last stage dilated (training/own_data.py); a loaded model
-        # keeps the kwargs it was saved with, a backbone given is the user's to configure.
-        stride = output_stride_for(model_args.image_size)
-        if stride is not None:
-            model_args.backbone_kwargs = json.dumps({"output_stride": stride})
     name = resolved.name if resolved.parent == DEMO_CONFIG.parent else str(config_file)  # a shipped config: its name
     sources = [ConfigSource(name, why, tuple(from_yaml))]
     if rule is not None:
         sources.append(ConfigSource("resolution rule", rule.describe(), ("image_size",)))
-    if stride is not None:
-        why_stride = (f"image_size {model_args.image_size} <= 64: timm's output_stride {stride}, the last stage "
-                      "dilated, not strided")  # fmt: skip
-        sources.append(ConfigSource("small-image rule", why_stride, ("backbone_kwargs",)))
     if given:
         sources.append(ConfigSource("command line", "flags given", tuple(sorted(given))))
     defaults_why = "MoProConfig's official values, the argument classes' defaults"

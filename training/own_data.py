@@ -7,13 +7,8 @@ rounded down to a multiple of 32 and kept within 32-224 (`image_size_for`). CIFA
 32 px, Tiny-ImageNet-size ones (64 px) at 64, and photos of 224 px or more at the official 224; a ResNet divides
 its input by 32, so a multiple of 32 leaves no partial cell in its last feature map. A larger size than the
 images' own would only upsample them, a size above 224 would cost quadratically more for the official recipe's
-resolution.
-
-Small images get a second choice, `output_stride_for`: at 64 px or less the recipe's ResNet-18 runs with timm's
-`output_stride=16` (its last stage dilated instead of strided). A timm ResNet divides its input by 32, so a 32-px
-image leaves a 1x1 map for the last stage and a 64-px one 2x2; stride 16 leaves 2x2 and 4x4, at 1.4x the step time
-(measured, 32 px: 1.5x in a bare step, 1.4x in a run). Chosen on the Fashion-MNIST development folders (BENCHMARKS.md,
-"Natural images"), where it beat both the plain stem and upsampling to 64 px (3.5x the step time).
+resolution. Small images keep timm's stride-32 ResNet: a dilated last stage (`--backbone_kwargs '{"output_stride":
+16}'`) was tried as their default and not kept (BENCHMARKS.md, "The small-image rule": CE gained, MoPro lost).
 """
 
 from __future__ import annotations
@@ -38,7 +33,6 @@ OWN_DATA_CONFIG = Path(__file__).resolve().parent / "configs" / "own_data.yaml"
 OWN_DATA_SOURCES = ("train_dir", "dataset_name")
 SAMPLE_SIZE = 256  # headers read: the median of 256 sides is stable to a few pixels for any realistic spread
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, IMAGE_SIZE_STEP = 32, 224, 32
-SMALL_IMAGE_SIZE, SMALL_IMAGE_OUTPUT_STRIDE = 64, 16  # at most 64 px: the last stage dilated (module docstring)
 
 
 @dataclass(frozen=True)
@@ -70,12 +64,6 @@ def image_size_for(shorter_sides: Sequence[int]) -> int:
         raise ValueError("image_size_for needs at least one image size")
     median = statistics.median(shorter_sides)
     return int(min(max(IMAGE_SIZE_STEP * (median // IMAGE_SIZE_STEP), MIN_IMAGE_SIZE), MAX_IMAGE_SIZE))
-
-
-def output_stride_for(image_size: int) -> int | None:
-    """The backbone's output stride for the recipe's ResNet-18 at `image_size`: 16 at 64 px or less, else None
-    (timm's own 32)."""
-    return SMALL_IMAGE_OUTPUT_STRIDE if image_size <= SMALL_IMAGE_SIZE else None
 
 
 def _spread(count: int, sample_size: int) -> list[int]:
@@ -145,9 +133,6 @@ __all__ = [
     "OWN_DATA_CONFIG",
     "OWN_DATA_SOURCES",
     "SAMPLE_SIZE",
-    "SMALL_IMAGE_OUTPUT_STRIDE",
-    "SMALL_IMAGE_SIZE",
     "choose_image_size",
     "image_size_for",
-    "output_stride_for",
 ]
