@@ -237,6 +237,21 @@ def test_the_trainer_feeds_each_epochs_mean_signals_and_follows_the_decision(tmp
         assert min(shares) - 1e-9 <= h["chance_fit"] <= max(shares) + 1e-9
 
 
+@pytest.mark.parametrize("schedule", ["fixed", "adaptive"])
+def test_only_the_adaptive_schedule_counts_classes(tmp_path, schedule):
+    """The per-class counts ride along the step's statistics for the adaptive schedule only (the fixed one reads no
+    signal): 4 steps into an 8-step epoch, the epoch's vector holds the 3 signal sums, plus 2 x K counts that add up
+    to the 24 samples seen."""
+    set_seed(0)
+    trainer = tiny_trainer(str(tmp_path), tiny_image_dataset(48), max_steps=4, noise_correction_schedule=schedule)
+    trainer.train()
+    signals = trainer._epoch_signals.tolist()
+    num_classes = trainer.model.config.num_labels
+    assert signals[0] == 24 and len(signals) == 3 + (2 * num_classes if schedule == "adaptive" else 0)
+    if schedule == "adaptive":
+        assert sum(signals[3 : 3 + num_classes]) == sum(signals[3 + num_classes :]) == 24
+
+
 def test_an_untrusted_model_is_never_corrected(tmp_path):
     set_seed(0)
     trainer = tiny_trainer(

@@ -28,7 +28,7 @@ from modeling_mopro import MoProForPreTraining, MoProPhase
 from modeling_mopro.modeling_mopro import pixel_statistics_on
 
 from .arguments import steps_per_epoch
-from .correction_schedule import chance_fit, phase_for_epoch, whole_epochs
+from .correction_schedule import AdaptiveCorrectionSchedule, chance_fit, phase_for_epoch, whole_epochs
 from .data.gpu_augment import EncodedImages, GpuViewAugment, decode_on_device
 from .data.sources import StreamedEpochs
 from .data.transforms import normalize_pixels
@@ -43,7 +43,8 @@ _STATS = (
     "classifier_prototype_agreement", "fit_given_labels",
 )  # fmt: skip
 # The statistics a correction schedule reads at the end of each epoch (`training.correction_schedule`), followed in
-# the epoch's signal vector by two per-class counts (K each): the classifier's argmax and the given labels.
+# the epoch's signal vector, for the adaptive schedule, by two per-class counts (K each): the classifier's argmax and
+# the given labels.
 _SIGNALS = ("samples", "classifier_prototype_agreement", "fit_given_labels")
 
 
@@ -626,19 +627,22 @@ class MoProTrainer(Trainer):
                 (predicted == labels).sum().float(),
             ]
         )
-        # Per-class counts of the classifier's argmax and of the given labels, for the schedule's chance fit:
-        # scatter_add, not bincount or a boolean index, which would sync with the host on a GPU.
-        num_classes = logits.shape[1]
-        valid = (labels >= 0).float()  # no negative label reaches training; counted out all the same
-        counts = torch.zeros(2, num_classes, device=device)
-        counts[0].scatter_add_(0, predicted, torch.ones_like(valid))
-        counts[1].scatter_add_(0, labels.clamp(0, num_classes - 1), valid)
-        gathered = self.accelerator.gather(torch.cat([stats, counts.flatten()])[None]).sum(0)  # summed over processes
+        if isinstance(self.correction_schedule, AdaptiveCorrectionSchedule):  # the fixed one reads no signal
+            # Per-class counts of the classifier's argmax and of the given labels, for the schedule's chance fit:
+            # scatter_add, not bincount or a boolean index, which would sync with the host on a GPU.
+            num_classes = logits.shape[1]
+            valid = (labels >= 0).float()  # no negative label reaches training; counted out all the same
+            counts = torch.zeros(2, num_classes, device=device)
+            counts[0].scatter_add_(0, predicted, torch.ones_like(valid))
+            counts[1].scatter_add_(0, labels.clamp(0, num_classes - 1), valid)
+            stats = torch.cat([stats, counts.flatten()])
+        gathered = self.accelerator.gather(stats[None]).sum(0)  # summed over processes
         stats, counts = gathered[: len(_STATS)], gathered[len(_STATS) :]
         self._stats_sum = stats if self._stats_sum is None else self._stats_sum + stats
         signals = torch.cat([stats[[_STATS.index(name) for name in _SIGNALS]], counts])
         if self._epoch_signals is not None and len(self._epoch_signals) != len(signals):
-            # resumed from a checkpoint saved before the counts existed: keep its sums, count from here on
+            # resumed from a checkpoint saved before the counts existed (or by a run of the other schedule): keep
+            # its sums, count from here on
             self._epoch_signals = torch.cat([self._epoch_signals[: len(_SIGNALS)], torch.zeros_like(counts)])
         self._epoch_signals = signals if self._epoch_signals is None else self._epoch_signals + signals
 
