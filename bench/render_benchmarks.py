@@ -407,9 +407,8 @@ def small_image_dev(data: dict) -> str:
             ratio = statistics.mean(a["train_runtime"] / b["train_runtime"] for a, b in pairs)
             lines.append(f"| {variant} | {method} | {finals} | {_mean_sd([r['final'] for r in mine.values()])} | "
                          f"{gain} | {ratio:.2f} |")  # fmt: skip
-    run = data["_run"]
-    lines.append(f"\n{data['epochs']} epochs; collected {run['date']} at commit `{run['commit']}`, {run['load']}; "
-                 f"`{run['command']}`.")  # fmt: skip
+    lines.append(f"\n{data['epochs']} epochs; collected {data['date'][:10]} at commit `{data['commit']}`, "
+                 f"{data['load']}; `{data['run_command']}`.")  # fmt: skip
     return "\n".join(lines)
 
 

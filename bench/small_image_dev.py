@@ -2,7 +2,7 @@
 images, chosen on Fashion-MNIST, never on the natural-image benchmark.
 
     python bench/small_image_dev.py run --lanes 2     # builds the folders, runs what is not finished (two at a time)
-    python bench/small_image_dev.py collect --load "two lanes of one thread on 2 cores"
+    python bench/small_image_dev.py collect --load "two lanes of one thread on 2 cores" [--commit C]
     python bench/render_benchmarks.py                 # BENCHMARKS.md, "Natural images", "The small-image rule"
 
 Data: noisy Fashion-MNIST as image folders (`training.data.noisy_fashion_mnist`, seed 100, no benchmark seed):
@@ -21,7 +21,6 @@ Results: `bench/results/small_image_dev/<variant>_<method>_s<seed>/` (git-ignore
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.environment import machine_info  # noqa: E402
+from bench.environment import write_result  # noqa: E402
 from bench.natural_benchmark import Job, run  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "small_image_dev"
@@ -85,14 +84,8 @@ def collect(results: Path, load: str) -> dict:
             "train_runtime": final["train_runtime"], "image_size": config["image_size"],
             "backbone_kwargs": config.get("backbone_kwargs") or {},
         }  # fmt: skip
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return {
-        "_run": {"command": "python bench/small_image_dev.py run --lanes 2", "commit": commit.stdout.strip(),
-                 "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(), "machine": machine_info(),
-                 "load": load},
-        "epochs": int(EPOCHS),
-        "runs": runs,
-    }  # fmt: skip
+    return {"run_command": "python bench/small_image_dev.py run --lanes 2", "load": load, "epochs": int(EPOCHS),
+            "runs": runs}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,12 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results_dir", type=Path, default=RESULTS)
     parser.add_argument("--lanes", type=int, default=2)
     parser.add_argument("--load", default="", help="collect: how the machine was shared while the runs ran")
+    parser.add_argument("--commit", default=None, help="collect: the commit the runs were made at (default: HEAD)")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results-committed" / "small_image_dev.json")
     args = parser.parse_args(argv)
     if args.command == "collect":
         result = collect(args.results_dir, args.load)
-        args.output.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.output} ({sum(r is None for r in result['runs'].values())} runs missing)")
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        write_result(args.output, {"commit": args.commit or head.stdout.strip(), **result})  # + date, command, machine
+        print(f"{sum(r is None for r in result['runs'].values())} runs missing")
         return 0
     if not (args.data_dir / "test").is_dir():
         build(args.data_dir)
