@@ -18,7 +18,8 @@ one row per sample:
 | `decision` | "clean", "relabelled" or "ood" (by `--decision_rule`) |
 | `label_quality` | in [0, 1], high = the given label is likely right |
 | `ood_score` | in [0, 1], high = likely out of distribution |
-| `label_issue_probability`, `ood_probability` | posteriors of the fitted two-mode mixtures (flagged above 0.5) |
+| `ood_probability` | posterior of the OOD score's fitted two-mode mixture (flagged above 0.5) |
+| `confident_label` | the class the neighbours' vote confidently names (confident learning's per-class thresholds; -1: none); relabelled when it is not the given label |
 | `training_rule_decision`, `training_rule_label` | what the training rule decides |
 | `prob_given_label`, `max_prototype_similarity` | classifier softmax of the given label; best prototype cosine |
 | `true_label`, `is_ood` | copied from the data when it has ground truth |
@@ -95,7 +96,8 @@ from .noise_report_card import noise_report_card
 from .noise_scores import DECISIONS, FALLBACK_OOD_RULE, ScoredSamples, nearest_neighbours, noise_scores
 
 DECISION_RULES = ("fitted", "training")
-SCORE_COLUMNS = ("label_quality", "ood_score", "label_issue_probability", "ood_probability")
+# The dataset-wide columns (from every sample's neighbours: computed after the gather), floats but the last.
+SCORE_COLUMNS = ("label_quality", "ood_score", "ood_probability", "confident_label")
 GROUND_TRUTH_COLUMNS = ("true_label", "is_ood")
 SUMMARY_FILE = "noise_report_summary.json"
 PLOT_FILE = "noise_report.png"
@@ -335,7 +337,8 @@ def _build_noise_report(model, dataset, options: NoiseReportOptions, id_column: 
         given_label=columns.pop("given_label"),
         suggested_label=np.asarray(suggested, dtype=np.int64),
         decision=decision,
-        **{name: fitted[name].astype(np.float32) for name in SCORE_COLUMNS},
+        **{name: fitted[name].astype(np.float32) for name in SCORE_COLUMNS[:-1]},
+        confident_label=fitted["confident_label"].astype(np.int64),
         **columns,
     )
     return _BuiltReport(datasets.Dataset.from_dict(ordered), [i for _, ids in shares for i in ids], fitted)
@@ -426,18 +429,18 @@ def summarize_noise_report(
 
 
 def fit_summary(scores: ScoredSamples, decision_rule: str = "fitted") -> dict[str, float | int | str | None]:
-    """What the summary says of the fits behind the fitted decisions (`evaluation.noise_scores`).
+    """What the summary says of what stands behind the fitted decisions (`evaluation.noise_scores`).
 
     - `ood_fallback`: True when the OOD fit was not trusted and the OOD decisions follow `ood_fallback_rule`;
-      `ood_fallback_reason` says why. `relabel_refused`: True when the label-quality fit would have relabelled more
+      `ood_fallback_reason` says why. `relabel_refused`: True when confident learning would have relabelled more
       than `MAX_RELABEL_SHARE` of the samples and nothing was relabelled (`relabel_refused_reason`). `warning` says
       so in sentences (only under the fitted decision rule).
     - `ood_fit_separation` (Ashman's D), `ood_fit_dip` (the fitted density's dip between the modes, 1: none),
-      `ood_fit_weight` (the OOD mode's weight), `ood_fit_share` (the share the fit alone would call OOD); the same
-      `label_quality_fit_*` for the label-quality fit, and `label_quality_fit_used` (False: nothing is relabelled).
+      `ood_fit_weight` (the OOD mode's weight), `ood_fit_share` (the share the fit alone would call OOD);
+      `label_issue_share` (the share confident learning names another class for, relabelled or refused) and
+      `label_threshold_min` / `_median` / `_max` (its per-class thresholds, over the classes some sample is given).
     """
-    ood_fit, quality_fit, reason = scores.ood_fit, scores.label_quality_fit, scores.ood_fallback_reason
-    refused = scores.relabel_refused_reason
+    reason, refused = scores.ood_fallback_reason, scores.relabel_refused_reason
     summary: dict[str, float | int | str | None] = {"ood_fallback": bool(reason), "relabel_refused": bool(refused)}
     warnings = []
     if reason:
@@ -451,10 +454,12 @@ def fit_summary(scores: ScoredSamples, decision_rule: str = "fitted") -> dict[st
         warnings.append(f"{refused}; read `label_quality` as a ranking, not as a decision.")
     if warnings and decision_rule == "fitted":
         summary["warning"] = " ".join(w[0].upper() + w[1:] if k else w for k, w in enumerate(warnings))
-    for name, fit in (("ood_fit", ood_fit), ("label_quality_fit", quality_fit)):
-        summary.update({f"{name}_{key}": getattr(fit, key) for key in ("separation", "dip", "weight")})
-        summary[f"{name}_share"] = fit.flagged_share
-    summary["label_quality_fit_used"] = quality_fit.used
+    summary.update({f"ood_fit_{key}": getattr(scores.ood_fit, key) for key in ("separation", "dip", "weight")})
+    summary["ood_fit_share"] = scores.ood_fit.flagged_share
+    summary["label_issue_share"] = scores.label_issue_share
+    finite = scores.label_thresholds[np.isfinite(scores.label_thresholds)]  # K of them: 5,000 on WebVision V2
+    for name, value in (("min", np.min), ("median", np.median), ("max", np.max)):
+        summary[f"label_threshold_{name}"] = float(value(finite)) if len(finite) else None
     return summary
 
 

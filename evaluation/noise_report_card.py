@@ -23,8 +23,11 @@ COLUMN_DOCS = (
     ("decision", "`clean`, `relabelled` or `ood` (out of distribution: no class fits)"),
     ("label_quality", "0-1, high when the given label is likely right"),
     ("ood_score", "0-1, high when the image likely belongs to no class"),
-    ("label_issue_probability", "posterior of the low-quality mode of the label-quality mixture (0: fit not used)"),
     ("ood_probability", "posterior of the high mode of the OOD-score mixture (0: fit not used, see the warning)"),
+    (
+        "confident_label",
+        "the class the neighbours' vote confidently names (-1: none); relabelled when not the given one",
+    ),
     ("training_rule_decision", "the decision of MoPro's training rule (fixed thresholds)"),
     ("training_rule_label", "the label of MoPro's training rule"),
     ("prob_given_label", "the classifier's softmax probability of the given label"),
@@ -146,12 +149,14 @@ whose given label is not its true class, counting every out-of-distribution samp
 """
     rule = summary.get("decision_rule", "fitted")
     how = (
-        "thresholds fitted to this data: a two-component Gaussian mixture on each score, kept when BIC prefers it to "
-        "one component and its modes are apart (Ashman's D > 2), flags a sample when its posterior exceeds 1/2. The "
-        "OOD fit is used only when its fitted density also dips between the two modes and the share it calls OOD is "
-        "a minority, mostly of samples whose neighbours outvote their given label; otherwise a conservative "
-        "fallback decides and a warning above says why. The label-quality fit relabels at most half of the samples; "
-        "beyond that it relabels nothing, and the warning says so too"
+        "thresholds from this data. OOD: a two-component Gaussian mixture on `ood_score`, kept when BIC prefers it "
+        "to one component, its modes are apart (Ashman's D > 2) and its fitted density dips between them, and the "
+        "share it calls OOD is a minority, mostly of samples whose neighbours outvote their given label, flags a "
+        "sample when its posterior exceeds 1/2; otherwise a conservative fallback decides and a warning above says "
+        "why. Labels: confident learning on the vote (each class's threshold is the mean vote for it among the "
+        "samples given it; a sample confidently belongs to the class of highest vote among those at or above their "
+        "threshold, `confident_label`); it relabels at most half of the samples, beyond that nothing, and the "
+        "warning says so too"
         if rule == "fitted"
         else "the training rule's fixed thresholds (the model config's `pseudo_label_threshold` and 1/K)"
     )
@@ -212,9 +217,10 @@ the image belongs to any class at all. Scored by {model_name}.{skipped_line}{ids
 
 - Each image went through the model's test view. `label_quality` is the probability of the given label under the
   label vote of its {summary.get("num_neighbours")} nearest neighbours in MoPro's embedding space (their given
-  labels, each weighted by exp(cosine / {summary.get("temperature")})); `suggested_label` is the vote's winner and
-  `ood_score` its normalised entropy (neighbours that agree on no class).
-- Decisions: {how}. An OOD sample is `ood`; otherwise a flagged label whose suggestion differs is `relabelled`.
+  labels, each weighted by exp(cosine / {summary.get("temperature")})); `ood_score` is the vote's normalised entropy
+  (neighbours that agree on no class).
+- Decisions: {how}. An OOD sample is `ood`; otherwise a sample whose confident class is not its given label is
+  `relabelled` to that class (`suggested_label`).
 - `training_rule_decision` keeps what MoPro's training rule decides, for comparison.
 
 ## Use

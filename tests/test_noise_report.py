@@ -209,9 +209,11 @@ def test_report_reloads_as_a_dataset_with_the_documented_columns(noisy_data, tmp
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     assert report.features["given_label"].names == report.features["suggested_label"].names == names
     assert set(report["decision"]) <= set(noise_report.DECISIONS)
-    for column in ("label_quality", "ood_score", "label_issue_probability", "ood_probability"):
+    for column in ("label_quality", "ood_score", "ood_probability"):
         values = np.asarray(report[column])
         assert ((values >= 0) & (values <= 1)).all(), column
+    confident = np.asarray(report["confident_label"])
+    assert ((confident >= -1) & (confident < model.config.num_labels)).all()
     # The scores are the dataset-wide ones of `noise_scores`, on the model's own outputs of every sample.
     features = extract_features(
         model, hf_image_dataset(noisy_data, transforms_from_config(model.config)), num_workers=0, progress=False
@@ -220,6 +222,7 @@ def test_report_reloads_as_a_dataset_with_the_documented_columns(noisy_data, tmp
     np.testing.assert_allclose(report["label_quality"], expected["label_quality"], atol=1e-5)
     np.testing.assert_allclose(report["ood_score"], expected["ood_score"], atol=1e-5)
     assert report["suggested_label"] == expected["suggested_label"].tolist()
+    assert report["confident_label"] == expected["confident_label"].tolist()
     assert report["decision"] == [noise_report.DECISIONS[d] for d in expected["decision"]]
     # Ground truth in the data: the summary scores the report.
     error = np.asarray(noisy_data["label"]) != np.asarray(noisy_data["true_label"])

@@ -19,6 +19,7 @@ from evaluation.noise_scores import (
     FALLBACK_OOD_SCORE,
     MAX_RELABEL_SHARE,
     check_ood_fit,
+    confident_labels,
     fit_two_modes,
     fitted_decisions,
     nearest_neighbours,
@@ -71,12 +72,13 @@ def test_scores_find_the_wrong_labels_and_the_ood_cluster():
 
 
 def test_a_clean_dataset_is_left_alone():
-    """One mode in each score: BIC keeps a single Gaussian and nothing is flagged (a forced two-way split would
-    call a share of a clean dataset wrong)."""
+    """One mode in the OOD score: BIC keeps a single Gaussian (a forced two-way split would call a share of a clean
+    dataset OOD); every sample's neighbours confirm its label, so each is confidently of its given class."""
     embeddings, given, true = constructed_case(num_wrong=0, num_ood=0)
     out = noise_scores(embeddings, given, NUM_CLASSES, temperature=0.1, num_neighbours=20)
     assert (out["decision"] == DECISIONS.index("clean")).all()
-    assert out["ood_probability"].max() == 0 and out["label_issue_probability"].max() == 0
+    assert out["ood_probability"].max() == 0 and (out["confident_label"] == given.numpy()).all()
+    assert out.label_issue_share == 0 and not out.relabel_refused_reason
 
 
 def test_two_mode_posterior():
@@ -125,12 +127,21 @@ def natural_photo_ood_scores(n: int, seed: int) -> np.ndarray:
     return np.clip(np.where(high, rng.normal(0.88, 0.057, n), rng.normal(0.693, 0.093, n)), 0, 1)
 
 
+def evidence_of(label_quality: np.ndarray, labels: np.ndarray, num_classes: int = 2) -> np.ndarray:
+    """(N, K) evidence giving each sample's given label `label_quality` and the next class the rest."""
+    evidence = np.zeros((len(labels), num_classes))
+    evidence[np.arange(len(labels)), labels] = label_quality
+    evidence[np.arange(len(labels)), (labels + 1) % num_classes] += 1 - np.asarray(label_quality)
+    return evidence
+
+
 def decide(ood_score: np.ndarray, label_quality: np.ndarray | None = None, seed: int = 0):
-    """`fitted_decisions` with every given label suggested back (nothing relabelled): only OOD decisions differ."""
+    """`fitted_decisions` where every sample is given class 0 and the rest of its vote goes to class 1, which no
+    sample is given (no threshold: nothing is relabelled): only OOD decisions differ."""
     n = len(ood_score)
     label_quality = np.full(n, 0.1) if label_quality is None else label_quality  # neighbours confirm no label
     labels = np.zeros(n, dtype=np.int64)
-    return fitted_decisions(label_quality, ood_score, labels, labels, seed)
+    return fitted_decisions(evidence_of(label_quality, labels), ood_score, labels, seed)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -191,27 +202,83 @@ def test_an_implausible_ood_share_falls_back():
     assert (decide(minority, confirmed)["decision"] == OOD).mean() <= FALLBACK_MAX_SHARE
 
 
-def test_a_fit_that_would_relabel_most_of_the_data_relabels_nothing():
-    """Two separated label-quality modes, the low one (neighbours outvote the label) holding 70% of the samples:
-    the vote cannot be right about most of the data, so nothing is relabelled and the summary says why."""
+def test_confident_learning_relabels_most_of_the_data_never():
+    """Class 1's own samples give it 0.9 of their vote; of the samples given class 0, 70% get 0.9 for class 1 (at its
+    threshold) and 0.1 for their own label (below class 0's threshold): they confidently belong to class 1, which
+    would relabel 60% of the samples. The vote cannot be right about most of the data, so nothing is relabelled and
+    the summary says why; with the 30% / 70% shares swapped exactly those samples are relabelled."""
     rng = np.random.default_rng(0)
-    n = 2000
-    low = rng.random(n) < 0.7
-    label_quality = np.clip(np.where(low, rng.normal(0.1, 0.03, n), rng.normal(0.8, 0.05, n)), 0, 1)
-    ood_score = np.clip(rng.normal(0.3, 0.05, n), 0, 1)  # one mode: no OOD
-    labels, suggested = np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64)  # the vote names another class
-    out = fitted_decisions(label_quality, ood_score, suggested, labels)
-    assert out.label_quality_fit.used and out.label_quality_fit.flagged_share > 0.6  # the fit alone: 70% relabelled
-    assert (out["decision"] != DECISIONS.index("relabelled")).all() and (out["label_issue_probability"] == 0).all()
-    assert (out["suggested_label"] == labels).all()  # what is not relabelled keeps its label (pseudo_label.json)
-    assert out.relabel_refused_reason.startswith("the label-quality fit would relabel 70% of the samples")
-    summary = fit_summary(out)
-    assert summary["relabel_refused"] is True and "read `label_quality` as a ranking" in summary["warning"]
-    # The same shape with the low mode a minority (30%) relabels exactly it.
-    label_quality = np.clip(np.where(~low, rng.normal(0.1, 0.03, n), rng.normal(0.8, 0.05, n)), 0, 1)
-    out = fitted_decisions(label_quality, ood_score, suggested, labels)
-    assert out.relabel_refused_reason == ""
-    np.testing.assert_array_equal(out["decision"] == DECISIONS.index("relabelled"), ~low)
+    n0, n1 = 2000, 300
+    labels = np.r_[np.zeros(n0, dtype=np.int64), np.ones(n1, dtype=np.int64)]
+    ood_score = np.clip(rng.normal(0.3, 0.05, n0 + n1), 0, 1)  # one mode: no OOD
+    for share, refused in ((0.7, True), (0.3, False)):
+        outvoted = np.r_[rng.random(n0) < share, np.zeros(n1, dtype=bool)]
+        out = fitted_decisions(evidence_of(np.where(outvoted, 0.1, 0.9), labels), ood_score, labels)
+        np.testing.assert_array_equal(out["confident_label"] == 1, outvoted | (labels == 1))
+        assert out.label_issue_share == pytest.approx(outvoted.mean())
+        relabelled = out["decision"] == DECISIONS.index("relabelled")
+        if refused:
+            assert not relabelled.any() and (out["suggested_label"] == labels).all()  # pseudo_label.json keeps them
+            assert out.relabel_refused_reason.startswith("confident learning on the neighbour vote would relabel 60%")
+            summary = fit_summary(out)
+            assert summary["relabel_refused"] is True and "read `label_quality` as a ranking" in summary["warning"]
+            assert summary["label_issue_share"] == pytest.approx(outvoted.mean())
+        else:
+            assert out.relabel_refused_reason == "" and fit_summary(out)["relabel_refused"] is False
+            np.testing.assert_array_equal(relabelled, outvoted)
+            assert (out["suggested_label"][outvoted] == 1).all()
+
+
+def test_confident_labels_thresholds():
+    # Thresholds: class 0's samples give it 0.6 and 0.8 (0.7), class 1's 0.5 and 0.2 (0.35), class 2's one 0.5;
+    # class 3 is given to no sample (inf); the last sample is not considered (called OOD) and sets nothing.
+    evidence = np.array([
+        [0.6, 0.4, 0.0, 0.0], [0.8, 0.2, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.7, 0.2, 0.1, 0.0], [0.1, 0.4, 0.5, 0.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ])  # fmt: skip
+    labels = np.array([0, 0, 1, 1, 2, 0])
+    considered = np.array([True] * 5 + [False])
+    confident, thresholds = confident_labels(evidence, labels, considered)
+    np.testing.assert_allclose(thresholds[:3], [0.7, 0.35, 0.5])
+    assert thresholds[3] == np.inf
+    # 0: its label misses 0.7, class 1 reaches 0.35 (a label issue); 1: its own class; 2: class 1 (0.5 < 0.7 for
+    # class 0); 3: class 0 (0.7 reaches 0.7; a label issue); 4: classes 1 and 2 both reach, 2 is higher; 5: none.
+    np.testing.assert_array_equal(confident, [1, 0, 1, 0, 2, -1])
+
+
+@st.composite
+def votes(draw):
+    """Random class evidence (rows on the simplex, some with zeros) and given labels, K in 2..6."""
+    n, k = draw(st.integers(2, 300)), draw(st.integers(2, 6))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    evidence = rng.dirichlet(np.full(k, draw(st.floats(0.05, 5.0))), n)
+    evidence[rng.random((n, k)) < draw(st.floats(0.0, 0.5))] = 0.0
+    evidence = np.where(evidence.sum(1, keepdims=True) > 0, evidence, 1.0 / k)
+    return evidence / evidence.sum(1, keepdims=True), rng.integers(0, k, n), rng.random(n) < 0.9
+
+
+@settings(max_examples=80, deadline=None)
+@given(votes())
+def test_property_a_confident_class_reaches_its_threshold_and_beats_the_given_label(case):
+    evidence, labels, considered = case
+    confident, thresholds = confident_labels(evidence, labels, considered)
+    rows = np.flatnonzero(confident >= 0)
+    assert considered[rows].all() and not (confident[~considered] >= 0).any()
+    chosen = evidence[rows, confident[rows]]
+    assert (chosen >= thresholds[confident[rows]] - 1e-6).all() and (chosen > 0).all()
+    # Among the classes at or above their threshold the confident one has the highest evidence; a given label that
+    # reaches its own threshold is therefore only replaced by a class with at least as much evidence.
+    reached = (evidence >= thresholds - 1e-6) & (evidence > 0)
+    assert (chosen >= np.where(reached, evidence, -1)[rows].max(1)).all()
+    # Relabelling the classes relabels the answer (no class is favoured by its index), up to ties.
+    permutation = np.random.default_rng(0).permutation(evidence.shape[1])
+    permuted, _ = confident_labels(evidence[:, np.argsort(permutation)], permutation[labels], considered)
+    ties = np.sort(np.where(reached, evidence, -1), 1)[:, -1] == np.sort(np.where(reached, evidence, -1), 1)[:, -2]
+    same = ~ties & (confident >= 0)
+    np.testing.assert_array_equal(permuted[same], permutation[confident[same]])
+    # Every sample given a class with full evidence for it is confidently of it.
+    full = considered & (evidence[np.arange(len(labels)), labels] == 1.0)
+    assert (confident[full] == labels[full]).all()
 
 
 @st.composite
@@ -236,8 +303,9 @@ def test_property_the_fallback_never_flags_more_than_its_bound(scores):
     ood_score, label_quality = scores
     out = decide(ood_score, label_quality)
     ood = out["decision"] == OOD
-    # Never relabels most of the data (here every sample's suggestion differs from its label).
-    out_relabel = fitted_decisions(label_quality, ood_score, np.ones(len(ood), dtype=np.int64), np.zeros(len(ood)))
+    # Never relabels most of the data (here half the samples are given class 1, whose threshold is then finite).
+    labels = np.arange(len(ood)) % 2
+    out_relabel = fitted_decisions(evidence_of(label_quality, labels), ood_score, labels)
     assert (out_relabel["decision"] == DECISIONS.index("relabelled")).mean() <= MAX_RELABEL_SHARE
     if out.ood_fallback_reason:  # the check failed: the stated bound holds, and only near-uniform votes are flagged
         assert ood.sum() <= FALLBACK_MAX_SHARE * len(ood) and (ood_score[ood] >= FALLBACK_OOD_SCORE).all()
