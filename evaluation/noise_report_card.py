@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from huggingface_hub import DatasetCardData
 
-from .noise_scores import DECISIONS
+from .noise_scores import DECISIONS, MAX_RELABEL_SHARE
 
 MAX_CLASS_ROWS = 50  # beyond this, the card lists the classes with the most non-clean samples
 
@@ -155,7 +155,7 @@ whose given label is not its true class, counting every out-of-distribution samp
         "sample when its posterior exceeds 1/2; otherwise a conservative fallback decides and a warning above says "
         "why. Labels: confident learning on the vote (each class's threshold is the mean vote for it among the "
         "samples given it; a sample confidently belongs to the class of highest vote among those at or above their "
-        "threshold, `confident_label`); it relabels at most half of the samples, beyond that nothing, and the "
+        f"threshold, `confident_label`); it relabels at most {MAX_RELABEL_SHARE:.0%} of the samples, beyond that nothing, and the "
         "warning says so too"
         if rule == "fitted"
         else "the training rule's fixed thresholds (the model config's `pseudo_label_threshold` and 1/K)"

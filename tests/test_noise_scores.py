@@ -203,23 +203,23 @@ def test_an_implausible_ood_share_falls_back():
 
 
 def test_confident_learning_relabels_most_of_the_data_never():
-    """Class 1's own samples give it 0.9 of their vote; of the samples given class 0, 70% get 0.9 for class 1 (at its
+    """Class 1's own samples give it 0.9 of their vote; of the samples given class 0, 80% get 0.9 for class 1 (at its
     threshold) and 0.1 for their own label (below class 0's threshold): they confidently belong to class 1, which
-    would relabel 60% of the samples. The vote cannot be right about most of the data, so nothing is relabelled and
-    the summary says why; with the 30% / 70% shares swapped exactly those samples are relabelled."""
+    would relabel 70% of the samples, above `MAX_RELABEL_SHARE`: nothing is relabelled and the summary says why. With
+    30% of them outvoted, exactly those samples are relabelled."""
     rng = np.random.default_rng(0)
     n0, n1 = 2000, 300
     labels = np.r_[np.zeros(n0, dtype=np.int64), np.ones(n1, dtype=np.int64)]
     ood_score = np.clip(rng.normal(0.3, 0.05, n0 + n1), 0, 1)  # one mode: no OOD
-    for share, refused in ((0.7, True), (0.3, False)):
-        outvoted = np.r_[rng.random(n0) < share, np.zeros(n1, dtype=bool)]
+    for share, refused in ((0.8, True), (0.3, False)):
+        outvoted = np.r_[np.arange(n0) < share * n0, np.zeros(n1, dtype=bool)]  # 1,600 or 600 of 2,300
         out = fitted_decisions(evidence_of(np.where(outvoted, 0.1, 0.9), labels), ood_score, labels)
         np.testing.assert_array_equal(out["confident_label"] == 1, outvoted | (labels == 1))
         assert out.label_issue_share == pytest.approx(outvoted.mean())
         relabelled = out["decision"] == DECISIONS.index("relabelled")
         if refused:
             assert not relabelled.any() and (out["suggested_label"] == labels).all()  # pseudo_label.json keeps them
-            assert out.relabel_refused_reason.startswith("confident learning on the neighbour vote would relabel 60%")
+            assert out.relabel_refused_reason.startswith("confident learning on the neighbour vote would relabel 70%")
             summary = fit_summary(out)
             assert summary["relabel_refused"] is True and "read `label_quality` as a ranking" in summary["warning"]
             assert summary["label_issue_share"] == pytest.approx(outvoted.mean())
