@@ -412,6 +412,41 @@ def small_image_dev(data: dict) -> str:
     return "\n".join(lines)
 
 
+@renderer("noise_rule_dev", block=True)
+def noise_rule_dev(data: dict) -> str:
+    """The report's label decisions on the development models: both rules per seed, then the simulated noise levels."""
+    names = {"two_mode_fit": "two-mode fit", "confident_learning": "confident learning"}
+    runs = data["runs"]
+    lines = ["| seed | rule | flagged / truly wrong | label-error P | R | F1 | relabel accuracy |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for run in runs:
+        for rule in data["rules"]:
+            r = run["given"][rule]
+            relabel = MISSING if r["relabel_accuracy"] is None else _pct(r["relabel_accuracy"])
+            lines.append(f"| {run['seed']} | {names[rule]} | {_pct(r['flagged'])}% / {_pct(r['truly_wrong'])}% | "
+                         f"{_pct(r['precision'])} | {_pct(r['recall'])} | {_pct(r['f1'])} | {relabel} |")  # fmt: skip
+    f1 = {rule: [run["given"][rule]["f1"] for run in runs] for rule in data["rules"]}
+    gain = [b - a for a, b in zip(f1["two_mode_fit"], f1["confident_learning"], strict=True)]
+    lines.append(f"\nMean F1: two-mode fit {_mean_sd(f1['two_mode_fit'], 1)}, confident learning "
+                 f"{_mean_sd(f1['confident_learning'], 1)}; paired by seed {_mean_sd(gain, 1, signed=True)} "
+                 f"({', '.join(f'{100 * g:+.1f}' for g in gain)}).\n")  # fmt: skip
+    seeds = " / ".join(str(run["seed"]) for run in runs)
+    lines += [f"| simulated symmetric noise | truly wrong | flagged, two-mode fit (seeds {seeds}) | flagged, confident "
+              "learning | F1, two-mode fit | F1, confident learning |", "|---|---|---|---|---|---|"]  # fmt: skip
+
+    def per_seed(rows: list[dict], rule: str, key: str, digits: int = 1, scale: float = 100) -> str:
+        return " / ".join(f"{scale * row[rule][key]:.{digits}f}" for row in rows)
+
+    for k, level in enumerate(row["noise"] for row in runs[0]["simulated"]):
+        rows = [run["simulated"][k] for run in runs]
+        f1_cells = [per_seed(rows, rule, "f1", 3, 1) if level else "–" for rule in data["rules"]]
+        wrong = statistics.mean(row["confident_learning"]["truly_wrong"] for row in rows)
+        lines.append(f"| {level:.0%} | {_pct(wrong)}% | {per_seed(rows, 'two_mode_fit', 'flagged')} | "
+                     f"{per_seed(rows, 'confident_learning', 'flagged')} | {f1_cells[0]} | {f1_cells[1]} |")  # fmt: skip
+    lines.append(f"\nScored {data['date'][:10]} at commit `{data['commit']}`; `{data['command']}`.")
+    return "\n".join(lines)
+
+
 @renderer("natural_stride16_gain")
 def natural_stride16_gain(data: dict) -> str:
     """The own-data rows with output stride 16 minus those without, paired by setting and seed, per method."""

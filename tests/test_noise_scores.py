@@ -312,3 +312,26 @@ def test_property_the_fallback_never_flags_more_than_its_bound(scores):
         assert check_ood_fit(out.ood_fit, label_quality) == out.ood_fallback_reason
     else:  # the fit decided: a minority, a dip between its modes, mostly samples whose neighbours outvote the label
         assert ood.mean() <= 0.5 and out.ood_fit.dip <= 0.5 and ood.mean() <= 2 * (label_quality < 0.5).mean()
+
+
+def test_the_development_comparison_rebuilds_the_replaced_rule_and_scores_it():
+    """`bench/noise_rule_dev.py`: on the constructed case the rebuilt two-mode rule finds what the report finds (two
+    modes are there), and `score` counts an OOD image (true label -1) as a wrong label."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.noise_rule_dev import decide, score
+
+    embeddings, given, true = constructed_case()
+    decided = decide(embeddings, given.numpy(), NUM_CLASSES, 0.1)
+    for rule in ("two_mode_fit", "confident_learning"):
+        result = score(decided[rule]["decision"], decided[rule]["suggested"], given.numpy(), true)
+        assert result["f1"] == 1.0 and result["relabel_accuracy"] == 1.0, rule
+        assert result["flagged"] == result["truly_wrong"] == pytest.approx((24 + 60) / 260)
+    # Nothing flagged: recall and F1 are 0, and no relabel accuracy exists.
+    nothing = score(
+        np.zeros(4, dtype=np.int64), np.array([0, 1, 2, 3]), np.array([0, 1, 2, 3]), np.array([0, 1, 0, -1])
+    )
+    assert nothing == {"truly_wrong": 0.5, "flagged": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0,
+                       "relabel_accuracy": None}  # fmt: skip
