@@ -319,7 +319,7 @@ def plot(
     FigureCanvasAgg(figure)
     panels = (("label_error_f1", "label-error F1 (%)", 100), ("ood_auroc", "OOD AUROC", 1),
               ("label_quality_auroc", "label-quality AUROC", 1))  # fmt: skip
-    for position, (key, title, scale) in enumerate(panels, start=1):
+    for position, (key, heading, scale) in enumerate(panels, start=1):
         axes = figure.add_subplot(1, len(panels), position)
         names = [n for n in scores if any(s.get(key) is not None for s in scores[n].values())]
         for x, name in enumerate(names):
@@ -327,7 +327,7 @@ def plot(
             axes.bar(x, np.mean(values), color=("tab:orange" if name.startswith("MoPro") else "tab:blue"), alpha=0.6)
             axes.plot([x] * len(values), values, "k.", markersize=6)
         axes.set_xticks(range(len(names)), [n.replace(", ", "\n") for n in names], fontsize=8)
-        axes.set_title(title, fontsize=10)
+        axes.set_title(heading, fontsize=10)
         axes.grid(axis="y", alpha=0.3)
         values = [scale * s[key] for n in names for s in scores[n].values() if s.get(key) is not None]
         if not values:  # e.g. OOD AUROC on a natural-image setting without OOD images
