@@ -447,6 +447,25 @@ def noise_rule_dev(data: dict) -> str:
     return "\n".join(lines)
 
 
+@renderer("natural_run_length", block=True)
+def natural_run_length(data: dict) -> str:
+    """The own-data recipe at 120 epochs against the same setting, seed and method at 40 epochs and in the demo recipe."""
+    names = {"ce": "CE", "mopro": "MoPro"}
+    lines = [f"| setting | seed | method | final at {data['epochs']} epochs (best, its epoch) | correction from epoch | "
+             "− own-data recipe, 40 epochs | − demo recipe, 30 epochs | MoPro − CE |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    by_key = {(r["setting"], r["seed"], r["method"]): r for r in data["runs"]}
+    for (setting, seed, method), r in sorted(by_key.items()):
+        ce = by_key.get((setting, seed, "ce"))
+        versus_ce = f"{100 * (r['final'] - ce['final']):+.2f}" if method == "mopro" and ce else ""
+        start = "–" if r["correction_start_epoch"] is None else str(r["correction_start_epoch"])
+        lines.append(f"| {setting} | {seed} | {names[method]} | {_pct(r['final'], 2)} ({_pct(r['best'], 2)}, "
+                     f"{r['best_epoch']}) | {start} | {100 * (r['final'] - r['own_data_40']['final']):+.2f} | "
+                     f"{100 * (r['final'] - r['demo_recipe']['final']):+.2f} | {versus_ce} |")  # fmt: skip
+    lines.append(f"\nTrained at commit `{data['commit']}` (collected {data['date'][:10]}); `{data['command']}`.")
+    return "\n".join(lines)
+
+
 @renderer("natural_stride16_gain")
 def natural_stride16_gain(data: dict) -> str:
     """The own-data rows with output stride 16 minus those without, paired by setting and seed, per method."""

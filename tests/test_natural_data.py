@@ -367,3 +367,37 @@ def test_small_image_dev_runs_compare_what_they_name(tmp_path):
         model_args, _, training_args = parse_args(list(job.argv[2:]))
         assert (json.loads(model_args.backbone_kwargs), model_args.image_size) == expected[variant]
         assert training_args.num_train_epochs == 12 and (training_args.baseline == "ce") == (method == "ce")
+
+
+def test_run_length_rows_pair_each_run_with_its_recipe_rows(tmp_path):
+    """`bench/natural_run_length.py`: each `<setting>_s<seed>_own120_<method>` run is paired with the same setting,
+    seed and method at 40 epochs and in the demo recipe; an unfinished run is refused, other folders are ignored."""
+    import natural_run_length
+
+    from bench.render_benchmarks import RENDERERS
+
+    def run(name: str, accuracies: list[float], start: int = -1) -> None:
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        history = [{"epoch": e + 1, "eval_accuracy": a} for e, a in enumerate(accuracies)]
+        (folder / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+        results = {"eval_accuracy": accuracies[-1], "epoch": 120, "train_runtime": 9.0,
+                   "train_noise_correction_start_epoch": start}  # fmt: skip
+        (folder / "all_results.json").write_text(json.dumps(results))
+
+    run("human_s0_own120_ce", [0.40, 0.45, 0.43])
+    run("human_s0_own120_mopro", [0.30, 0.44, 0.48], start=2)
+    (tmp_path / "runs" / "notes").mkdir()
+    natural = {"accuracy": {"human": {"0": {"own_ce": {"final": 0.40}, "ce": {"final": 0.35},
+                                            "own_mopro_adaptive": {"final": 0.38}, "mopro_adaptive": {"final": 0.36}}}}}  # fmt: skip
+    rows = natural_run_length.collect(tmp_path / "runs", natural)
+    assert [(r["method"], r["final"], r["best"], r["best_epoch"], r["correction_start_epoch"]) for r in rows] == [
+        ("ce", 0.43, 0.45, 2, None), ("mopro", 0.48, 0.48, 3, 2)]  # fmt: skip
+    assert rows[1]["own_data_40"] == {"final": 0.38} and rows[1]["demo_recipe"] == {"final": 0.36}
+    table = RENDERERS["natural_run_length"].render(
+        {"epochs": 120, "runs": rows, "commit": "abc", "date": "2026-12-05", "command": "x"}
+    )
+    assert "| human | 0 | MoPro | 48.00 (48.00, 3) | 2 | +10.00 | +12.00 | +5.00 |" in table
+    (tmp_path / "runs" / "human_s1_own120_ce").mkdir()  # started, not finished
+    with pytest.raises(SystemExit, match="has not finished"):
+        natural_run_length.collect(tmp_path / "runs", natural)

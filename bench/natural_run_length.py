@@ -1,0 +1,75 @@
+"""The own-data recipe at 3x its epochs on the natural benchmark: is the run's length what keeps it weak? (issue 24)
+
+A test of a suspected cause, not a choice: no default moved on these runs. Per setting S and seed N (120 epochs,
+learning-rate steps at 54 and 108: the recipe's 18 and 36 of 40, scaled), B=bench/data/natural/built:
+
+    python training/run_mopro.py --train_dir $B/${S}_s$N/train --validation_dir $B/${S}_s$N/test --seed $N \\
+        --dataloader_num_workers 1 --num_train_epochs 120 --lr_milestones 54 108 --save_strategy no \\
+        [--baseline ce] --output_dir RUNS/${S}_s${N}_own120_{ce,mopro}
+    python bench/natural_run_length.py --runs RUNS --out bench/results-committed/natural_run_length.json
+
+The result holds each run's final and best clean accuracy (`collect_natural.accuracy_cell`) beside the same
+setting, seed and method at the recipe's 40 epochs and with the demo recipe, copied from
+`bench/results-committed/natural_benchmark.json`. Rendered by `bench/render_benchmarks.py` (`natural_run_length`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.collect_natural import accuracy_cell  # noqa: E402
+from bench.environment import write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NATURAL = ROOT / "bench" / "results-committed" / "natural_benchmark.json"
+RUN_NAME = re.compile(r"(?P<setting>[a-z0-9]+)_s(?P<seed>\d+)_own120_(?P<method>ce|mopro)")
+# The natural benchmark's rows of the same method: the own-data recipe (40 epochs) and the demo recipe.
+COMPARED = {"ce": ("own_ce", "ce"), "mopro": ("own_mopro_adaptive", "mopro_adaptive")}
+
+
+def collect(runs: Path, natural: dict) -> list[dict]:
+    rows = []
+    for run_dir in sorted(p for p in runs.iterdir() if p.is_dir()):
+        match = RUN_NAME.fullmatch(run_dir.name)
+        if match is None:
+            continue
+        cell = accuracy_cell(run_dir)
+        if cell is None:
+            raise SystemExit(f"error: {run_dir} has not finished (no all_results.json)")
+        setting, seed, method = match["setting"], match["seed"], match["method"]
+        own, demo = (natural["accuracy"][setting][seed][name] for name in COMPARED[method])
+        results = json.loads((run_dir / "all_results.json").read_text())
+        rows.append({"setting": setting, "seed": int(seed), "method": method, **cell,
+                     "train_runtime": results.get("train_runtime"), "own_data_40": own, "demo_recipe": demo})  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, required=True, help="folder of <setting>_s<seed>_own120_<method> runs")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--commit", default=None, help="the commit the runs trained at (default: git HEAD)")
+    args = parser.parse_args(argv)
+    rows = collect(args.runs, json.loads(NATURAL.read_text()))
+    if not rows:
+        raise SystemExit(f"error: no <setting>_s<seed>_own120_<ce|mopro> run in {args.runs}")
+    commit = (
+        args.commit
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+    )
+    result = {"commit": commit, "epochs": 120, "runs": rows}
+    write_result(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
