@@ -262,6 +262,9 @@ def votes(draw):
 def test_property_a_confident_class_reaches_its_threshold_and_beats_the_given_label(case):
     evidence, labels, considered = case
     confident, thresholds = confident_labels(evidence, labels, considered)
+    chunked, chunk_thresholds = confident_labels(evidence, labels, considered, chunk_size=7)  # rows 7 at a time
+    np.testing.assert_array_equal(chunked, confident)
+    np.testing.assert_array_equal(chunk_thresholds, thresholds)
     rows = np.flatnonzero(confident >= 0)
     assert considered[rows].all() and not (confident[~considered] >= 0).any()
     chosen = evidence[rows, confident[rows]]
