@@ -33,7 +33,10 @@ def run_command(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str]
         if os.environ.get("MOPRO_TRACEBACK"):
             raise
         message = " ".join(str(error).split()) or type(error).__name__
-        print(f"error: {message}", file=sys.stderr)
+        # One write of the whole line: print() writes the text and its newline separately, and the lines of processes
+        # refusing at the same moment then interleave ("...in the YAMLerror: launched as 2...", seen in a 2-process run).
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
         # Leave torch.distributed's group before exiting: a process that exits with its gloo group alive races the
         # peers' exits in gloo's threads and can abort (status -6, "terminate called") instead of exiting 2.
         distributed = sys.modules.get("torch.distributed")

@@ -159,3 +159,27 @@ def test_count_and_fraction_flags_out_of_range_are_refused_by_the_parser(module,
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error: argument " + flag in message and value in message, message
+
+
+def test_the_error_line_is_one_write(monkeypatch):
+    """The line goes out in one write, newline included, so that processes refusing at the same moment (a launch
+    whose processes do not form a group) cannot interleave each other's lines; print() wrote text and newline apart."""
+    from modeling_mopro.cli import run_command
+
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    def refuse(argv):
+        raise ValueError("launched as 2 processes\n but   spread over lines")
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(refuse, [])
+    assert exit_info.value.code == 2
+    assert writes == ["error: launched as 2 processes but spread over lines\n"]
