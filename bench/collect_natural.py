@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.environment import machine_info  # noqa: E402
+from bench.environment import head_commit, machine_info  # noqa: E402
 from bench.natural_benchmark import (  # noqa: E402
     ACCURACY_METHODS,
     ADDED_METHODS,
@@ -141,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             f"error: {args.results_dir} holds no accuracy/ folder of `bench/natural_benchmark.py run`", file=sys.stderr
         )
         return 2
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                           text=True, check=True).stdout.strip()  # fmt: skip
+    commit = args.commit or head_commit()
     command = " ".join(["python", "bench/collect_natural.py", *(argv if argv is not None else sys.argv[1:])])
     result = collect(args.results_dir, commit, args.load, command)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,17 @@ def machine_info(device: Any = None) -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda_version"] = torch.version.cuda
     return info
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def head_commit() -> str:
+    """The repository's HEAD as a short hash: the code a collected or scored result came from, unless told otherwise."""
+    done = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
 
 
 def write_result(path: Path, result: dict[str, Any], machine: dict[str, Any] | None = None) -> None:

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.collect_natural import accuracy_cell  # noqa: E402
-from bench.environment import write_result  # noqa: E402
+from bench.environment import head_commit, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NATURAL = ROOT / "bench" / "results-committed" / "natural_benchmark.json"
@@ -60,13 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = collect(args.runs, json.loads(NATURAL.read_text()))
     if not rows:
         raise SystemExit(f"error: no <setting>_s<seed>_own120_<ce|mopro> run in {args.runs}")
-    commit = (
-        args.commit
-        or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip()
-    )
-    result = {"commit": commit, "epochs": 120, "runs": rows}
+    result = {"commit": args.commit or head_commit(), "epochs": 120, "runs": rows}
     write_result(args.out, result)
     return result
 

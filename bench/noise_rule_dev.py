@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.environment import write_result  # noqa: E402
+from bench.environment import head_commit, write_result  # noqa: E402
 from bench.label_noise_benchmark import noisy_data  # noqa: E402
 from evaluation.features import extract_features, load_model  # noqa: E402
 from evaluation.noise_scores import (  # noqa: E402
@@ -119,13 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     missing = [s for s in args.seeds if not (args.runs / f"mopro_s{s}" / "model").is_dir()]
     if missing:
         raise SystemExit(f"error: no MoPro run for seed(s) {missing} in {args.runs}")
-    commit = args.commit
-    if commit is None:
-        import subprocess
-
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
-        "commit": commit,
+        "commit": args.commit or head_commit(),
         "rules": list(RULES),
         "runs": [evaluate(args.runs / f"mopro_s{s}") for s in args.seeds],
     }

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.environment import write_result  # noqa: E402
+from bench.environment import head_commit, write_result  # noqa: E402
 from bench.natural_benchmark import Job, run  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "small_image_dev"
@@ -100,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "collect":
         result = collect(args.results_dir, args.load)
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        write_result(args.output, {"commit": args.commit or head.stdout.strip(), **result})  # + date, command, machine
+        write_result(args.output, {"commit": args.commit or head_commit(), **result})  # + date, command, machine
         print(f"{sum(r is None for r in result['runs'].values())} runs missing")
         return 0
     if not (args.data_dir / "test").is_dir():
