@@ -96,8 +96,9 @@ from .noise_report_card import noise_report_card
 from .noise_scores import DECISIONS, FALLBACK_OOD_RULE, ScoredSamples, nearest_neighbours, noise_scores
 
 DECISION_RULES = ("fitted", "training")
-# The dataset-wide columns (from every sample's neighbours: computed after the gather), floats but the last.
-SCORE_COLUMNS = ("label_quality", "ood_score", "ood_probability", "confident_label")
+# The dataset-wide columns (from every sample's neighbours: computed after the gather), with their dtypes.
+SCORE_COLUMNS = {"label_quality": np.float32, "ood_score": np.float32, "ood_probability": np.float32,
+                 "confident_label": np.int64}  # fmt: skip
 GROUND_TRUTH_COLUMNS = ("true_label", "is_ood")
 SUMMARY_FILE = "noise_report_summary.json"
 PLOT_FILE = "noise_report.png"
@@ -337,8 +338,7 @@ def _build_noise_report(model, dataset, options: NoiseReportOptions, id_column: 
         given_label=columns.pop("given_label"),
         suggested_label=np.asarray(suggested, dtype=np.int64),
         decision=decision,
-        **{name: fitted[name].astype(np.float32) for name in SCORE_COLUMNS[:-1]},
-        confident_label=fitted["confident_label"].astype(np.int64),
+        **{name: fitted[name].astype(dtype) for name, dtype in SCORE_COLUMNS.items()},
         **columns,
     )
     return _BuiltReport(datasets.Dataset.from_dict(ordered), [i for _, ids in shares for i in ids], fitted)
