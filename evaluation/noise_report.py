@@ -70,6 +70,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from modeling_mopro import correct_noisy_labels, far_from_prototypes, neighbour_label_vote
 from modeling_mopro.cli import check_output_dir, positive_int
+from modeling_mopro.sample_dynamics import SAMPLE_DYNAMICS_FILE, SampleDynamics
 from training.data.image_datasets import (
     DATA_FORMATS,
     add_dataset_arguments,
@@ -96,6 +97,10 @@ from .noise_report_card import noise_report_card
 from .noise_scores import DECISIONS, FALLBACK_OOD_RULE, ScoredSamples, nearest_neighbours, noise_scores
 
 DECISION_RULES = ("fitted", "training")
+# What the label decisions read: the mean of the neighbour vote and the training run's per-sample record when it
+# matches the data ("combined"; else the vote alone, said in the summary), the record alone or an error ("training"),
+# the vote alone ("neighbours").
+LABEL_EVIDENCE = ("combined", "training", "neighbours")
 # The dataset-wide columns (from every sample's neighbours: computed after the gather), with their dtypes.
 SCORE_COLUMNS = {"label_quality": np.float32, "ood_score": np.float32, "ood_probability": np.float32,
                  "confident_label": np.int64}  # fmt: skip
@@ -107,12 +112,15 @@ PLOT_FILE = "noise_report.png"
 @dataclass(frozen=True)
 class NoiseReportOptions(FeatureOptions):
     """How the report is made: the data's image and label columns, the decision rule ("fitted" or "training"), the
-    neighbour vote's k and its reference subset, the flagged images per class and their thumbnails' size (0 images:
+    label evidence (`LABEL_EVIDENCE`) and the training record to read it from, the neighbour vote's k and its
+    reference subset, the flagged images per class and their thumbnails' size (0 images:
     no gallery), and how the model runs."""
 
     image_column: str = "image"
     label_column: str = "label"
     decision_rule: str = "fitted"
+    label_evidence: str = "combined"
+    sample_dynamics: str | None = None  # the training run's record (default: the model folder's)
     num_neighbours: int = 50
     max_reference: int | None = 200_000
     flagged_images_per_class: int = DEFAULT_PER_CLASS
@@ -229,14 +237,73 @@ class _BuiltReport(NamedTuple):
     scores: ScoredSamples | None
 
 
+def label_evidence(
+    model, options: NoiseReportOptions, keys: np.ndarray, given: np.ndarray
+) -> tuple[np.ndarray | None, str]:
+    """The training run's class evidence for the report's rows: its mean probabilities (`modeling_mopro.sample_dynamics`)
+    when `options.label_evidence` reads the record and the record matches these rows (NaN rows for rows it does not
+    hold, with a note counting them), else None (the neighbour vote decides alone), with why not.
+
+    The record is `options.sample_dynamics`, else the model folder's `sample_dynamics.safetensors`. It matches when
+    every row's key (its `sample_id`, else its place in the data) was trained on, with the row's given label: any
+    other dataset, order or labelling is refused rather than mapped onto the wrong samples. Rows it does not hold (a
+    batch remainder dropped in every recorded epoch) get the vote alone.
+
+    Raises:
+        ValueError: `label_evidence` is "training" and there is no matching record (or is not one of LABEL_EVIDENCE).
+    """
+    if options.label_evidence not in LABEL_EVIDENCE:
+        raise ValueError(f"label_evidence must be one of {LABEL_EVIDENCE}, got {options.label_evidence!r}")
+    if options.label_evidence == "neighbours":
+        return None, "the neighbour vote was asked for (label_evidence 'neighbours')"
+    folder = getattr(model, "name_or_path", "") or ""
+    path = options.sample_dynamics or (os.path.join(folder, SAMPLE_DYNAMICS_FILE) if os.path.isdir(folder) else None)
+    if path is None or not os.path.isfile(path):
+        reason = (
+            f"no per-sample training record ({path or SAMPLE_DYNAMICS_FILE + ' beside the model'}): the model was "
+            "trained before runs kept one, or with --record_sample_dynamics off"
+        )
+    else:
+        record = SampleDynamics.load(path)
+        keys, given = np.asarray(keys, dtype=np.int64), np.asarray(given, dtype=np.int64)
+        evidence, reason = None, ""
+        if len(keys) and (keys.min() < 0 or keys.max() >= record.num_samples):
+            reason = f"{path} records {record.num_samples} samples, and these rows' ids reach {keys.max()}: other data"
+        elif record.num_classes != int(model.config.num_labels):
+            reason = f"{path} records {record.num_classes} classes, the model has {model.config.num_labels}"
+        else:
+            evidence, visits = record.mean_probabilities(keys)
+            seen = visits > 0
+            relabelled = int((record.labels.numpy()[keys] != given)[seen].sum())
+            if not seen.any():
+                reason = f"none of the {len(keys)} rows is in the run {path} records"
+            elif relabelled:
+                reason = (
+                    f"the given labels of {relabelled} of the {len(keys)} rows differ from those the run {path} "
+                    "records trained with: other data, another order or another labelling"
+                )
+            elif not seen.all():  # a batch's remainder dropped in every recorded epoch, or rows trained on elsewhere
+                return evidence, (
+                    f"{int((~seen).sum())} of the {len(keys)} rows are not in the record (not trained on before "
+                    "noise correction began): their label evidence is the neighbour vote alone"
+                )
+        if not reason:
+            return evidence, ""
+    if options.label_evidence == "training":
+        raise ValueError(f"label_evidence 'training': {reason}")
+    return None, reason
+
+
 def build_noise_report(
     model,
     dataset,
     options: NoiseReportOptions,
     id_root: str | os.PathLike | None = None,
     id_column: str | None = None,
+    with_scores: bool = False,
 ):
-    """Runs the model over `dataset` and returns the per-sample report as a `datasets.Dataset`.
+    """Runs the model over `dataset` and returns the per-sample report as a `datasets.Dataset` (with `with_scores`,
+    also the `ScoredSamples` behind its fitted decisions, whose `fit_summary` the written summary holds).
 
     In several processes (accelerate's `PartialState`), each one scores its `split_between_processes` share of the
     rows, `gather_object` joins them and the main process returns the whole report, in dataset order; the others None.
@@ -250,7 +317,8 @@ def build_noise_report(
     Undecodable images are skipped (logged with their ids) and have no row; `write_noise_report` counts them.
     """
     dataset, id_column, _ = with_report_ids(dataset, options.image_column, id_root, id_column)
-    return _build_noise_report(model, dataset, options, id_column).report
+    built = _build_noise_report(model, dataset, options, id_column)
+    return (built.report, built.scores) if with_scores else built.report
 
 
 def _build_noise_report(model, dataset, options: NoiseReportOptions, id_column: str | None = None) -> _BuiltReport:
@@ -266,6 +334,7 @@ def _build_noise_report(model, dataset, options: NoiseReportOptions, id_column: 
     # order, to the dataset order, so every sample is scored exactly once.
     with state.split_between_processes(torch.arange(len(dataset))) as share:
         share = share.numpy()
+        positions = share  # the rows' places in the data (a training record's keys when it has no sample_id)
         if isinstance(dataset, datasets.Dataset):
             hf = dataset
             rows = hf.select_columns([c for c in ("sample_id", *GROUND_TRUTH_COLUMNS) if c in hf.column_names])
@@ -281,12 +350,13 @@ def _build_noise_report(model, dataset, options: NoiseReportOptions, id_column: 
         )
     if features.logits is None:
         raise ValueError("the noise report needs a model with a classifier")
-    if features.skipped_ids and extra:  # the ground-truth rows of the skipped images go too
+    if features.skipped_ids:  # the ground-truth rows and places of the skipped images go too
         position = {sample_id: k for k, sample_id in enumerate(dataset.ids)}
         kept = np.ones(len(dataset), dtype=bool)
         kept[[position[sample_id] for sample_id in features.skipped_ids]] = False
         extra = {name: values[kept] for name, values in extra.items()}
-    columns = {"id": features.ids}
+        positions = positions[kept]
+    columns = {"id": features.ids, "position": positions}
     if "sample_id" in extra:
         columns["sample_id"] = extra.pop("sample_id")
     columns["given_label"] = features.labels.astype(np.int64)
@@ -312,10 +382,15 @@ def _build_noise_report(model, dataset, options: NoiseReportOptions, id_column: 
     # The neighbour vote needs every sample's embedding: scored on the main process, on the model's device.
     embeddings = torch.as_tensor(columns.pop("embeddings"), device=next(model.parameters()).device)
     config = model.config
+    # A training run's record is keyed by the data's sample_id (positions when it had none: `training.data.sources`).
+    positions = columns.pop("position")
+    keys = columns["sample_id"] if "sample_id" in columns else positions
+    evidence, evidence_note = label_evidence(model, options, keys, columns["given_label"])
     fitted = noise_scores(
-        embeddings, columns["given_label"], config.num_labels, config.temperature,
-        options.num_neighbours, options.max_reference,
+        embeddings, columns["given_label"], config.num_labels, config.temperature, options.num_neighbours,
+        options.max_reference, training_evidence=evidence, combine=options.label_evidence == "combined",
     )  # fmt: skip
+    fitted.label_evidence_note = evidence_note
     if queue_vote:  # the training queue's keys vote in training; offline, the dataset's own embeddings stand in
         if config.queue_vote_k == options.num_neighbours:  # the fitted scores' evidence is that very vote
             vote = torch.as_tensor(fitted["class_evidence"])
@@ -437,7 +512,9 @@ def fit_summary(scores: ScoredSamples, decision_rule: str = "fitted") -> dict[st
       so in sentences (only under the fitted decision rule).
     - `ood_fit_separation` (Ashman's D), `ood_fit_dip` (the fitted density's dip between the modes, 1: none),
       `ood_fit_weight` (the OOD mode's weight), `ood_fit_share` (the share the fit alone would call OOD);
-      `label_issue_share` (the share confident learning names another class for, relabelled or refused) and
+      `label_evidence` (what the label decisions read: "neighbour vote + training dynamics", "training dynamics" or
+      "neighbour vote"; `label_evidence_note` says why not the training record), `label_issue_share` (the share confident learning names another class
+      for, relabelled or refused) and
       `label_threshold_min` / `_median` / `_max` (its per-class thresholds, over the classes some sample is given).
     """
     reason, refused = scores.ood_fallback_reason, scores.relabel_refused_reason
@@ -456,6 +533,9 @@ def fit_summary(scores: ScoredSamples, decision_rule: str = "fitted") -> dict[st
         summary["warning"] = " ".join(w[0].upper() + w[1:] if k else w for k, w in enumerate(warnings))
     summary.update({f"ood_fit_{key}": getattr(scores.ood_fit, key) for key in ("separation", "dip", "weight")})
     summary["ood_fit_share"] = scores.ood_fit.flagged_share
+    summary["label_evidence"] = scores.label_evidence
+    if scores.label_evidence_note:
+        summary["label_evidence_note"] = scores.label_evidence_note
     summary["label_issue_share"] = scores.label_issue_share
     finite = scores.label_thresholds[np.isfinite(scores.label_thresholds)]  # K of them: 5,000 on WebVision V2
     for name, value in (("min", np.min), ("median", np.median), ("max", np.max)):
@@ -716,6 +796,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in --output_dir")
     parser.add_argument("--decision_rule", choices=DECISION_RULES, default="fitted",
                         help="fitted: thresholds fitted to this data's scores; training: the training rule's constants")  # fmt: skip
+    parser.add_argument("--label_evidence", choices=LABEL_EVIDENCE, default="combined",
+                        help="what the label decisions read: combined: the mean of the neighbour vote and the "
+                        "training run's per-sample record when it matches the data, else the vote alone; training: "
+                        "the record alone, or an error; neighbours: the vote alone")  # fmt: skip
+    parser.add_argument("--sample_dynamics", default=None,
+                        help="the training run's record (default: MODEL/sample_dynamics.safetensors)")  # fmt: skip
     parser.add_argument("--num_neighbours", type=positive_int, default=50, help="k of the neighbour vote")
     parser.add_argument("--max_reference", type=positive_int, default=200_000,
                         help="neighbours are searched among at most this many samples (seeded subset)")  # fmt: skip
@@ -773,10 +859,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
 __all__ = [
     "DECISIONS",
     "DECISION_RULES",
+    "LABEL_EVIDENCE",
     "NoiseReportOptions",
     "build_noise_report",
     "fit_summary",
     "hub_card",
+    "label_evidence",
     "noise_decisions",
     "plot_noise_report",
     "pseudo_labels",

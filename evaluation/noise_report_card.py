@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from huggingface_hub import DatasetCardData
 
-from .noise_scores import DECISIONS, MAX_RELABEL_SHARE
+from .noise_scores import DECISIONS, EVIDENCE_COMBINED, EVIDENCE_TRAINING, MAX_RELABEL_SHARE
 
 MAX_CLASS_ROWS = 50  # beyond this, the card lists the classes with the most non-clean samples
 
@@ -26,7 +26,8 @@ COLUMN_DOCS = (
     ("ood_probability", "posterior of the high mode of the OOD-score mixture (0: fit not used, see the warning)"),
     (
         "confident_label",
-        "the class the neighbours' vote confidently names (-1: none); relabelled when not the given one",
+        "the class the label evidence (training dynamics, or the neighbours' vote) confidently names (-1: none); "
+        "relabelled when not the given one",
     ),
     ("training_rule_decision", "the decision of MoPro's training rule (fixed thresholds)"),
     ("training_rule_label", "the label of MoPro's training rule"),
@@ -51,6 +52,26 @@ TRUTH_ROWS = (
     ("given_label_accuracy", "in-distribution samples whose given label is right"),
     ("kept_label_accuracy", "kept in-distribution samples whose suggested label is right"),
 )
+
+
+def _evidence_line(summary: Mapping) -> str:
+    """How `label_quality` and the label decisions were made, in a sentence or two."""
+    record = (
+        "the training run's record: the classifier's softmax on each sample's training views, averaged over the "
+        "epochs before noise correction began (`sample_dynamics.safetensors`)"
+    )
+    if summary.get("label_evidence") == EVIDENCE_TRAINING:
+        return f"The label evidence is {record}; `label_quality` is its probability of the given label."
+    if summary.get("label_evidence") == EVIDENCE_COMBINED:
+        return (
+            f"The label evidence is the mean of the neighbours' vote below and {record}; `label_quality` is its "
+            "probability of the given label."
+        )
+    note = summary.get("label_evidence_note")
+    return (
+        "The label evidence is the neighbours' vote below; `label_quality` is its probability of the given label"
+        + (f" (not the training run's record: {note})." if note else ".")
+    )
 
 
 def _size_category(n: int) -> str:
@@ -153,8 +174,8 @@ whose given label is not its true class, counting every out-of-distribution samp
         "to one component, its modes are apart (Ashman's D > 2) and its fitted density dips between them, and the "
         "share it calls OOD is a minority, mostly of samples whose neighbours outvote their given label, flags a "
         "sample when its posterior exceeds 1/2; otherwise a conservative fallback decides and a warning above says "
-        "why. Labels: confident learning on the vote (each class's threshold is the mean vote for it among the "
-        "samples given it; a sample confidently belongs to the class of highest vote among those at or above their "
+        "why. Labels: confident learning on the label evidence (each class's threshold is its mean evidence among "
+        "the samples given it; a sample confidently belongs to the class of highest evidence among those at or above their "
         f"threshold, `confident_label`); it relabels at most {MAX_RELABEL_SHARE:.0%} of the samples, beyond that nothing, and the "
         "warning says so too"
         if rule == "fitted"
@@ -215,10 +236,10 @@ the image belongs to any class at all. Scored by {model_name}.{skipped_line}{ids
 
 ## How it was made
 
-- Each image went through the model's test view. `label_quality` is the probability of the given label under the
-  label vote of its {summary.get("num_neighbours")} nearest neighbours in MoPro's embedding space (their given
-  labels, each weighted by exp(cosine / {summary.get("temperature")})); `ood_score` is the vote's normalised entropy
-  (neighbours that agree on no class).
+- Each image went through the model's test view. {_evidence_line(summary)} `ood_score` is the normalised
+  entropy of the label vote of its {summary.get("num_neighbours")} nearest neighbours in MoPro's embedding space
+  (their given labels, each weighted by exp(cosine / {summary.get("temperature")})): neighbours that agree on no
+  class.
 - Decisions: {how}. An OOD sample is `ood`; otherwise a sample whose confident class is not its given label is
   `relabelled` to that class (`suggested_label`).
 - `training_rule_decision` keeps what MoPro's training rule decides, for comparison.

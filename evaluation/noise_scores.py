@@ -66,6 +66,10 @@ import torch
 from modeling_mopro.noise_correction import neighbour_label_vote
 
 DECISIONS = ("clean", "relabelled", "ood")
+# What the label decisions read (`noise_scores`' `label_evidence`), as the summary names it.
+EVIDENCE_NEIGHBOURS = "neighbour vote"
+EVIDENCE_TRAINING = "training dynamics"
+EVIDENCE_COMBINED = "neighbour vote + training dynamics"
 
 # Separated modes: the fitted mixture's density between its two means falls to at most this share of its lower peak
 # (1: no dip at all, one skewed mode).
@@ -285,6 +289,9 @@ class ScoredSamples(dict):
         label_thresholds: (K,) confident learning's per-class thresholds (`confident_labels`).
         label_issue_share: the share of all samples whose confident class is not their given label.
         relabel_refused_reason: why nothing is relabelled ("" otherwise).
+        label_evidence: what the label decisions read: `EVIDENCE_COMBINED`, `EVIDENCE_TRAINING` or
+            `EVIDENCE_NEIGHBOURS`.
+        label_evidence_note: why not the training record, when it was not used ("" otherwise; set by the report).
     """
 
     ood_fit: TwoModeFit
@@ -292,17 +299,22 @@ class ScoredSamples(dict):
     label_thresholds: np.ndarray
     label_issue_share: float
     relabel_refused_reason: str
+    label_evidence: str = ""
+    label_evidence_note: str = ""
 
 
-def fitted_decisions(evidence: np.ndarray, ood_score: np.ndarray, labels: np.ndarray, seed: int = 0) -> ScoredSamples:
+def fitted_decisions(
+    evidence: np.ndarray, ood_score: np.ndarray, labels: np.ndarray, seed: int = 0, source: str = "the neighbour vote"
+) -> ScoredSamples:
     """The decisions from the data's own scores: OOD by the OOD-score fit when `check_ood_fit` passes it, else by
     the fallback rule; relabelled to the class the sample confidently belongs to (`confident_labels`, over the samples
     not called OOD) when that is not its given label, unless that would relabel more than `MAX_RELABEL_SHARE` of the
     samples (then nothing is); else clean.
 
     Args:
-        evidence: (N, K) class evidence (the neighbours' label vote); its entry for the given label is the label
-            quality. ood_score: (N,). labels: (N,) the given labels.
+        evidence: (N, K) class evidence (the training record's mean probabilities, or the neighbours' label vote);
+            its entry for the given label is the label quality. ood_score: (N,). labels: (N,) the given labels.
+        source: the evidence, as the refusal's sentence names it.
 
     Returns:
         `confident_label` (-1: no class), `ood_probability` (the fit's posterior; 0 where the fit is not used),
@@ -321,9 +333,9 @@ def fitted_decisions(evidence: np.ndarray, ood_score: np.ndarray, labels: np.nda
     refused = ""
     if issue_share > MAX_RELABEL_SHARE:
         refused = (
-            f"confident learning on the neighbour vote would relabel {issue_share:.0%} of the samples, more than "
-            f"{MAX_RELABEL_SHARE:.0%}: more than wrong labels and the images a good embedding confuses can explain, "
-            "so the vote is taken to be near chance and nothing is relabelled"
+            f"confident learning on {source} would relabel {issue_share:.0%} of the samples, more than "
+            f"{MAX_RELABEL_SHARE:.0%}: more than wrong labels and the images a good model confuses can explain, "
+            "so the evidence is taken to be near chance and nothing is relabelled"
         )
         relabel = np.zeros_like(relabel)
     decision = np.where(ood, DECISIONS.index("ood"), np.where(relabel, DECISIONS.index("relabelled"), 0))
@@ -348,6 +360,8 @@ def noise_scores(
     num_neighbours: int = 50,
     max_reference: int | None = 200_000,
     seed: int = 0,
+    training_evidence: np.ndarray | None = None,
+    combine: bool = True,
 ) -> ScoredSamples:
     """Scores, suggested labels and fitted decisions of every sample (`fitted_decisions`).
 
@@ -358,6 +372,10 @@ def noise_scores(
         temperature: of the neighbour weights exp(cosine / T) (the model's `config.temperature`).
         num_neighbours: k of the neighbour vote.
         max_reference: see `nearest_neighbours`.
+        training_evidence: (N, K) class evidence from the training run (`modeling_mopro.sample_dynamics`' mean
+            probabilities before correction; NaN rows: not recorded, the vote alone): the label quality and the
+            label decisions read its mean with the neighbour vote (`combine`), or it alone; the OOD score stays the
+            vote's entropy. None: the vote alone.
 
     Returns:
         numpy arrays: `label_quality` (N,) in [0, 1], `ood_score` (N,) in [0, 1], `suggested_label` (N,) (the
@@ -371,17 +389,38 @@ def noise_scores(
     # The project's one kNN vote, the one the `queue_vote` training rule uses over the queue's keys.
     evidence = neighbour_label_vote(similarities, labels[neighbours], num_classes, temperature)  # (N, K)
 
-    label_quality = evidence.gather(1, labels[:, None]).squeeze(1).cpu().numpy()
     entropy = -(evidence * evidence.clamp_min(1e-12).log()).sum(1)
     ood_score = (entropy / (math.log(num_classes) if num_classes > 1 else 1.0)).cpu().numpy()
 
-    scored = fitted_decisions(evidence.cpu().numpy(), ood_score, labels.cpu().numpy(), seed)
-    scored.update(label_quality=label_quality, ood_score=ood_score, class_evidence=evidence.cpu().numpy())
+    evidence = evidence.cpu().numpy()
+    source = "the neighbour vote"
+    kind = EVIDENCE_NEIGHBOURS
+    if training_evidence is not None:
+        training_evidence = np.asarray(training_evidence, dtype=np.float32)
+        if training_evidence.shape != (len(labels), num_classes):
+            raise ValueError(
+                f"training_evidence must be ({len(labels)}, {num_classes}), got {training_evidence.shape}"
+            )
+        # Two estimates of p(class | image) that fail in different places (module docstring): their mean. Rows
+        # the record does not hold (NaN) keep the vote.
+        missing = np.isnan(training_evidence).any(1, keepdims=True)
+        training_evidence = np.where(missing, evidence, training_evidence)
+        evidence = (evidence + training_evidence) / 2 if combine else training_evidence
+        kind = EVIDENCE_COMBINED if combine else EVIDENCE_TRAINING
+        source = "the neighbour vote and the training record" if combine else "the training record"
+    labels = labels.cpu().numpy()
+    scored = fitted_decisions(evidence, ood_score, labels, seed, source)
+    label_quality = evidence[np.arange(len(labels)), labels]
+    scored.update(label_quality=label_quality, ood_score=ood_score, class_evidence=evidence)
+    scored.label_evidence = kind
     return scored
 
 
 __all__ = [
     "DECISIONS",
+    "EVIDENCE_COMBINED",
+    "EVIDENCE_NEIGHBOURS",
+    "EVIDENCE_TRAINING",
     "FALLBACK_MAX_SHARE",
     "FALLBACK_OOD_RULE",
     "FALLBACK_OOD_SCORE",

@@ -2,7 +2,7 @@
 
 Optional second argument: the model's `noise_correction_rule` (default "official"). Each rank records which sample ids its batches held per epoch. After training, one more training step in which
 rank 1's batch holds only undecodable images (0 rows through every gather), then the noise report as
-`training/run_mopro.py` ends (every rank scores its share). Each rank saves its final model state."""
+`training/run_mopro.py` ends (every rank scores its share; the per-sample record saved first, as there). Each rank saves its final model state."""
 
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ def main(output_dir: str, noise_correction_rule: str = "official") -> None:
         ddp_timeout=300,  # a collective that hangs (e.g. on an empty rank) fails in minutes, not the default 30
     )
     trainer.train()
+    trainer.save_sample_dynamics(output_dir)  # every rank: summed over them, written by rank 0
     rank, world = trainer.args.process_index, trainer.args.world_size
     steps_per_epoch = NUM_SAMPLES // (BATCH * world)
     seen = [collator.seen[e * steps_per_epoch * BATCH : (e + 1) * steps_per_epoch * BATCH] for e in range(EPOCHS)]

@@ -145,6 +145,8 @@ def test_label_noise_benchmark_trains_both_methods_and_scores_them_against_the_t
               "--results_dir", str(tmp_path)]  # fmt: skip
     for method in ("mopro", "cleanlab"):
         label_noise_benchmark.main(["train", "--method", method, *common])
+    label_noise_benchmark.main(["train", "--method", "mopro", "--correction_schedule", "adaptive", *common])
+    assert (tmp_path / "mopro_s0" / "model" / "sample_dynamics.safetensors").is_file()  # the report's evidence
     cleanlab = json.loads((tmp_path / "cleanlab_s0" / "run.json").read_text())
     mopro = json.loads((tmp_path / "mopro_s0" / "run.json").read_text())
     # 80 images + 20% OOD on top = 100 samples; each of the 5 folds trains on the other 80.
@@ -160,7 +162,9 @@ def test_label_noise_benchmark_trains_both_methods_and_scores_them_against_the_t
 
     table = label_noise_benchmark.main(["report", "--results_dir", str(tmp_path)])
     scores = json.loads((tmp_path / "scores.json").read_text())
-    assert list(scores) == list(label_noise_benchmark.METHODS)
+    assert list(scores) == [*label_noise_benchmark.METHODS[:2], "MoPro adaptive, fitted thresholds",
+                            "MoPro adaptive, training rule", "cleanlab"]  # fmt: skip
+    assert scores["MoPro, fitted thresholds"]["0"]["label_evidence"] == "neighbour vote + training dynamics"
     for method, by_seed in scores.items():
         for key in ("label_error_f1", "ood_precision", "relabel_precision"):
             value = by_seed["0"][key]

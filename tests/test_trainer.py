@@ -13,6 +13,7 @@ import torch
 from transformers import set_seed
 
 from modeling_mopro import MoProForPreTraining, MoProPhase
+from modeling_mopro.sample_dynamics import SampleDynamics
 from tests.fixtures_eval import IMAGE_SIZE, NUM_LABELS
 from tests.trainer_fixtures import run_distributed_train, tiny_config, tiny_image_dataset, tiny_trainer
 from training.correction_schedule import phase_for_epoch
@@ -229,6 +230,13 @@ def test_two_process_accelerate_run_keeps_state_identical(tmp_path):
     assert sorted(report["id"]) == sorted(str(i) for i in range(num_samples))
     assert ranks[0]["noise_report_summary"] == ranks[1]["noise_report_summary"]
     assert ranks[0]["noise_report_summary"]["noise_num_samples"] == num_samples
+    # The per-sample record, summed over both ranks: every sample seen once per epoch until correction begins (epoch
+    # 2 of 3), with its label; the report read it.
+    record = SampleDynamics.load(tmp_path)
+    assert epochs == 3 and record.visits.tolist() == [2.0] * num_samples
+    assert record.labels.tolist() == tiny_image_dataset(num_samples)["label"]
+    summary = json.loads((tmp_path / "noise_report" / "noise_report_summary.json").read_text())
+    assert summary["label_evidence"] == "neighbour vote + training dynamics"
 
 
 def test_evaluation_sees_every_sample_despite_drop_last(tmp_path):
@@ -328,7 +336,8 @@ def test_the_private_trainer_methods_overridden_still_exist():
         if name.startswith("_") and not name.startswith("__")
     }
     assert overridden - {"_pixel_normalization", "_views_on_device", "_record", "_end_finished_epochs",
-                         "_apply_compile_request", "_record_effective_precision", "_configure_speed_options"} == set(
+                         "_apply_compile_request", "_record_effective_precision", "_configure_speed_options",
+                         "_sample_dynamics_for", "_resumed_sample_dynamics"} == set(
         PRIVATE_TRAINER_HOOKS
     )  # fmt: skip
     for name in PRIVATE_TRAINER_HOOKS:

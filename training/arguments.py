@@ -226,6 +226,15 @@ class MoProTrainingArguments(TrainingArguments):
             "as the CPU path, other random draws. Off: the workers decode and augment (official)."
         },
     )
+    record_sample_dynamics: str = field(
+        default="auto",
+        metadata={
+            "help": "Keep the sum of the classifier's probabilities per training sample over the run and save it as "
+            "`sample_dynamics.safetensors` (modeling_mopro/sample_dynamics.py), the noise report's label evidence. "
+            "'auto': for a map-style training set with a sample_id column of at most 2^27 samples x classes "
+            "(512 MiB); 'on': whatever its size; 'off': never."
+        },
+    )
     allow_changed_resume: bool = field(
         default=False,
         metadata={
@@ -259,6 +268,10 @@ class MoProTrainingArguments(TrainingArguments):
             raise ValueError(f"`max_grad_norm` must be >= 0 (0 = no clipping, official), got {self.max_grad_norm}.")
         if self.baseline not in ("mopro", "ce"):
             raise ValueError(f"`baseline` must be 'mopro' or 'ce', got {self.baseline!r}.")
+        if self.record_sample_dynamics not in ("auto", "on", "off"):
+            raise ValueError(
+                f"`record_sample_dynamics` must be 'auto', 'on' or 'off', got {self.record_sample_dynamics!r}."
+            )
         if self.noise_correction_schedule not in SCHEDULES:
             raise ValueError(
                 f"`noise_correction_schedule` must be one of {SCHEDULES}, got {self.noise_correction_schedule!r}."
@@ -405,7 +418,7 @@ def _check_yaml_booleans(config_file, values: dict, argument_classes) -> None:
         if isinstance(value, bool) and key in kinds and "bool" not in kinds[key]:
             raise ValueError(
                 f"{config_file}: `{key}: {value}` was read as a YAML boolean, but {key} is not a boolean flag; quote "
-                f"the value (e.g. {key}: \"no\")"
+                f'the value (e.g. {key}: "no")'
             )
 
 

@@ -39,6 +39,7 @@ from modeling_mopro import (  # noqa: E402
     image_processor_for,
 )
 from modeling_mopro.cli import check_output_dir, run_command  # noqa: E402
+from modeling_mopro.sample_dynamics import SAMPLE_DYNAMICS_FILE  # noqa: E402
 from training.arguments import (  # noqa: E402
     ARCHITECTURE_FIELDS,
     DEMO_CONFIG,
@@ -162,7 +163,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     resume_changes = []
     if training_args.do_train and training_args.resume_from_checkpoint:
         check_resume_model(training_args.resume_from_checkpoint, config)
-        resume_changes = check_resume_arguments(training_args.resume_from_checkpoint, model_args, data_args, training_args)
+        resume_changes = check_resume_arguments(
+            training_args.resume_from_checkpoint, model_args, data_args, training_args
+        )
     if training_args.should_save:
         # The folder is this run's from its first write to its last (`training.run_folder`): a second run started
         # into it now is refused, and the start-up check is repeated under the lock.
@@ -206,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             began = start is not None and start < trainer.current_epoch()
             metrics["train_noise_correction_start_epoch"] = start if began else -1
         trainer.save_state()
+        trainer.save_sample_dynamics(training_args.output_dir)  # every process: the record is summed over them
     if training_args.do_eval and eval_dataset is not None:
         metrics.update(trainer.evaluate())
 
@@ -239,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 RUN_OUTPUTS = (
     "config.json", "model.safetensors", "model.safetensors.index.json", "preprocessor_config.json",
     "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json", "run_args.json",
-    "noise_report", "training_curves.png",
+    "noise_report", "training_curves.png", SAMPLE_DYNAMICS_FILE,
 )  # fmt: skip
 
 
@@ -272,9 +276,7 @@ def resolve_checkpoint(training_args: MoProTrainingArguments) -> str | None:
     return str(path)
 
 
-def prepare_output_dir(
-    model_args: ModelArguments, training_args: MoProTrainingArguments, remove: bool = True
-) -> None:
+def prepare_output_dir(model_args: ModelArguments, training_args: MoProTrainingArguments, remove: bool = True) -> None:
     """Refuse an `output_dir` that holds a run, unless resuming or `--overwrite_output_dir true` (then, with
     `remove`, the old run's outputs are removed, so no stale noise report or results sit beside the new model).
 
@@ -478,7 +480,10 @@ def check_resume_model(checkpoint: str, config: MoProConfig) -> None:
     except (OSError, ValueError):
         return  # `check_checkpoint` names a checkpoint that cannot be read
     differences = []
-    saved_labels = [str(saved.get("id2label", {}).get(str(i))) for i in range(int(saved.get("num_labels", len(saved.get("id2label", {})))))]
+    saved_labels = [
+        str(saved.get("id2label", {}).get(str(i)))
+        for i in range(int(saved.get("num_labels", len(saved.get("id2label", {})))))
+    ]
     labels = [str(config.id2label[i]) for i in range(config.num_labels)]
     if saved_labels != labels:
         differences.append(f"classes {saved_labels[:5]} in the checkpoint, {labels[:5]} in the data")
@@ -508,6 +513,7 @@ def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArgum
     if not hasattr(train_dataset, "column_names"):
         logger.info("noise report skipped: it needs a `datasets` training set")
         return {}
+    dynamics = os.path.join(training_args.output_dir, SAMPLE_DYNAMICS_FILE)  # this run's, when it kept one
     summary = write_noise_report(
         model,
         train_dataset,
@@ -518,6 +524,7 @@ def noise_report(model: MoProForPreTraining, train_dataset, data_args: DataArgum
             device=training_args.device,
             image_column=data_args.image_column_name,
             label_column=data_args.label_column_name,
+            sample_dynamics=dynamics if os.path.isfile(dynamics) else None,
         ),
         data_description=f"the training set of {describe_training_data({'data_args': vars(data_args)}).name}",
         model_name=training_args.output_dir,  # where the model is saved

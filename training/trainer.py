@@ -5,7 +5,8 @@ the noise decisions; `log` adds their averages; `create_optimizer` / `create_sch
 step schedule from `training.optim`; the eval dataloader uses the test-view collator; `prepare_views` (called by
 `compute_loss`) normalises uint8 batches on the device. The momentum
 encoder is updated by a callback after every optimizer step. A checkpoint is checked (`check_checkpoint`) before it
-is resumed from, and the count of skipped images is saved in it and continued on resume.
+is resumed from, and the count of skipped images is saved in it and continued on resume, as is the per-sample record
+of the classifier's probabilities (`modeling_mopro.sample_dynamics`, saved by `save_sample_dynamics`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from modeling_mopro import MoProForPreTraining, MoProPhase
 from modeling_mopro.modeling_mopro import pixel_statistics_on
+from modeling_mopro.sample_dynamics import MAX_AUTO_ELEMENTS, SAMPLE_DYNAMICS_FILE, SampleDynamics
 
 from .arguments import steps_per_epoch
 from .correction_schedule import AdaptiveCorrectionSchedule, chance_fit, phase_for_epoch, whole_epochs
@@ -254,6 +256,11 @@ class MoProTrainer(Trainer):
         self._signals_epoch = 0
         self.add_callback(CorrectionScheduleState(self))
         self.add_callback(ResumeCallback(self))
+        # The per-sample record of the classifier's probabilities: sized at the first training step, from the
+        # checkpoint resumed from when it holds one.
+        self.sample_dynamics: SampleDynamics | None = None
+        self._sample_dynamics_decided = False
+        self._resumed_from: str | None = None
 
     # ------------------------------------------------------------------------------ compile and precision
     def _build_accelerator_args(self, **kwargs) -> dict:
@@ -387,6 +394,7 @@ class MoProTrainer(Trainer):
         self._staging_root = str(staged_root)
         try:
             super()._save_checkpoint(model, trial)  # into staged_root/checkpoint-N (`_get_output_dir`)
+            self.save_sample_dynamics(staged_root / name)
             self.accelerator.wait_for_everyone()
         except BaseException:
             if self.args.should_save:
@@ -417,6 +425,7 @@ class MoProTrainer(Trainer):
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or resume_from_checkpoint
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             check_checkpoint(resume_from_checkpoint)  # before any weight is loaded
+            self._resumed_from = str(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def restore_run_state(self) -> None:
@@ -484,7 +493,9 @@ class MoProTrainer(Trainer):
         if args.gpu_augment:
             view_augment = getattr(self.data_collator, "view_augment", None)
             if not isinstance(view_augment, GpuViewAugment):
-                raise ValueError("--gpu_augment needs a `training.data.gpu_augment.GpuAugmentCollator` as data collator.")
+                raise ValueError(
+                    "--gpu_augment needs a `training.data.gpu_augment.GpuAugmentCollator` as data collator."
+                )
             self._view_augment = view_augment
 
     # ----------------------------------------------------------------------------------------------- data
@@ -583,11 +594,13 @@ class MoProTrainer(Trainer):
         num_skipped = inputs.pop("num_skipped_images", None)
         sample_ids = inputs.pop("sample_ids", None)  # per-sample bookkeeping
         unwrapped = self.accelerator.unwrap_model(model)
+        correcting = False
         if not isinstance(unwrapped, MoProForPreTraining):
             inputs.pop("pixel_values_key", None)  # the CE baseline sees the weak view only
         elif model.training:
             self._end_finished_epochs()
             phase = self.current_phase()
+            correcting = phase == MoProPhase.NOISE_CORRECTION
             unwrapped.set_phase(phase)  # a device-side fill: reading the phase first would wait for the device
             if phase == MoProPhase.NOISE_CORRECTION:
                 unwrapped.set_correction_strength(self.correction_schedule.strength(self.current_epoch()))
@@ -596,6 +609,10 @@ class MoProTrainer(Trainer):
         outputs = model(**inputs)
         if model.training:
             self._record(outputs, inputs["labels"], num_skipped)
+            # Until correction begins: from then on the classifier learns its own corrections, and its probabilities
+            # would confirm them (`modeling_mopro.sample_dynamics`).
+            if sample_ids is not None and not correcting and self._sample_dynamics_for(outputs.logits) is not None:
+                self.sample_dynamics.update(sample_ids, outputs.logits, inputs["labels"])
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     @torch.no_grad()
@@ -676,3 +693,76 @@ class MoProTrainer(Trainer):
         """Undecodable images skipped so far in this run, over all processes."""
         pending = 0 if self._stats_sum is None else int(self._stats_sum[_STATS.index("skipped_images")])
         return self._skipped_total + pending
+
+    # ------------------------------------------------------------------------------------- sample dynamics
+    def _sample_dynamics_for(self, logits: torch.Tensor) -> SampleDynamics | None:
+        """The run's record, made at the first training step (sized from the training set, continued from the
+        checkpoint resumed from); None when it is not kept (`--record_sample_dynamics`), logged once."""
+        if not self._sample_dynamics_decided:
+            self._sample_dynamics_decided = True
+            size, reason = sample_dynamics_size(self.train_dataset, logits.shape[1], self.args.record_sample_dynamics)
+            if not size:
+                logger.info("per-sample training dynamics not recorded: %s", reason)
+                return None
+            self.sample_dynamics = self._resumed_sample_dynamics(size, logits.shape[1], logits.device)
+            logger.info(
+                "recording per-sample training dynamics: %d samples x %d classes (%.0f MiB on %s)",
+                size, logits.shape[1], size * logits.shape[1] * 4 / 2**20, logits.device,
+            )  # fmt: skip
+        return self.sample_dynamics
+
+    def _resumed_sample_dynamics(self, size: int, num_classes: int, device: torch.device) -> SampleDynamics:
+        saved = None if self._resumed_from is None else Path(self._resumed_from) / SAMPLE_DYNAMICS_FILE
+        if saved is None:
+            return SampleDynamics(size, num_classes, device)
+        if not saved.is_file():
+            logger.warning(
+                "%s holds no per-sample record: the record covers the steps from the resume on", saved.parent
+            )
+            return SampleDynamics(size, num_classes, device)
+        # The saved sums once, in the main process; the others add theirs from zero (the save sums them all).
+        record = SampleDynamics.load(saved, device, main=self.is_world_process_zero())
+        if (record.num_samples, record.num_classes) != (size, num_classes):
+            logger.warning(
+                "%s records %d samples x %d classes, this run's data %d x %d: the record starts afresh",
+                saved, record.num_samples, record.num_classes, size, num_classes,
+            )  # fmt: skip
+            return SampleDynamics(size, num_classes, device)
+        return record
+
+    def save_sample_dynamics(self, folder: str | os.PathLike) -> None:
+        """The record, summed over processes, into `folder/sample_dynamics.safetensors` (main process). Call it in
+        every process (a collective when distributed); nothing when the run keeps no record."""
+        if self.sample_dynamics is not None:
+            self.sample_dynamics.save(folder, write=self.args.should_save)
+
+
+def sample_dynamics_size(dataset, num_classes: int, mode: str = "auto") -> tuple[int, str]:
+    """How many samples the per-sample record holds for `dataset` (max sample_id + 1), or 0 and why it is not kept.
+
+    `mode` "off" keeps none; "auto" keeps it for a map-style `datasets.Dataset` with a ``sample_id`` column up to
+    `MAX_AUTO_ELEMENTS` entries (samples x classes); "on" whatever the size."""
+    import datasets
+    import pyarrow.compute as pc
+
+    if mode == "off":
+        return 0, "--record_sample_dynamics off"
+    if not isinstance(dataset, datasets.Dataset) or "sample_id" not in dataset.column_names:
+        return (
+            0,
+            "the training set is not a map-style `datasets.Dataset` with a sample_id column (a stream, or no ids)",
+        )
+    if len(dataset) == 0:
+        return 0, "the training set is empty"
+    bounds = pc.min_max(dataset.data.column("sample_id"))  # the whole table: a superset of a `select`ed view's
+    low, high = bounds["min"].as_py(), bounds["max"].as_py()
+    if low < 0:
+        return 0, f"the training set has a negative sample_id ({low}); ids must be positions 0..N-1"
+    size = high + 1
+    if mode == "auto" and size * num_classes > MAX_AUTO_ELEMENTS:
+        return 0, (
+            f"{size} samples x {num_classes} classes would take {size * num_classes * 4 / 2**30:.1f} GiB of device "
+            f"memory, above the automatic limit of {MAX_AUTO_ELEMENTS * 4 / 2**30:.1f} GiB (--record_sample_dynamics "
+            "on keeps it)"
+        )
+    return size, ""
