@@ -71,13 +71,15 @@ def noisy_data(seed: int, args) -> tuple:
 
 def train(method: str, train_dataset, id2label: dict[int, str], seed: int, args, output_dir: Path):
     """One training run (`method` "mopro" or "ce") with the benchmarks' small-data recipe (`build_trainer`): the
-    official augmentation and weight decay, encoder momentum 0.99."""
+    official augmentation and weight decay, encoder momentum 0.99. Returns the trainer (its model in eval mode)."""
     trainer, _ = build_trainer(
         method, train_dataset, id2label, seed, args.epochs, output_dir, batch_size=args.batch_size, lr=args.lr,
         weight_decay=1e-4, queue_size=args.queue_size, encoder_momentum=0.99, workers=args.workers, logging_steps=50,
+        correction_schedule=getattr(args, "correction_schedule", "fixed"),
     )  # fmt: skip
     trainer.train()
-    return trainer.model.eval()
+    trainer.model.eval()
+    return trainer
 
 
 def train_mopro(seed: int, args, output_dir: Path) -> dict:
@@ -85,9 +87,10 @@ def train_mopro(seed: int, args, output_dir: Path) -> dict:
     dataset, id2label = noisy_data(seed, args)
     training_set = dataset.select_columns(["image", "label", "sample_id"])  # the truth stays out of training
     started = time.time()
-    model = train("mopro", training_set, id2label, seed, args, output_dir)
+    trainer = train("mopro", training_set, id2label, seed, args, output_dir)
     seconds = time.time() - started
-    model.save_pretrained(output_dir / "model")
+    trainer.model.save_pretrained(output_dir / "model")
+    trainer.save_sample_dynamics(output_dir / "model")  # the report's label evidence, as beside a run_mopro model
     build_image_processor(IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD).save_pretrained(output_dir / "model")
     return {"training_runs": 1, "sample_epochs": args.epochs * len(dataset), "train_seconds": round(seconds, 1)}
 
@@ -106,7 +109,9 @@ def train_cleanlab(seed: int, args, output_dir: Path) -> dict:
     view = MoProViewTransforms(IMAGE_SIZE).test
     for fold, (fit, held_out) in enumerate(folds):
         started = time.time()
-        model = train("ce", training_set.select(fit), id2label, seed + 1000 * fold, args, output_dir / f"fold{fold}")
+        model = train(
+            "ce", training_set.select(fit), id2label, seed + 1000 * fold, args, output_dir / f"fold{fold}"
+        ).model
         seconds += time.time() - started
         sample_epochs += args.epochs * len(fit)
         out = extract_features(
@@ -153,12 +158,18 @@ def measure_cost(args) -> dict:
     return record
 
 
+def run_name(method: str, seed: int, schedule: str = "fixed") -> str:
+    """A run's folder: `<method>_s<seed>`, MoPro with the adaptive schedule `mopro_adaptive_s<seed>`."""
+    return f"{method}{'_adaptive' if method == 'mopro' and schedule == 'adaptive' else ''}_s{seed}"
+
+
 def run_train(args) -> None:
-    output_dir = args.results_dir / f"{args.method}_s{args.seed}"
+    output_dir = args.results_dir / run_name(args.method, args.seed, args.correction_schedule)
     output_dir.mkdir(parents=True, exist_ok=True)
     compute = (train_mopro if args.method == "mopro" else train_cleanlab)(args.seed, args, output_dir)
     record = {
         "method": args.method, "seed": args.seed, "epochs": args.epochs, "num_train": args.num_train, **compute,
+        "correction_schedule": args.correction_schedule if args.method == "mopro" else None,
         "natural_dir": str(args.natural_dir) if args.natural_dir else None,
         "machine": {"threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
@@ -168,6 +179,9 @@ def run_train(args) -> None:
 
 
 METHODS = ("MoPro, fitted thresholds", "MoPro, training rule", "cleanlab")
+# The MoPro runs a results folder may hold, by folder prefix, with the name of their rows (METHODS' first two for
+# the benchmark's own schedule, fixed; the same rows with "MoPro adaptive" for the adaptive schedule's runs).
+MOPRO_RUNS = {"mopro": "MoPro", "mopro_adaptive": "MoPro adaptive"}
 COLUMNS = (  # (summary key, header, scale): rates in %, rankings as 0-1
     ("label_error_precision", "label-error P", 100),
     ("label_error_recall", "label-error R", 100),
@@ -182,15 +196,16 @@ COLUMNS = (  # (summary key, header, scale): rates in %, rankings as 0-1
 )
 
 
-def score_mopro(run_dir: Path, dataset) -> dict[str, dict]:
-    """`evaluation.noise_report` on the saved model (both decision rules), scored against the truth."""
-    from evaluation.noise_report import NoiseReportOptions, build_noise_report, summarize_noise_report
+def score_mopro(run_dir: Path, dataset, name: str = "MoPro") -> dict[str, dict]:
+    """`evaluation.noise_report` on the saved model (both decision rules; the label evidence by default: the vote
+    and the run's per-sample record when saved beside the model), scored against the truth; rows named `name`."""
+    from evaluation.noise_report import NoiseReportOptions, build_noise_report, fit_summary, summarize_noise_report
 
     started = time.time()
     options = NoiseReportOptions(batch_size=256, num_workers=0, device="cpu")
-    report = build_noise_report(str(run_dir / "model"), dataset, options)
+    report, scores = build_noise_report(str(run_dir / "model"), dataset, options, with_scores=True)
     seconds = time.time() - started
-    fitted = summarize_noise_report(report)
+    fitted = {**summarize_noise_report(report), **fit_summary(scores)}
     training_rule = report.remove_columns(["decision", "suggested_label"])
     training_rule = training_rule.rename_columns(
         {"training_rule_decision": "decision", "training_rule_label": "suggested_label"}
@@ -198,7 +213,10 @@ def score_mopro(run_dir: Path, dataset) -> dict[str, dict]:
     official = summarize_noise_report(training_rule)
     for key in ("label_quality_auroc", "label_quality_ap", "ood_auroc", "ood_ap"):
         official[key] = None  # the training rule has no scores of its own: its decisions only
-    return {METHODS[0]: {**fitted, "score_seconds": seconds}, METHODS[1]: {**official, "score_seconds": seconds}}
+    return {
+        f"{name}, fitted thresholds": {**fitted, "score_seconds": seconds},
+        f"{name}, training rule": {**official, "score_seconds": seconds},
+    }
 
 
 def score_cleanlab(run_dir: Path, dataset) -> dict[str, dict]:
@@ -246,24 +264,30 @@ def report(results_dir: Path = RESULTS, only_seeds: list[int] | None = None) -> 
     seeds = [s for s in seeds if f"mopro_s{s}" in runs and f"cleanlab_s{s}" in runs]
     if only_seeds is not None:
         seeds = [s for s in seeds if s in only_seeds]
+    # Each kind of MoPro run (`MOPRO_RUNS`) is scored when every seed scored has one.
+    kinds = [kind for kind in MOPRO_RUNS if all(f"{kind}_s{s}" in runs for s in seeds)]
     tag = "" if only_seeds is None else "_s" + "-".join(map(str, seeds))
     if not seeds:
         raise SystemExit(f"no seed with both a mopro and a cleanlab run in {results_dir}")
-    scores: dict[str, dict[int, dict]] = {name: {} for name in METHODS}
+    scores: dict[str, dict[int, dict]] = {}
     for seed in seeds:
         mopro, cleanlab = runs[f"mopro_s{seed}"], runs[f"cleanlab_s{seed}"]
         arguments = argparse.Namespace(num_train=mopro["num_train"], natural_dir=mopro.get("natural_dir"))
         dataset, _ = noisy_data(seed, arguments)
         dataset = dataset.select_columns(["image", "label", "sample_id", "true_label", "is_ood"])
-        for name, summary in {**score_mopro(results_dir / f"mopro_s{seed}", dataset),
-                              **score_cleanlab(results_dir / f"cleanlab_s{seed}", dataset)}.items():  # fmt: skip
-            run = mopro if name.startswith("MoPro") else cleanlab
+        scored = {}
+        for kind in kinds:
+            for name, summary in score_mopro(results_dir / f"{kind}_s{seed}", dataset, MOPRO_RUNS[kind]).items():
+                scored[name] = (summary, runs[f"{kind}_s{seed}"])
+        scored.update({name: (summary, cleanlab) for name, summary in
+                       score_cleanlab(results_dir / f"cleanlab_s{seed}", dataset).items()})  # fmt: skip
+        for name, (summary, run) in scored.items():
             summary.update({k: run[k] for k in ("training_runs", "sample_epochs", "train_seconds", "epochs")})
             summary["compute_vs_cleanlab"] = run["train_seconds"] / cleanlab["train_seconds"]
             # Backbone passes, in forward-pass units: forward + backward of the query ~ 3, MoPro's key forward + 1.
             summary["forward_passes"] = run["sample_epochs"] * (4 if name.startswith("MoPro") else 3)
             summary["passes_vs_cleanlab"] = summary["forward_passes"] / (cleanlab["sample_epochs"] * 3)
-            scores[name][seed] = summary
+            scores.setdefault(name, {})[seed] = summary
             print(json.dumps({"seed": seed, "method": name, **{k: summary.get(k) for k, _, _ in COLUMNS}}), flush=True)
     header = (
         "| method | "
@@ -271,7 +295,7 @@ def report(results_dir: Path = RESULTS, only_seeds: list[int] | None = None) -> 
         + " | training runs × epochs | train minutes | wall time vs cleanlab | passes vs cleanlab |"
     )
     lines = [header, "|" + "---|" * (len(COLUMNS) + 5)]
-    for name in METHODS:
+    for name in scores:
         by_seed = list(scores[name].values())
         first = by_seed[0]
         cells = [_mean_sd([s.get(k) for s in by_seed], scale) for k, _, scale in COLUMNS]
@@ -353,6 +377,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.05, help="0.1 at the official global batch 256, scaled")
     parser.add_argument("--queue_size", type=int, default=4096)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--correction_schedule", choices=("fixed", "adaptive"), default="fixed",
+                        help="train: MoPro's correction schedule (the benchmark's rows: fixed, from 11/90 of the "
+                        "epochs; adaptive: the own-data recipe's)")  # fmt: skip
     parser.add_argument("--results_dir", type=Path, default=RESULTS)
     parser.add_argument("--natural_dir", type=Path, default=None,
                         help="train: a setting folder of `bench/natural_data.py build` instead of Fashion-MNIST "
