@@ -15,7 +15,10 @@ Per setting (human, asym20, asym40, ood20) and seed (0, 1, 2), built by `bench/n
 - then MoPro with the `queue_vote` correction (the demo's recipe, parameters from the Fashion-MNIST development
   cells), every setting; outputs `<results_dir>/accuracy/<setting>_s<seed>/mopro_queue_vote/`;
 - then the own-data recipe again with the small-image rule (`--backbone_kwargs '{"output_stride": 16}'`), human and
-  ood20; outputs `<results_dir>/accuracy/<setting>_s<seed>/own_os16_<method>/`.
+  ood20; outputs `<results_dir>/accuracy/<setting>_s<seed>/own_os16_<method>/`;
+- then the noise report's MoPro run again with the adaptive schedule (the own-data recipe's; `label_noise_benchmark.py
+  train --correction_schedule adaptive`), every setting; outputs `<results_dir>/detection/<setting>/mopro_adaptive_s*/`
+  (the per-setting reports score them as their own rows).
 A run whose output is complete (`all_results.json`, `run.json`) is skipped, so an interrupted table resumes (an
 unfinished run_mopro folder is started afresh: `--overwrite_output_dir true`). The
 order is seed-major: each finished seed is a complete set of rows. Every command runs with one thread
@@ -94,7 +97,16 @@ def jobs(built_dir: Path, results_dir: Path, seeds=SEEDS, settings=natural_data.
         for setting in settings:
             data = built_dir / f"{setting}_s{seed}"
             out += [demo_recipe_job(data, results_dir, setting, seed, m, f) for m, f in ADDED_METHODS.items()]
-    return out + own_data_jobs(built_dir, results_dir, seeds, settings, "own_os16")
+    out += own_data_jobs(built_dir, results_dir, seeds, settings, "own_os16")
+    for seed in seeds:
+        for setting in settings:
+            detection = results_dir / "detection" / setting
+            argv = (python, "bench/label_noise_benchmark.py", "train", "--method", "mopro", "--correction_schedule",
+                    "adaptive", "--seed", str(seed), "--epochs", str(EPOCHS), "--natural_dir",
+                    str(built_dir / f"{setting}_s{seed}"), "--results_dir", str(detection))  # fmt: skip
+            marker = detection / f"mopro_adaptive_s{seed}" / "run.json"
+            out.append(Job(f"detection_{setting}_s{seed}_mopro_adaptive", argv, marker))
+    return out
 
 
 def own_data_jobs(built_dir: Path, results_dir: Path, seeds, settings, version: str) -> list[Job]:
