@@ -108,6 +108,7 @@ TRAIN_PER_CLASS = 300
 TEST_PER_CLASS = 200
 OOD_FRACTION = 0.2  # of the training set after the OOD images are added
 SPLIT_SEED = 2026  # draws the image subsets once; the run seeds only draw the noise
+DEV_SPLIT_SEED = 7  # draws the development pool's training images (`extract_dev`), none of the benchmark's
 SETTINGS = ("human", "asym20", "asym40", "ood20")
 IMAGE_SIZE = 32
 JPEG_QUALITY = 75  # the CIFAR-10 files' quantisation tables are libjpeg's quality 75, 4:2:0
@@ -355,6 +356,40 @@ def extract(
     return provenance
 
 
+def extract_dev(cifar10_images: GitSnapshot, cifar10n: GitSnapshot, bench_pool: Path, out: Path,
+                train_per_class: int = TRAIN_PER_CLASS) -> dict:  # fmt: skip
+    """The development pool, for choices the benchmark must not see: `train_per_class` CIFAR-10 training images per
+    class that the benchmark's pool does not hold (drawn with `DEV_SPLIT_SEED`), with their CIFAR-10N labels; its test
+    and OOD arrays are the benchmark pool's (development runs are scored on their own training images). `build`
+    makes its settings like the benchmark's (the development seeds: 10, 11). Writes `out` and `out`.json."""
+    labels = load_cifar10n(cifar10n.read([SOURCES["cifar10n"]["path"]])[0])
+    clean = labels["clean_label"]
+    with np.load(bench_pool) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    bench_digest = pool_digest(arrays)
+    taken = set(arrays["train_index"].tolist())
+    rng = np.random.default_rng(DEV_SPLIT_SEED)
+    train_index = np.sort(np.concatenate([
+        rng.choice([i for i in np.flatnonzero(clean == c) if i not in taken], train_per_class, replace=False)
+        for c in range(len(CLASSES))]))  # fmt: skip
+    paths = official_to_file(clean)
+    arrays.update(
+        train_images=np.stack([decode_rgb(b) for b in cifar10_images.read([paths[i] for i in train_index])]),
+        train_index=train_index, train_clean=clean[train_index], train_worse=labels["worse_label"][train_index],
+        train_aggre=labels["aggre_label"][train_index],
+    )  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, **arrays)
+    provenance = {
+        "sources": {k: SOURCES[k] for k in ("cifar10_images", "cifar10n")}, "benchmark_pool": bench_digest, "dev_split_seed": DEV_SPLIT_SEED, "train_images": len(train_index),
+        "shared_with_benchmark": len(taken & set(train_index.tolist())),
+        "worse_label_noise": round(float((arrays["train_worse"] != arrays["train_clean"]).mean()), 4),
+        "pool_digest": pool_digest(arrays),
+    }  # fmt: skip
+    out.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return provenance
+
+
 # ----------------------------------------------------------------------------------------------------------- building
 
 
@@ -470,7 +505,7 @@ def snapshot(arg: str | None, key: str) -> GitSnapshot | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("extract", "build", "build-all"))
+    parser.add_argument("command", choices=("extract", "extract-dev", "build", "build-all"))
     parser.add_argument("--cifar10_images", help="extract: git dir of " + SOURCES["cifar10_images"]["repo"])
     parser.add_argument("--cifar10n", help="extract: git dir of " + SOURCES["cifar10n"]["repo"])
     parser.add_argument("--tiny_imagenet", help="extract: git dir of " + SOURCES["tiny_imagenet"]["repo"])
@@ -478,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--content_check", action="store_true",
                         help="extract: also the human-label check of every batch (`human_label_signal`, ~2 min)")  # fmt: skip
     parser.add_argument("--pool", type=Path, default=DEFAULT_POOL)
+    parser.add_argument("--dev_pool", type=Path, default=DEFAULT_POOL.with_name("dev_pool.npz"),
+                        help="extract-dev: the development pool to write (build it with --pool DEV_POOL)")  # fmt: skip
     parser.add_argument("--setting", choices=SETTINGS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", default="0,1,2", help="build-all: comma-separated seeds")
@@ -491,6 +528,13 @@ def main(argv: list[str] | None = None) -> int:
             result = extract(snapshot(args.cifar10_images, "cifar10_images"), snapshot(args.cifar10n, "cifar10n"),
                              snapshot(args.tiny_imagenet, "tiny_imagenet"), snapshot(args.order_check, "order_check"),
                              args.pool, content_check=args.content_check)  # fmt: skip
+        elif args.command == "extract-dev":
+            missing = [k for k in ("cifar10_images", "cifar10n") if getattr(args, k) is None]
+            if missing or not args.pool.is_file():
+                raise ValueError("extract-dev needs " + ", ".join([f"--{k}" for k in missing] + [
+                    f"the benchmark's pool ({args.pool}; `extract` first)"] * (not args.pool.is_file())))  # fmt: skip
+            result = extract_dev(snapshot(args.cifar10_images, "cifar10_images"), snapshot(args.cifar10n, "cifar10n"),
+                                 args.pool, args.dev_pool)  # fmt: skip
         elif args.out is None:
             raise ValueError(f"{args.command} needs --out")
         elif not args.pool.is_file():

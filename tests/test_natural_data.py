@@ -131,6 +131,31 @@ def test_extract_maps_cifar10n_indices_to_their_images_and_records_the_check(poo
     assert np.abs(images.reshape(len(index), -1, 3).mean(axis=1) - expected).max() < 3
 
 
+def test_the_development_pool_holds_none_of_the_benchmarks_images(pool, fake_sources, tmp_path):
+    """`extract-dev`: the training images the benchmark's pool left, per class, with their own labels; the test and
+    OOD arrays the benchmark's; `build` makes its settings like the benchmark's."""
+    bench_path, _ = pool
+    dev_path = tmp_path / "dev_pool.npz"
+    snap = {key: GitSnapshot(*fake_sources[key]) for key in ("cifar10_images", "cifar10n")}
+    provenance = natural_data.extract_dev(snap["cifar10_images"], snap["cifar10n"], bench_path, dev_path,
+                                          train_per_class=FILES_PER_CLASS - TRAIN_PER_CLASS)  # fmt: skip
+    assert provenance["shared_with_benchmark"] == 0
+    assert json.loads(dev_path.with_suffix(".json").read_text())["pool_digest"] == provenance["pool_digest"]
+    with np.load(bench_path) as bench, np.load(dev_path) as dev:
+        index = dev["train_index"]
+        assert not set(index) & set(bench["train_index"])
+        assert (np.bincount(dev["train_clean"], minlength=10) == FILES_PER_CLASS - TRAIN_PER_CLASS).all()
+        assert (dev["train_worse"] == fake_sources["worse"][index]).all()
+        # each image is its own index's file: of all files' colours, its own is the nearest
+        colours = np.array([_colour(i) for i in range(len(fake_sources["clean"]))], dtype=float)
+        means = dev["train_images"].reshape(len(index), -1, 3).mean(axis=1)
+        assert (np.abs(means[:, None] - colours[None]).sum(2).argmin(1) == index).all()
+        for name in ("test_images", "test_label", "ood_images"):
+            assert np.array_equal(dev[name], bench[name])
+    meta = build(dev_path, "human", 10, tmp_path / "human_s10")
+    assert meta["seed"] == 10 and meta["train_images"] == len(index)
+
+
 def test_extract_refuses_files_numbered_in_another_order(fake_sources, tmp_path):
     """Swap two files of one class: the class sizes still match, the pixel check does not."""
     git_dir, commit = fake_sources["cifar10_images"]
@@ -253,8 +278,13 @@ def test_natural_benchmark_plans_every_run_with_the_pinned_recipe(tmp_path, caps
     lines = capsys.readouterr().out.strip().splitlines()
     # seeds x settings x (3 accuracy + 2 detection runs), 4 reports; then the own-data rows, after all of them; then
     # the queue_vote rows (demo recipe, every setting), then the own-data recipe with its small-image rule
-    assert len(lines) == 3 * 4 * (3 + 2) + 4 + 3 * 2 * 2 + 3 * 4 + 3 * 2 * 2
-    lines, own, vote, own_os16 = lines[:64], lines[64:76], lines[76:88], lines[88:]
+    # then the noise report's MoPro run with the adaptive schedule, every setting
+    assert len(lines) == 3 * 4 * (3 + 2) + 4 + 3 * 2 * 2 + 3 * 4 + 3 * 2 * 2 + 3 * 4
+    lines, own, vote, own_os16, adaptive = lines[:64], lines[64:76], lines[76:88], lines[88:100], lines[100:]
+    assert all("label_noise_benchmark.py train --method mopro --correction_schedule adaptive" in line
+               and f"_s{line.split('--seed ')[1].split()[0]} " in line for line in adaptive)  # fmt: skip
+    assert sorted(line.split("--results_dir ")[1].removeprefix(str(tmp_path)) for line in adaptive) == sorted(
+        f"/detection/{setting}" for _ in range(3) for setting in ("human", "asym20", "asym40", "ood20"))  # fmt: skip
     assert all("training/configs/demo.yaml" in line and "--num_train_epochs 30 --lr_milestones 15 25" in line
                and "--noise_correction_rule queue_vote" in line and line.endswith("mopro_queue_vote --overwrite_output_dir "
                "true --noise_correction_rule queue_vote --queue_vote_k 50 --queue_vote_weight 0.5 "
