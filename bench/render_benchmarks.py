@@ -51,6 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = ("README.md", "BENCHMARKS.md")
 NATURAL_PLOT = Path("bench/figures/natural_benchmark.png")
+NATURAL_DETECTION_PLOT = Path("bench/figures/natural_detection.png")
 BLOCK = re.compile(
     r"<!-- rendered: (?P<kind>[a-z0-9_]+) from (?P<source>[^\s;]+); edit the run, not this -->"
     r"(?P<body>.*?)<!-- end rendered -->",
@@ -185,7 +186,7 @@ def bad_inputs_per_command(data: dict) -> str:
 
 
 def _epochs_said(data: dict) -> str:
-    """"30 epochs", plus the epochs of the rows that ran another count (the own-data recipe's), as recorded."""
+    """ "30 epochs", plus the epochs of the rows that ran another count (the own-data recipe's), as recorded."""
     other = sorted({cell["epochs"] for by_seed in data["accuracy"].values() for by_method in by_seed.values()
                     for cell in by_method.values() if cell and cell.get("epochs") not in (None, data["epochs"])})  # fmt: skip
     return f"{data['epochs']} epochs" + (f" (own-data rows: {', '.join(map(str, other))})" if other else "")
@@ -447,6 +448,30 @@ def noise_rule_dev(data: dict) -> str:
     return "\n".join(lines)
 
 
+@renderer("label_evidence", block=True)
+def label_evidence(data: dict) -> str:
+    """Per run, the noise report's label decisions with each label evidence, and the mean F1 per evidence."""
+    names = {"neighbours": "neighbour vote", "training": "training record", "combined": "mean of both (default)"}
+    lines = ["| data | seed | schedule | record epochs | evidence | label-error P | R | F1 | label-quality AUROC | "
+             "flagged / truly wrong | relabelling refused |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in data["rows"]:
+        for evidence, cell in row["evidence"].items():
+            auroc = MISSING if cell["label_quality_auroc"] is None else f"{cell['label_quality_auroc']:.3f}"
+            ratio = MISSING if cell["flagged_vs_true"] is None else f"{cell['flagged_vs_true']:.2f}"
+            rates = [MISSING if cell[k] is None else _pct(cell[k])
+                     for k in ("label_error_precision", "label_error_recall", "label_error_f1")]  # fmt: skip
+            lines.append(f"| {row['data'].replace('_', ' ')} | {row['seed']} | {row['correction_schedule']} | "
+                         f"{row['record_epochs_mean']:.1f} | {names[evidence]} | {' | '.join(rates)} | {auroc} | "
+                         f"{ratio} | {'yes' if cell['relabel_refused'] else 'no'} |")  # fmt: skip
+    means = []
+    for evidence, name in names.items():
+        f1 = [row["evidence"][evidence]["label_error_f1"] or 0.0 for row in data["rows"]]
+        means.append(f"{name} {_mean_sd(f1, 1)}")
+    lines.append(f"\nMean label-error F1 over the {len(data['rows'])} runs (an F1 undefined because nothing was flagged counts as 0): {'; '.join(means)}. "
+                 f"Scored {data['date'][:10]} at commit `{data['commit']}`; `{data['command']}`.")  # fmt: skip
+    return "\n".join(lines)
+
+
 @renderer("natural_run_length", block=True)
 def natural_run_length(data: dict) -> str:
     """The own-data recipe at 120 epochs against the same setting, seed and method at 40 epochs and in the demo recipe."""
@@ -545,9 +570,43 @@ def plot_natural(data: dict, path: Path) -> None:
         axes.set_title(setting, fontsize=10)
         axes.grid(axis="y", alpha=0.3)
     figure.axes[0].set_ylabel("final clean test accuracy (%)")
-    figure.suptitle(
-        f"Natural images (CIFAR-10 photos, {_epochs_said(data)}): final clean accuracy", fontsize=10
-    )
+    figure.suptitle(f"Natural images (CIFAR-10 photos, {_epochs_said(data)}): final clean accuracy", fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(str(path), format="png")
+
+
+def plot_natural_detection(data: dict, path: Path) -> None:
+    """Per setting, label-error F1 and OOD AUROC of each detector: a dot per seed, a bar for the mean."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    settings = [s for s in data["settings"] if data["detection"].get(s)]
+    figure = Figure(figsize=(3.4 * len(settings) + 2.6, 4.2), dpi=100)
+    FigureCanvasAgg(figure)
+    detectors = list(dict.fromkeys(d for s in settings for d in data["detection"][s]))
+    colours = dict(zip(detectors, ("tab:red", "lightcoral", "tab:orange", "navajowhite", "tab:blue", "tab:gray"),
+                       strict=False))  # fmt: skip
+    panels = [(s, "label_error_f1", 100, "label-error F1 (%)") for s in settings]
+    if "ood20" in settings:
+        panels.append(("ood20", "ood_auroc", 1, "OOD AUROC"))
+    for position, (setting, key, scale, label) in enumerate(panels, start=1):
+        axes = figure.add_subplot(1, len(panels), position)
+        names = [d for d in detectors if any(c and c.get(key) is not None
+                                             for c in data["detection"][setting].get(d, {}).values())]  # fmt: skip
+        for x, name in enumerate(names):
+            values = [
+                scale * c[key] for c in data["detection"][setting][name].values() if c and c.get(key) is not None
+            ]
+            axes.bar(x, statistics.mean(values), color=colours.get(name, "tab:gray"), alpha=0.8)
+            axes.plot([x] * len(values), values, "k.", markersize=5)
+        axes.set_xticks(range(len(names)), [n.replace("MoPro adaptive", "MoPro ad.").replace(", ", "\n")
+                                            for n in names], fontsize=6, rotation=90)  # fmt: skip
+        axes.set_title(f"{setting}: {label}", fontsize=9)
+        axes.grid(axis="y", alpha=0.3)
+        axes.set_ylim(0, 100 if scale == 100 else 1)
+    figure.suptitle("Natural images: finding wrong labels (F1) and OOD photos (AUROC), the noise report (MoPro, both "
+                    "schedules) vs cleanlab", fontsize=10)  # fmt: skip
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(str(path), format="png")
@@ -638,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
         natural = args.root / "bench/results-committed/natural_benchmark.json"
         if natural.is_file():
             plot_natural(json.loads(natural.read_text()), args.root / NATURAL_PLOT)
-            print(f"wrote {NATURAL_PLOT}")
+            plot_natural_detection(json.loads(natural.read_text()), args.root / NATURAL_DETECTION_PLOT)
+            print(f"wrote {NATURAL_PLOT} and {NATURAL_DETECTION_PLOT}")
         return 0
     except RenderError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -175,6 +175,18 @@ def test_label_noise_benchmark_trains_both_methods_and_scores_them_against_the_t
     label_noise_benchmark.main(["report", "--results_dir", str(tmp_path), "--seeds", "0"])
     assert (tmp_path / "table_s0.md").read_text() == (tmp_path / "table.md").read_text()
 
+    # The label-evidence comparison on the same run: each evidence's report, rendered as a table.
+    import label_evidence_dev
+    import render_benchmarks
+
+    result = label_evidence_dev.main([str(tmp_path / "mopro_s0"), "--out", str(tmp_path / "evidence.json")])
+    row = result["rows"][0]
+    assert list(row["evidence"]) == ["combined", "training", "neighbours"] and row["data"] == "fashion_mnist"
+    assert [row["evidence"][e]["label_evidence"] for e in row["evidence"]] == [
+        "neighbour vote + training dynamics", "training dynamics", "neighbour vote"]  # fmt: skip
+    table = render_benchmarks.RENDERERS["label_evidence"].render(json.loads((tmp_path / "evidence.json").read_text()))
+    assert table.count("| fashion mnist | 0 | fixed |") == 3 and "Mean label-error F1 over the 1 runs" in table
+
 
 def test_data_pipeline_benchmark_quick_run(tmp_path):
     output = tmp_path / "data_pipeline.json"
