@@ -1,8 +1,11 @@
 """Per-sample noise report of a trained MoPro model: which labels are wrong, which images do not belong at all.
 
-Every sample goes through the test view (centre crop) and gets two scores from MoPro's embedding space
-(`evaluation.noise_scores`): a label-quality score (how likely the given label is right: the vote of the given labels
-of its nearest neighbours) and an out-of-distribution score (how much those neighbours disagree about the class). Decisions (clean / relabelled / ood) come from thresholds
+Every sample goes through the test view (centre crop) and gets two scores (`evaluation.noise_scores`): a
+label-quality score (how likely the given label is right: the vote of the given labels of its nearest neighbours in
+MoPro's embedding space, averaged with the training run's record of the classifier's probabilities,
+`sample_dynamics.safetensors`, when it sits beside the model and matches the data; `--label_evidence`) and an
+out-of-distribution score (how much those neighbours disagree about the class). Decisions (clean / relabelled / ood)
+come from thresholds
 fitted to the data's own scores (`--decision_rule fitted`, the default), or from the training rule's constants
 (`--decision_rule training`: `modeling_mopro.correct_noisy_labels` with the config's `alpha`,
 `pseudo_label_threshold` and `temperature`, and `config.ood_rule`), whose decisions are in every report too.
@@ -19,7 +22,7 @@ one row per sample:
 | `label_quality` | in [0, 1], high = the given label is likely right |
 | `ood_score` | in [0, 1], high = likely out of distribution |
 | `ood_probability` | posterior of the OOD score's fitted two-mode mixture (flagged above 0.5) |
-| `confident_label` | the class the neighbours' vote confidently names (confident learning's per-class thresholds; -1: none); relabelled when it is not the given label |
+| `confident_label` | the class the label evidence confidently names (confident learning's per-class thresholds; -1: none); relabelled when it is not the given label |
 | `training_rule_decision`, `training_rule_label` | what the training rule decides |
 | `prob_given_label`, `max_prototype_similarity` | classifier softmax of the given label; best prototype cosine |
 | `true_label`, `is_ood` | copied from the data when it has ground truth |
@@ -27,7 +30,9 @@ one row per sample:
 Beside it: `README.md` (the dataset card: counts, per-class table, plot, how it was made), `noise_report.png`
 (decisions per given class), `noise_report_summary.json` (counts; with ground truth, precision / recall / F1 of the
 label errors, AUROC of both scores; `num_skipped_images` and the ids of undecodable images, which have no row; `ids`,
-what the ids are; `ood_fallback` / `relabel_refused` and a `warning` when a fitted threshold was not trusted) and
+what the ids are; `label_evidence`, what the label decisions read, and `label_evidence_note`, why not the training
+record when it was not used; `ood_fallback` / `relabel_refused` and a `warning` when a fitted threshold was not
+trusted) and
 `pseudo_label.json` (the official format: kept samples with their suggested labels, the input of
 `evaluation.classifier_retrain`). The flagged samples' images (`evaluation.gallery`; `--flagged_images_per_class N`,
 default 12: the N relabelled samples with the lowest label quality and the N OOD samples with the highest OOD score

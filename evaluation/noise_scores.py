@@ -12,7 +12,15 @@ because the whole dataset is at hand:
   when an early correction goes wrong they confirm it. In 2 of 3 benchmark runs their soft label ranked the label
   errors at AUROC 0.56-0.66, while the neighbour vote of the *given* labels, in the same model's embedding, stayed at
   0.89-0.90 (0.90 in the third run, where both did; BENCHMARKS.md).
-- **Label quality** = p(given label | x): how likely the given label is right (high = clean).
+- **The training run's record** (`modeling_mopro.sample_dynamics`): the classifier's softmax on each sample's
+  training views, averaged over the epochs before noise correction began. Where the embedding is weak (a small
+  model on natural photos) its neighbours' labels are near chance and the vote names another class for most samples,
+  while the classifier's early fit still separates wrong labels from right ones; where the embedding is strong
+  (Fashion-MNIST) the vote is the better one. The label decisions read the **mean of the two** when the report has
+  the record (`training_evidence`): on the development runs it was within 1.4 points of label-error F1 of the better
+  one everywhere, the vote alone lost 56 points where it was near chance, the record alone 5-8 where the vote was
+  good (BENCHMARKS.md, "Label evidence").
+- **Label quality** = p(given label | x) under that evidence: how likely the given label is right (high = clean).
 - **OOD score** = the entropy of the neighbours' label vote, over log K (0: the neighbours agree on one class;
   1: their labels are uniform; high = out of distribution). An in-distribution image sits among images of its
   true class, whose labels are mostly that class even at 40% noise; an OOD image sits among other OOD images,
