@@ -17,9 +17,9 @@ because the whole dataset is at hand:
   model on natural photos) its neighbours' labels are near chance and the vote names another class for most samples,
   while the classifier's early fit still separates wrong labels from right ones; where the embedding is strong
   (Fashion-MNIST) the vote is the better one. The label decisions read the **mean of the two** when the report has
-  the record (`training_evidence`): on the development runs it was within 1.4 points of label-error F1 of the better
-  one everywhere, the vote alone lost 56 points where it was near chance, the record alone 5-8 where the vote was
-  good (BENCHMARKS.md, "Label evidence").
+  the record (`training_evidence`): on the 7 development runs it was within 2.1 points of label-error F1 of the
+  better one everywhere, where the vote alone lost 56-57 points where it was near chance and the record alone 6-8
+  where the vote was good (BENCHMARKS.md, "Label evidence").
 - **Label quality** = p(given label | x) under that evidence: how likely the given label is right (high = clean).
 - **OOD score** = the entropy of the neighbours' label vote, over log K (0: the neighbours agree on one class;
   1: their labels are uniform; high = out of distribution). An in-distribution image sits among images of its
