@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
+from safetensors import SafetensorError
 
 from modeling_mopro import correct_noisy_labels, far_from_prototypes, neighbour_label_vote
 from modeling_mopro.cli import check_output_dir, positive_int
@@ -263,13 +264,20 @@ def label_evidence(
         return None, "the neighbour vote was asked for (label_evidence 'neighbours')"
     folder = getattr(model, "name_or_path", "") or ""
     path = options.sample_dynamics or (os.path.join(folder, SAMPLE_DYNAMICS_FILE) if os.path.isdir(folder) else None)
+    if options.sample_dynamics and not os.path.isfile(path):  # named by the user: never passed over in silence
+        raise FileNotFoundError(
+            f"sample_dynamics {path}: no such file (the record a training run saves beside its model)"
+        )
     if path is None or not os.path.isfile(path):
         reason = (
             f"no per-sample training record ({path or SAMPLE_DYNAMICS_FILE + ' beside the model'}): the model was "
             "trained before runs kept one, or with --record_sample_dynamics off"
         )
     else:
-        record = SampleDynamics.load(path)
+        try:
+            record = SampleDynamics.load(path)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise ValueError(f"{path}: not a readable per-sample training record ({error})") from error
         keys, given = np.asarray(keys, dtype=np.int64), np.asarray(given, dtype=np.int64)
         evidence, reason = None, ""
         if len(keys) and (keys.min() < 0 or keys.max() >= record.num_samples):

@@ -217,3 +217,21 @@ def test_rows_the_record_does_not_hold_keep_the_vote_and_are_counted():
                          training_evidence=evidence)["class_evidence"]  # fmt: skip
     np.testing.assert_allclose(mixed[4:], vote[4:])
     np.testing.assert_allclose(mixed[:4], (vote[:4] + evidence[:4]) / 2, rtol=1e-6)
+
+
+def test_a_record_named_but_missing_or_damaged_is_a_one_line_error(trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        write_noise_report(str(trained), tiny_image_dataset(24), tmp_path / "a",
+                           _options(sample_dynamics=str(tmp_path / "missing.safetensors")))  # fmt: skip
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a readable per-sample training record"):
+        write_noise_report(
+            str(trained), tiny_image_dataset(24), tmp_path / "b", _options(sample_dynamics=str(damaged))
+        )
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"weights": torch.zeros(2)}, str(other))
+    with pytest.raises(ValueError, match="missing"):
+        write_noise_report(str(trained), tiny_image_dataset(24), tmp_path / "c", _options(sample_dynamics=str(other)))
