@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import natural_data  # noqa: E402
+from bench.label_noise_benchmark import run_name  # noqa: E402
 
 EPOCHS = 30
 LR_MILESTONES = ("15", "25")
@@ -81,13 +82,7 @@ def jobs(built_dir: Path, results_dir: Path, seeds=SEEDS, settings=natural_data.
         for setting in settings:
             data = built_dir / f"{setting}_s{seed}"
             out += [demo_recipe_job(data, results_dir, setting, seed, m, f) for m, f in ACCURACY_METHODS.items()]
-            for method in ("mopro", "cleanlab"):
-                detection = results_dir / "detection" / setting
-                argv = (python, "bench/label_noise_benchmark.py", "train", "--method", method, "--seed", str(seed),
-                        "--epochs", str(EPOCHS), "--natural_dir", str(data), "--results_dir", str(detection))  # fmt: skip
-                out.append(
-                    Job(f"detection_{setting}_s{seed}_{method}", argv, detection / f"{method}_s{seed}" / "run.json")
-                )
+            out += [detection_job(built_dir, results_dir, setting, seed, method) for method in ("mopro", "cleanlab")]
     for setting in settings:
         detection = results_dir / "detection" / setting
         argv = (python, "bench/label_noise_benchmark.py", "report", "--results_dir", str(detection))
@@ -98,15 +93,20 @@ def jobs(built_dir: Path, results_dir: Path, seeds=SEEDS, settings=natural_data.
             data = built_dir / f"{setting}_s{seed}"
             out += [demo_recipe_job(data, results_dir, setting, seed, m, f) for m, f in ADDED_METHODS.items()]
     out += own_data_jobs(built_dir, results_dir, seeds, settings, "own_os16")
-    for seed in seeds:
-        for setting in settings:
-            detection = results_dir / "detection" / setting
-            argv = (python, "bench/label_noise_benchmark.py", "train", "--method", "mopro", "--correction_schedule",
-                    "adaptive", "--seed", str(seed), "--epochs", str(EPOCHS), "--natural_dir",
-                    str(built_dir / f"{setting}_s{seed}"), "--results_dir", str(detection))  # fmt: skip
-            marker = detection / f"mopro_adaptive_s{seed}" / "run.json"
-            out.append(Job(f"detection_{setting}_s{seed}_mopro_adaptive", argv, marker))
+    out += [detection_job(built_dir, results_dir, setting, seed, "mopro", "adaptive") for seed in seeds
+            for setting in settings]  # fmt: skip
     return out
+
+
+def detection_job(built_dir: Path, results_dir: Path, setting: str, seed: int, method: str, schedule: str = "fixed"):
+    """One `label_noise_benchmark.py train` run of the detection rows (MoPro with `schedule`, or cleanlab)."""
+    detection = results_dir / "detection" / setting
+    flags = ("--correction_schedule", schedule) if schedule != "fixed" else ()
+    argv = (sys.executable, "bench/label_noise_benchmark.py", "train", "--method", method, *flags, "--seed", str(seed),
+            "--epochs", str(EPOCHS), "--natural_dir", str(built_dir / f"{setting}_s{seed}"), "--results_dir",
+            str(detection))  # fmt: skip
+    job = f"detection_{setting}_s{seed}_{method}" + (f"_{schedule}" if flags else "")
+    return Job(job, argv, detection / run_name(method, seed, schedule) / "run.json")
 
 
 def own_data_jobs(built_dir: Path, results_dir: Path, seeds, settings, version: str) -> list[Job]:

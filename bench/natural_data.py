@@ -381,7 +381,8 @@ def extract_dev(cifar10_images: GitSnapshot, cifar10n: GitSnapshot, bench_pool: 
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **arrays)
     provenance = {
-        "sources": {k: SOURCES[k] for k in ("cifar10_images", "cifar10n")}, "benchmark_pool": bench_digest, "dev_split_seed": DEV_SPLIT_SEED, "train_images": len(train_index),
+        "sources": {k: SOURCES[k] for k in ("cifar10_images", "cifar10n")}, "benchmark_pool": bench_digest,
+        "dev_split_seed": DEV_SPLIT_SEED, "train_images": len(train_index),
         "shared_with_benchmark": len(taken & set(train_index.tolist())),
         "worse_label_noise": round(float((arrays["train_worse"] != arrays["train_clean"]).mean()), 4),
         "pool_digest": pool_digest(arrays),
@@ -529,10 +530,11 @@ def main(argv: list[str] | None = None) -> int:
                              snapshot(args.tiny_imagenet, "tiny_imagenet"), snapshot(args.order_check, "order_check"),
                              args.pool, content_check=args.content_check)  # fmt: skip
         elif args.command == "extract-dev":
-            missing = [k for k in ("cifar10_images", "cifar10n") if getattr(args, k) is None]
-            if missing or not args.pool.is_file():
-                raise ValueError("extract-dev needs " + ", ".join([f"--{k}" for k in missing] + [
-                    f"the benchmark's pool ({args.pool}; `extract` first)"] * (not args.pool.is_file())))  # fmt: skip
+            needs = [f"--{k}" for k in ("cifar10_images", "cifar10n") if getattr(args, k) is None]
+            if not args.pool.is_file():
+                needs.append(f"the benchmark's pool ({args.pool}; `extract` first)")
+            if needs:
+                raise ValueError("extract-dev needs " + ", ".join(needs))
             result = extract_dev(snapshot(args.cifar10_images, "cifar10_images"), snapshot(args.cifar10n, "cifar10n"),
                                  args.pool, args.dev_pool)  # fmt: skip
         elif args.out is None:

@@ -526,8 +526,8 @@ def fit_summary(scores: ScoredSamples, decision_rule: str = "fitted") -> dict[st
     - `ood_fit_separation` (Ashman's D), `ood_fit_dip` (the fitted density's dip between the modes, 1: none),
       `ood_fit_weight` (the OOD mode's weight), `ood_fit_share` (the share the fit alone would call OOD);
       `label_evidence` (what the label decisions read: "neighbour vote + training dynamics", "training dynamics" or
-      "neighbour vote"; `label_evidence_note` says why not the training record), `label_issue_share` (the share confident learning names another class
-      for, relabelled or refused) and
+      "neighbour vote"; `label_evidence_note` says why not the training record), `label_issue_share` (the share
+      confident learning names another class for, relabelled or refused) and
       `label_threshold_min` / `_median` / `_max` (its per-class thresholds, over the classes some sample is given).
     """
     reason, refused = scores.ood_fallback_reason, scores.relabel_refused_reason

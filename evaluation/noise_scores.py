@@ -78,6 +78,9 @@ DECISIONS = ("clean", "relabelled", "ood")
 EVIDENCE_NEIGHBOURS = "neighbour vote"
 EVIDENCE_TRAINING = "training dynamics"
 EVIDENCE_COMBINED = "neighbour vote + training dynamics"
+# Each evidence as the refusal's sentence names it ("confident learning on ... would relabel").
+_EVIDENCE_PHRASES = {EVIDENCE_NEIGHBOURS: "the neighbour vote", EVIDENCE_TRAINING: "the training record",
+                     EVIDENCE_COMBINED: "the neighbour vote and the training record"}  # fmt: skip
 
 # Separated modes: the fitted mixture's density between its two means falls to at most this share of its lower peak
 # (1: no dip at all, one skewed mode).
@@ -401,7 +404,6 @@ def noise_scores(
     ood_score = (entropy / (math.log(num_classes) if num_classes > 1 else 1.0)).cpu().numpy()
 
     evidence = evidence.cpu().numpy()
-    source = "the neighbour vote"
     kind = EVIDENCE_NEIGHBOURS
     if training_evidence is not None:
         training_evidence = np.asarray(training_evidence, dtype=np.float32)
@@ -415,9 +417,8 @@ def noise_scores(
         training_evidence = np.where(missing, evidence, training_evidence)
         evidence = (evidence + training_evidence) / 2 if combine else training_evidence
         kind = EVIDENCE_COMBINED if combine else EVIDENCE_TRAINING
-        source = "the neighbour vote and the training record" if combine else "the training record"
     labels = labels.cpu().numpy()
-    scored = fitted_decisions(evidence, ood_score, labels, seed, source)
+    scored = fitted_decisions(evidence, ood_score, labels, seed, _EVIDENCE_PHRASES[kind])
     label_quality = evidence[np.arange(len(labels)), labels]
     scored.update(label_quality=label_quality, ood_score=ood_score, class_evidence=evidence)
     scored.label_evidence = kind
