@@ -357,16 +357,22 @@ def extract(
 
 
 def extract_dev(cifar10_images: GitSnapshot, cifar10n: GitSnapshot, bench_pool: Path, out: Path,
-                train_per_class: int = TRAIN_PER_CLASS) -> dict:  # fmt: skip
+                train_per_class: int = TRAIN_PER_CLASS, tiny_imagenet: GitSnapshot | None = None,
+                ood_per_class: int = 50, test_per_class: int = TEST_PER_CLASS) -> dict:  # fmt: skip
     """The development pool, for choices the benchmark must not see: `train_per_class` CIFAR-10 training images per
-    class that the benchmark's pool does not hold (drawn with `DEV_SPLIT_SEED`), with their CIFAR-10N labels; its test
-    and OOD arrays are the benchmark pool's (development runs are scored on their own training images). `build`
-    makes its settings like the benchmark's (the development seeds: 10, 11). Writes `out` and `out`.json."""
+    class that the benchmark's pool does not hold (drawn with `DEV_SPLIT_SEED`), with their CIFAR-10N labels.
+
+    With `tiny_imagenet` the pool shares no image with the benchmark's: its OOD photos are `ood_per_class`
+    Tiny-ImageNet *training* photos of each of `OOD_WNIDS` (the benchmark's are validation photos), and its test set is
+    `test_per_class` CIFAR-10 test images per class that the benchmark's test set does not hold (so that a choice
+    scored by clean test accuracy does not see the benchmark's). Without it, the test and OOD arrays are the
+    benchmark's: the pool of the first development choices, which scored training images only, rebuilt bit for bit.
+    `build` makes its settings like the benchmark's (the development seeds: 10, 11). Writes `out` and `out`.json."""
     labels = load_cifar10n(cifar10n.read([SOURCES["cifar10n"]["path"]])[0])
     clean = labels["clean_label"]
     with np.load(bench_pool) as stored:
         arrays = {name: stored[name] for name in stored.files}
-    bench_digest = pool_digest(arrays)
+    bench_digest, stored_test = pool_digest(arrays), arrays["test_source"]
     taken = set(arrays["train_index"].tolist())
     rng = np.random.default_rng(DEV_SPLIT_SEED)
     train_index = np.sort(np.concatenate([
@@ -378,10 +384,34 @@ def extract_dev(cifar10_images: GitSnapshot, cifar10n: GitSnapshot, bench_pool: 
         train_index=train_index, train_clean=clean[train_index], train_worse=labels["worse_label"][train_index],
         train_aggre=labels["aggre_label"][train_index],
     )  # fmt: skip
+    ood_from, test_from = "the benchmark pool's (Tiny-ImageNet validation photos)", "the benchmark pool's"
+    if tiny_imagenet is not None:
+        names = []
+        for wnid in OOD_WNIDS:  # as `extract`: the OOD classes the snapshot holds (all 20 in the pinned one)
+            files = sorted(p for p in tiny_imagenet.paths(f"tiny-imagenet-200/train/{wnid}") if p.endswith(".JPEG"))
+            if files:
+                names += [files[k] for k in sorted(rng.choice(len(files), ood_per_class, replace=False))]
+        arrays.update(ood_images=np.stack([to_cifar_like(b) for b in tiny_imagenet.read(names)]),
+                      ood_source=np.array([Path(n).name for n in names]),
+                      ood_wnid=np.array([Path(n).name.split("_")[0] for n in names]))  # fmt: skip
+        ood_from = (f"Tiny-ImageNet training photos, {ood_per_class} of each of {len(set(arrays['ood_wnid']))} OOD "
+                    "classes (none of the benchmark's)")  # fmt: skip
+        taken_test = set(arrays["test_source"].tolist())
+        test_paths, test_labels = [], []
+        for c, name in enumerate(CLASSES):
+            files = sorted(p for p in cifar10_images.paths(f"test/{name}") if p.endswith(".jpg") and p not in taken_test)
+            test_paths += [files[k] for k in sorted(rng.choice(len(files), test_per_class, replace=False))]
+            test_labels += [c] * test_per_class
+        arrays.update(test_images=np.stack([decode_rgb(b) for b in cifar10_images.read(test_paths)]),
+                      test_label=np.array(test_labels), test_source=np.array(test_paths))  # fmt: skip
+        test_from = f"{test_per_class} CIFAR-10 test images per class, none of the benchmark's"
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **arrays)
+    sources = ("cifar10_images", "cifar10n") + (("tiny_imagenet",) if tiny_imagenet is not None else ())
     provenance = {
-        "sources": {k: SOURCES[k] for k in ("cifar10_images", "cifar10n")}, "benchmark_pool": bench_digest,
+        "sources": {k: SOURCES[k] for k in sources}, "benchmark_pool": bench_digest, "ood_photos": ood_from,
+        "test_images": test_from, "shared_test_images": len(set(arrays["test_source"].tolist()) & set(
+            stored_test.tolist())),
         "dev_split_seed": DEV_SPLIT_SEED, "train_images": len(train_index),
         "shared_with_benchmark": len(taken & set(train_index.tolist())),
         "worse_label_noise": round(float((arrays["train_worse"] != arrays["train_clean"]).mean()), 4),
@@ -441,8 +471,9 @@ def build(pool_path: Path, setting: str, seed: int, out: Path) -> dict:
         source = str(pool["ood_source"][pick])
         name = f"tin_{Path(source).stem}.png"
         save(pool["ood_images"][pick], out / "train" / CLASSES[label], name)
+        split = "val" if source.startswith("val_") else "train"  # the development pool's are training photos
         rows.append(
-            (f"{CLASSES[label]}/{name}", -1, int(label), 1, f"tiny-imagenet-val:{source}:{pool['ood_wnid'][pick]}")
+            (f"{CLASSES[label]}/{name}", -1, int(label), 1, f"tiny-imagenet-{split}:{source}:{pool['ood_wnid'][pick]}")
         )
     for image, label, source in zip(pool["test_images"], pool["test_label"], pool["test_source"], strict=True):
         save(image, out / "test" / CLASSES[label], f"c10test_{Path(str(source)).stem}.png")
@@ -509,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=("extract", "extract-dev", "build", "build-all"))
     parser.add_argument("--cifar10_images", help="extract: git dir of " + SOURCES["cifar10_images"]["repo"])
     parser.add_argument("--cifar10n", help="extract: git dir of " + SOURCES["cifar10n"]["repo"])
-    parser.add_argument("--tiny_imagenet", help="extract: git dir of " + SOURCES["tiny_imagenet"]["repo"])
+    parser.add_argument("--tiny_imagenet", help="extract (and extract-dev, for OOD photos of its own): git dir of "
+                        + SOURCES["tiny_imagenet"]["repo"])  # fmt: skip
     parser.add_argument("--order_check", help="extract (optional): git dir of " + SOURCES["order_check"]["repo"])
     parser.add_argument("--content_check", action="store_true",
                         help="extract: also the human-label check of every batch (`human_label_signal`, ~2 min)")  # fmt: skip
@@ -536,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
             if needs:
                 raise ValueError("extract-dev needs " + ", ".join(needs))
             result = extract_dev(snapshot(args.cifar10_images, "cifar10_images"), snapshot(args.cifar10n, "cifar10n"),
-                                 args.pool, args.dev_pool)  # fmt: skip
+                                 args.pool, args.dev_pool,
+                                 tiny_imagenet=snapshot(args.tiny_imagenet, "tiny_imagenet"))  # fmt: skip
         elif args.out is None:
             raise ValueError(f"{args.command} needs --out")
         elif not args.pool.is_file():

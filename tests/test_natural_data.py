@@ -89,6 +89,8 @@ def fake_sources(tmp_path_factory):
             name = f"val_{w * 5 + k}.JPEG"
             annotations.append(f"{name}\t{wnid}\t0\t0\t63\t63")
             tiny[f"tiny-imagenet-200/val/images/{name}"] = _jpeg((250, 10 * k, 40 * w), size=64)
+        for k in range(4):  # training photos: the development pool's OOD photos
+            tiny[f"tiny-imagenet-200/train/{wnid}/images/{wnid}_{k}.JPEG"] = _jpeg((5, 10 * k, 40 * w), size=64)
     tiny["tiny-imagenet-200/val/val_annotations.txt"] = "\n".join(annotations).encode()
     return {
         "clean": clean, "worse": worse,
@@ -154,6 +156,44 @@ def test_the_development_pool_holds_none_of_the_benchmarks_images(pool, fake_sou
             assert np.array_equal(dev[name], bench[name])
     meta = build(dev_path, "human", 10, tmp_path / "human_s10")
     assert meta["seed"] == 10 and meta["train_images"] == len(index)
+
+
+def test_the_development_pool_can_hold_ood_photos_of_its_own(pool, fake_sources, tmp_path):
+    """`extract-dev --tiny_imagenet`: no image shared with the benchmark's pool. The OOD photos are Tiny-ImageNet
+    training photos of the OOD classes only, none of the benchmark's (validation) photos; the test images are
+    CIFAR-10 test files the benchmark's test set does not hold; the training images are those of the pool without
+    them; `build ood20` names the OOD photos as training photos in its ground truth."""
+    bench_path, _ = pool
+    snap = {key: GitSnapshot(*fake_sources[key]) for key in ("cifar10_images", "cifar10n", "tiny_imagenet")}
+    plain, own = tmp_path / "plain.npz", tmp_path / "own.npz"
+    per_class = FILES_PER_CLASS - TRAIN_PER_CLASS
+    natural_data.extract_dev(snap["cifar10_images"], snap["cifar10n"], bench_path, plain, train_per_class=per_class)
+    provenance = natural_data.extract_dev(snap["cifar10_images"], snap["cifar10n"], bench_path, own,
+                                          train_per_class=per_class, tiny_imagenet=snap["tiny_imagenet"],
+                                          ood_per_class=4, test_per_class=1)  # fmt: skip
+    assert "tiny_imagenet" in provenance["sources"] and provenance["shared_test_images"] == 0
+    with np.load(bench_path) as bench, np.load(plain) as first, np.load(own) as dev:
+        for name in ("train_images", "train_index", "train_worse"):
+            assert np.array_equal(dev[name], first[name])
+        assert not set(dev["ood_source"]) & set(bench["ood_source"])
+        assert not set(dev["test_source"]) & set(bench["test_source"])
+        assert (np.bincount(dev["test_label"], minlength=10) == 1).all()
+        # each test image is its file: the fixture paints test/<class c>/<k>.jpg (20 c, 10 k, 200)
+        for image, source, label in zip(dev["test_images"], dev["test_source"], dev["test_label"], strict=True):
+            k = int(Path(str(source)).stem)
+            assert source.startswith(f"test/{CLASSES[label]}/")
+            assert np.abs(image.reshape(-1, 3).mean(0) - (20 * label, 10 * k, 200)).max() < 4
+        assert sorted(set(dev["ood_wnid"])) == sorted(OOD_WNIDS)  # not the Egyptian cat
+        assert dev["ood_images"].shape == (4 * len(OOD_WNIDS), 32, 32, 3)
+        # each photo is its own file: its blue channel names the class (40 * w), green its number (10 * k)
+        for image, source, wnid in zip(dev["ood_images"], dev["ood_source"], dev["ood_wnid"], strict=True):
+            w, k = OOD_WNIDS.index(wnid), int(Path(str(source)).stem.split("_")[1])
+            assert np.abs(image.reshape(-1, 3).mean(0) - (5, 10 * k, 40 * w)).max() < 4
+    # a tiny pool: 5 images, so ood20 takes round(0.25 * 10) = 2 OOD photos
+    build(own, "ood20", 10, tmp_path / "ood20_s10")
+    with open(tmp_path / "ood20_s10" / "ground_truth.csv", newline="") as handle:
+        sources = [row["source"] for row in csv.DictReader(handle) if row["is_ood"] == "1"]
+    assert sources and all(source.startswith("tiny-imagenet-train:") for source in sources)
 
 
 def test_extract_refuses_files_numbered_in_another_order(fake_sources, tmp_path):
