@@ -18,6 +18,8 @@ Per setting (human, asym20, asym40, ood20) and seed (0, 1, 2), built by `bench/n
   ood20; outputs `<results_dir>/accuracy/<setting>_s<seed>/own_os16_<method>/`;
 - then the noise report's MoPro run again with the adaptive schedule (the own-data recipe's; `label_noise_benchmark.py
   train --correction_schedule adaptive`), every setting; outputs `<results_dir>/detection/<setting>/mopro_adaptive_s*/`
+- then the own-data recipe as a user gets it since its length rule (the epochs from the data's size; the `own` rows
+  above ran at its earlier 40 epochs, now pinned), human and ood20; outputs `.../own_length_<method>/`
   (the per-setting reports score them as their own rows).
 A run whose output is complete (`all_results.json`, `run.json`) is skipped, so an interrupted table resumes (an
 unfinished run_mopro folder is started afresh: `--overwrite_output_dir true`). The
@@ -60,10 +62,14 @@ ADDED_METHODS = {
 }  # fmt: skip
 OWN_DATA_SETTINGS = ("human", "ood20")
 OWN_DATA_METHODS = {"ce": ["--baseline", "ce"], "mopro_adaptive": []}  # own_data.yaml's schedule is adaptive
-# The own-data recipe's versions, each a row prefix: `own` as a user gets it (timm's output stride 32 at 32 px),
+# The own-data recipe's versions, each a row prefix: `own` as a user got it before the length rule (timm's output
+# stride 32 at 32 px, the recipe's 40 epochs, pinned since the rule so that these rows rebuild as they ran),
 # `own_os16` with its last stage dilated (output stride 16: the small-image rule, chosen on the Fashion-MNIST
-# development folders and the recipe's default for a day, 2026-12-05; BENCHMARKS.md); appended after every other job.
-OWN_DATA_VERSIONS = {"own": [], "own_os16": ["--backbone_kwargs", '{"output_stride": 16}']}
+# development folders and the recipe's default for a day, 2026-12-05; BENCHMARKS.md), `own_length` as a user gets it
+# since the length rule (`training.own_data`: the epochs from the data's size); each appended after every other job.
+RECIPE_40_EPOCHS = ["--num_train_epochs", "40", "--lr_milestones", "18", "36"]
+OWN_DATA_VERSIONS = {"own": RECIPE_40_EPOCHS, "own_os16": ["--backbone_kwargs", '{"output_stride": 16}',
+                                                           *RECIPE_40_EPOCHS], "own_length": []}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ def jobs(built_dir: Path, results_dir: Path, seeds=SEEDS, settings=natural_data.
     out += own_data_jobs(built_dir, results_dir, seeds, settings, "own_os16")
     out += [detection_job(built_dir, results_dir, setting, seed, "mopro", "adaptive") for seed in seeds
             for setting in settings]  # fmt: skip
+    out += own_data_jobs(built_dir, results_dir, seeds, settings, "own_length")
     return out
 
 

@@ -328,8 +328,10 @@ METHOD_NAMES = {
     "mopro_adaptive": "MoPro, adaptive",
     "mopro_fixed": "MoPro, fixed (epoch 4)",
     "mopro_queue_vote": "MoPro, queue_vote (added option)",
-    "own_ce": "CE, own-data recipe",
-    "own_mopro_adaptive": "MoPro, own-data recipe",
+    "own_ce": "CE, own-data recipe (40 epochs)",
+    "own_mopro_adaptive": "MoPro, own-data recipe (40 epochs)",
+    "own_length_ce": "CE, own-data recipe (length rule)",
+    "own_length_mopro_adaptive": "MoPro, own-data recipe (length rule)",
     "own_os16_ce": "CE, own-data recipe + output stride 16 (tried)",
     "own_os16_mopro_adaptive": "MoPro, own-data recipe + output stride 16 (tried)",
 }
@@ -337,7 +339,8 @@ METHOD_NAMES = {
 
 SHORT_NAMES = {"ce": "CE", "mopro_adaptive": "MoPro\nadaptive", "mopro_fixed": "MoPro\nfixed", "mopro_queue_vote": "MoPro\nqueue_vote",
                "own_ce": "CE\nown s32", "own_mopro_adaptive": "MoPro\nown s32", "own_os16_ce": "CE\nown s16",
-               "own_os16_mopro_adaptive": "MoPro\nown s16"}  # fmt: skip
+               "own_os16_mopro_adaptive": "MoPro\nown s16", "own_length_ce": "CE\nown rule",
+               "own_length_mopro_adaptive": "MoPro\nown rule"}  # fmt: skip
 
 
 def _methods_in(data: dict, setting: str) -> list[str]:
@@ -488,6 +491,22 @@ def natural_run_length(data: dict) -> str:
                      f"{r['best_epoch']}) | {start} | {100 * (r['final'] - r['own_data_40']['final']):+.2f} | "
                      f"{100 * (r['final'] - r['demo_recipe']['final']):+.2f} | {versus_ce} |")  # fmt: skip
     lines.append(f"\nTrained at commit `{data['commit']}` (collected {data['date'][:10]}); `{data['command']}`.")
+    return "\n".join(lines)
+
+
+@renderer("run_length_dev", block=True)
+def run_length_dev(data: dict) -> str:
+    """The own-data recipe's length on the natural development pool: each run's epochs, steps and accuracy."""
+    names = {"ce": "CE", "mopro": "MoPro"}
+    lines = ["| setting | seed | method | epochs | steps | final (%) | best (%), its epoch | correction from epoch |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in sorted(data["runs"], key=lambda r: (r["setting"], r["seed"], r["method"], r["steps"])):
+        start = "–" if r["correction_start_epoch"] is None else str(r["correction_start_epoch"])
+        lines.append(f"| {r['setting']} | {r['seed']} | {names[r['method']]} | {r['epochs_asked']} | {r['steps']} | "
+                     f"{_pct(r['final'], 2)} | {_pct(r['best'], 2)}, {r['best_epoch']} | {start} |")  # fmt: skip
+    chosen = ", ".join(f"{key}: {steps} steps" for key, steps in data["fewest_steps_reaching_the_best"].items())
+    lines.append(f"\nFewest steps within {100 * data['tolerance']:g} point of the best MoPro run: {chosen or 'none'}. "
+                 f"Trained at commit `{data['commit']}` (collected {data['date'][:10]}); `{data['command']}`.")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -318,9 +318,11 @@ def test_natural_benchmark_plans_every_run_with_the_pinned_recipe(tmp_path, caps
     lines = capsys.readouterr().out.strip().splitlines()
     # seeds x settings x (3 accuracy + 2 detection runs), 4 reports; then the own-data rows, after all of them; then
     # the queue_vote rows (demo recipe, every setting), then the own-data recipe with its small-image rule
-    # then the noise report's MoPro run with the adaptive schedule, every setting
-    assert len(lines) == 3 * 4 * (3 + 2) + 4 + 3 * 2 * 2 + 3 * 4 + 3 * 2 * 2 + 3 * 4
-    lines, own, vote, own_os16, adaptive = lines[:64], lines[64:76], lines[76:88], lines[88:100], lines[100:]
+    # then the noise report's MoPro run with the adaptive schedule, every setting; then the own-data recipe as a user
+    # gets it since the length rule
+    assert len(lines) == 3 * 4 * (3 + 2) + 4 + 3 * 2 * 2 + 3 * 4 + 3 * 2 * 2 + 3 * 4 + 3 * 2 * 2
+    adaptive, own_length = lines[100:112], lines[112:]
+    lines, own, vote, own_os16 = lines[:64], lines[64:76], lines[76:88], lines[88:100]
     assert all("label_noise_benchmark.py train --method mopro --correction_schedule adaptive" in line
                and f"_s{line.split('--seed ')[1].split()[0]} " in line for line in adaptive)  # fmt: skip
     assert sorted(line.split("--results_dir ")[1].removeprefix(str(tmp_path)) for line in adaptive) == sorted(
@@ -338,10 +340,13 @@ def test_natural_benchmark_plans_every_run_with_the_pinned_recipe(tmp_path, caps
                for line in accuracy)  # fmt: skip
     assert sum("--noise_correction_schedule fixed --noise_correction_start_epoch 4" in line for line in accuracy) == 12
     assert all(f"_s{line.split('--seed ')[1].split()[0]}/" in line for line in accuracy)  # data of the run's seed
-    # the own-data recipe: no YAML and no recipe flag (its own epochs and image size), human and ood20, CE and MoPro;
-    # then again with the small-image rule's dilated last stage
-    for rows, version, flag in ((own, "own", ""), (own_os16, "own_os16", '--backbone_kwargs {"output_stride": 16}')):
-        assert all("run_mopro.py --train_dir" in line and ".yaml" not in line and "--num_train_epochs" not in line
+    # the own-data recipe: no YAML and no recipe flag (its own image size), human and ood20, CE and MoPro: at the 40
+    # epochs it had before the length rule, again with the small-image rule's dilated last stage, and as a user gets it
+    forty = "--num_train_epochs 40 --lr_milestones 18 36"
+    for rows, version, flag, epochs in ((own, "own", "", forty), (own_length, "own_length", "", ""),
+                                        (own_os16, "own_os16", '--backbone_kwargs {"output_stride": 16}', forty)):
+        assert all("run_mopro.py --train_dir" in line and ".yaml" not in line and (epochs in line)
+                   and ("--num_train_epochs" in line) == bool(epochs)
                    and f"_s{line.split('--seed ')[1].split()[0]}/" in line for line in rows)  # fmt: skip
         assert all(("--backbone_kwargs" in line) == bool(flag) and flag in line for line in rows)
         outputs = sorted(line.split("--output_dir ")[1].split()[0].removeprefix(str(tmp_path)) for line in rows)
@@ -471,3 +476,31 @@ def test_run_length_rows_pair_each_run_with_its_recipe_rows(tmp_path):
     (tmp_path / "runs" / "human_s1_own120_ce").mkdir()  # started, not finished
     with pytest.raises(SystemExit, match="has not finished"):
         natural_run_length.collect(tmp_path / "runs", natural)
+
+
+def test_length_rule_dev_runs_choose_the_fewest_steps_within_a_point_of_the_best(tmp_path):
+    """`natural_run_length.py --dev`: per setting and seed with MoPro at 3 lengths or more, the fewest steps whose final
+    accuracy is within 1 point of the best; a setting with fewer lengths chooses nothing; CE runs never choose."""
+    import natural_run_length
+
+    from bench.render_benchmarks import RENDERERS
+
+    def run(name: str, final: float, steps: int) -> None:
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        state = {"global_step": steps, "log_history": [{"epoch": 1, "eval_accuracy": final}]}
+        (folder / "trainer_state.json").write_text(json.dumps(state))
+        results = {"eval_accuracy": final, "epoch": 1, "train_noise_correction_start_epoch": -1}
+        (folder / "all_results.json").write_text(json.dumps(results))
+
+    for epochs, final in ((40, 0.40), (80, 0.455), (120, 0.46), (160, 0.452)):
+        run(f"human_s10_e{epochs}_mopro", final, 23 * epochs)
+    run("human_s10_e160_ce", 0.60, 23 * 160)  # a CE run above every MoPro one: not a candidate
+    run("ood20_s10_e40_mopro", 0.40, 29 * 40)
+    run("ood20_s10_e120_mopro", 0.50, 29 * 120)
+    rows = natural_run_length.collect_dev(tmp_path / "runs")
+    assert len(rows) == 7 and {r["steps"] for r in rows if r["setting"] == "ood20"} == {1160, 3480}
+    assert natural_run_length.fewest_steps_reaching_the_best(rows) == {"human_s10": 23 * 80}
+    table = RENDERERS["run_length_dev"].render({"runs": rows, "commit": "abc", "date": "2026-12-05", "command": "x",
+                                                "tolerance": 0.01, "fewest_steps_reaching_the_best": {"human_s10": 1840}})
+    assert "| human | 10 | MoPro | 80 | 1840 | 45.50 |" in table and "human_s10: 1840 steps" in table

@@ -1,6 +1,7 @@
 """Which config a `run_mopro.py` command gets without a YAML file (issue 24): the own-data recipe for the user's
 images (`--train_dir`, `--dataset_name`), the demo's for the no-argument command; an explicit YAML and the command
-line win; the resolution rule on generated folders; and the sources as the run logs them and the plan prints them."""
+line win; the resolution and length rules on generated folders; and the sources as the run logs them and the plan
+prints them."""
 
 from __future__ import annotations
 
@@ -11,10 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from training import plan as plan_module
-from training.own_data import OWN_DATA_CONFIG, choose_image_size, image_size_for
+from training.own_data import (
+    MAX_TRAIN_EPOCHS,
+    MIN_TRAIN_STEPS,
+    OWN_DATA_CONFIG,
+    choose_image_size,
+    epochs_for,
+    image_size_for,
+    milestones_for,
+)
 from training.run_mopro import DEMO_CONFIG, main, parse_args
 
 
@@ -85,6 +96,76 @@ def test_rule_passes_over_unreadable_files_and_falls_back_when_none_is_readable(
     assert "no training image could be read" in model_args.config_sources[0].why
 
 
+# ------------------------------------------------------------------------------------------ the length rule
+LENGTH_FIELDS = ("num_train_epochs", "lr_milestones")
+
+
+@given(st.integers(1, 5_000_000), st.sampled_from([32, 64, 128, 256, 1024]), st.integers(1, 300))
+def test_length_rule_trains_the_fewest_epochs_that_reach_the_step_budget(num_images, batch, recipe_epochs):
+    """Never fewer epochs than the recipe's; beyond them, the fewest that make `MIN_TRAIN_STEPS` steps (one fewer
+    would not), unless the cap stops it first."""
+    epochs = epochs_for(num_images, batch, recipe_epochs)
+    steps = max(num_images // batch, 1)
+    assert epochs >= recipe_epochs
+    if epochs > recipe_epochs:
+        assert epochs <= MAX_TRAIN_EPOCHS
+        assert epochs == MAX_TRAIN_EPOCHS or (epochs * steps >= MIN_TRAIN_STEPS > (epochs - 1) * steps)
+    else:  # the recipe's epochs already reach the budget, or the cap is not above them
+        assert recipe_epochs * steps >= MIN_TRAIN_STEPS or recipe_epochs >= MAX_TRAIN_EPOCHS
+
+
+def test_length_rule_on_the_benchmark_sizes():
+    """The recipe's 40 epochs for data that already makes the steps; more for a few thousand images; the
+    learning-rate steps at the recipe's place (18 and 36 of 40)."""
+    assert epochs_for(100_000, 128, 40) == 40
+    assert epochs_for(3000, 128, 40) == -(-MIN_TRAIN_STEPS // 23) > 40  # 23 steps an epoch
+    assert epochs_for(10, 128, 40) == MAX_TRAIN_EPOCHS  # one (partial) batch an epoch: the cap
+    assert milestones_for(40) == (18, 36) and milestones_for(120) == (54, 108) and milestones_for(10) == (4.5, 9)
+
+
+def sources_why(model_args) -> dict[str, str]:
+    return {source.name: source.why for source in model_args.config_sources}
+
+
+def test_length_rule_sizes_the_run_from_the_folder_and_the_command_line_wins(small_images, large_images):
+    """6 images: one step an epoch at 128 a step, so the cap; the epochs or the learning-rate steps given on the
+    command line stand aside the rule (the epochs given carry the recipe's steps with them), and so does a loaded
+    model or `--max_steps`."""
+    model_args, _, training_args = parse_args(["--train_dir", str(small_images)])
+    assert training_args.num_train_epochs == MAX_TRAIN_EPOCHS
+    assert training_args.lr_milestones == list(milestones_for(MAX_TRAIN_EPOCHS))
+    found = sources(model_args)
+    assert found["length rule"] == LENGTH_FIELDS and not set(LENGTH_FIELDS) & set(found["own_data.yaml"])
+    assert f"6 images of --train_dir {small_images} at 128 a step: 1 steps an epoch" in sources_why(model_args)[
+        "length rule"]  # fmt: skip
+
+    model_args, _, training_args = parse_args(["--train_dir", str(large_images), "--max_train_samples", "3"])
+    assert "3 images of --train_dir" in sources_why(model_args)["length rule"]  # 8 files, 3 of them trained on
+    model_args, _, training_args = parse_args(["--train_dir", str(small_images), "--num_train_epochs", "10"])
+    assert (training_args.num_train_epochs, training_args.lr_milestones) == (10, [4.5, 9])
+    assert sources(model_args)["length rule"] == ("lr_milestones",)
+    model_args, _, training_args = parse_args(["--train_dir", str(small_images), "--lr_milestones", "2", "3"])
+    assert (training_args.num_train_epochs, training_args.lr_milestones) == (40, [2, 3])
+    assert "length rule" not in sources(model_args)
+    model_args, _, training_args = parse_args(["--train_dir", str(small_images), "--max_steps", "5"])
+    assert training_args.num_train_epochs == 40 and "length rule" not in sources(model_args)
+    # the demo's config and an explicit YAML other than the own-data one: no rule
+    model_args, _, training_args = parse_args([str(DEMO_CONFIG), "--train_dir", str(small_images)])
+    assert training_args.num_train_epochs == yaml.safe_load(DEMO_CONFIG.read_text())["num_train_epochs"]
+    assert "length rule" not in sources(model_args)
+
+
+def test_length_rule_stands_aside_for_streamed_data_and_says_so(tmp_path):
+    root = tmp_path / "my_dataset"
+    write_images(root / "train", [(64, 64)] * 3)
+    model_args, _, training_args = parse_args(["--dataset_name", str(root), "--streaming", "true"])
+    assert training_args.num_train_epochs == own_data_yaml()["num_train_epochs"]
+    assert "length rule" not in sources(model_args)
+    assert "size is unknown before it is read" in model_args.config_sources[0].why
+    model_args, _, training_args = parse_args(["--dataset_name", str(root)])  # not streamed: 6 rows
+    assert training_args.num_train_epochs == MAX_TRAIN_EPOCHS and "length rule" in sources(model_args)
+
+
 # ------------------------------------------------------------------------------------------ which config
 def test_the_readme_demo_command_keeps_the_demo_config():
     """`accelerate launch --cpu training/run_mopro.py` passes no argument: the demo, its config unchanged."""
@@ -110,9 +191,9 @@ def test_train_dir_without_yaml_gets_the_own_data_recipe(small_images, large_ima
         assert training_args.noise_correction_schedule == "adaptive"
         assert model_args.image_size == size
         found = sources(model_args)
-        assert list(found) == ["own_data.yaml", "resolution rule", "command line", "built-in defaults"]
+        assert list(found) == ["own_data.yaml", "resolution rule", "length rule", "command line", "built-in defaults"]
         assert found["resolution rule"] == ("image_size",) and "image_size" not in found["own_data.yaml"]
-        assert set(found["own_data.yaml"]) == set(own_data_yaml()) - {"image_size"}
+        assert set(found["own_data.yaml"]) == set(own_data_yaml()) - {"image_size", *LENGTH_FIELDS}
         assert found["command line"] == ("train_dir",)
         assert "--train_dir given" in model_args.config_sources[0].why
 
@@ -161,10 +242,12 @@ def test_the_run_logs_one_line_per_source(tmp_path, caplog):
         main(["--train_dir", str(folder), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config: ")]
     assert [line.split(" (", 1)[0] for line in lines] == [
-        "config: own_data.yaml", "config: resolution rule", "config: command line", "config: built-in defaults"
+        "config: own_data.yaml", "config: resolution rule", "config: length rule", "config: command line",
+        "config: built-in defaults"
     ]  # fmt: skip
     assert "median shorter side 32 px of 3 images" in lines[1] and lines[1].endswith(": image_size")
-    assert lines[2].endswith(": output_dir, train_dir, use_cpu")
+    assert "3 images of --train_dir" in lines[2] and lines[2].endswith(": num_train_epochs, lr_milestones")
+    assert lines[3].endswith(": output_dir, train_dir, use_cpu")
 
 
 def test_the_plan_prints_the_sources(small_images, capsys):
@@ -172,6 +255,7 @@ def test_the_plan_prints_the_sources(small_images, capsys):
     assert result["config"] == "training/configs/own_data.yaml"
     found = {source["name"]: source["fields"] for source in result["config_sources"]}
     assert found["resolution rule"] == ["image_size"] and found["command line"] == ["train_dir"]  # not the plan's
+    assert found["length rule"] == list(LENGTH_FIELDS) and result["num_train_epochs"] == MAX_TRAIN_EPOCHS
     capsys.readouterr()
     plan_module.main(["--num_processes", "1"])
     text = capsys.readouterr().out

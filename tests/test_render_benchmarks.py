@@ -146,11 +146,12 @@ def test_collector_reads_a_partial_tree_and_the_table_shows_what_is_missing(tmp_
     assert "+8.00 (1 of 3 seeds)" in adaptive  # paired with CE on seed 0 only
     assert rows[("human", "CE")].rstrip(" |").endswith("3.00")  # final below best: 5 and 1 points
     assert "missing / missing / missing" in rows[("asym40", "MoPro, fixed (epoch 4)")]
-    # header + 4 settings x (3 demo-recipe rows + queue_vote) + the own-data recipe's 2 rows x 2 versions on human and
-    # ood20 only
-    assert len([line for line in table.splitlines() if line.startswith("| ") and "---" not in line]) == 1 + 4 * 4 + 2 * 4
+    # header + 4 settings x (3 demo-recipe rows + queue_vote) + the own-data recipe's 2 rows x 3 versions (40 epochs,
+    # output stride 16, the length rule) on human and ood20 only
+    assert len([line for line in table.splitlines() if line.startswith("| ") and "---" not in line]) == 1 + 4 * 4 + 2 * 6
+    assert "missing / missing / missing" in rows[("ood20", "MoPro, own-data recipe (length rule)")]
     assert "| asym20 | CE, own-data recipe" not in table
-    assert "| ood20 | MoPro, own-data recipe |" in table
+    assert "| ood20 | MoPro, own-data recipe (40 epochs) |" in table
     assert "| ood20 | MoPro, own-data recipe + output stride 16 (tried) |" in table
 
     detection = render_benchmarks.natural_detection(data)

@@ -22,7 +22,7 @@ from modeling_mopro import MoProConfig
 
 from .correction_schedule import SCHEDULES, AdaptiveCorrectionSchedule, FixedCorrectionSchedule
 from .data.sources import DataArguments
-from .own_data import OWN_DATA_CONFIG, OWN_DATA_SOURCES, choose_image_size
+from .own_data import OWN_DATA_CONFIG, OWN_DATA_SOURCES, choose_image_size, choose_length, milestones_for
 
 logger = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -320,7 +320,7 @@ class ConfigSource:
     `training.plan`, in the order they apply (a later source wins).
 
     Attributes:
-        name: "demo.yaml", "own_data.yaml", another YAML file's path, "resolution rule", "command line" or
+        name: "demo.yaml", "own_data.yaml", another YAML file's path, "resolution rule", "length rule", "command line" or
             "built-in defaults".
         why: Why it applies (which command chose it, or what the resolution rule read).
         fields: The argument names whose values it supplies (those a later source overrides are left out).
@@ -372,16 +372,48 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTra
         else:
             model_args.image_size = rule.image_size
             from_yaml.remove("image_size")
+    length = None
+    if resolved == OWN_DATA_CONFIG and "lr_milestones" in from_yaml and "max_steps" not in given:
+        length, why = _own_data_length(model_args, data_args, training_args, defaults, given, why)
+        if length is not None:
+            from_yaml = [field for field in from_yaml if field not in length.fields]
     name = resolved.name if resolved.parent == DEMO_CONFIG.parent else str(config_file)  # a shipped config: its name
     sources = [ConfigSource(name, why, tuple(from_yaml))]
     if rule is not None:
         sources.append(ConfigSource("resolution rule", rule.describe(), ("image_size",)))
+    if length is not None:
+        sources.append(length)
     if given:
         sources.append(ConfigSource("command line", "flags given", tuple(sorted(given))))
     defaults_why = "MoProConfig's official values, the argument classes' defaults"
     sources.append(ConfigSource("built-in defaults", defaults_why, ("every other field",)))
     model_args.config_sources = sources
     return model_args, data_args, training_args
+
+
+def _own_data_length(model_args, data_args, training_args, defaults, given, why) -> tuple[ConfigSource | None, str]:
+    """The own-data recipe's length rule (`training.own_data`), applied to `training_args`: the epochs and their
+    learning-rate steps from the data's size, or, with `--num_train_epochs` given, the recipe's steps at their place in
+    the epochs given (its 18 and 36 of 40 would fall past a shorter run, or early in a longer one). Returns the source
+    to log (None: the recipe's values stand) and `why`, extended when the data's size is unknown."""
+    if "num_train_epochs" in given:
+        epochs = training_args.num_train_epochs
+        training_args.lr_milestones = list(milestones_for(epochs))
+        steps = ", ".join(f"{m:g}" for m in training_args.lr_milestones)
+        return ConfigSource("length rule", f"the recipe's learning-rate steps at {steps} of the {epochs:g} epochs "
+                            "given", ("lr_milestones",)), why  # fmt: skip
+    if model_args.model_name_or_path:  # a loaded model starts trained: the recipe's epochs stand
+        return None, why
+    batch = training_args.global_batch_size or (
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    )
+    choice = choose_length(data_args, batch, int(defaults["num_train_epochs"]))
+    if choice is None:
+        unknown = "the training data's size is unknown before it is read (streamed or sharded): the recipe's epochs"
+        return None, f"{why}; {unknown}"
+    training_args.num_train_epochs = choice.num_train_epochs
+    training_args.lr_milestones = list(choice.lr_milestones)
+    return ConfigSource("length rule", choice.describe(), ("num_train_epochs", "lr_milestones")), why
 
 
 def _default_config(given: set[str], cli: list[str]) -> tuple[Path, str]:

@@ -1,4 +1,4 @@
-"""The own-data recipe's resolution rule: the training image size, chosen from the user's images.
+"""The own-data recipe's rules: the training image size and the run's length, chosen from the user's images.
 
 `run_mopro.py --train_dir DIR` (or `--dataset_name NAME`) without a YAML file trains with
 `training/configs/own_data.yaml`, whose `image_size` comes from the data unless `--image_size` is given: the median
@@ -9,12 +9,24 @@ its input by 32, so a multiple of 32 leaves no partial cell in its last feature 
 images' own would only upsample them, a size above 224 would cost quadratically more for the official recipe's
 resolution. Small images keep timm's stride-32 ResNet: a dilated last stage (`--backbone_kwargs '{"output_stride":
 16}'`) was tried as their default and not kept (BENCHMARKS.md, "The small-image rule": CE gained, MoPro lost).
+
+The length rule: the recipe's 40 epochs, or more where an epoch is only a few optimiser steps. A run trains at least
+`MIN_TRAIN_STEPS` steps (epochs = that over the steps an epoch of the training images makes at the global batch),
+within 40-`MAX_TRAIN_EPOCHS` epochs, and the learning-rate steps keep their place (`LR_MILESTONE_FRACTIONS`, the
+recipe's 18 and 36 of 40). A step count, not an epoch count, is what a from-scratch model of a few thousand images
+lacks: at 128 images a step, 40 epochs of 3,000 images are 920 steps. 2,760 steps (120 epochs of those 3,000) was
+chosen on the natural development pool: the fewest steps whose MoPro run ended within 1 point of the best of 920,
+1,840, 2,760 and 3,680 (BENCHMARKS.md, "The length rule"). Data of 8,832 images or more (69 steps an epoch) keeps 40
+epochs. The rule applies when neither `--num_train_epochs` nor `--lr_milestones` (nor `--max_steps`) is given, and
+not to a loaded model (`--model_name_or_path`: it starts trained); with `--num_train_epochs E` alone, the recipe's
+learning-rate steps move to 0.45E and 0.9E.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +45,10 @@ OWN_DATA_CONFIG = Path(__file__).resolve().parent / "configs" / "own_data.yaml"
 OWN_DATA_SOURCES = ("train_dir", "dataset_name")
 SAMPLE_SIZE = 256  # headers read: the median of 256 sides is stable to a few pixels for any realistic spread
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, IMAGE_SIZE_STEP = 32, 224, 32
+# The length rule (module docstring): at least this many optimiser steps, within the recipe's epochs and this cap.
+MIN_TRAIN_STEPS = 2760  # chosen on the natural development pool (module docstring)
+MAX_TRAIN_EPOCHS = 200  # a bound on the cost for a few hundred images, not a measured optimum
+LR_MILESTONE_FRACTIONS = (0.45, 0.9)  # own_data.yaml's 18 and 36 of 40 (the official 40 and 80 of 90: 0.44, 0.89)
 
 
 @dataclass(frozen=True)
@@ -126,13 +142,91 @@ def choose_image_size(data_args, sample_size: int = SAMPLE_SIZE) -> ImageSizeCho
     return ImageSizeChoice(image_size_for(sides), float(statistics.median(sides)), len(sides), source)
 
 
+@dataclass(frozen=True)
+class LengthChoice:
+    """What the length rule chose, and from what.
+
+    Attributes:
+        num_train_epochs: The run's epochs.
+        lr_milestones: The epochs at which the learning rate steps down.
+        num_images: Training images counted (files listed, or the split's rows).
+        steps_per_epoch: Optimiser steps an epoch of them makes at `global_batch_size` (a last partial batch dropped).
+        global_batch_size: The batch the steps are counted at.
+        source: The flag and value the images came from.
+    """
+
+    num_train_epochs: int
+    lr_milestones: tuple[float, ...]
+    num_images: int
+    steps_per_epoch: int
+    global_batch_size: int
+    source: str
+
+    def describe(self) -> str:
+        return (
+            f"{self.num_images} images of {self.source} at {self.global_batch_size} a step: {self.steps_per_epoch} "
+            f"steps an epoch; at least {MIN_TRAIN_STEPS} steps -> {self.num_train_epochs} epochs (within "
+            f"the recipe's 40-{MAX_TRAIN_EPOCHS}), learning-rate steps at {', '.join(f'{m:g}' for m in self.lr_milestones)}"
+        )
+
+
+def epochs_for(num_images: int, global_batch_size: int, recipe_epochs: int) -> int:
+    """The length rule (module docstring): enough epochs for `MIN_TRAIN_STEPS` steps, within `recipe_epochs` and
+    `MAX_TRAIN_EPOCHS` (never fewer than the recipe's)."""
+    steps_per_epoch = max(num_images // global_batch_size, 1)
+    return max(recipe_epochs, min(math.ceil(MIN_TRAIN_STEPS / steps_per_epoch), MAX_TRAIN_EPOCHS))
+
+
+def milestones_for(num_train_epochs: float) -> tuple[float, ...]:
+    """The learning-rate steps at `LR_MILESTONE_FRACTIONS` of the run, in epochs (18 and 36 of 40, 54 and 108 of 120,
+    4.5 and 9 of 10; the scheduler rounds them to steps)."""
+    return tuple(round(fraction * num_train_epochs, 2) for fraction in LR_MILESTONE_FRACTIONS)
+
+
+def _count_images(data_args) -> tuple[int, str] | None:
+    """Training images of `--train_dir` (files listed) or of a non-streaming `--dataset_name` (rows), at most
+    `--max_train_samples`, with the flag they came from; None for a streamed dataset, whose length is unknown before
+    it is read."""
+    if data_args.train_dir:
+        count, source = len(read_image_folder(data_args.train_dir)[0]), f"--train_dir {data_args.train_dir}"
+    elif data_args.dataset_name and not data_args.streaming:
+        from datasets import load_dataset
+
+        split = load_dataset(data_args.dataset_name, data_args.dataset_config_name, split="train")
+        count, source = len(split), f"--dataset_name {data_args.dataset_name}"
+    else:
+        return None
+    if data_args.max_train_samples is not None and data_args.max_train_samples < count:
+        count, source = data_args.max_train_samples, f"{source} (--max_train_samples)"
+    return count, source
+
+
+def choose_length(data_args, global_batch_size: int, recipe_epochs: int) -> LengthChoice | None:
+    """The length rule applied to the run's training data; None when its size is not known before training
+    (streamed or sharded data: the recipe's epochs stand, and the log says so)."""
+    counted = _count_images(data_args)
+    if counted is None or counted[0] == 0:
+        return None
+    num_images, source = counted
+    epochs = epochs_for(num_images, global_batch_size, recipe_epochs)
+    return LengthChoice(epochs, milestones_for(epochs), num_images, max(num_images // global_batch_size, 1),
+                        global_batch_size, source)  # fmt: skip
+
+
 __all__ = [
     "ImageSizeChoice",
+    "LR_MILESTONE_FRACTIONS",
+    "LengthChoice",
+    "MAX_TRAIN_EPOCHS",
+    "MIN_TRAIN_STEPS",
     "MAX_IMAGE_SIZE",
     "MIN_IMAGE_SIZE",
     "OWN_DATA_CONFIG",
     "OWN_DATA_SOURCES",
     "SAMPLE_SIZE",
     "choose_image_size",
+    "choose_length",
+    "epochs_for",
     "image_size_for",
+    "milestones_for",
 ]
