@@ -155,6 +155,22 @@ def test_length_rule_sizes_the_run_from_the_folder_and_the_command_line_wins(sma
     assert "length rule" not in sources(model_args)
 
 
+@pytest.mark.parametrize(
+    ("argv", "past"),
+    [(["--num_train_epochs", "5"], "lr_milestones 10, 17 lie at or past the run's 5 epochs"),  # demo.yaml's 10, 17
+     (["--num_train_epochs", "12"], "lr_milestones 17 lie at or past"), (["--num_train_epochs", "18"], ""),
+     (["--num_train_epochs", "5", "--lr_milestones", "2", "4"], ""), (["--max_steps", "3"], "")],
+)  # fmt: skip
+def test_learning_rate_steps_past_the_run_are_named(argv, past):
+    """Any recipe: its steps at or past the epochs given would leave the rate unchanged all run, silently."""
+    from training.arguments import milestones_past_the_run
+
+    demo = yaml.safe_load(DEMO_CONFIG.read_text())
+    assert demo["lr_milestones"] == [10, 17]  # what the expected messages assume
+    warning = milestones_past_the_run(parse_args(argv)[2])
+    assert (past in warning) if past else warning == ""
+
+
 def test_length_rule_stands_aside_for_streamed_data_and_says_so(tmp_path):
     root = tmp_path / "my_dataset"
     write_images(root / "train", [(64, 64)] * 3)

@@ -391,6 +391,21 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTra
     return model_args, data_args, training_args
 
 
+def milestones_past_the_run(training_args) -> str:
+    """A warning when learning-rate steps lie at or past the run's last epoch ("" otherwise): a recipe's steps with
+    fewer epochs given (demo.yaml's or a WebVision recipe's with `--num_train_epochs` alone) never step the rate down,
+    and nothing else would say so. Runs sized in steps (`--max_steps`) are not checked: their epochs come later."""
+    if training_args.max_steps > 0 or not training_args.lr_milestones:
+        return ""
+    past = [m for m in training_args.lr_milestones if m >= training_args.num_train_epochs]
+    if not past:
+        return ""
+    return (
+        f"lr_milestones {', '.join(f'{m:g}' for m in past)} lie at or past the run's {training_args.num_train_epochs:g} "
+        "epochs: the learning rate never steps down there; give --lr_milestones inside the run"
+    )
+
+
 def _own_data_length(model_args, data_args, training_args, defaults, given, why) -> tuple[ConfigSource | None, str]:
     """The own-data recipe's length rule (`training.own_data`), applied to `training_args`: the epochs and their
     learning-rate steps from the data's size, or, with `--num_train_epochs` given, the recipe's steps at their place in

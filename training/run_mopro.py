@@ -48,6 +48,7 @@ from training.arguments import (  # noqa: E402
     MoProTrainingArguments,
     build_config,
     load_config,
+    milestones_past_the_run,
     parse_args,
 )
 from training.data.collator import MoProCollator  # noqa: E402
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     start_config = load_config(model_args) if model_args.model_name_or_path else None  # flags checked before data
     for source in model_args.config_sources:  # one line per source of the run's values (after the one-line errors)
         logger.info("config: %s", source.describe())
+    if warning := milestones_past_the_run(training_args):
+        logger.warning(warning)
     set_seed(training_args.seed)
 
     if data_args.streaming:
