@@ -40,18 +40,24 @@ DEV_TOLERANCE = 0.01  # final clean accuracy: a run within 1 point of the best c
 COMPARED = {"ce": ("own_ce", "ce"), "mopro": ("own_mopro_adaptive", "mopro_adaptive")}
 
 
-def collect(runs: Path, natural: dict) -> list[dict]:
-    rows = []
+def _finished_runs(runs: Path, pattern: re.Pattern):
+    """(folder, name match, `accuracy_cell`, all_results.json) of each run folder whose name matches `pattern`, in
+    name order; other folders are ignored, an unfinished run is refused."""
     for run_dir in sorted(p for p in runs.iterdir() if p.is_dir()):
-        match = RUN_NAME.fullmatch(run_dir.name)
+        match = pattern.fullmatch(run_dir.name)
         if match is None:
             continue
         cell = accuracy_cell(run_dir)
         if cell is None:
             raise SystemExit(f"error: {run_dir} has not finished (no all_results.json)")
+        yield run_dir, match, cell, json.loads((run_dir / "all_results.json").read_text())
+
+
+def collect(runs: Path, natural: dict) -> list[dict]:
+    rows = []
+    for _, match, cell, results in _finished_runs(runs, RUN_NAME):
         setting, seed, method = match["setting"], match["seed"], match["method"]
         own, demo = (natural["accuracy"][setting][seed][name] for name in COMPARED[method])
-        results = json.loads((run_dir / "all_results.json").read_text())
         rows.append({"setting": setting, "seed": int(seed), "method": method, **cell,
                      "train_runtime": results.get("train_runtime"), "own_data_40": own, "demo_recipe": demo})  # fmt: skip
     return rows
@@ -60,17 +66,10 @@ def collect(runs: Path, natural: dict) -> list[dict]:
 def collect_dev(runs: Path) -> list[dict]:
     """The development runs (module docstring), with the optimiser steps each trained."""
     rows = []
-    for run_dir in sorted(p for p in runs.iterdir() if p.is_dir()):
-        match = DEV_RUN_NAME.fullmatch(run_dir.name)
-        if match is None:
-            continue
-        cell = accuracy_cell(run_dir)
-        if cell is None:
-            raise SystemExit(f"error: {run_dir} has not finished (no all_results.json)")
-        state = json.loads((run_dir / "trainer_state.json").read_text())
-        results = json.loads((run_dir / "all_results.json").read_text())
+    for run_dir, match, cell, results in _finished_runs(runs, DEV_RUN_NAME):
+        steps = json.loads((run_dir / "trainer_state.json").read_text())["global_step"]
         rows.append({"setting": match["setting"], "seed": int(match["seed"]), "method": match["method"],
-                     "epochs_asked": int(match["epochs"]), "steps": state["global_step"], **cell,
+                     "epochs_asked": int(match["epochs"]), "steps": steps, **cell,
                      "train_runtime": results.get("train_runtime")})  # fmt: skip
     return rows
 
