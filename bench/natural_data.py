@@ -372,7 +372,7 @@ def extract_dev(cifar10_images: GitSnapshot, cifar10n: GitSnapshot, bench_pool: 
     clean = labels["clean_label"]
     with np.load(bench_pool) as stored:
         arrays = {name: stored[name] for name in stored.files}
-    bench_digest, stored_test = pool_digest(arrays), arrays["test_source"]
+    bench_digest, bench_test = pool_digest(arrays), set(arrays["test_source"].tolist())
     taken = set(arrays["train_index"].tolist())
     rng = np.random.default_rng(DEV_SPLIT_SEED)
     train_index = np.sort(np.concatenate([
@@ -396,10 +396,11 @@ def extract_dev(cifar10_images: GitSnapshot, cifar10n: GitSnapshot, bench_pool: 
                       ood_wnid=np.array([Path(n).name.split("_")[0] for n in names]))  # fmt: skip
         ood_from = (f"Tiny-ImageNet training photos, {ood_per_class} of each of {len(set(arrays['ood_wnid']))} OOD "
                     "classes (none of the benchmark's)")  # fmt: skip
-        taken_test = set(arrays["test_source"].tolist())
         test_paths, test_labels = [], []
         for c, name in enumerate(CLASSES):
-            files = sorted(p for p in cifar10_images.paths(f"test/{name}") if p.endswith(".jpg") and p not in taken_test)
+            files = sorted(
+                p for p in cifar10_images.paths(f"test/{name}") if p.endswith(".jpg") and p not in bench_test
+            )
             test_paths += [files[k] for k in sorted(rng.choice(len(files), test_per_class, replace=False))]
             test_labels += [c] * test_per_class
         arrays.update(test_images=np.stack([decode_rgb(b) for b in cifar10_images.read(test_paths)]),
@@ -410,8 +411,7 @@ def extract_dev(cifar10_images: GitSnapshot, cifar10n: GitSnapshot, bench_pool: 
     sources = ("cifar10_images", "cifar10n") + (("tiny_imagenet",) if tiny_imagenet is not None else ())
     provenance = {
         "sources": {k: SOURCES[k] for k in sources}, "benchmark_pool": bench_digest, "ood_photos": ood_from,
-        "test_images": test_from, "shared_test_images": len(set(arrays["test_source"].tolist()) & set(
-            stored_test.tolist())),
+        "test_images": test_from, "shared_test_images": len(bench_test & set(arrays["test_source"].tolist())),
         "dev_split_seed": DEV_SPLIT_SEED, "train_images": len(train_index),
         "shared_with_benchmark": len(taken & set(train_index.tolist())),
         "worse_label_noise": round(float((arrays["train_worse"] != arrays["train_clean"]).mean()), 4),

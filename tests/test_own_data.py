@@ -171,6 +171,24 @@ def test_learning_rate_steps_past_the_run_are_named(argv, past):
     assert (past in warning) if past else warning == ""
 
 
+def test_both_rules_list_the_folder_once(small_images, monkeypatch):
+    """The resolution and length rules read one listing of `--train_dir` (a folder of millions of files takes seconds
+    to list, in every process of a launch)."""
+    from training import own_data
+
+    calls = []
+    listed = own_data.read_image_folder
+
+    def counting(root, *args, **kwargs):
+        calls.append(root)
+        return listed(root, *args, **kwargs)
+
+    monkeypatch.setattr(own_data, "read_image_folder", counting)
+    model_args, _, _ = parse_args(["--train_dir", str(small_images)])
+    assert {"resolution rule", "length rule"} <= set(sources(model_args))
+    assert calls == [str(small_images)]
+
+
 def test_length_rule_stands_aside_for_streamed_data_and_says_so(tmp_path):
     root = tmp_path / "my_dataset"
     write_images(root / "train", [(64, 64)] * 3)

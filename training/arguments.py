@@ -22,7 +22,14 @@ from modeling_mopro import MoProConfig
 
 from .correction_schedule import SCHEDULES, AdaptiveCorrectionSchedule, FixedCorrectionSchedule
 from .data.sources import DataArguments
-from .own_data import OWN_DATA_CONFIG, OWN_DATA_SOURCES, choose_image_size, choose_length, milestones_for
+from .own_data import (
+    OWN_DATA_CONFIG,
+    OWN_DATA_SOURCES,
+    choose_image_size,
+    choose_length,
+    folder_listing,
+    milestones_for,
+)
 
 logger = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -364,9 +371,10 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTra
     model_args.config_file = str(config_file)
     from_yaml = [name for name in defaults if name not in given]
     resolved, rule = Path(config_file).resolve(), None
+    listing = folder_listing(data_args.train_dir) if data_args.train_dir else None  # listed once, for both rules
     if resolved == OWN_DATA_CONFIG and "image_size" in from_yaml and not model_args.model_name_or_path:
         # The own-data recipe's resolution rule (a loaded model keeps its own image size).
-        rule = choose_image_size(data_args)
+        rule = choose_image_size(data_args, listing=listing)
         if rule is None:
             why += f"; no training image could be read for the resolution rule: image_size {defaults['image_size']}"
         else:
@@ -374,7 +382,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MoProTra
             from_yaml.remove("image_size")
     length = None
     if resolved == OWN_DATA_CONFIG and "lr_milestones" in from_yaml and "max_steps" not in given:
-        length, why = _own_data_length(model_args, data_args, training_args, defaults, given, why)
+        length, why = _own_data_length(model_args, data_args, training_args, defaults, given, why, listing)
         if length is not None:
             from_yaml = [field for field in from_yaml if field not in length.fields]
     name = resolved.name if resolved.parent == DEMO_CONFIG.parent else str(config_file)  # a shipped config: its name
@@ -406,11 +414,14 @@ def milestones_past_the_run(training_args) -> str:
     )
 
 
-def _own_data_length(model_args, data_args, training_args, defaults, given, why) -> tuple[ConfigSource | None, str]:
+def _own_data_length(
+    model_args, data_args, training_args, defaults, given, why, listing
+) -> tuple[ConfigSource | None, str]:
     """The own-data recipe's length rule (`training.own_data`), applied to `training_args`: the epochs and their
     learning-rate steps from the data's size, or, with `--num_train_epochs` given, the recipe's steps at their place in
     the epochs given (its 18 and 36 of 40 would fall past a shorter run, or early in a longer one). Returns the source
-    to log (None: the recipe's values stand) and `why`, extended when the data's size is unknown."""
+    to log (None: the recipe's values stand) and `why`, extended when the data's size is unknown. `listing`: the
+    training folder's `own_data.folder_listing` (shared with the resolution rule), or None."""
     if "num_train_epochs" in given:
         epochs = training_args.num_train_epochs
         training_args.lr_milestones = list(milestones_for(epochs))
@@ -422,7 +433,7 @@ def _own_data_length(model_args, data_args, training_args, defaults, given, why)
     batch = training_args.global_batch_size or (
         training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
     )
-    choice = choose_length(data_args, batch, int(defaults["num_train_epochs"]))
+    choice = choose_length(data_args, batch, int(defaults["num_train_epochs"]), listing)
     if choice is None:
         unknown = "the training data's size is unknown before it is read (streamed or sharded): the recipe's epochs"
         return None, f"{why}; {unknown}"

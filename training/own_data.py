@@ -24,11 +24,12 @@ learning-rate steps move to 0.45E and 0.9E.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,8 +103,13 @@ def _shorter_side(source) -> int | None:
         return None
 
 
-def _sample_sides_of_folder(train_dir: str, sample_size: int) -> list[int]:
-    paths = read_image_folder(train_dir)[0]
+def folder_listing(train_dir: str) -> Callable[[], list[str]]:
+    """`train_dir`'s image paths, listed on the first call and kept: both rules read them, and a folder of millions
+    of files takes seconds to list (in every process of a launch: each one parses the arguments)."""
+    return functools.cache(lambda: read_image_folder(train_dir)[0])
+
+
+def _sample_sides_of_folder(paths: Sequence[str], sample_size: int) -> list[int]:
     return [side for i in _spread(len(paths), sample_size) if (side := _shorter_side(paths[i])) is not None]
 
 
@@ -128,11 +134,15 @@ def _sample_sides_of_dataset(data_args, sample_size: int) -> list[int]:
     return [side for row in rows if (side := _shorter_side(row)) is not None]
 
 
-def choose_image_size(data_args, sample_size: int = SAMPLE_SIZE) -> ImageSizeChoice | None:
+def choose_image_size(
+    data_args, sample_size: int = SAMPLE_SIZE, listing: Callable[[], list[str]] | None = None
+) -> ImageSizeChoice | None:
     """The rule applied to the run's training data (`--train_dir` or `--dataset_name`); None when the data has no
-    image the rule can read (the own-data config's `image_size` then stands, and the log says so)."""
+    image the rule can read (the own-data config's `image_size` then stands, and the log says so). `listing`: the
+    folder's `folder_listing`, when the length rule shares it."""
     if data_args.train_dir:
-        source, sides = f"--train_dir {data_args.train_dir}", _sample_sides_of_folder(data_args.train_dir, sample_size)
+        paths = (listing or folder_listing(data_args.train_dir))()
+        source, sides = f"--train_dir {data_args.train_dir}", _sample_sides_of_folder(paths, sample_size)
     elif data_args.dataset_name:
         source, sides = f"--dataset_name {data_args.dataset_name}", _sample_sides_of_dataset(data_args, sample_size)
     else:
@@ -170,11 +180,16 @@ class LengthChoice:
         )
 
 
+def steps_per_epoch(num_images: int, global_batch_size: int) -> int:
+    """Optimiser steps an epoch makes (the recipe drops a last partial batch; at least one)."""
+    return max(num_images // global_batch_size, 1)
+
+
 def epochs_for(num_images: int, global_batch_size: int, recipe_epochs: int) -> int:
     """The length rule (module docstring): enough epochs for `MIN_TRAIN_STEPS` steps, within `recipe_epochs` and
     `MAX_TRAIN_EPOCHS` (never fewer than the recipe's)."""
-    steps_per_epoch = max(num_images // global_batch_size, 1)
-    return max(recipe_epochs, min(math.ceil(MIN_TRAIN_STEPS / steps_per_epoch), MAX_TRAIN_EPOCHS))
+    steps = steps_per_epoch(num_images, global_batch_size)
+    return max(recipe_epochs, min(math.ceil(MIN_TRAIN_STEPS / steps), MAX_TRAIN_EPOCHS))
 
 
 def milestones_for(num_train_epochs: float) -> tuple[float, ...]:
@@ -183,12 +198,13 @@ def milestones_for(num_train_epochs: float) -> tuple[float, ...]:
     return tuple(round(fraction * num_train_epochs, 2) for fraction in LR_MILESTONE_FRACTIONS)
 
 
-def _count_images(data_args) -> tuple[int, str] | None:
+def _count_images(data_args, listing: Callable[[], list[str]] | None) -> tuple[int, str] | None:
     """Training images of `--train_dir` (files listed) or of a non-streaming `--dataset_name` (rows), at most
     `--max_train_samples`, with the flag they came from; None for a streamed dataset, whose length is unknown before
     it is read."""
     if data_args.train_dir:
-        count, source = len(read_image_folder(data_args.train_dir)[0]), f"--train_dir {data_args.train_dir}"
+        count = len((listing or folder_listing(data_args.train_dir))())
+        source = f"--train_dir {data_args.train_dir}"
     elif data_args.dataset_name and not data_args.streaming:
         from datasets import load_dataset
 
@@ -201,15 +217,17 @@ def _count_images(data_args) -> tuple[int, str] | None:
     return count, source
 
 
-def choose_length(data_args, global_batch_size: int, recipe_epochs: int) -> LengthChoice | None:
+def choose_length(
+    data_args, global_batch_size: int, recipe_epochs: int, listing: Callable[[], list[str]] | None = None
+) -> LengthChoice | None:
     """The length rule applied to the run's training data; None when its size is not known before training
-    (streamed or sharded data: the recipe's epochs stand, and the log says so)."""
-    counted = _count_images(data_args)
+    (streamed or sharded data: the recipe's epochs stand, and the log says so). `listing`: as `choose_image_size`."""
+    counted = _count_images(data_args, listing)
     if counted is None or counted[0] == 0:
         return None
     num_images, source = counted
     epochs = epochs_for(num_images, global_batch_size, recipe_epochs)
-    return LengthChoice(epochs, milestones_for(epochs), num_images, max(num_images // global_batch_size, 1),
+    return LengthChoice(epochs, milestones_for(epochs), num_images, steps_per_epoch(num_images, global_batch_size),
                         global_batch_size, source)  # fmt: skip
 
 
@@ -227,6 +245,8 @@ __all__ = [
     "choose_image_size",
     "choose_length",
     "epochs_for",
+    "folder_listing",
     "image_size_for",
     "milestones_for",
+    "steps_per_epoch",
 ]
