@@ -311,11 +311,18 @@ def extract(
     if file_counts != label_counts:
         raise ValueError(f"class sizes differ: image files {file_counts}, CIFAR-10N clean labels {label_counts}")
     provenance = {"sources": SOURCES, "class_sizes": file_counts, "cifar10n_size": int(len(clean))}
+    # A check an earlier extract recorded beside the pool and not run this time is kept if the pool comes out the same
+    # (dropped below if not): re-extracting without the optional flags silently lost them before.
+    provenance_file = out.parent / "PROVENANCE.json"
+    earlier = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
+    ran = {"order_check": order_check is not None, "content_check_aggre_label": content_check}
+    carried = [key for key, was_run in ran.items() if not was_run and key in earlier]
     if order_check is not None:
         provenance["order_check"] = check_order(cifar10_images, order_check, clean, order_count, candidates_per_class)
     if content_check:
         features = thumbnail_features(cifar10_images.read(official_to_file(clean)))
         provenance["content_check_aggre_label"] = human_label_signal(features, clean, labels["aggre_label"])
+    provenance.update({key: earlier[key] for key in carried})
 
     rng = np.random.default_rng(SPLIT_SEED)
     train_index = np.sort(np.concatenate([rng.choice(np.flatnonzero(clean == c), train_per_class, replace=False)
@@ -352,7 +359,13 @@ def extract(
         "aggre_label_noise_in_subset": round(float((labels["aggre_label"][train_index] != clean[train_index]).mean()), 4),
         "pool_digest": pool_digest(arrays),
     })  # fmt: skip
-    (out.parent / "PROVENANCE.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    if carried and earlier.get("pool_digest") != provenance["pool_digest"]:
+        for key in carried:
+            del provenance[key]
+        carried = []
+    if carried:
+        print(f"kept from the earlier {provenance_file} (same pool digest, not run now): {', '.join(carried)}")
+    provenance_file.write_text(json.dumps(provenance, indent=2) + "\n")
     return provenance
 
 

@@ -196,6 +196,24 @@ def test_the_development_pool_can_hold_ood_photos_of_its_own(pool, fake_sources,
     assert sources and all(source.startswith("tiny-imagenet-train:") for source in sources)
 
 
+def test_re_extracting_without_the_optional_checks_keeps_the_ones_recorded_for_the_same_pool(fake_sources, tmp_path):
+    """The committed PROVENANCE.json holds checks made with optional flags; re-running extract without them (as the
+    benchmark's rebuild does) kept the pool but dropped the record. Kept now when the pool is the same, not else."""
+    first = _extract(fake_sources, tmp_path / "pool.npz")
+    record = tmp_path / "PROVENANCE.json"
+    stored = json.loads(record.read_text())
+    stored["content_check_aggre_label"] = [{"indices": "0-9", "difference": 0.03}]  # as if --content_check had run
+    record.write_text(json.dumps(stored, indent=2) + "\n")
+    again = _extract(fake_sources, tmp_path / "pool.npz", order_check=None)
+    assert again["pool_digest"] == first["pool_digest"]
+    assert again["order_check"] == first["order_check"]  # not run now: kept
+    assert again["content_check_aggre_label"] == stored["content_check_aggre_label"]
+    assert json.loads(record.read_text()) == again
+    stored["pool_digest"] = "another pool"  # a record of a different pool is not carried into this one
+    record.write_text(json.dumps(stored))
+    assert "content_check_aggre_label" not in _extract(fake_sources, tmp_path / "pool.npz", order_check=None)
+
+
 def test_extract_refuses_files_numbered_in_another_order(fake_sources, tmp_path):
     """Swap two files of one class: the class sizes still match, the pixel check does not."""
     git_dir, commit = fake_sources["cifar10_images"]
@@ -374,6 +392,19 @@ def test_natural_benchmark_run_skips_finished_jobs_and_counts_failures(tmp_path)
     assert made.read_text() == "1"
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["broken.log", "ok.log", "report_x.log"]
     assert (tmp_path / "logs" / "report_x.log").read_text().strip() == "report"
+
+
+def test_natural_benchmark_only_keeps_the_jobs_whose_name_matches(tmp_path, capsys):
+    import natural_benchmark
+
+    where = ["--built_dir", str(tmp_path / "b"), "--results_dir", str(tmp_path)]
+    assert natural_benchmark.main(["plan", *where, "--only", "accuracy_*_own_length_*"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 12 and all("/own_length_" in row for row in rows)  # human and ood20, 3 seeds, CE and MoPro
+    assert natural_benchmark.main(["plan", *where, "--only", "report_*", "--only", "accuracy_ood20_s2_own_ce"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4 + 1
+    assert natural_benchmark.main(["run", *where, "--only", "accuracy_nothing"]) == 2
+    assert capsys.readouterr().err.strip() == "error: no job's name matches --only accuracy_nothing"
 
 
 def test_natural_benchmark_run_without_data_is_a_one_line_error(tmp_path, capsys):
