@@ -1,6 +1,7 @@
 """Collects the natural-image benchmark's runs into the committed result file its tables are rendered from.
 
     python bench/collect_natural.py --commit COMMIT --load "two lanes of one thread, load 2-4 on 2 cores"
+    python bench/collect_natural.py --rows own_length_ce own_length_mopro_adaptive --load "..."   # add rows
     python bench/render_benchmarks.py          # then: the tables of BENCHMARKS.md and the plot
 
 Reads what `bench/natural_benchmark.py run` leaves under `--results_dir` (default `bench/results/natural`, which git
@@ -13,6 +14,10 @@ ignores):
 and writes `--output` (default `bench/results-committed/natural_benchmark.json`) in the schema documented in
 `bench/render_benchmarks.py`. A run that is not finished (no `all_results.json`, or a setting whose report is not
 made yet) is recorded as `null`, so the tables show it as missing.
+
+With `--rows`, only those rows (methods) are read, and their finished cells are written into the existing `--output`,
+every other cell kept as it is: rows run later (a new version of a recipe) join the table without the other rows' run
+folders, and the addition is stamped in `_run["added"]` (its commit, dates, load and command) beside the first stamp.
 """
 
 from __future__ import annotations
@@ -92,14 +97,17 @@ def methods_of(setting: str) -> list[str]:
     return [*ACCURACY_METHODS, *ADDED_METHODS, *own]
 
 
-def collect(results_dir: Path, commit: str, load: str, command: str, settings=SETTINGS, seeds=SEEDS) -> dict:
+def collect(
+    results_dir: Path, commit: str, load: str, command: str, settings=SETTINGS, seeds=SEEDS, rows=None
+) -> dict:
+    """The result file's content from the run folders (only the accuracy rows in `rows`, when given)."""
     accuracy: dict = {}
     finished = []
     for setting in settings:
         accuracy[setting] = {}
         for seed in seeds:
             accuracy[setting][str(seed)] = {}
-            for method in methods_of(setting):
+            for method in [m for m in methods_of(setting) if rows is None or m in rows]:
                 run_dir = results_dir / "accuracy" / f"{setting}_s{seed}" / method
                 accuracy[setting][str(seed)][method] = accuracy_cell(run_dir)
                 if (run_dir / "all_results.json").is_file():
@@ -128,12 +136,32 @@ def collect(results_dir: Path, commit: str, load: str, command: str, settings=SE
     }
 
 
+def add_rows(previous: dict, fresh: dict, rows: list[str]) -> int:
+    """Writes `fresh`'s finished cells of `rows` into `previous` (every other cell kept) and stamps the addition in
+    `previous["_run"]["added"]`; returns how many cells it wrote."""
+    written = 0
+    for setting, by_seed in fresh["accuracy"].items():
+        for seed, cells in by_seed.items():
+            for method, cell in cells.items():
+                kept = previous["accuracy"][setting][seed]
+                if cell is not None or method not in kept:  # a finished cell is never replaced by a missing one
+                    kept[method] = cell
+                    written += cell is not None
+    for method in rows:  # a row new to the file is appended to its list of rows (the table shows it last)
+        if method not in previous["methods"]:
+            previous["methods"].append(method)
+    stamp = {key: fresh["_run"][key] for key in ("commit", "date", "run_dates", "machine", "load", "collected_by")}
+    previous["_run"].setdefault("added", []).append({"rows": list(rows), **stamp})
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results_dir", type=Path, default=ROOT / "bench" / "results" / "natural")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results-committed" / "natural_benchmark.json")
     parser.add_argument("--commit", default=None, help="the commit the runs were made at (default: this checkout's)")
     parser.add_argument("--load", required=True, help="how the machine was shared while the runs ran, in words")
+    parser.add_argument("--rows", nargs="+", metavar="ROW", help="add only these rows to the existing --output")
     args = parser.parse_args(argv)
     if not (args.results_dir / "accuracy").is_dir():
         print(
@@ -142,7 +170,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     commit = args.commit or head_commit()
     command = " ".join(["python", "bench/collect_natural.py", *(argv if argv is not None else sys.argv[1:])])
-    result = collect(args.results_dir, commit, args.load, command)
+    if args.rows:
+        known = {m for setting in SETTINGS for m in methods_of(setting)}
+        unknown = [row for row in args.rows if row not in known]
+        if unknown or not args.output.is_file():
+            what = (
+                f"unknown row(s) {', '.join(unknown)}" if unknown else f"{args.output} does not exist to add rows to"
+            )
+            print(f"error: --rows: {what}", file=sys.stderr)
+            return 2
+        result = json.loads(args.output.read_text())
+        written = add_rows(result, collect(args.results_dir, commit, args.load, command, rows=args.rows), args.rows)
+        print(f"added {written} finished cells of {', '.join(args.rows)}")
+    else:
+        result = collect(args.results_dir, commit, args.load, command)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n")
     missing = sum(cell is None for s in result["accuracy"].values() for seed in s.values() for cell in seed.values())

@@ -2,6 +2,10 @@
 
     python bench/natural_benchmark.py plan                 # the commands, one a line, nothing run
     python bench/natural_benchmark.py run --lanes 2        # runs what is not finished yet, two at a time
+    python bench/natural_benchmark.py run --only 'accuracy_*_own_length_*'   # only the jobs whose name matches
+
+Job names: `accuracy_<setting>_s<seed>_<row>` (rows as in the table's result file), `detection_<setting>_s<seed>_<mopro|
+cleanlab>[_adaptive]`, `report_<setting>`.
 
 Per setting (human, asym20, asym40, ood20) and seed (0, 1, 2), built by `bench/natural_data.py build-all` into
 `--built_dir` (built here from the pool when missing):
@@ -30,6 +34,7 @@ order is seed-major: each finished seed is a complete set of rows. Every command
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import subprocess
 import sys
@@ -178,9 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", type=Path, default=natural_data.DEFAULT_POOL)
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--lanes", type=int, default=2, help="run: runs side by side (one thread each)")
+    parser.add_argument("--only", action="append", metavar="GLOB",
+                        help="only the jobs whose name matches (shell pattern; repeatable), e.g. one version's rows")  # fmt: skip
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     all_jobs = jobs(args.built_dir, args.results_dir, seeds)
+    if args.only:
+        all_jobs = [job for job in all_jobs if any(fnmatch.fnmatchcase(job.name, glob) for glob in args.only)]
+        if not all_jobs:
+            print(f"error: no job's name matches --only {' '.join(args.only)}", file=sys.stderr)
+            return 2
     if args.command == "plan":
         for job in all_jobs:
             print(("# done: " if job.done_marker.is_file() else "") + " ".join(job.argv))

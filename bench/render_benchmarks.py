@@ -20,7 +20,8 @@ record it (`_run`).
 `natural_benchmark.json` (written by `bench/collect_natural.py` from `bench/results/natural/`; renderers
 `natural_accuracy` and `natural_detection`, plot `bench/figures/natural_benchmark.png`):
 
-    {"_run": {"command", "commit", "date", "run_dates": [first, last], "machine": {...}, "load"},
+    {"_run": {"command", "commit", "date", "run_dates": [first, last], "machine": {...}, "load",
+              "added": [{"rows": [method, ...], "commit", "date", "run_dates", "machine", "load", "collected_by"}]},
      "settings": ["human", ...], "seeds": [0, 1, 2], "methods": ["ce", "mopro_adaptive", "mopro_fixed", ...],
      "epochs": 30,
      "accuracy": {setting: {str(seed): {method: null | {"final": 0-1, "best": 0-1, "best_epoch": int,
@@ -391,6 +392,10 @@ def natural_accuracy(data: dict) -> str:
         f"\n{_epochs_said(data)}; runs finished {' to '.join(run['run_dates'])} at commit `{run['commit']}`, "
         f"{run['load']}; `{run['command']}`."
     )
+    for added in run.get("added", []):  # rows run later (bench/collect_natural.py --rows)
+        names = ", ".join(METHOD_NAMES.get(row, row) for row in added["rows"])
+        lines.append(f"Added later, {names}: runs finished {' to '.join(added['run_dates'])} at commit "
+                     f"`{added['commit']}`, {added['load']}; `{added['collected_by']}`.")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -176,3 +176,49 @@ def test_natural_blocks_render_in_a_document(tmp_path):
     assert "missing / missing / missing" in benchmarks.read_text()
     assert (root / render_benchmarks.NATURAL_PLOT).is_file()
     assert run_check(root).returncode == 0
+
+
+def test_rows_run_later_join_the_table_without_the_other_rows_run_folders(tmp_path):
+    """`collect_natural.py --rows` adds the finished cells of the named rows to the committed file and keeps every
+    other cell (their run folders may be gone); the addition is stamped and said under the table."""
+    fake_natural_results(tmp_path / "first")
+    output = tmp_path / "natural_benchmark.json"
+    collect_natural.main(["--results_dir", str(tmp_path / "first"), "--output", str(output), "--commit", "aaa1111",
+                          "--load", "first load"])  # fmt: skip
+    later = tmp_path / "later" / "accuracy" / "ood20_s1" / "own_length_ce"
+    later.mkdir(parents=True)
+    (later / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.61, "epoch": 96.0}))
+    stray = tmp_path / "later" / "accuracy" / "human_s0" / "ce"  # a row not named: must not replace the kept cell
+    stray.mkdir(parents=True)
+    (stray / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.01, "epoch": 30.0}))
+    rows = ["own_length_ce", "own_length_mopro_adaptive"]
+    assert collect_natural.main(["--results_dir", str(tmp_path / "later"), "--output", str(output), "--commit",
+                                 "bbb2222", "--load", "later load", "--rows", *rows]) == 0  # fmt: skip
+    data = json.loads(output.read_text())
+    assert data["accuracy"]["human"]["0"]["ce"]["final"] == 0.50  # kept from the first collection
+    assert data["accuracy"]["ood20"]["1"]["own_length_ce"]["final"] == 0.61
+    assert data["accuracy"]["ood20"]["0"]["own_length_ce"] is None  # listed by the protocol, not run
+    assert data["_run"]["commit"] == "aaa1111"
+    assert [a["commit"] for a in data["_run"]["added"]] == ["bbb2222"] and data["_run"]["added"][0]["rows"] == rows
+    table = render_benchmarks.natural_accuracy(data)
+    assert "missing / 61.00 / missing" in table
+    assert "Added later, CE, own-data recipe (length rule), MoPro, own-data recipe (length rule)" in table
+    assert "`bbb2222`, later load" in table
+    # a second addition of the same rows keeps the finished cell when its folder is gone
+    assert collect_natural.main(["--results_dir", str(tmp_path / "first"), "--output", str(output), "--load", "x",
+                                 "--rows", "own_length_ce"]) == 0  # fmt: skip
+    assert json.loads(output.read_text())["accuracy"]["ood20"]["1"]["own_length_ce"]["final"] == 0.61
+
+
+@pytest.mark.parametrize("argv", [["--rows", "own_lenght_ce"], ["--rows", "own_length_ce", "--output", "gone.json"]])
+def test_adding_rows_refuses_an_unknown_row_or_a_missing_file_in_one_line(tmp_path, capsys, argv):
+    fake_natural_results(tmp_path / "natural")
+    output = tmp_path / "natural_benchmark.json"
+    collect_natural.main(["--results_dir", str(tmp_path / "natural"), "--output", str(output), "--load", "a test"])
+    argv = [str(tmp_path / a) if a.endswith(".json") else a for a in argv]
+    before = output.read_text()
+    assert collect_natural.main(["--results_dir", str(tmp_path / "natural"), "--output", str(output),
+                                 "--load", "a test", *argv]) == 2  # fmt: skip
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --rows: ") and "\n" not in error
+    assert output.read_text() == before
