@@ -393,9 +393,10 @@ def natural_accuracy(data: dict) -> str:
         f"{run['load']}; `{run['command']}`."
     )
     for added in run.get("added", []):  # rows run later (bench/collect_natural.py --rows)
-        names = ", ".join(METHOD_NAMES.get(row, row) for row in added["rows"])
-        lines.append(f"Added later, {names}: runs finished {' to '.join(added['run_dates'])} at commit "
-                     f"`{added['commit']}`, {added['load']}; `{added['collected_by']}`.")  # fmt: skip
+        names = "; ".join(METHOD_NAMES.get(row, row) for row in added["rows"])
+        dates = " to ".join(dict.fromkeys(added["run_dates"]))  # one day said once
+        lines.append(f"Added later ({names}): runs finished {dates} at commit `{added['commit']}`, {added['load']}; "
+                     f"added by `python bench/collect_natural.py --rows {' '.join(added['rows'])}`.")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -568,16 +569,19 @@ def plot_natural(data: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     settings = data["settings"]
-    figure = Figure(figsize=(4 * len(settings), 3.6), dpi=100)
+    widths = [max(1, len(_methods_in(data, setting))) for setting in settings]  # a panel's width follows its bars
+    figure = Figure(figsize=(0.7 * sum(widths) + 1.5, 3.6), dpi=100)
     FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(1, len(settings), width_ratios=widths)
     finals = [100 * v for st in settings for m in _methods_in(data, st) for v in _seed_values(data, st, m, "final")
               if v is not None]  # fmt: skip
     top = min(100, 10 * math.ceil(max(finals, default=90) / 10) + 10)  # room above the highest dot
     colours = {"ce": "tab:blue", "mopro_adaptive": "tab:orange", "mopro_fixed": "tab:red",
                "mopro_queue_vote": "tab:green", "own_ce": "tab:cyan", "own_mopro_adaptive": "tab:olive",
-               "own_os16_ce": "tab:purple", "own_os16_mopro_adaptive": "tab:brown"}  # fmt: skip
-    for position, setting in enumerate(settings, start=1):
-        axes = figure.add_subplot(1, len(settings), position)
+               "own_os16_ce": "tab:purple", "own_os16_mopro_adaptive": "tab:brown", "own_length_ce": "tab:pink",
+               "own_length_mopro_adaptive": "tab:gray"}  # fmt: skip
+    for position, setting in enumerate(settings):
+        axes = figure.add_subplot(grid[0, position])
         methods = _methods_in(data, setting)
         for x, method in enumerate(methods):
             values = _seed_values(data, setting, method, "final")

@@ -202,7 +202,7 @@ def test_rows_run_later_join_the_table_without_the_other_rows_run_folders(tmp_pa
     assert [a["commit"] for a in data["_run"]["added"]] == ["bbb2222"] and data["_run"]["added"][0]["rows"] == rows
     table = render_benchmarks.natural_accuracy(data)
     assert "missing / 61.00 / missing" in table
-    assert "Added later, CE, own-data recipe (length rule), MoPro, own-data recipe (length rule)" in table
+    assert "Added later (CE, own-data recipe (length rule); MoPro, own-data recipe (length rule))" in table
     assert "`bbb2222`, later load" in table
     # a second addition of the same rows keeps the finished cell when its folder is gone
     assert collect_natural.main(["--results_dir", str(tmp_path / "first"), "--output", str(output), "--load", "x",
