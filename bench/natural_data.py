@@ -359,11 +359,10 @@ def extract(
         "aggre_label_noise_in_subset": round(float((labels["aggre_label"][train_index] != clean[train_index]).mean()), 4),
         "pool_digest": pool_digest(arrays),
     })  # fmt: skip
-    if carried and earlier.get("pool_digest") != provenance["pool_digest"]:
-        for key in carried:
+    if earlier.get("pool_digest") != provenance["pool_digest"]:
+        for key in carried:  # recorded for another pool
             del provenance[key]
-        carried = []
-    if carried:
+    elif carried:
         print(f"kept from the earlier {provenance_file} (same pool digest, not run now): {', '.join(carried)}")
     provenance_file.write_text(json.dumps(provenance, indent=2) + "\n")
     return provenance
